@@ -1,0 +1,171 @@
+//! Where tensors live and ops run: the CPU, or a CUDA GPU reached through
+//! cudarc with the driver loaded at run time.
+//!
+//! The same binary serves a machine without a GPU and the H200: nothing here
+//! links libcuda, and asking for CUDA where no driver can be loaded is an
+//! [`Error::NoCudaDriver`], never a panic.
+
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::{Error, Result};
+
+/// What the user asked for on the command line (`--device cpu|cuda|cuda:N|auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Cpu,
+    Cuda(usize),
+    /// The first CUDA device when a driver and a GPU are present, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" => Ok(DeviceRequest::Cuda(0)),
+            "auto" => Ok(DeviceRequest::Auto),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceRequest::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}` (expected cpu, cuda, cuda:N or auto)"
+                )),
+            },
+        }
+    }
+}
+
+/// A CUDA GPU: its context and the stream ops are issued on.
+#[derive(Clone)]
+pub struct CudaDevice {
+    ordinal: usize,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaDevice({})", self.ordinal)
+    }
+}
+
+impl CudaDevice {
+    /// Opens CUDA device `ordinal`. Fails cleanly when no driver is installed.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !cuda_driver_present() {
+            return Err(Error::NoCudaDriver);
+        }
+        let context =
+            CudaContext::new(ordinal).map_err(|source| Error::CudaOpen { ordinal, source })?;
+        let stream = context.default_stream();
+        Ok(CudaDevice {
+            ordinal,
+            context,
+            stream,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    /// The stream this device's ops are issued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        Ok(self.context.name()?)
+    }
+}
+
+/// Whether libcuda can be loaded on this machine.
+///
+/// cudarc panics on first use when the library is missing, so every path
+/// into CUDA asks this first.
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda and reports whether it succeeded.
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() });
+    present.unwrap_or(false)
+}
+
+/// Where a tensor lives and an op runs.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(CudaDevice),
+}
+
+impl Device {
+    /// Resolves a user request into a device. `Auto` falls back to the CPU
+    /// when no driver or no GPU is present; an explicit CUDA request does not.
+    pub fn from_request(request: DeviceRequest) -> Result<Device> {
+        match request {
+            DeviceRequest::Cpu => Ok(Device::Cpu),
+            DeviceRequest::Cuda(ordinal) => Ok(Device::Cuda(CudaDevice::open(ordinal)?)),
+            DeviceRequest::Auto => Ok(CudaDevice::open(0).map_or(Device::Cpu, Device::Cuda)),
+        }
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// Whether two devices are the same place (same CPU, or same GPU ordinal).
+    pub fn same_device(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => a.ordinal == b.ordinal,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(d) => write!(f, "cuda:{}", d.ordinal),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!("cpu".parse(), Ok(DeviceRequest::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceRequest::Cuda(3)));
+        assert_eq!("auto".parse(), Ok(DeviceRequest::Auto));
+        assert!("gpu".parse::<DeviceRequest>().is_err());
+        assert!("cuda:x".parse::<DeviceRequest>().is_err());
+    }
+
+    #[test]
+    fn cuda_request_without_driver_is_an_error_not_a_panic() {
+        if cuda_driver_present() {
+            println!("skipped: a CUDA driver is present on this machine");
+            return;
+        }
+        let err = Device::from_request(DeviceRequest::Cuda(0)).unwrap_err();
+        assert!(matches!(err, Error::NoCudaDriver), "{err}");
+        assert!(err.to_string().contains("--device cpu"));
+        // auto falls back to the CPU.
+        assert!(Device::from_request(DeviceRequest::Auto).unwrap().is_cpu());
+    }
+}
