@@ -12,10 +12,18 @@ use crate::{AttnShape, Result};
 pub fn calibrate_channels(queries: &[f32], keys: &[f32], shape: &AttnShape, r: usize) -> Result<Vec<Vec<u16>>> {
     let kd = shape.key_dim;
     if queries.len() % (shape.q_heads * kd) != 0 || queries.is_empty() {
-        return Err(shape_err("calibration queries", format!("[n, {}, {kd}]", shape.q_heads), queries.len()));
+        return Err(shape_err(
+            "calibration queries",
+            format!("[n, {}, {kd}]", shape.q_heads),
+            queries.len(),
+        ));
     }
     if keys.len() % (shape.kv_heads * kd) != 0 || keys.is_empty() {
-        return Err(shape_err("calibration keys", format!("[n, {}, {kd}]", shape.kv_heads), keys.len()));
+        return Err(shape_err(
+            "calibration keys",
+            format!("[n, {}, {kd}]", shape.kv_heads),
+            keys.len(),
+        ));
     }
     if r > kd || r > u16::MAX as usize {
         return Err(shape_err("label channels r", format!("at most {kd}"), r));
@@ -26,7 +34,9 @@ pub fn calibrate_channels(queries: &[f32], keys: &[f32], shape: &AttnShape, r: u
         .map(|head| {
             let importance: Vec<f32> = (0..kd)
                 .map(|c| {
-                    let q: f32 = (0..shape.group()).map(|h| q_mean[(head * shape.group() + h) * kd + c]).sum();
+                    let q: f32 = (0..shape.group())
+                        .map(|h| q_mean[(head * shape.group() + h) * kd + c])
+                        .sum();
                     q * k_mean[head * kd + c]
                 })
                 .collect();
@@ -39,7 +49,11 @@ pub fn calibrate_channels(queries: &[f32], keys: &[f32], shape: &AttnShape, r: u
 /// `|k_c|` of the prompt's own keys (`[n, kv_heads, key_dim]`).
 pub fn channels_from_keys(keys: &[f32], kv_heads: usize, key_dim: usize, r: usize) -> Result<Vec<Vec<u16>>> {
     if keys.len() % (kv_heads * key_dim) != 0 || keys.is_empty() || r > key_dim {
-        return Err(shape_err("keys for channel ranking", format!("[n, {kv_heads}, {key_dim}], r <= {key_dim}"), keys.len()));
+        return Err(shape_err(
+            "keys for channel ranking",
+            format!("[n, {kv_heads}, {key_dim}], r <= {key_dim}"),
+            keys.len(),
+        ));
     }
     let k_mean = mean_abs(keys, kv_heads, key_dim);
     Ok(k_mean.chunks_exact(key_dim).map(|m| top_channels(m, r)).collect())

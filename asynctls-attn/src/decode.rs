@@ -101,10 +101,18 @@ pub fn decode<S: HostReadable>(
     let (kd, vd, g) = (shape.key_dim, shape.value_dim, shape.group());
     let batch = tables.len();
     if q.len() != batch * shape.q_heads * kd {
-        return Err(shape_err("queries", format!("[{batch}, {}, {kd}]", shape.q_heads), q.len()));
+        return Err(shape_err(
+            "queries",
+            format!("[{batch}, {}, {kd}]", shape.q_heads),
+            q.len(),
+        ));
     }
     if out.len() != batch * shape.q_heads * vd {
-        return Err(shape_err("output", format!("[{batch}, {}, {vd}]", shape.q_heads), out.len()));
+        return Err(shape_err(
+            "output",
+            format!("[{batch}, {}, {vd}]", shape.q_heads),
+            out.len(),
+        ));
     }
     if layer >= storage.config().num_layers {
         return Err(asynctls_kvcache::CacheError::LayerOutOfRange {
@@ -123,7 +131,16 @@ pub fn decode<S: HostReadable>(
             let len = table.written(layer);
             let blocks = &table.blocks()[..len.div_ceil(storage.config().block_size)];
             let selection = select(storage, blocks, len, layer, head, q_group, config)?;
-            attend(storage, blocks, layer, head, &selection.tokens, q_group, shape.scale, out_group);
+            attend(
+                storage,
+                blocks,
+                layer,
+                head,
+                &selection.tokens,
+                q_group,
+                shape.scale,
+                out_group,
+            );
             Ok(selection)
         })
         .collect();

@@ -7,7 +7,7 @@
 //! is one `matmul_nt`. Stage two scores tokens by their INT4 labels.
 
 use asynctls_kernels::cpu;
-use asynctls_kvcache::{label, BlockId, HostReadable};
+use asynctls_kvcache::{BlockId, HostReadable};
 
 use crate::{GroupReduce, Result};
 
@@ -75,7 +75,13 @@ pub fn block_bounds<S: HostReadable>(
 
 /// Approximate `q . k` from the INT4 labels, for every token of each of
 /// `blocks` (all full), `[g, blocks.len() * block_size]`.
-pub fn label_scores<S: HostReadable>(storage: &S, layer: usize, head: usize, blocks: &[BlockId], queries: &[f32]) -> Vec<f32> {
+pub fn label_scores<S: HostReadable>(
+    storage: &S,
+    layer: usize,
+    head: usize,
+    blocks: &[BlockId],
+    queries: &[f32],
+) -> Vec<f32> {
     let c = storage.config();
     let (kd, bs, r2) = (c.key_dim, c.block_size, c.label_channels / 2);
     let channels = storage.label_channels(layer, head);
@@ -88,13 +94,19 @@ pub fn label_scores<S: HostReadable>(storage: &S, layer: usize, head: usize, blo
     let sums: Vec<f32> = picked.iter().map(|p| p.iter().sum()).collect();
     let n = blocks.len() * bs;
     let mut scores = vec![0.0f32; g * n];
+    // Unpack each token's codes once, then score it for every head of the group.
+    let mut codes = vec![0.0f32; 2 * r2];
     for (bi, &b) in blocks.iter().enumerate() {
         let (labels, params) = storage.labels(layer, b, head);
         for slot in 0..bs {
-            let packed = &labels[slot * r2..(slot + 1) * r2];
+            for (pair, &byte) in codes.chunks_exact_mut(2).zip(&labels[slot * r2..(slot + 1) * r2]) {
+                pair[0] = (byte & 0x0f) as f32;
+                pair[1] = (byte >> 4) as f32;
+            }
             let [scale, zero] = params[slot];
+            let (scale, zero) = (scale.to_f32(), zero.to_f32());
             for h in 0..g {
-                scores[h * n + bi * bs + slot] = label::dot_dequantized(packed, scale, zero, &picked[h], sums[h]);
+                scores[h * n + bi * bs + slot] = zero * sums[h] + scale * cpu::dot(&picked[h], &codes);
             }
         }
     }

@@ -55,7 +55,11 @@ impl AttnShape {
             ));
         }
         if self.key_dim == 0 || self.value_dim == 0 {
-            return Err(shape_err("head widths", "positive", format!("{}/{}", self.key_dim, self.value_dim)));
+            return Err(shape_err(
+                "head widths",
+                "positive",
+                format!("{}/{}", self.key_dim, self.value_dim),
+            ));
         }
         Ok(())
     }

@@ -22,14 +22,29 @@ struct Fixture {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Gqa { q_heads: usize, kv_heads: usize, head_dim: usize },
-    Mla { heads: usize, rank: usize, rope: usize },
+    Gqa {
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    Mla {
+        heads: usize,
+        rank: usize,
+        rope: usize,
+    },
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![
-        (prop::sample::select(vec![(1usize, 1usize), (4, 4), (8, 2), (7, 1), (12, 3), (32, 8)]), prop::sample::select(vec![64usize, 128, 256]))
-            .prop_map(|((q, kv), d)| Kind::Gqa { q_heads: q, kv_heads: kv, head_dim: d }),
+        (
+            prop::sample::select(vec![(1usize, 1usize), (4, 4), (8, 2), (7, 1), (12, 3), (32, 8)]),
+            prop::sample::select(vec![64usize, 128, 256])
+        )
+            .prop_map(|((q, kv), d)| Kind::Gqa {
+                q_heads: q,
+                kv_heads: kv,
+                head_dim: d
+            }),
         prop::sample::select(vec![(4usize, 64usize, 32usize), (16, 128, 64), (20, 512, 64)])
             .prop_map(|(heads, rank, rope)| Kind::Mla { heads, rank, rope }),
     ]
@@ -39,8 +54,18 @@ impl Fixture {
     fn new(kind: Kind, lens: &[usize], block_size: usize, kv_dtype: KvDType, seed: u64) -> Fixture {
         let mut rng = StdRng::seed_from_u64(seed);
         let (shape, mut config) = match kind {
-            Kind::Gqa { q_heads, kv_heads, head_dim } => (AttnShape::gqa(q_heads, kv_heads, head_dim), CacheConfig::gqa(1, kv_heads, head_dim, 1)),
-            Kind::Mla { heads, rank, rope } => (AttnShape::mla(heads, rank, rope, 1.0 / ((rank / 4 + rope) as f32).sqrt()), CacheConfig::mla(1, rank, rope, 1)),
+            Kind::Gqa {
+                q_heads,
+                kv_heads,
+                head_dim,
+            } => (
+                AttnShape::gqa(q_heads, kv_heads, head_dim),
+                CacheConfig::gqa(1, kv_heads, head_dim, 1),
+            ),
+            Kind::Mla { heads, rank, rope } => (
+                AttnShape::mla(heads, rank, rope, 1.0 / ((rank / 4 + rope) as f32).sqrt()),
+                CacheConfig::mla(1, rank, rope, 1),
+            ),
         };
         config.block_size = block_size;
         config.kv_dtype = kv_dtype;
@@ -66,15 +91,26 @@ impl Fixture {
         for &len in lens {
             let s = cache.add_sequence();
             // Channel scales vary so that some channels dominate, as in real keys.
-            let k: Vec<f32> = (0..len * kw).map(|i| round(rng.random_range(-1.0f32..1.0) * (1.0 + (i % 5) as f32))).collect();
+            let k: Vec<f32> = (0..len * kw)
+                .map(|i| round(rng.random_range(-1.0f32..1.0) * (1.0 + (i % 5) as f32)))
+                .collect();
             let v: Vec<f32> = (0..len * vw).map(|_| round(rng.random_range(-1.0f32..1.0))).collect();
             cache.append(s, &[&k], &[&v]).unwrap();
             seqs.push(s);
             keys.push(k);
             values.push(v);
         }
-        let q: Vec<f32> = (0..lens.len() * shape.q_heads * shape.key_dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Fixture { shape, cache, seqs, keys, values, q }
+        let q: Vec<f32> = (0..lens.len() * shape.q_heads * shape.key_dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        Fixture {
+            shape,
+            cache,
+            seqs,
+            keys,
+            values,
+            q,
+        }
     }
 
     fn run(&self, config: &SparseConfig) -> (Vec<f32>, asynctls_attn::DecodeReport) {
@@ -88,8 +124,12 @@ impl Fixture {
     fn value(&self, s: usize, t: usize, h: usize) -> &[f32] {
         let c = self.cache.config();
         match c.values {
-            ValueLayout::Separate { dim } => &self.values[s][(t * c.kv_heads + h) * dim..(t * c.kv_heads + h + 1) * dim],
-            ValueLayout::KeyPrefix { dim } => &self.keys[s][(t * c.kv_heads + h) * c.key_dim..(t * c.kv_heads + h) * c.key_dim + dim],
+            ValueLayout::Separate { dim } => {
+                &self.values[s][(t * c.kv_heads + h) * dim..(t * c.kv_heads + h + 1) * dim]
+            }
+            ValueLayout::KeyPrefix { dim } => {
+                &self.keys[s][(t * c.kv_heads + h) * c.key_dim..(t * c.kv_heads + h) * c.key_dim + dim]
+            }
         }
     }
 
@@ -106,7 +146,13 @@ impl Fixture {
         let q = &self.q[(s * sh.q_heads + qh) * sh.key_dim..(s * sh.q_heads + qh + 1) * sh.key_dim];
         let scores: Vec<f64> = tokens
             .iter()
-            .map(|&t| q.iter().zip(self.key(s, t as usize, h)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * sh.scale as f64)
+            .map(|&t| {
+                q.iter()
+                    .zip(self.key(s, t as usize, h))
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * sh.scale as f64
+            })
             .collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
@@ -282,8 +328,23 @@ proptest! {
 
 #[test]
 fn short_contexts_take_the_dense_path_and_report_bytes() {
-    let f = Fixture::new(Kind::Gqa { q_heads: 8, kv_heads: 2, head_dim: 64 }, &[300, 5000], 64, KvDType::BF16, 7);
-    let cfg = SparseConfig { token_topk: 256, block_topk: 16, dense_below: 1000, ..SparseConfig::default() };
+    let f = Fixture::new(
+        Kind::Gqa {
+            q_heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+        },
+        &[300, 5000],
+        64,
+        KvDType::BF16,
+        7,
+    );
+    let cfg = SparseConfig {
+        token_topk: 256,
+        block_topk: 16,
+        dense_below: 1000,
+        ..SparseConfig::default()
+    };
     let (_, report) = f.run(&cfg);
     assert!(report.heads[0].dense && report.heads[1].dense);
     assert!(!report.heads[2].dense && !report.heads[3].dense);
@@ -299,14 +360,51 @@ fn short_contexts_take_the_dense_path_and_report_bytes() {
 
 #[test]
 fn bad_shapes_are_errors() {
-    let f = Fixture::new(Kind::Gqa { q_heads: 4, kv_heads: 2, head_dim: 64 }, &[10], 16, KvDType::F32, 1);
+    let f = Fixture::new(
+        Kind::Gqa {
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+        },
+        &[10],
+        16,
+        KvDType::F32,
+        1,
+    );
     let table = f.cache.table(f.seqs[0]).unwrap();
     let mut out = vec![0.0; 4 * 64];
-    let err = decode(f.cache.storage(), &[table], 0, &f.q[1..], &f.shape, &SparseConfig::default(), &mut out).unwrap_err();
+    let err = decode(
+        f.cache.storage(),
+        &[table],
+        0,
+        &f.q[1..],
+        &f.shape,
+        &SparseConfig::default(),
+        &mut out,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("queries"), "{err}");
     let wrong = AttnShape::gqa(4, 1, 64);
-    let err = decode(f.cache.storage(), &[table], 0, &f.q, &wrong, &SparseConfig::default(), &mut out).unwrap_err();
+    let err = decode(
+        f.cache.storage(),
+        &[table],
+        0,
+        &f.q,
+        &wrong,
+        &SparseConfig::default(),
+        &mut out,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("KV heads"), "{err}");
-    let err = decode(f.cache.storage(), &[table], 3, &f.q, &f.shape, &SparseConfig::default(), &mut out).unwrap_err();
+    let err = decode(
+        f.cache.storage(),
+        &[table],
+        3,
+        &f.q,
+        &f.shape,
+        &SparseConfig::default(),
+        &mut out,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("layer 3"), "{err}");
 }

@@ -30,9 +30,7 @@ impl std::str::FromStr for DeviceRequest {
             "auto" => Ok(DeviceRequest::Auto),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceRequest::Cuda(n)),
-                _ => Err(format!(
-                    "unknown device `{s}` (expected cpu, cuda, cuda:N or auto)"
-                )),
+                _ => Err(format!("unknown device `{s}` (expected cpu, cuda, cuda:N or auto)")),
             },
         }
     }
@@ -58,8 +56,7 @@ impl CudaDevice {
         if !cuda_driver_present() {
             return Err(Error::NoCudaDriver);
         }
-        let context =
-            CudaContext::new(ordinal).map_err(|source| Error::CudaOpen { ordinal, source })?;
+        let context = CudaContext::new(ordinal).map_err(|source| Error::CudaOpen { ordinal, source })?;
         let stream = context.default_stream();
         Ok(CudaDevice {
             ordinal,

@@ -49,9 +49,7 @@ impl std::str::FromStr for DType {
             "f16" => Ok(DType::F16),
             "i32" => Ok(DType::I32),
             "u8" => Ok(DType::U8),
-            other => Err(format!(
-                "unknown dtype `{other}` (expected f32, bf16, f16, i32 or u8)"
-            )),
+            other => Err(format!("unknown dtype `{other}` (expected f32, bf16, f16, i32 or u8)")),
         }
     }
 }

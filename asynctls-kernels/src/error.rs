@@ -32,7 +32,9 @@ pub enum Error {
         dtype: DType,
         device: String,
     },
-    #[error("no CUDA driver found (libcuda could not be loaded); use --device cpu or run on a machine with an NVIDIA GPU")]
+    #[error(
+        "no CUDA driver found (libcuda could not be loaded); use --device cpu or run on a machine with an NVIDIA GPU"
+    )]
     NoCudaDriver,
     #[error("CUDA device {ordinal} could not be opened")]
     CudaOpen {
@@ -70,8 +72,5 @@ pub(crate) fn check_shape(
 }
 
 pub(crate) fn invalid(op: &'static str, what: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        op,
-        what: what.into(),
-    }
+    Error::InvalidArgument { op, what: what.into() }
 }

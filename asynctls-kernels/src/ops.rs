@@ -70,7 +70,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 pub fn rope(x: &Tensor, table: &RopeTable, positions: &[usize], style: RopeStyle) -> Result<Tensor> {
     const OP: &str = "rope";
     let [tokens, _heads, head_dim] = x.shape()[..] else {
-        return Err(invalid(OP, format!("expected [tokens, heads, head_dim], got {:?}", x.shape())));
+        return Err(invalid(
+            OP,
+            format!("expected [tokens, heads, head_dim], got {:?}", x.shape()),
+        ));
     };
     check_shape(OP, "x tokens", &[tokens], "positions", &[positions.len()])?;
     x.require_float(OP)?;
@@ -116,7 +119,7 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         return Err(invalid(OP, format!("k = {k} is larger than the row length {n}")));
     }
     let v = x.to_f32_vec()?;
-    let rows = if n == 0 { 0 } else { v.len() / n };
+    let rows = v.len().checked_div(n).unwrap_or(0);
     let (mut values, mut indices) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
     for row in v.chunks_exact(n.max(1)).take(rows) {
         for i in cpu::topk_indices(row, k) {
@@ -128,7 +131,10 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     if let Some(last) = shape.last_mut() {
         *last = k;
     }
-    Ok((Tensor::from_f32(values, &shape, x.dtype())?, Tensor::from_vec(indices, &shape)?))
+    Ok((
+        Tensor::from_f32(values, &shape, x.dtype())?,
+        Tensor::from_vec(indices, &shape)?,
+    ))
 }
 
 /// Index of the largest value in each row of the last dimension, as i32.

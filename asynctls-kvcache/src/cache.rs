@@ -135,7 +135,10 @@ impl<S: KvStorage> PagedKvCache<S> {
         let need_total = end.div_ceil(bs);
         let shared_partial = start % bs != 0
             && n > 0
-            && self.allocator.ref_count(*table.blocks.last().expect("partial block exists")) > 1;
+            && self
+                .allocator
+                .ref_count(*table.blocks.last().expect("partial block exists"))
+                > 1;
         let new_blocks = need_total.saturating_sub(have) + usize::from(shared_partial);
         self.allocator.ensure_free(new_blocks)?;
 

@@ -41,9 +41,9 @@ fn step_down(h: f16) -> f16 {
 /// (r/2 bytes, low nibble first). Returns `(scale, zero)`.
 pub fn quantize(x: &[f32], packed: &mut [u8]) -> (f16, f16) {
     debug_assert_eq!(packed.len() * 2, x.len());
-    let (lo, hi) = x
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     let zero = f16_at_most(lo);
     let step = ((hi.min(F16_LIMIT) - zero.to_f32()) / 15.0).max(f32::MIN_POSITIVE);
     let scale = f16_at_least(step).max(f16::from_bits(1));

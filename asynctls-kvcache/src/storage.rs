@@ -214,7 +214,11 @@ impl HostKvStorage {
             config: config.clone(),
             channels,
             layers,
-            scratch: (vec![0.0; c.key_dim], vec![0.0; c.value_dim()], vec![0.0; c.label_channels]),
+            scratch: (
+                vec![0.0; c.key_dim],
+                vec![0.0; c.value_dim()],
+                vec![0.0; c.label_channels],
+            ),
         })
     }
 
@@ -254,7 +258,10 @@ impl KvStorage for HostKvStorage {
         if let ValueLayout::Separate { .. } = c.values {
             check_len("write_token value", value.len(), c.kv_heads * vd)?;
         }
-        assert!(slot < c.block_size && block.index() < c.num_blocks, "slot or block out of range");
+        assert!(
+            slot < c.block_size && block.index() < c.num_blocks,
+            "slot or block out of range"
+        );
         let kv_heads = c.kv_heads;
         for head in 0..kv_heads {
             let t = self.token_index(block, head, slot);
@@ -312,13 +319,7 @@ impl KvStorage for HostKvStorage {
     fn allocated_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|p| {
-                p.keys.bytes()
-                    + p.values.bytes()
-                    + p.bounds.len() * 4
-                    + p.labels.len()
-                    + p.label_params.len() * 4
-            })
+            .map(|p| p.keys.bytes() + p.values.bytes() + p.bounds.len() * 4 + p.labels.len() + p.label_params.len() * 4)
             .sum()
     }
 }

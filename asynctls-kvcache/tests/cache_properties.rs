@@ -41,9 +41,12 @@ fn token_values(seed: u32, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// One token's key and value as stored.
+type StoredToken = (Vec<f32>, Vec<f32>);
+
 struct Shadow {
-    /// Per sequence: per layer, stored keys and values of every token.
-    tokens: Vec<(SeqId, Vec<Vec<(Vec<f32>, Vec<f32>)>>)>,
+    /// Per sequence: per layer, every token.
+    tokens: Vec<(SeqId, Vec<Vec<StoredToken>>)>,
 }
 
 fn config(kv_dtype: KvDType, mla: bool) -> CacheConfig {
@@ -71,7 +74,11 @@ fn round(kv_dtype: KvDType, v: &[f32]) -> Vec<f32> {
     }
 }
 
-fn check_sequence(cache: &PagedKvCache<HostKvStorage>, seq: SeqId, layers: &[Vec<(Vec<f32>, Vec<f32>)>]) -> Result<(), TestCaseError> {
+fn check_sequence(
+    cache: &PagedKvCache<HostKvStorage>,
+    seq: SeqId,
+    layers: &[Vec<StoredToken>],
+) -> Result<(), TestCaseError> {
     let c = cache.config();
     let table = cache.table(seq).unwrap();
     let storage = cache.storage();
@@ -92,8 +99,14 @@ fn check_sequence(cache: &PagedKvCache<HostKvStorage>, seq: SeqId, layers: &[Vec
                 let (labels, params) = storage.labels(layer, block, head);
                 let channels = storage.label_channels(layer, head);
                 for ch in 0..kd {
-                    let want_max = in_block.iter().map(|t| t.0[head * kd + ch]).fold(f32::NEG_INFINITY, f32::max);
-                    let want_min = in_block.iter().map(|t| t.0[head * kd + ch]).fold(f32::INFINITY, f32::min);
+                    let want_max = in_block
+                        .iter()
+                        .map(|t| t.0[head * kd + ch])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let want_min = in_block
+                        .iter()
+                        .map(|t| t.0[head * kd + ch])
+                        .fold(f32::INFINITY, f32::min);
                     prop_assert_eq!(max[ch], want_max, "layer {} block {} head {} ch {}", layer, b, head, ch);
                     prop_assert_eq!(min[ch], want_min);
                 }
@@ -114,7 +127,10 @@ fn check_sequence(cache: &PagedKvCache<HostKvStorage>, seq: SeqId, layers: &[Vec
                     let [scale, zero] = params[slot];
                     label::dequantize(&labels[slot * r2..(slot + 1) * r2], scale, zero, &mut back);
                     for (x, y) in picked.iter().zip(&back) {
-                        prop_assert!((x - y).abs() <= scale.to_f32() / 2.0 * (1.0 + 1e-5) + 1e-6, "label {x} vs {y}");
+                        prop_assert!(
+                            (x - y).abs() <= scale.to_f32() / 2.0 * (1.0 + 1e-5) + 1e-6,
+                            "label {x} vs {y}"
+                        );
                     }
                 }
             }
@@ -146,8 +162,12 @@ fn run_ops(ops: Vec<Op>, kv_dtype: KvDType, mla: bool) -> Result<(), TestCaseErr
                 let i = seq % shadow.tokens.len();
                 let id = shadow.tokens[i].0;
                 let free_before = cache.allocator().num_free();
-                let keys: Vec<Vec<f32>> = (0..c.num_layers).map(|l| token_values(seed ^ (l as u32 * 7919), tokens * key_w)).collect();
-                let vals: Vec<Vec<f32>> = (0..c.num_layers).map(|l| token_values(seed ^ (l as u32 * 104729) ^ 1, tokens * val_w)).collect();
+                let keys: Vec<Vec<f32>> = (0..c.num_layers)
+                    .map(|l| token_values(seed ^ (l as u32 * 7919), tokens * key_w))
+                    .collect();
+                let vals: Vec<Vec<f32>> = (0..c.num_layers)
+                    .map(|l| token_values(seed ^ (l as u32 * 104729) ^ 1, tokens * val_w))
+                    .collect();
                 let kr: Vec<&[f32]> = keys.iter().map(|v| &v[..]).collect();
                 let vr: Vec<&[f32]> = vals.iter().map(|v| &v[..]).collect();
                 match cache.append(id, &kr, &vr) {
@@ -247,7 +267,10 @@ fn bad_label_channels_are_rejected() {
     let dup = LabelChannels::new(vec![vec![vec![0, 0, 1, 2, 3, 4], vec![0, 1, 2, 3, 4, 5]]; 2]);
     let err = HostKvStorage::new(&c, dup).unwrap_err().to_string();
     assert!(err.contains("repeated"), "{err}");
-    let odd = CacheConfig { label_channels: 5, ..c.clone() };
+    let odd = CacheConfig {
+        label_channels: 5,
+        ..c.clone()
+    };
     assert!(HostKvStorage::new(&odd, LabelChannels::leading(&odd)).is_err());
 }
 

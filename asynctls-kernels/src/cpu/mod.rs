@@ -105,10 +105,7 @@ fn ranks_before(scores: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
     match (sa.is_nan(), sb.is_nan()) {
         (true, false) => std::cmp::Ordering::Greater,
         (false, true) => std::cmp::Ordering::Less,
-        _ => sb
-            .partial_cmp(&sa)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b)),
+        _ => sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)),
     }
 }
 
@@ -138,10 +135,7 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) -> 
     if hidden == 0 || table.len() % hidden != 0 {
         return Err(invalid(
             "embedding",
-            format!(
-                "table of {} elements is not rows of {hidden}",
-                table.len()
-            ),
+            format!("table of {} elements is not rows of {hidden}", table.len()),
         ));
     }
     let vocab = table.len() / hidden;

@@ -50,11 +50,7 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        Ok(RopeTable {
-            rotary_dim,
-            cos,
-            sin,
-        })
+        Ok(RopeTable { rotary_dim, cos, sin })
     }
 
     pub fn rotary_dim(&self) -> usize {
@@ -85,7 +81,10 @@ impl RopeTable {
             if pos >= self.max_positions() {
                 return Err(invalid(
                     "rope",
-                    format!("position {pos} is beyond the table's {} positions", self.max_positions()),
+                    format!(
+                        "position {pos} is beyond the table's {} positions",
+                        self.max_positions()
+                    ),
                 ));
             }
             let cos = &self.cos[pos * half..(pos + 1) * half];

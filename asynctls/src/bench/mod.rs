@@ -1,0 +1,5 @@
+//! Benchmarks run from the CLI (`asynctls bench ...`), each beside the
+//! reference it is judged against.
+
+pub mod attn;
+pub mod workload;
