@@ -59,6 +59,19 @@ pub fn channels_from_keys(keys: &[f32], kv_heads: usize, key_dim: usize, r: usiz
     Ok(k_mean.chunks_exact(key_dim).map(|m| top_channels(m, r)).collect())
 }
 
+/// The default before any calibration, for NeoX-layout RoPE heads: the
+/// `r / 2` lowest-frequency rotary pairs (channels `i` and `i + d/2` for the
+/// largest `i`). Those channels rotate slowly, so they carry the
+/// position-independent part of a key where real models' outlier channels
+/// sit. Sorted.
+pub fn low_frequency_channels(head_dim: usize, r: usize) -> Vec<u16> {
+    let half = head_dim / 2;
+    let pairs = (r / 2).min(half);
+    let mut channels: Vec<u16> = (half - pairs..half).chain(head_dim - pairs..head_dim).map(|c| c as u16).collect();
+    channels.sort_unstable();
+    channels
+}
+
 /// Mean `|x|` per (head, channel) over rows of `[n, heads, dim]`.
 fn mean_abs(x: &[f32], heads: usize, dim: usize) -> Vec<f32> {
     let mut acc = vec![0.0f64; heads * dim];
@@ -95,5 +108,6 @@ mod tests {
         let ch = channels_from_keys(&k, 1, 4, 2).unwrap();
         assert_eq!(ch, vec![vec![2, 3]]);
         assert!(calibrate_channels(&q[..3], &k, &shape, 1).is_err());
+        assert_eq!(low_frequency_channels(8, 4), vec![2, 3, 6, 7]);
     }
 }

@@ -5,7 +5,8 @@
 //! ([`SparseConfig`]), the selection stages ([`select`]: the block filter in
 //! GEMM form, INT4 label scoring), exact attention over a selection
 //! ([`decode`]), GQA and MLA head geometry ([`AttnShape`]), channel
-//! calibration for the label cache ([`calibrate`]), and accuracy metrics
+//! calibration for the label cache ([`calibrate`]), causal prefill attention
+//! ([`prefill`]), and accuracy metrics
 //! ([`metrics`]: recall of the dense softmax mass, relative L2 error).
 //!
 //! Reads the cache only through `asynctls_kvcache::HostReadable`, so any
@@ -33,10 +34,12 @@ mod config;
 mod decode;
 mod error;
 pub mod metrics;
+mod prefill;
 pub mod select;
 mod shape;
 
 pub use config::{GroupReduce, Policy, SparseConfig};
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};
+pub use prefill::prefill;
 pub use shape::AttnShape;

@@ -53,6 +53,13 @@ impl RopeTable {
         Ok(RopeTable { rotary_dim, cos, sin })
     }
 
+    /// Multiplies every cos and sin by `scale` (YaRN's attention factor,
+    /// which HF folds into the rotation).
+    pub fn with_attention_scale(mut self, scale: f32) -> Self {
+        self.cos.iter_mut().chain(self.sin.iter_mut()).for_each(|v| *v *= scale);
+        self
+    }
+
     pub fn rotary_dim(&self) -> usize {
         self.rotary_dim
     }

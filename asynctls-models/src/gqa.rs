@@ -1,0 +1,390 @@
+//! The GQA decoder shared by Qwen3, Qwen2 and Llama, top-down: RoPE, linear
+//! layers, MLP, attention, decoder layer, model. Weight names mirror the HF
+//! safetensors names. Attention does not own a KV cache: every forward is
+//! handed the paged cache, so paging, sparsity and offload stay in their crates.
+
+use asynctls_attn::{AttnShape, Policy, SparseConfig};
+use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
+use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
+
+use crate::weights::Weights;
+use crate::{GqaConfig, ModelError, Result};
+
+/// A dense layer `y = x W^T + b` with HF's `[out, in]` weight.
+#[derive(Debug)]
+struct Linear {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
+            bias: if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None },
+            in_dim,
+            out_dim,
+        })
+    }
+
+    /// `x`: `[n, in]` -> `[n, out]`.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.in_dim;
+        let mut y = vec![0.0; n * self.out_dim];
+        cpu::matmul_nt(x, &self.weight, &mut y, n, self.in_dim, self.out_dim).expect("shapes checked at load");
+        if let Some(b) = &self.bias {
+            y.chunks_exact_mut(self.out_dim).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        }
+        y
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &Weights, prefix: &str, c: &GqaConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, false)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, false)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut gate = self.gate_proj.forward(x);
+        cpu::silu_mul(&mut gate, &self.up_proj.forward(x)).expect("same shapes");
+        self.down_proj.forward(&gate)
+    }
+}
+
+/// How decode steps attend: the sparse configuration, and how many leading
+/// layers stay dense (they carry little sparsity and much accuracy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub sparse: SparseConfig,
+    pub dense_layers: usize,
+}
+
+impl AttentionPlan {
+    pub fn dense() -> Self {
+        AttentionPlan {
+            sparse: SparseConfig {
+                policy: Policy::Dense,
+                ..SparseConfig::default()
+            },
+            dense_layers: 0,
+        }
+    }
+
+    fn for_layer(&self, layer: usize) -> std::borrow::Cow<'_, SparseConfig> {
+        if layer < self.dense_layers && self.sparse.policy != Policy::Dense {
+            std::borrow::Cow::Owned(SparseConfig {
+                policy: Policy::Dense,
+                ..self.sparse.clone()
+            })
+        } else {
+            std::borrow::Cow::Borrowed(&self.sparse)
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    shape: AttnShape,
+    eps: f32,
+}
+
+impl Attention {
+    fn load(w: &Weights, prefix: &str, c: &GqaConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
+        let norm = |name: &str| -> Result<Option<Vec<f32>>> {
+            if c.qk_norm {
+                Ok(Some(w.get(&format!("{prefix}.{name}.weight"), &[d])?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h, qh * d, c.qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), h, kvh * d, c.qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), h, kvh * d, c.qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), qh * d, h, false)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            shape: AttnShape::gqa(qh, kvh, d),
+            eps: c.rms_norm_eps as f32,
+        })
+    }
+
+    /// Queries and keys after the optional per-head norm and RoPE, and values,
+    /// for tokens at `positions`.
+    fn project(&self, x: &[f32], positions: &[usize], rope: &RopeTable) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let mut q = self.q_proj.forward(x);
+        let mut k = self.k_proj.forward(x);
+        let v = self.v_proj.forward(x);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            cpu::rms_norm(&mut q, qn, self.eps)?;
+            cpu::rms_norm(&mut k, kn, self.eps)?;
+        }
+        let d = self.shape.key_dim;
+        rope.apply(&mut q, d, positions, RopeStyle::Neox)?;
+        rope.apply(&mut k, d, positions, RopeStyle::Neox)?;
+        Ok((q, k, v))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: Vec<f32>,
+    self_attn: Attention,
+    post_attention_layernorm: Vec<f32>,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, layer: usize, c: &GqaConfig) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        Ok(DecoderLayer {
+            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[c.hidden_size])?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden_size])?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+        })
+    }
+}
+
+/// A GQA causal language model.
+#[derive(Debug)]
+pub struct GqaModel {
+    config: GqaConfig,
+    embed_tokens: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Vec<f32>>,
+    rope: RopeTable,
+}
+
+impl GqaModel {
+    /// Loads every weight the config implies; a missing or mis-shaped tensor
+    /// is an error naming it.
+    pub fn load(config: GqaConfig, weights: &Weights) -> Result<Self> {
+        let c = &config;
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| DecoderLayer::load(weights, l, c))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = weights.get("model.norm.weight", &[c.hidden_size])?;
+        // Some tied checkpoints still ship lm_head; use it when present.
+        let lm_head = if !c.tie_word_embeddings || weights.contains("lm_head.weight") {
+            Some(weights.get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+        } else {
+            None
+        };
+        let (inv_freq, attention_factor) = c.rope_inv_freq();
+        let rope = RopeTable::from_inv_freq(c.head_dim, &inv_freq, c.max_position_embeddings)?
+            .with_attention_scale(attention_factor);
+        Ok(GqaModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &GqaConfig {
+        &self.config
+    }
+
+    pub fn attention_shape(&self) -> AttnShape {
+        self.layers[0].self_attn.shape
+    }
+
+    /// A cache geometry for this model with `num_blocks` blocks.
+    pub fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
+        let c = &self.config;
+        CacheConfig {
+            kv_dtype,
+            ..CacheConfig::gqa(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks)
+        }
+    }
+
+    /// A host cache for this model, with the default label channels (the
+    /// lowest RoPE frequencies, which carry the position-independent part of
+    /// a key) until calibration provides better ones.
+    pub fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
+        let config = self.cache_config(num_blocks, kv_dtype);
+        let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
+        let channels = LabelChannels::new(vec![vec![head; config.kv_heads]; config.num_layers]);
+        Ok(PagedKvCache::new(HostKvStorage::new(&config, channels)?)?)
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let mut x = vec![0.0; tokens.len() * h];
+        cpu::embedding(&self.embed_tokens, h, tokens, &mut x).map_err(|_| {
+            let id = *tokens.iter().find(|&&t| t as usize >= self.config.vocab_size).unwrap_or(&0);
+            ModelError::TokenOutOfRange {
+                id,
+                vocab: self.config.vocab_size,
+            }
+        })?;
+        Ok(x)
+    }
+
+    /// Final norm and LM head over rows of hidden states.
+    fn logits(&self, mut x: Vec<f32>) -> Result<Vec<f32>> {
+        let c = &self.config;
+        cpu::rms_norm(&mut x, &self.norm, c.rms_norm_eps as f32)?;
+        let n = x.len() / c.hidden_size;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let mut logits = vec![0.0; n * c.vocab_size];
+        cpu::matmul_nt(&x, head, &mut logits, n, c.hidden_size, c.vocab_size)?;
+        Ok(logits)
+    }
+
+    fn check_positions(&self, end: usize) -> Result<()> {
+        if end > self.config.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                prompt: end,
+                new: 0,
+                context: self.config.max_position_embeddings,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` of one sequence through the model (dense causal
+    /// attention), appending their K/V to the cache. Returns the logits of the
+    /// last token, or of every token when `all_logits`.
+    pub fn prefill<S: HostReadable>(
+        &self,
+        cache: &mut PagedKvCache<S>,
+        seq: SeqId,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let h = self.config.hidden_size;
+        let range = cache.reserve(seq, tokens.len())?;
+        let result = self.prefill_reserved(cache, seq, tokens, range.start);
+        if result.is_err() {
+            // Leave no half-written sequence behind: the caller's sequence
+            // is unusable after a failed prefill and is freed.
+            let _ = cache.free(seq);
+        }
+        let x = result?;
+        let rows = if all_logits { x } else { x[x.len() - h..].to_vec() };
+        self.logits(rows)
+    }
+
+    fn prefill_reserved<S: HostReadable>(
+        &self,
+        cache: &mut PagedKvCache<S>,
+        seq: SeqId,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        self.check_positions(start + tokens.len())?;
+        let positions: Vec<usize> = (start..start + tokens.len()).collect();
+        let mut x = self.embed(tokens)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut normed = x.clone();
+            cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.project(&normed, &positions, &self.rope)?;
+            cache.write(seq, l, start, &k, &v)?;
+            let mut out = vec![0.0; tokens.len() * attn.shape.q_heads * attn.shape.value_dim];
+            asynctls_attn::prefill(cache.storage(), cache.table(seq)?, l, start, &q, &attn.shape, &mut out)?;
+            self.residual_mlp(layer, &mut x, &out)?;
+        }
+        Ok(x)
+    }
+
+    /// `x += o_proj(attn)`, then `x += mlp(norm(x))`.
+    fn residual_mlp(&self, layer: &DecoderLayer, x: &mut [f32], attn: &[f32]) -> Result<()> {
+        let o = layer.self_attn.o_proj.forward(attn);
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let mut normed = x.to_vec();
+        cpu::rms_norm(&mut normed, &layer.post_attention_layernorm, self.config.rms_norm_eps as f32)?;
+        let m = layer.mlp.forward(&normed);
+        x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// One decode step for a batch: `tokens[i]` is the next token of
+    /// `seqs[i]`. Appends their K/V and returns logits `[batch, vocab]`.
+    pub fn decode_step<S: HostReadable>(
+        &self,
+        cache: &mut PagedKvCache<S>,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        plan: &AttentionPlan,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if seqs.len() != tokens.len() {
+            return Err(ModelError::Attention(asynctls_attn::AttnError::Shape {
+                what: "decode batch",
+                expected: format!("{} tokens", seqs.len()),
+                got: tokens.len().to_string(),
+            }));
+        }
+        let mut positions = Vec::with_capacity(seqs.len());
+        for &s in seqs {
+            positions.push(cache.table(s)?.len());
+        }
+        for &p in &positions {
+            self.check_positions(p + 1)?;
+        }
+        // Reserve for the whole batch first: a full pool fails before any write.
+        let free_needed: usize = positions.iter().filter(|&&p| p % cache.config().block_size == 0).count();
+        cache.allocator().ensure_free(free_needed)?;
+        for &s in seqs {
+            cache.reserve(s, 1)?;
+        }
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        let mut x = self.embed(tokens)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut normed = x.clone();
+            cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.project(&normed, &positions, &self.rope)?;
+            for (i, &s) in seqs.iter().enumerate() {
+                let row = i * kv_width..(i + 1) * kv_width;
+                cache.write(s, l, positions[i], &k[row.clone()], &v[row])?;
+            }
+            let tables = seqs.iter().map(|&s| cache.table(s)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut out = vec![0.0; seqs.len() * attn.shape.q_heads * attn.shape.value_dim];
+            asynctls_attn::decode(cache.storage(), &tables, l, &q, &attn.shape, &plan.for_layer(l), &mut out)?;
+            self.residual_mlp(layer, &mut x, &out)?;
+        }
+        self.logits(x)
+    }
+}
+
+/// Loads a model directory's config and weights.
+pub fn load_gqa(dir: &std::path::Path) -> Result<GqaModel> {
+    let config = GqaConfig::from_file(&dir.join("config.json"))?;
+    let weights = Weights::open(dir)?;
+    GqaModel::load(config, &weights)
+}

@@ -1,0 +1,142 @@
+//! Text in and out: `tokenizer.json` through the `tokenizers` crate, and the
+//! chat template of `tokenizer_config.json` rendered with minijinja.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::io_err;
+use crate::{ModelError, Result};
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    fn to_value(&self) -> minijinja::Value {
+        minijinja::Value::from(std::collections::BTreeMap::from([
+            ("role".to_string(), self.role.clone()),
+            ("content".to_string(), self.content.clone()),
+        ]))
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A model's tokenizer, its chat template and its special tokens.
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(ModelError::Tokenizer(format!("{} not found", path.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = if config_path.is_file() {
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, "cannot read", e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", config_path.display())))?
+        } else {
+            serde_json::Value::Null
+        };
+        // The template is a string, or a list of named templates ("default" wins).
+        let chat_template = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(String::from),
+            _ => None,
+        };
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: token_text(config.get("bos_token")),
+            eos_token: token_text(config.get("eos_token")),
+        })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The id of the tokenizer's end-of-sequence token, if it names one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders the chat template for `messages`, ending with the assistant's
+    /// turn opened when `add_generation_prompt`.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::ChatTemplate("the tokenizer has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template)
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages.iter().map(ChatMessage::to_value).collect::<Vec<_>>(),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+    }
+}

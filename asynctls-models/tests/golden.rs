@@ -1,0 +1,125 @@
+//! Golden tests against HF transformers: tiny random Qwen3, Qwen2 and Llama
+//! models made by `scripts/golden/make_gqa_fixtures.py` on the GPU machine.
+//! Logits of every prompt position must match within 1e-4 (f32) and greedy
+//! tokens exactly, with dense attention and with two-level sparse attention
+//! whose budget covers the context; both prompts decode as one batch.
+
+use std::path::{Path, PathBuf};
+
+use asynctls_attn::{Policy, SparseConfig};
+use asynctls_kernels::cpu;
+use asynctls_kvcache::KvDType;
+use asynctls_models::{load_gqa, AttentionPlan, GqaModel, ModelError, Weights};
+
+const FIXTURES: [&str; 4] = ["qwen3-tiny", "qwen3-yarn-tied", "qwen2-bias", "llama-mha"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+struct Golden {
+    prompts: Vec<Vec<u32>>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+fn golden(dir: &Path) -> Golden {
+    let g = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
+    let ints = |name: String| g.get_ints(&name).unwrap().into_iter().map(|x| x as u32).collect::<Vec<_>>();
+    let mut out = Golden {
+        prompts: vec![],
+        logits: vec![],
+        greedy: vec![],
+    };
+    for i in 0..2 {
+        let prompt = ints(format!("input_ids_{i}"));
+        let shape = g.shape(&format!("logits_{i}")).unwrap();
+        out.logits.push(g.get(&format!("logits_{i}"), &shape).unwrap());
+        out.prompts.push(prompt);
+        out.greedy.push(ints(format!("greedy_{i}")));
+    }
+    out
+}
+
+fn generate(model: &GqaModel, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<u32>> {
+    let mut cache = model.new_cache(64, KvDType::F32).unwrap();
+    let vocab = model.config().vocab_size;
+    let mut seqs = Vec::new();
+    let mut next = Vec::new();
+    for (prompt, want_logits) in golden.prompts.iter().zip(&golden.logits) {
+        let seq = cache.add_sequence();
+        let logits = model.prefill(&mut cache, seq, prompt, true).unwrap();
+        assert_eq!(logits.len(), want_logits.len());
+        let max_err = logits.iter().zip(want_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max_err <= 1e-4, "prefill logits max abs error {max_err}");
+        next.push(cpu::argmax(&logits[logits.len() - vocab..]).unwrap());
+        seqs.push(seq);
+    }
+    let mut tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    for _ in 1..golden.greedy[0].len() {
+        let logits = model.decode_step(&mut cache, &seqs, &next, plan).unwrap();
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            next[i] = cpu::argmax(row).unwrap();
+            tokens[i].push(next[i]);
+        }
+    }
+    tokens
+}
+
+#[test]
+fn matches_hf_logits_and_greedy_tokens_dense_and_tls() {
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let model = load_gqa(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let golden = golden(&dir);
+        let dense = generate(&model, &golden, &AttentionPlan::dense());
+        assert_eq!(dense, golden.greedy, "{name}: dense greedy tokens");
+        let tls = AttentionPlan {
+            sparse: SparseConfig {
+                policy: Policy::Tls,
+                token_topk: 4096,
+                dense_below: 0,
+                ..SparseConfig::default()
+            },
+            dense_layers: 0,
+        };
+        let sparse = generate(&model, &golden, &tls);
+        assert_eq!(sparse, golden.greedy, "{name}: tls greedy tokens");
+    }
+}
+
+#[test]
+fn prompt_beyond_the_context_is_a_clear_error() {
+    let model = load_gqa(&fixture("qwen3-tiny")).unwrap();
+    let mut cache = model.new_cache(16, KvDType::F32).unwrap();
+    let seq = cache.add_sequence();
+    let long = vec![1u32; model.config().max_position_embeddings + 1];
+    let err = model.prefill(&mut cache, seq, &long, false).unwrap_err();
+    assert!(matches!(err, ModelError::ContextTooLong { .. }), "{err}");
+    // Nothing is left allocated by the failed prefill.
+    assert_eq!(cache.allocator().num_used(), 0);
+    let seq = cache.add_sequence();
+    let err = model.prefill(&mut cache, seq, &[100_000], false).unwrap_err().to_string();
+    assert!(err.contains("token id 100000"), "{err}");
+}
+
+#[test]
+fn missing_weights_and_mismatched_config_are_named() {
+    let tmp = std::env::temp_dir().join(format!("asynctls-golden-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(fixture("qwen3-tiny").join("config.json"), tmp.join("config.json")).unwrap();
+    let err = load_gqa(&tmp).unwrap_err().to_string();
+    assert!(err.contains("no weights found"), "{err}");
+    // A config whose hidden size disagrees with the weights.
+    std::fs::copy(fixture("qwen3-tiny").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(tmp.join("config.json")).unwrap();
+    std::fs::write(tmp.join("config.json"), text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")).unwrap();
+    let err = load_gqa(&tmp).unwrap_err().to_string();
+    assert!(err.contains("mlp.gate_proj.weight") && err.contains("[161, 64]") && err.contains("[160, 64]"), "{err}");
+    // A truncated weights file.
+    let bytes = std::fs::read(fixture("qwen3-tiny").join("model.safetensors")).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_gqa(&tmp).unwrap_err().to_string();
+    assert!(err.contains("invalid safetensors"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
