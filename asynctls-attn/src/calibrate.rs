@@ -67,7 +67,10 @@ pub fn channels_from_keys(keys: &[f32], kv_heads: usize, key_dim: usize, r: usiz
 pub fn low_frequency_channels(head_dim: usize, r: usize) -> Vec<u16> {
     let half = head_dim / 2;
     let pairs = (r / 2).min(half);
-    let mut channels: Vec<u16> = (half - pairs..half).chain(head_dim - pairs..head_dim).map(|c| c as u16).collect();
+    let mut channels: Vec<u16> = (half - pairs..half)
+        .chain(head_dim - pairs..head_dim)
+        .map(|c| c as u16)
+        .collect();
     channels.sort_unstable();
     channels
 }

@@ -52,8 +52,12 @@ pub fn prefill<S: HostReadable>(
             let mut values = vec![0.0f32; total * vd];
             for t in 0..total {
                 let block = table.blocks()[t / bs];
-                storage.keys(layer, block, head).read(t % bs, &mut keys[t * kd..(t + 1) * kd]);
-                storage.values(layer, block, head).read(t % bs, &mut values[t * vd..(t + 1) * vd]);
+                storage
+                    .keys(layer, block, head)
+                    .read(t % bs, &mut keys[t * kd..(t + 1) * kd]);
+                storage
+                    .values(layer, block, head)
+                    .read(t % bs, &mut values[t * vd..(t + 1) * vd]);
             }
             // The group's queries as rows (token, head-in-group).
             let mut rows = vec![0.0f32; n * g * kd];

@@ -37,7 +37,9 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
     },
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
 }
 
 /// A GQA decoder's configuration.
@@ -127,7 +129,9 @@ fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_json::Value>
     };
     Ok(match kind {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
         "yarn" => RopeScaling::Yarn {
             factor: need("factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
@@ -186,7 +190,12 @@ impl GqaConfig {
         let rope_params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rope_theta = raw
             .rope_theta
-            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                raw.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .ok_or_else(|| ModelError::Config {
                 path: path.to_path_buf(),
                 what: "missing field `rope_theta` (top level or in `rope_parameters`)".into(),
@@ -334,12 +343,21 @@ mod tests {
     #[test]
     fn missing_field_and_unknown_type_are_named() {
         let text = QWEN3.replace(r#""hidden_size": 8,"#, "");
-        let err = GqaConfig::from_json(Path::new("m/config.json"), &text).unwrap_err().to_string();
-        assert!(err.contains("missing field `hidden_size`") && err.contains("m/config.json"), "{err}");
+        let err = GqaConfig::from_json(Path::new("m/config.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing field `hidden_size`") && err.contains("m/config.json"),
+            "{err}"
+        );
         let text = QWEN3.replace("qwen3", "mamba");
-        let err = GqaConfig::from_json(Path::new("config.json"), &text).unwrap_err().to_string();
+        let err = GqaConfig::from_json(Path::new("config.json"), &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsupported model type `mamba`"), "{err}");
-        let err = GqaConfig::from_json(Path::new("config.json"), "{").unwrap_err().to_string();
+        let err = GqaConfig::from_json(Path::new("config.json"), "{")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid config"), "{err}");
     }
 }

@@ -23,7 +23,11 @@ impl Linear {
     fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None },
+            bias: if bias {
+                Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
+            } else {
+                None
+            },
             in_dim,
             out_dim,
         })
@@ -35,7 +39,8 @@ impl Linear {
         let mut y = vec![0.0; n * self.out_dim];
         cpu::matmul_nt(x, &self.weight, &mut y, n, self.in_dim, self.out_dim).expect("shapes checked at load");
         if let Some(b) = &self.bias {
-            y.chunks_exact_mut(self.out_dim).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+            y.chunks_exact_mut(self.out_dim)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
         }
         y
     }
@@ -240,7 +245,10 @@ impl GqaModel {
         let h = self.config.hidden_size;
         let mut x = vec![0.0; tokens.len() * h];
         cpu::embedding(&self.embed_tokens, h, tokens, &mut x).map_err(|_| {
-            let id = *tokens.iter().find(|&&t| t as usize >= self.config.vocab_size).unwrap_or(&0);
+            let id = *tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+                .unwrap_or(&0);
             ModelError::TokenOutOfRange {
                 id,
                 vocab: self.config.vocab_size,
@@ -326,7 +334,11 @@ impl GqaModel {
         let o = layer.self_attn.o_proj.forward(attn);
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let mut normed = x.to_vec();
-        cpu::rms_norm(&mut normed, &layer.post_attention_layernorm, self.config.rms_norm_eps as f32)?;
+        cpu::rms_norm(
+            &mut normed,
+            &layer.post_attention_layernorm,
+            self.config.rms_norm_eps as f32,
+        )?;
         let m = layer.mlp.forward(&normed);
         x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
         Ok(())
@@ -357,7 +369,10 @@ impl GqaModel {
             self.check_positions(p + 1)?;
         }
         // Reserve for the whole batch first: a full pool fails before any write.
-        let free_needed: usize = positions.iter().filter(|&&p| p % cache.config().block_size == 0).count();
+        let free_needed: usize = positions
+            .iter()
+            .filter(|&&p| p % cache.config().block_size == 0)
+            .count();
         cache.allocator().ensure_free(free_needed)?;
         for &s in seqs {
             cache.reserve(s, 1)?;
@@ -373,9 +388,20 @@ impl GqaModel {
                 let row = i * kv_width..(i + 1) * kv_width;
                 cache.write(s, l, positions[i], &k[row.clone()], &v[row])?;
             }
-            let tables = seqs.iter().map(|&s| cache.table(s)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let tables = seqs
+                .iter()
+                .map(|&s| cache.table(s))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             let mut out = vec![0.0; seqs.len() * attn.shape.q_heads * attn.shape.value_dim];
-            asynctls_attn::decode(cache.storage(), &tables, l, &q, &attn.shape, &plan.for_layer(l), &mut out)?;
+            asynctls_attn::decode(
+                cache.storage(),
+                &tables,
+                l,
+                &q,
+                &attn.shape,
+                &plan.for_layer(l),
+                &mut out,
+            )?;
             self.residual_mlp(layer, &mut x, &out)?;
         }
         self.logits(x)

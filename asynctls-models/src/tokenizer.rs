@@ -60,10 +60,8 @@ impl Tokenizer {
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
-            let text =
-                std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, "cannot read", e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", config_path.display())))?
+            let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, "cannot read", e))?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", config_path.display())))?
         } else {
             serde_json::Value::Null
         };
@@ -97,7 +95,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -123,9 +123,12 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         env.get_template("chat")

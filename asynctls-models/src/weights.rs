@@ -38,10 +38,13 @@ impl Weights {
                 path: index_path.clone(),
                 what: e.to_string(),
             })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
-                path: index_path.clone(),
-                what: "no `weight_map` object".into(),
-            })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Safetensors {
+                    path: index_path.clone(),
+                    what: "no `weight_map` object".into(),
+                })?;
             let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
@@ -79,13 +82,19 @@ impl Weights {
 
     /// The header view of tensor `name`.
     fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
-        let shard = *self.index.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        let shard = *self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
         let (path, mmap) = &self.shards[shard];
         let malformed = |e: safetensors::SafeTensorError| ModelError::Safetensors {
             path: path.clone(),
             what: e.to_string(),
         };
-        SafeTensors::deserialize(mmap).map_err(malformed)?.tensor(name).map_err(malformed)
+        SafeTensors::deserialize(mmap)
+            .map_err(malformed)?
+            .tensor(name)
+            .map_err(malformed)
     }
 
     /// The tensor `name` as f32, checked against `shape`.
@@ -100,9 +109,18 @@ impl Weights {
         }
         let bytes = view.data();
         Ok(match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(ModelError::TensorDType {
                     name: name.into(),
@@ -117,8 +135,14 @@ impl Weights {
         let view = self.view(name)?;
         let bytes = view.data();
         Ok(match view.dtype() {
-            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect(),
-            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
             other => {
                 return Err(ModelError::TensorDType {
                     name: name.into(),

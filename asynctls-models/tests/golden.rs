@@ -25,7 +25,13 @@ struct Golden {
 
 fn golden(dir: &Path) -> Golden {
     let g = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
-    let ints = |name: String| g.get_ints(&name).unwrap().into_iter().map(|x| x as u32).collect::<Vec<_>>();
+    let ints = |name: String| {
+        g.get_ints(&name)
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect::<Vec<_>>()
+    };
     let mut out = Golden {
         prompts: vec![],
         logits: vec![],
@@ -50,7 +56,11 @@ fn generate(model: &GqaModel, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<
         let seq = cache.add_sequence();
         let logits = model.prefill(&mut cache, seq, prompt, true).unwrap();
         assert_eq!(logits.len(), want_logits.len());
-        let max_err = logits.iter().zip(want_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max_err = logits
+            .iter()
+            .zip(want_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(max_err <= 1e-4, "prefill logits max abs error {max_err}");
         next.push(cpu::argmax(&logits[logits.len() - vocab..]).unwrap());
         seqs.push(seq);
@@ -99,7 +109,10 @@ fn prompt_beyond_the_context_is_a_clear_error() {
     // Nothing is left allocated by the failed prefill.
     assert_eq!(cache.allocator().num_used(), 0);
     let seq = cache.add_sequence();
-    let err = model.prefill(&mut cache, seq, &[100_000], false).unwrap_err().to_string();
+    let err = model
+        .prefill(&mut cache, seq, &[100_000], false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("token id 100000"), "{err}");
 }
 
@@ -111,11 +124,22 @@ fn missing_weights_and_mismatched_config_are_named() {
     let err = load_gqa(&tmp).unwrap_err().to_string();
     assert!(err.contains("no weights found"), "{err}");
     // A config whose hidden size disagrees with the weights.
-    std::fs::copy(fixture("qwen3-tiny").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("qwen3-tiny").join("model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(tmp.join("config.json")).unwrap();
-    std::fs::write(tmp.join("config.json"), text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")).unwrap();
+    std::fs::write(
+        tmp.join("config.json"),
+        text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161"),
+    )
+    .unwrap();
     let err = load_gqa(&tmp).unwrap_err().to_string();
-    assert!(err.contains("mlp.gate_proj.weight") && err.contains("[161, 64]") && err.contains("[160, 64]"), "{err}");
+    assert!(
+        err.contains("mlp.gate_proj.weight") && err.contains("[161, 64]") && err.contains("[160, 64]"),
+        "{err}"
+    );
     // A truncated weights file.
     let bytes = std::fs::read(fixture("qwen3-tiny").join("model.safetensors")).unwrap();
     std::fs::write(tmp.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();

@@ -1,10 +1,10 @@
 //! asynctls: long-context LLM inference with asynchronous two-level sparse
 //! attention.
 //!
-//! This crate is the product on top of the libraries: benchmarks ([`bench`])
-//! and the `asynctls` command line. The engine (sequences, scheduler,
-//! sampler, generation loop), evals and the HTTP server join it as the models
-//! arrive.
+//! This crate is the product on top of the libraries: the generation loop
+//! ([`engine`]: batched prefill and decode, stop tokens, timings), token
+//! sampling ([`sampler`]), benchmarks ([`bench`]) and the `asynctls` command
+//! line. Evals and the HTTP server join it later.
 //!
 //! The layering, bottom up: `asynctls-kernels` (devices, tensors, ops),
 //! `asynctls-kvcache` (paged cache with block metadata and labels),
@@ -12,3 +12,5 @@
 //! (model families), and this crate.
 
 pub mod bench;
+pub mod engine;
+pub mod sampler;

@@ -1,0 +1,133 @@
+//! `asynctls bench attn`.
+
+use anyhow::{Context, Result};
+use asynctls::bench::attn::{self, AttnBenchConfig};
+use asynctls_attn::{AttnShape, Policy};
+use asynctls_kernels::{Device, DeviceRequest};
+use asynctls_models::{AttentionKind, KnownModel};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct AttnArgs {
+    /// Where to run: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceRequest,
+    /// Context lengths (tokens), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    ctx: Vec<usize>,
+    /// Batch sizes (sequences per step), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Token budgets of the sparse policies (k_t for tls/ds, k_b*B for quest).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+    budget: Vec<usize>,
+    /// Policies to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "dense,tls,quest,ds")]
+    policies: Vec<Policy>,
+    /// A known model's attention shape (qwen3-8b, qwen3-14b, glm-4.7-flash);
+    /// overrides the head options below.
+    #[arg(long)]
+    shape: Option<KnownModel>,
+    /// Query heads (per KV head group for GQA; all heads for MLA).
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    q_heads: Vec<usize>,
+    /// KV heads (GQA).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    kv_heads: Vec<usize>,
+    /// Head dimension (GQA).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    head_dim: Vec<usize>,
+    /// MLA in the absorbed form: one latent KV head of kv-lora-rank + rope-dim.
+    #[arg(long)]
+    mla: bool,
+    #[arg(long, default_value_t = 512)]
+    kv_lora_rank: usize,
+    #[arg(long, default_value_t = 64)]
+    rope_dim: usize,
+    /// Tokens per cache block.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Timed repetitions per configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AttnArgs {
+    /// Every (shape, mla) the options ask for.
+    fn shapes(&self) -> Vec<(AttnShape, bool)> {
+        if let Some(model) = self.shape {
+            let g = model.geometry();
+            return vec![match g.kind {
+                AttentionKind::Gqa { kv_heads, head_dim } => (AttnShape::gqa(g.q_heads, kv_heads, head_dim), false),
+                AttentionKind::Mla {
+                    kv_lora_rank, rope_dim, ..
+                } => (
+                    AttnShape::mla(g.q_heads, kv_lora_rank, rope_dim, g.softmax_scale()),
+                    true,
+                ),
+            }];
+        }
+        if self.mla {
+            let scale = 1.0 / ((self.kv_lora_rank / 2 + self.rope_dim) as f32).sqrt();
+            return self
+                .q_heads
+                .iter()
+                .map(|&h| (AttnShape::mla(h, self.kv_lora_rank, self.rope_dim, scale), true))
+                .collect();
+        }
+        let mut shapes = Vec::new();
+        for &q in &self.q_heads {
+            for &kv in &self.kv_heads {
+                for &d in &self.head_dim {
+                    shapes.push((AttnShape::gqa(q, kv, d), false));
+                }
+            }
+        }
+        shapes
+    }
+}
+
+pub fn run(args: AttnArgs) -> Result<()> {
+    let device = Device::from_request(args.device).context("opening the device")?;
+    let mut reports = Vec::new();
+    for (shape, mla) in args.shapes() {
+        let config = AttnBenchConfig {
+            contexts: args.ctx.clone(),
+            batches: args.batch.clone(),
+            budgets: args.budget.clone(),
+            policies: args.policies.clone(),
+            shape,
+            mla,
+            block_size: args.block_size,
+            reps: args.reps,
+            seed: args.seed,
+        };
+        let bar = ProgressBar::new(attn::job_count(&config) as u64).with_style(
+            ProgressStyle::with_template("{spinner} bench attn [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        let report = attn::run(&config, &device, |msg| {
+            bar.set_message(msg.to_string());
+            bar.inc(1);
+        })?;
+        bar.finish_and_clear();
+        if !args.json {
+            println!("{}", attn::render_table(&report));
+        }
+        reports.push(report);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "bench": "attn", "reports": reports }))?
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `asynctls generate`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use asynctls::engine::{Engine, Request};
+use asynctls::sampler::SamplingParams;
+use asynctls_attn::{Policy, SparseConfig};
+use asynctls_kernels::{Device, DeviceRequest};
+use asynctls_kvcache::KvDType;
+use asynctls_models::{load_gqa, AttentionPlan, ChatMessage, Tokenizer};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory: config.json, model.safetensors (or shards), and
+    /// tokenizer.json for text prompts.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// A UTF-8 file holding the prompt text.
+    #[arg(long, group = "input")]
+    prompt_file: Option<PathBuf>,
+    /// The prompt as token ids, comma separated (no tokenizer needed).
+    #[arg(long, group = "input", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Always take the most likely token (the default unless --temperature is set).
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Decode attention: dense, tls (two-level sparse), quest or ds.
+    #[arg(long, default_value = "dense")]
+    attention: Policy,
+    /// Token budget of the sparse policy (k_t for tls/ds, k_b*64 tokens for quest).
+    #[arg(long, default_value_t = 1024)]
+    budget: usize,
+    /// Leading layers that always attend densely.
+    #[arg(long, default_value_t = 2)]
+    dense_layers: usize,
+    /// Contexts shorter than this decode densely.
+    #[arg(long, default_value_t = 4096)]
+    dense_below: usize,
+    /// K/V element type in the cache: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
+    /// Where to run: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_prompt_file(path: &PathBuf) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "prompt file {} is not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let device = Device::from_request(args.device).context("opening the device")?;
+    if device.is_cuda() {
+        bail!("generate runs on the CPU for now (the CUDA model path is not built yet); use --device cpu");
+    }
+    if !args.model.is_dir() {
+        bail!("model directory {} not found", args.model.display());
+    }
+    let kv_dtype = match args.kv_dtype.as_str() {
+        "f32" => KvDType::F32,
+        "bf16" => KvDType::BF16,
+        other => bail!("unknown --kv-dtype `{other}` (expected f32 or bf16)"),
+    };
+    let spinner = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    spinner.set_message(format!("loading {}", args.model.display()));
+    let load_start = Instant::now();
+    let model = load_gqa(&args.model).with_context(|| format!("loading model from {}", args.model.display()))?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let tokenizer = if args.model.join("tokenizer.json").is_file() {
+        Some(Tokenizer::from_dir(&args.model)?)
+    } else {
+        None
+    };
+
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Some(p.clone()),
+        (_, Some(f)) => Some(read_prompt_file(f)?),
+        _ => None,
+    };
+    let prompt_ids = match (&args.prompt_ids, text) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer
+                .as_ref()
+                .with_context(|| format!("{} has no tokenizer.json; pass --prompt-ids", args.model.display()))?;
+            if args.chat {
+                let rendered = tok.apply_chat_template(&[ChatMessage::user(text)], true)?;
+                tok.encode(&rendered, false)?
+            } else {
+                tok.encode(&text, true)?
+            }
+        }
+        (None, None) => bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids 1,2,3"),
+    };
+
+    let mut stop_ids = model.config().eos_token_ids.clone();
+    if let Some(eos) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
+        stop_ids.push(eos);
+    }
+    let sampling = match args.temperature {
+        Some(t) if !args.greedy => SamplingParams {
+            temperature: t,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        _ => SamplingParams::greedy(),
+    };
+    let plan = AttentionPlan {
+        sparse: SparseConfig {
+            dense_below: args.dense_below,
+            ..SparseConfig::with_budget(args.attention, args.budget, 64)
+        },
+        dense_layers: args.dense_layers,
+    };
+    let engine = Engine::new(model, plan, kv_dtype);
+    let request = Request {
+        prompt_ids,
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_ids,
+    };
+    spinner.set_message(format!("prefilling {} tokens", request.prompt_ids.len()));
+    let (mut generations, timings) = engine.generate(std::slice::from_ref(&request), |_| {
+        spinner.set_message("decoding".to_string());
+    })?;
+    spinner.finish_and_clear();
+    let generation = generations.remove(0);
+    let text = tokenizer
+        .as_ref()
+        .map(|t| t.decode(&generation.generated_ids))
+        .transpose()?;
+    let memory = engine.model.cache_config(1, kv_dtype);
+    let kv_bytes_per_token =
+        memory.num_layers * memory.kv_heads * (memory.key_dim + memory.value_dim()) * kv_dtype.size_in_bytes();
+    if args.json {
+        let doc = serde_json::json!({
+            "prompt_ids": generation.prompt_ids,
+            "generated_ids": generation.generated_ids,
+            "text": text,
+            "finish_reason": generation.finish_reason,
+            "attention": args.attention,
+            "budget": if args.attention == Policy::Dense { None } else { Some(args.budget) },
+            "kv_bytes_per_token": kv_bytes_per_token,
+            "timings": {
+                "load_ms": load_ms,
+                "prefill_ms": timings.prefill_ms,
+                "decode_ms": timings.decode_ms,
+                "prefill_tokens_per_s": timings.prefill_tokens_per_s(),
+                "decode_tokens_per_s": timings.decode_tokens_per_s(),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        match &text {
+            Some(t) => println!("{t}"),
+            None => println!("{:?}", generation.generated_ids),
+        }
+        eprintln!(
+            "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, attention {}]",
+            generation.prompt_ids.len(),
+            generation.generated_ids.len(),
+            generation.finish_reason,
+            timings.prefill_tokens_per_s(),
+            timings.decode_tokens_per_s(),
+            args.attention
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand: its arguments and what it runs.
+
+pub mod bench_attn;
+pub mod generate;

@@ -1,0 +1,191 @@
+//! The generation loop: a batch of requests is prefilled one by one, then
+//! decoded together, one token per live sequence per step; a sequence leaves
+//! the batch at its stop token or its token limit, and its blocks are freed
+//! at once.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use asynctls_kvcache::{KvDType, SeqId};
+use asynctls_models::{AttentionPlan, GqaModel, ModelError};
+use serde::Serialize;
+
+use crate::sampler::{Sampler, SamplingParams};
+
+/// One prompt to continue.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after any of these (the stop token is kept).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// What one request produced, with its timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prefill_ms: f64,
+    /// Wall time of the decode steps this sequence took part in.
+    pub decode_ms: f64,
+}
+
+/// Timings of a whole batch.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BatchTimings {
+    pub prefill_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_tokens: usize,
+    pub decode_steps: usize,
+    pub decode_ms: f64,
+}
+
+impl BatchTimings {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prefill_tokens as f64 / (self.prefill_ms / 1e3).max(1e-9)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.decode_tokens as f64 / (self.decode_ms / 1e3).max(1e-9)
+    }
+}
+
+/// A model with the way it attends.
+#[derive(Debug)]
+pub struct Engine {
+    pub model: GqaModel,
+    pub plan: AttentionPlan,
+    pub kv_dtype: KvDType,
+}
+
+impl Engine {
+    pub fn new(model: GqaModel, plan: AttentionPlan, kv_dtype: KvDType) -> Self {
+        Engine { model, plan, kv_dtype }
+    }
+
+    /// Checks a request against the model before any work is done.
+    pub fn validate(&self, request: &Request) -> Result<()> {
+        let c = self.model.config();
+        if request.prompt_ids.is_empty() {
+            return Err(ModelError::EmptyPrompt.into());
+        }
+        if request.prompt_ids.len() + request.max_new_tokens > c.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                prompt: request.prompt_ids.len(),
+                new: request.max_new_tokens,
+                context: c.max_position_embeddings,
+            }
+            .into());
+        }
+        if let Some(&id) = request.prompt_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab: c.vocab_size,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Runs every request to completion.
+    pub fn generate(
+        &self,
+        requests: &[Request],
+        mut on_prefill: impl FnMut(usize),
+    ) -> Result<(Vec<Generation>, BatchTimings)> {
+        if requests.is_empty() {
+            bail!("no requests to generate for");
+        }
+        for r in requests {
+            self.validate(r)?;
+        }
+        let block = 64;
+        let blocks: usize = requests
+            .iter()
+            .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
+            .sum();
+        let mut cache = self.model.new_cache(blocks, self.kv_dtype)?;
+        let vocab = self.model.config().vocab_size;
+        let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
+        let mut out: Vec<Generation> = Vec::with_capacity(requests.len());
+        let mut timings = BatchTimings {
+            prefill_tokens: 0,
+            prefill_ms: 0.0,
+            decode_tokens: 0,
+            decode_steps: 0,
+            decode_ms: 0.0,
+        };
+        // (request index, sequence, next token)
+        let mut live: Vec<(usize, SeqId, u32)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let seq = cache.add_sequence();
+            let start = Instant::now();
+            let logits = self.model.prefill(&mut cache, seq, &r.prompt_ids, false)?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            timings.prefill_ms += ms;
+            timings.prefill_tokens += r.prompt_ids.len();
+            on_prefill(i);
+            let first = samplers[i].sample(&logits[logits.len() - vocab..]);
+            out.push(Generation {
+                prompt_ids: r.prompt_ids.clone(),
+                generated_ids: vec![],
+                finish_reason: FinishReason::Length,
+                prefill_ms: ms,
+                decode_ms: 0.0,
+            });
+            if r.max_new_tokens == 0 {
+                cache.free(seq)?;
+                continue;
+            }
+            out[i].generated_ids.push(first);
+            if r.stop_ids.contains(&first) || r.max_new_tokens == 1 {
+                out[i].finish_reason = if r.stop_ids.contains(&first) {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                };
+                cache.free(seq)?;
+            } else {
+                live.push((i, seq, first));
+            }
+        }
+        while !live.is_empty() {
+            let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
+            let tokens: Vec<u32> = live.iter().map(|l| l.2).collect();
+            let start = Instant::now();
+            let logits = self.model.decode_step(&mut cache, &seqs, &tokens, &self.plan)?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            timings.decode_ms += ms;
+            timings.decode_steps += 1;
+            timings.decode_tokens += live.len();
+            let mut still = Vec::with_capacity(live.len());
+            for (row, (i, seq, _)) in logits.chunks_exact(vocab).zip(live) {
+                let token = samplers[i].sample(row);
+                let g = &mut out[i];
+                g.decode_ms += ms;
+                g.generated_ids.push(token);
+                if requests[i].stop_ids.contains(&token) {
+                    g.finish_reason = FinishReason::Stop;
+                    cache.free(seq)?;
+                } else if g.generated_ids.len() >= requests[i].max_new_tokens {
+                    cache.free(seq)?;
+                } else {
+                    still.push((i, seq, token));
+                }
+            }
+            live = still;
+        }
+        Ok((out, timings))
+    }
+}

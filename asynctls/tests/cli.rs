@@ -1,0 +1,144 @@
+//! The `asynctls` binary end to end: `generate --json` reproduces HF's greedy
+//! tokens on the golden fixtures with dense and with tls attention, and bad
+//! input gives one clear line and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use asynctls_models::Weights;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../asynctls-models/tests/fixtures")
+        .join(name)
+}
+
+fn asynctls(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_asynctls"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn ids(w: &Weights, name: &str) -> Vec<u32> {
+    w.get_ints(name).unwrap().into_iter().map(|x| x as u32).collect()
+}
+
+#[test]
+fn generate_json_reproduces_hf_greedy_tokens() {
+    for name in ["qwen3-tiny", "qwen2-bias", "llama-mha"] {
+        let dir = fixture(name);
+        let golden = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
+        let prompt: Vec<String> = ids(&golden, "input_ids_1").iter().map(|t| t.to_string()).collect();
+        let want = ids(&golden, "greedy_1");
+        for attention in [["--attention", "dense"], ["--attention", "tls"]] {
+            let out = asynctls(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &prompt.join(","),
+                "--max-new-tokens",
+                "12",
+                "--greedy",
+                "--json",
+                "--device",
+                "cpu",
+                attention[0],
+                attention[1],
+                "--budget",
+                "4096",
+                "--dense-below",
+                "0",
+            ]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<u32> = doc["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(got, want, "{name} {attention:?}");
+            assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), prompt.len());
+            assert!(doc["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let dir = fixture("qwen3-tiny");
+    let dir = dir.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["generate", "--model", "/nonexistent", "--prompt-ids", "1"],
+            "model directory /nonexistent not found",
+        ),
+        (vec!["generate", "--model", dir, "--prompt", "hi"], "no tokenizer.json"),
+        (
+            vec![
+                "generate",
+                "--model",
+                dir,
+                "--prompt-ids",
+                "1,2",
+                "--max-new-tokens",
+                "1000",
+            ],
+            "beyond the model's context of 256",
+        ),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "999"],
+            "token id 999 is outside the vocabulary",
+        ),
+        (vec!["generate", "--model", dir], "give a prompt"),
+    ];
+    for (args, want) in cases {
+        let out = asynctls(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A prompt file that is not UTF-8.
+    let bad = std::env::temp_dir().join(format!("asynctls-bad-prompt-{}", std::process::id()));
+    std::fs::write(&bad, [0x66, 0x6f, 0xff, 0xfe]).unwrap();
+    let out = asynctls(&["generate", "--model", dir, "--prompt-file", bad.to_str().unwrap()]);
+    std::fs::remove_file(&bad).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not valid UTF-8"), "{err}");
+}
+
+#[test]
+fn bench_attn_json_is_one_document() {
+    let out = asynctls(&[
+        "bench",
+        "attn",
+        "--device",
+        "cpu",
+        "--ctx",
+        "1024",
+        "--budget",
+        "128",
+        "--q-heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "64",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = doc["reports"][0]["rows"].as_array().unwrap();
+    // dense + tls, quest, ds at one budget.
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        let recall = row["recall"].as_f64().unwrap();
+        assert!((0.0..=1.0 + 1e-5).contains(&recall), "{recall}");
+        assert!(row["bytes_total"].as_u64().unwrap() <= row["dense_bytes"].as_u64().unwrap());
+    }
+}
