@@ -156,6 +156,76 @@ fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_json::Value>
 }
 
 impl GqaConfig {
+    /// Names of the built-in configurations ([`GqaConfig::preset`]).
+    pub const PRESETS: [&'static str; 4] = ["smollm2-135m", "qwen2.5-0.5b", "qwen3-8b", "qwen3-14b"];
+
+    /// The configuration of a real model, from its public model card, for
+    /// measuring at real size with random weights.
+    pub fn preset(name: &str) -> Option<Self> {
+        let qwen3 = |hidden, layers, heads, intermediate| GqaConfig {
+            family: Family::Qwen3,
+            vocab_size: 151_936,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 40_960,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            qk_norm: true,
+            eos_token_ids: vec![151_645],
+            bos_token_id: None,
+        };
+        Some(match name {
+            "smollm2-135m" => GqaConfig {
+                family: Family::Llama,
+                vocab_size: 49_152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                head_dim: 64,
+                rms_norm_eps: 1e-5,
+                rope_theta: 1e5,
+                rope_scaling: RopeScaling::Default,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                qkv_bias: false,
+                qk_norm: false,
+                eos_token_ids: vec![2],
+                bos_token_id: Some(1),
+            },
+            "qwen2.5-0.5b" => GqaConfig {
+                family: Family::Qwen2,
+                vocab_size: 151_936,
+                hidden_size: 896,
+                intermediate_size: 4864,
+                num_hidden_layers: 24,
+                num_attention_heads: 14,
+                num_key_value_heads: 2,
+                head_dim: 64,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1e6,
+                rope_scaling: RopeScaling::Default,
+                max_position_embeddings: 32_768,
+                tie_word_embeddings: false,
+                qkv_bias: true,
+                qk_norm: false,
+                eos_token_ids: vec![151_645],
+                bos_token_id: None,
+            },
+            "qwen3-8b" => qwen3(4096, 36, 32, 12_288),
+            "qwen3-14b" => qwen3(5120, 40, 40, 17_408),
+            _ => return None,
+        })
+    }
+
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| io_err(path, "cannot read config", e))?;

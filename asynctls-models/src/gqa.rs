@@ -7,7 +7,7 @@ use asynctls_attn::{AttnShape, Policy, SparseConfig};
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
 
-use crate::weights::Weights;
+use crate::weights::{WeightSource, Weights};
 use crate::{GqaConfig, ModelError, Result};
 
 /// A dense layer `y = x W^T + b` with HF's `[out, in]` weight.
@@ -20,7 +20,7 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    fn load(w: &dyn WeightSource, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
             bias: if bias {
@@ -54,7 +54,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, prefix: &str, c: &GqaConfig) -> Result<Self> {
+    fn load(w: &dyn WeightSource, prefix: &str, c: &GqaConfig) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Mlp {
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, false)?,
@@ -114,7 +114,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, prefix: &str, c: &GqaConfig) -> Result<Self> {
+    fn load(w: &dyn WeightSource, prefix: &str, c: &GqaConfig) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
         let norm = |name: &str| -> Result<Option<Vec<f32>>> {
@@ -162,7 +162,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, layer: usize, c: &GqaConfig) -> Result<Self> {
+    fn load(w: &dyn WeightSource, layer: usize, c: &GqaConfig) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         Ok(DecoderLayer {
             input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[c.hidden_size])?,
@@ -188,7 +188,7 @@ pub struct GqaModel {
 impl GqaModel {
     /// Loads every weight the config implies; a missing or mis-shaped tensor
     /// is an error naming it.
-    pub fn load(config: GqaConfig, weights: &Weights) -> Result<Self> {
+    pub fn load(config: GqaConfig, weights: &dyn WeightSource) -> Result<Self> {
         let c = &config;
         let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let layers = (0..c.num_hidden_layers)

@@ -29,4 +29,4 @@ pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use gqa::{load_gqa, AttentionPlan, GqaModel};
 pub use tokenizer::{ChatMessage, Tokenizer};
-pub use weights::Weights;
+pub use weights::{RandomWeights, WeightSource, Weights};

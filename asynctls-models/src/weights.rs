@@ -12,6 +12,74 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::io_err;
 use crate::{ModelError, Result};
 
+/// Where a model's tensors come from: a checkpoint, or generated weights.
+pub trait WeightSource {
+    /// The tensor `name` as f32, checked against `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    fn contains(&self, name: &str) -> bool;
+
+    /// Alias of [`tensor`](Self::tensor) that reads like a map lookup.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.tensor(name, shape)
+    }
+}
+
+impl WeightSource for Weights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Weights::get(self, name, shape)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        Weights::contains(self, name)
+    }
+}
+
+/// Random weights generated in place, for measuring real-size models with
+/// no checkpoint: N(0, std^2) for matrices, `1 +- 0.1` for norms, small biases.
+/// Each tensor's values depend only on the seed and its name.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    pub seed: u64,
+    pub std: f32,
+}
+
+impl WeightSource for RandomWeights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let n: usize = shape.iter().product();
+        // FNV-1a of the name, mixed with the seed, starts a splitmix64 stream.
+        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let is_norm = name.contains("norm");
+        let is_bias = name.ends_with(".bias");
+        Ok((0..n)
+            .map(|_| {
+                let u = next();
+                if is_norm {
+                    1.0 + 0.1 * u
+                } else if is_bias {
+                    0.01 * u
+                } else {
+                    // Uniform with the requested standard deviation.
+                    u * self.std * 3f32.sqrt()
+                }
+            })
+            .collect())
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        // Generated checkpoints are untied: they have every tensor.
+        name == "lm_head.weight"
+    }
+}
+
 /// The memory-mapped shards of a checkpoint and which shard holds each tensor.
 #[derive(Debug)]
 pub struct Weights {

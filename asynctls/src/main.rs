@@ -31,6 +31,8 @@ enum BenchCommand {
     /// One decode step of attention: dense, tls, quest and ds on synthetic
     /// long-context workloads (time, recall, error, bytes read).
     Attn(commands::bench_attn::AttnArgs),
+    /// Whole-model prefill and decode throughput per attention policy.
+    E2e(commands::bench_e2e::E2eArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -39,6 +41,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Attn(args),
         } => commands::bench_attn::run(args),
+        Command::Bench {
+            what: BenchCommand::E2e(args),
+        } => commands::bench_e2e::run(args),
     }
 }
 

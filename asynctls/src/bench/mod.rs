@@ -2,4 +2,5 @@
 //! reference it is judged against.
 
 pub mod attn;
+pub mod e2e;
 pub mod workload;

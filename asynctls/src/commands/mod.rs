@@ -1,4 +1,5 @@
 //! One module per subcommand: its arguments and what it runs.
 
 pub mod bench_attn;
+pub mod bench_e2e;
 pub mod generate;
