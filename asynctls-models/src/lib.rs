@@ -4,7 +4,8 @@
 //! ([`Weights`], memory-mapped, sharded or not), the GQA decoder shared by
 //! Qwen3, Qwen2 and Llama ([`GqaModel`]: prefill and batched decode over a
 //! paged KV cache, with the attention policy chosen per run), the tokenizer
-//! and chat template ([`Tokenizer`]), and the attention geometry of the real
+//! and chat template ([`Tokenizer`]), GGUF import with dequantization
+//! ([`gguf`]), and the attention geometry of the real
 //! models the benchmarks are sized after ([`KnownModel`]).
 //!
 //! Does not own: the cache (`asynctls-kvcache`), attention
@@ -20,6 +21,7 @@
 mod config;
 mod error;
 mod geometry;
+pub mod gguf;
 mod gqa;
 mod tokenizer;
 mod weights;

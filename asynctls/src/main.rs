@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Continue a prompt with a model directory (HF config.json + safetensors).
     Generate(commands::generate::GenerateArgs),
+    /// Convert a GGUF file (llama, qwen2) into an HF-format model directory.
+    ImportGguf(commands::import_gguf::ImportArgs),
     /// Benchmarks (each next to the reference it is judged against).
     Bench {
         #[command(subcommand)]
@@ -38,6 +40,7 @@ enum BenchCommand {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => commands::generate::run(args),
+        Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::Bench {
             what: BenchCommand::Attn(args),
         } => commands::bench_attn::run(args),

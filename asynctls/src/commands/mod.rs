@@ -3,3 +3,4 @@
 pub mod bench_attn;
 pub mod bench_e2e;
 pub mod generate;
+pub mod import_gguf;
