@@ -173,6 +173,27 @@ impl DecoderLayer {
     }
 }
 
+/// Accumulated accuracy and sparsity of measured decode steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttentionStats {
+    pub recall_sum: f64,
+    pub attended_sum: f64,
+    /// Layer-steps measured.
+    pub count: usize,
+}
+
+impl AttentionStats {
+    /// Mean fraction of the dense softmax mass on the attended tokens.
+    pub fn recall(&self) -> f64 {
+        self.recall_sum / self.count.max(1) as f64
+    }
+
+    /// Mean fraction of the context each layer-step attended.
+    pub fn attended_fraction(&self) -> f64 {
+        self.attended_sum / self.count.max(1) as f64
+    }
+}
+
 /// A GQA causal language model.
 #[derive(Debug)]
 pub struct GqaModel {
@@ -353,6 +374,31 @@ impl GqaModel {
         tokens: &[u32],
         plan: &AttentionPlan,
     ) -> Result<Vec<f32>> {
+        self.decode_step_inner(cache, seqs, tokens, plan, None)
+    }
+
+    /// [`decode_step`](Self::decode_step), also measuring in every layer how
+    /// much of the dense softmax mass the selection kept and how much of the
+    /// context it read (costs a dense pass per layer: for evaluation only).
+    pub fn decode_step_measured<S: HostReadable>(
+        &self,
+        cache: &mut PagedKvCache<S>,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        plan: &AttentionPlan,
+        stats: &mut AttentionStats,
+    ) -> Result<Vec<f32>> {
+        self.decode_step_inner(cache, seqs, tokens, plan, Some(stats))
+    }
+
+    fn decode_step_inner<S: HostReadable>(
+        &self,
+        cache: &mut PagedKvCache<S>,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        plan: &AttentionPlan,
+        mut stats: Option<&mut AttentionStats>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         if seqs.len() != tokens.len() {
             return Err(ModelError::Attention(asynctls_attn::AttnError::Shape {
@@ -393,7 +439,7 @@ impl GqaModel {
                 .map(|&s| cache.table(s))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let mut out = vec![0.0; seqs.len() * attn.shape.q_heads * attn.shape.value_dim];
-            asynctls_attn::decode(
+            let report = asynctls_attn::decode(
                 cache.storage(),
                 &tables,
                 l,
@@ -402,6 +448,13 @@ impl GqaModel {
                 &plan.for_layer(l),
                 &mut out,
             )?;
+            if let Some(stats) = stats.as_deref_mut() {
+                let probs = asynctls_attn::metrics::dense_probabilities(cache.storage(), &tables, l, &q, &attn.shape);
+                let lens: Vec<usize> = tables.iter().map(|t| t.written(l)).collect();
+                stats.recall_sum += asynctls_attn::metrics::recall(&report, &probs, &attn.shape);
+                stats.attended_sum += report.attended_fraction(&lens, attn.shape.kv_heads);
+                stats.count += 1;
+            }
             self.residual_mlp(layer, &mut x, &out)?;
         }
         self.logits(x)

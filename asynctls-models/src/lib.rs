@@ -29,6 +29,6 @@ mod weights;
 pub use config::{Family, GqaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
-pub use gqa::{load_gqa, AttentionPlan, GqaModel};
+pub use gqa::{load_gqa, AttentionPlan, AttentionStats, GqaModel};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionPlan, GqaModel, ModelError};
+use asynctls_models::{AttentionPlan, AttentionStats, GqaModel, ModelError};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -49,6 +49,10 @@ pub struct BatchTimings {
     pub decode_tokens: usize,
     pub decode_steps: usize,
     pub decode_ms: f64,
+    /// Mean recall of the dense softmax mass, when measured.
+    pub recall: Option<f64>,
+    /// Mean fraction of the context attended per layer and step, when measured.
+    pub attended_fraction: Option<f64>,
 }
 
 impl BatchTimings {
@@ -67,11 +71,18 @@ pub struct Engine {
     pub model: GqaModel,
     pub plan: AttentionPlan,
     pub kv_dtype: KvDType,
+    /// Measure recall and attended fraction at every decode step (slow).
+    pub measure_attention: bool,
 }
 
 impl Engine {
     pub fn new(model: GqaModel, plan: AttentionPlan, kv_dtype: KvDType) -> Self {
-        Engine { model, plan, kv_dtype }
+        Engine {
+            model,
+            plan,
+            kv_dtype,
+            measure_attention: false,
+        }
     }
 
     /// Checks a request against the model before any work is done.
@@ -125,7 +136,10 @@ impl Engine {
             decode_tokens: 0,
             decode_steps: 0,
             decode_ms: 0.0,
+            recall: None,
+            attended_fraction: None,
         };
+        let mut stats = AttentionStats::default();
         // (request index, sequence, next token)
         let mut live: Vec<(usize, SeqId, u32)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
@@ -164,7 +178,12 @@ impl Engine {
             let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
             let tokens: Vec<u32> = live.iter().map(|l| l.2).collect();
             let start = Instant::now();
-            let logits = self.model.decode_step(&mut cache, &seqs, &tokens, &self.plan)?;
+            let logits = if self.measure_attention {
+                self.model
+                    .decode_step_measured(&mut cache, &seqs, &tokens, &self.plan, &mut stats)?
+            } else {
+                self.model.decode_step(&mut cache, &seqs, &tokens, &self.plan)?
+            };
             let ms = start.elapsed().as_secs_f64() * 1e3;
             timings.decode_ms += ms;
             timings.decode_steps += 1;
@@ -185,6 +204,10 @@ impl Engine {
                 }
             }
             live = still;
+        }
+        if stats.count > 0 {
+            timings.recall = Some(stats.recall());
+            timings.attended_fraction = Some(stats.attended_fraction());
         }
         Ok((out, timings))
     }

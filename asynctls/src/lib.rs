@@ -3,7 +3,7 @@
 //!
 //! This crate is the product on top of the libraries: the generation loop
 //! ([`engine`]: batched prefill and decode, stop tokens, timings), token
-//! sampling ([`sampler`]), benchmarks ([`bench`]) and the `asynctls` command
+//! sampling ([`sampler`]), the model cache and pulls ([`registry`]), benchmarks ([`bench`]) and the `asynctls` command
 //! line. Evals and the HTTP server join it later.
 //!
 //! The layering, bottom up: `asynctls-kernels` (devices, tensors, ops),
@@ -12,5 +12,7 @@
 //! (model families), and this crate.
 
 pub mod bench;
+pub mod demo;
 pub mod engine;
+pub mod registry;
 pub mod sampler;

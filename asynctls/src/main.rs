@@ -17,8 +17,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main demo: long-context needle retrieval with dense and two-level sparse attention.
+    Demo(commands::demo::DemoArgs),
     /// Continue a prompt with a model directory (HF config.json + safetensors).
     Generate(commands::generate::GenerateArgs),
+    /// Fetch a known small real model (smollm2-135m, qwen2.5-coder-0.5b) into the model cache.
+    Pull(commands::pull::PullArgs),
     /// Convert a GGUF file (llama, qwen2) into an HF-format model directory.
     ImportGguf(commands::import_gguf::ImportArgs),
     /// Benchmarks (each next to the reference it is judged against).
@@ -39,8 +43,10 @@ enum BenchCommand {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo(args) => commands::demo::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::ImportGguf(args) => commands::import_gguf::run(args),
+        Command::Pull(args) => commands::pull::run(args),
         Command::Bench {
             what: BenchCommand::Attn(args),
         } => commands::bench_attn::run(args),

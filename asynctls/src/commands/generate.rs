@@ -15,10 +15,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory: config.json, model.safetensors (or shards), and
-    /// tokenizer.json for text prompts.
+    /// Model directory (config.json, model.safetensors or shards, and
+    /// tokenizer.json for text prompts), or the name of a pulled model.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    /// Model cache for names (see `asynctls pull --help`).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// The prompt text.
     #[arg(long, group = "input")]
     prompt: Option<String>,
@@ -83,9 +86,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if device.is_cuda() {
         bail!("generate runs on the CPU for now (the CUDA model path is not built yet); use --device cpu");
     }
-    if !args.model.is_dir() {
-        bail!("model directory {} not found", args.model.display());
-    }
+    let model_dir = asynctls::registry::resolve_model(&args.model, args.cache_dir.as_deref())?;
     let kv_dtype = match args.kv_dtype.as_str() {
         "f32" => KvDType::F32,
         "bf16" => KvDType::BF16,
@@ -98,12 +99,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    spinner.set_message(format!("loading {}", args.model.display()));
+    spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let model = load_gqa(&args.model).with_context(|| format!("loading model from {}", args.model.display()))?;
+    let model = load_gqa(&model_dir).with_context(|| format!("loading model from {}", model_dir.display()))?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-    let tokenizer = if args.model.join("tokenizer.json").is_file() {
-        Some(Tokenizer::from_dir(&args.model)?)
+    let tokenizer = if model_dir.join("tokenizer.json").is_file() {
+        Some(Tokenizer::from_dir(&model_dir)?)
     } else {
         None
     };
@@ -118,7 +119,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(text)) => {
             let tok = tokenizer
                 .as_ref()
-                .with_context(|| format!("{} has no tokenizer.json; pass --prompt-ids", args.model.display()))?;
+                .with_context(|| format!("{} has no tokenizer.json; pass --prompt-ids", model_dir.display()))?;
             if args.chat {
                 let rendered = tok.apply_chat_template(&[ChatMessage::user(text)], true)?;
                 tok.encode(&rendered, false)?
