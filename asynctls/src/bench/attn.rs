@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use asynctls_attn::calibrate::calibrate_channels;
 use asynctls_attn::metrics::{dense_probabilities, recall, relative_l2};
-use asynctls_attn::{decode, AttnShape, DecodeReport, Policy, SparseConfig, StepBytes};
+use asynctls_attn::{decode, AttnShape, DecodeReport, GroupReduce, Policy, SparseConfig, StepBytes};
 use asynctls_kernels::Device;
 use asynctls_kvcache::{CacheConfig, HostKvStorage, LabelChannels, PagedKvCache, SeqId};
 use serde::Serialize;
@@ -27,6 +27,9 @@ pub struct AttnBenchConfig {
     /// MLA stores only keys; values are their first `value_dim` channels.
     pub mla: bool,
     pub block_size: usize,
+    /// k_b for tls (quest's comes from the budget).
+    pub block_topk: usize,
+    pub group_reduce: GroupReduce,
     pub reps: usize,
     pub seed: u64,
 }
@@ -143,11 +146,16 @@ pub fn run(config: &AttnBenchConfig, device: &Device, mut progress: impl FnMut(&
             for (policy, budget) in jobs {
                 let sparse = match budget {
                     None => dense_cfg.clone(),
-                    Some(b) => SparseConfig {
+                    Some(b) => {
+                        let mut sparse = SparseConfig::with_budget(policy, b, config.block_size);
                         // The bench measures the sparse path itself at every context.
-                        dense_below: 0,
-                        ..SparseConfig::with_budget(policy, b, config.block_size)
-                    },
+                        sparse.dense_below = 0;
+                        sparse.group_reduce = config.group_reduce;
+                        if policy == Policy::Tls {
+                            sparse.block_topk = config.block_topk;
+                        }
+                        sparse
+                    }
                 };
                 let (out, report, times) = time(&sparse)?;
                 let bytes = report.bytes(storage);

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use asynctls::bench::attn::{self, AttnBenchConfig};
-use asynctls_attn::{AttnShape, Policy};
+use asynctls_attn::{AttnShape, GroupReduce, Policy};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_models::{AttentionKind, KnownModel};
 use clap::Args;
@@ -48,6 +48,12 @@ pub struct AttnArgs {
     /// Tokens per cache block.
     #[arg(long, default_value_t = 64)]
     block_size: usize,
+    /// Blocks the tls block filter keeps (k_b).
+    #[arg(long, default_value_t = 128)]
+    block_topk: usize,
+    /// How a group's per-head scores are combined: sum or max.
+    #[arg(long, default_value = "sum")]
+    group_reduce: String,
     /// Timed repetitions per configuration (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -95,6 +101,11 @@ impl AttnArgs {
 
 pub fn run(args: AttnArgs) -> Result<()> {
     let device = Device::from_request(args.device).context("opening the device")?;
+    let group_reduce = match args.group_reduce.as_str() {
+        "sum" => GroupReduce::Sum,
+        "max" => GroupReduce::Max,
+        other => anyhow::bail!("unknown --group-reduce `{other}` (expected sum or max)"),
+    };
     let mut reports = Vec::new();
     for (shape, mla) in args.shapes() {
         let config = AttnBenchConfig {
@@ -105,6 +116,8 @@ pub fn run(args: AttnArgs) -> Result<()> {
             shape,
             mla,
             block_size: args.block_size,
+            block_topk: args.block_topk,
+            group_reduce,
             reps: args.reps,
             seed: args.seed,
         };
