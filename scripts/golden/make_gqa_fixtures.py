@@ -44,7 +44,7 @@ CASES = {
     ),
     # Llama: plain MHA (kv = q heads), tied embeddings, head_dim 64.
     "llama-mha": dict(
-        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        model_type="llama", hidden_size=128, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, vocab_size=160,
         max_position_embeddings=256, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
         attention_bias=False,
