@@ -114,7 +114,7 @@ fn required<T>(path: &Path, name: &str, v: Option<T>) -> Result<T> {
     })
 }
 
-fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_json::Value>) -> Result<RopeScaling> {
+pub(crate) fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_json::Value>) -> Result<RopeScaling> {
     let kind = params
         .get("rope_type")
         .or_else(|| params.get("type"))
@@ -320,11 +320,17 @@ impl GqaConfig {
 
     /// Inverse RoPE frequencies and the attention factor, as HF computes them.
     pub fn rope_inv_freq(&self) -> (Vec<f32>, f32) {
-        let d = self.head_dim;
-        let base = self.rope_theta;
+        rope_inv_freq(&self.rope_scaling, self.head_dim, self.rope_theta)
+    }
+}
+
+/// Inverse frequencies of a `d`-dimensional rotary embedding with base
+/// `base`, and the factor HF multiplies cos and sin by.
+pub(crate) fn rope_inv_freq(scaling: &RopeScaling, d: usize, base: f64) -> (Vec<f32>, f32) {
+    {
         let default: Vec<f64> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64)).collect();
         let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        match &self.rope_scaling {
+        match scaling {
             RopeScaling::Default => (to_f32(default), 1.0),
             RopeScaling::Linear { factor } => (to_f32(default.iter().map(|f| f / factor).collect()), 1.0),
             RopeScaling::Yarn {

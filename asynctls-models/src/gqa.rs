@@ -7,68 +7,9 @@ use asynctls_attn::{AttnShape, Policy, SparseConfig};
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
 
+use crate::layers::{Linear, Mlp};
 use crate::weights::{WeightSource, Weights};
 use crate::{GqaConfig, ModelError, Result};
-
-/// A dense layer `y = x W^T + b` with HF's `[out, in]` weight.
-#[derive(Debug)]
-struct Linear {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    in_dim: usize,
-    out_dim: usize,
-}
-
-impl Linear {
-    fn load(w: &dyn WeightSource, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        Ok(Linear {
-            weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: if bias {
-                Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
-            } else {
-                None
-            },
-            in_dim,
-            out_dim,
-        })
-    }
-
-    /// `x`: `[n, in]` -> `[n, out]`.
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.in_dim;
-        let mut y = vec![0.0; n * self.out_dim];
-        cpu::matmul_nt(x, &self.weight, &mut y, n, self.in_dim, self.out_dim).expect("shapes checked at load");
-        if let Some(b) = &self.bias {
-            y.chunks_exact_mut(self.out_dim)
-                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-        }
-        y
-    }
-}
-
-#[derive(Debug)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn load(w: &dyn WeightSource, prefix: &str, c: &GqaConfig) -> Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        Ok(Mlp {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, false)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, false)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, false)?,
-        })
-    }
-
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let mut gate = self.gate_proj.forward(x);
-        cpu::silu_mul(&mut gate, &self.up_proj.forward(x)).expect("same shapes");
-        self.down_proj.forward(&gate)
-    }
-}
 
 /// How decode steps attend: the sparse configuration, and how many leading
 /// layers stay dense (they carry little sparsity and much accuracy).
@@ -89,7 +30,7 @@ impl AttentionPlan {
         }
     }
 
-    fn for_layer(&self, layer: usize) -> std::borrow::Cow<'_, SparseConfig> {
+    pub(crate) fn for_layer(&self, layer: usize) -> std::borrow::Cow<'_, SparseConfig> {
         if layer < self.dense_layers && self.sparse.policy != Policy::Dense {
             std::borrow::Cow::Owned(SparseConfig {
                 policy: Policy::Dense,
@@ -168,7 +109,7 @@ impl DecoderLayer {
             input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[c.hidden_size])?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
             post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden_size])?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), c.hidden_size, c.intermediate_size)?,
         })
     }
 }
@@ -191,6 +132,23 @@ impl AttentionStats {
     /// Mean fraction of the context each layer-step attended.
     pub fn attended_fraction(&self) -> f64 {
         self.attended_sum / self.count.max(1) as f64
+    }
+
+    /// Adds one layer's step: recall against a dense pass over the same cache.
+    pub(crate) fn record<S: HostReadable>(
+        &mut self,
+        storage: &S,
+        tables: &[&asynctls_kvcache::BlockTable],
+        layer: usize,
+        q: &[f32],
+        shape: &AttnShape,
+        report: &asynctls_attn::DecodeReport,
+    ) {
+        let probs = asynctls_attn::metrics::dense_probabilities(storage, tables, layer, q, shape);
+        let lens: Vec<usize> = tables.iter().map(|t| t.written(layer)).collect();
+        self.recall_sum += asynctls_attn::metrics::recall(report, &probs, shape);
+        self.attended_sum += report.attended_fraction(&lens, shape.kv_heads);
+        self.count += 1;
     }
 }
 
@@ -449,11 +407,7 @@ impl GqaModel {
                 &mut out,
             )?;
             if let Some(stats) = stats.as_deref_mut() {
-                let probs = asynctls_attn::metrics::dense_probabilities(cache.storage(), &tables, l, &q, &attn.shape);
-                let lens: Vec<usize> = tables.iter().map(|t| t.written(l)).collect();
-                stats.recall_sum += asynctls_attn::metrics::recall(&report, &probs, &attn.shape);
-                stats.attended_sum += report.attended_fraction(&lens, attn.shape.kv_heads);
-                stats.count += 1;
+                stats.record(cache.storage(), &tables, l, &q, &attn.shape, &report);
             }
             self.residual_mlp(layer, &mut x, &out)?;
         }

@@ -3,7 +3,9 @@
 //! Owns: HF `config.json` parsing ([`GqaConfig`]), safetensors weights
 //! ([`Weights`], memory-mapped, sharded or not), the GQA decoder shared by
 //! Qwen3, Qwen2 and Llama ([`GqaModel`]: prefill and batched decode over a
-//! paged KV cache, with the attention policy chosen per run), the tokenizer
+//! paged KV cache, with the attention policy chosen per run), GLM-4.7-Flash
+//! with MLA over a latent cache and MoE ([`GlmModel`]), one interface over
+//! both ([`CausalLm`], [`load_model`]), the tokenizer
 //! and chat template ([`Tokenizer`]), GGUF import with dequantization
 //! ([`gguf`]), and the attention geometry of the real
 //! models the benchmarks are sized after ([`KnownModel`]).
@@ -22,13 +24,18 @@ mod config;
 mod error;
 mod geometry;
 pub mod gguf;
+mod glm;
 mod gqa;
+mod layers;
+mod model;
 mod tokenizer;
 mod weights;
 
 pub use config::{Family, GqaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
+pub use glm::{read_glm_config, GlmConfig, GlmModel};
 pub use gqa::{load_gqa, AttentionPlan, AttentionStats, GqaModel};
+pub use model::{load_model, CausalLm};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

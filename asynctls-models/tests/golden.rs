@@ -1,5 +1,6 @@
-//! Golden tests against HF transformers: tiny random Qwen3, Qwen2 and Llama
-//! models made by `scripts/golden/make_gqa_fixtures.py` on the GPU machine.
+//! Golden tests against HF transformers: tiny random Qwen3, Qwen2, Llama and
+//! GLM-4.7-Flash (MLA + MoE) models made by `scripts/golden/make_gqa_fixtures.py`
+//! and `make_glm_fixtures.py` on the GPU machine.
 //! Logits of every prompt position must match within 1e-4 (f32) and greedy
 //! tokens exactly, with dense attention and with two-level sparse attention
 //! whose budget covers the context; both prompts decode as one batch.
@@ -9,12 +10,23 @@ use std::path::{Path, PathBuf};
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::cpu;
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_gqa, AttentionPlan, GqaModel, ModelError, Weights};
+use asynctls_models::{load_gqa, load_model, AttentionPlan, CausalLm, ModelError, Weights};
 
-const FIXTURES: [&str; 4] = ["qwen3-tiny", "qwen3-yarn-tied", "qwen2-bias", "llama-mha"];
+const FIXTURES: [&str; 6] = [
+    "qwen3-tiny",
+    "qwen3-yarn-tied",
+    "qwen2-bias",
+    "llama-mha",
+    "glm-tiny-grouped",
+    "glm-tiny-plain",
+];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+thread_local! {
+    static MAX_ERR: std::cell::Cell<f32> = const { std::cell::Cell::new(0.0) };
 }
 
 struct Golden {
@@ -47,9 +59,9 @@ fn golden(dir: &Path) -> Golden {
     out
 }
 
-fn generate(model: &GqaModel, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<u32>> {
+fn generate(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<u32>> {
     let mut cache = model.new_cache(64, KvDType::F32).unwrap();
-    let vocab = model.config().vocab_size;
+    let vocab = model.vocab_size();
     let mut seqs = Vec::new();
     let mut next = Vec::new();
     for (prompt, want_logits) in golden.prompts.iter().zip(&golden.logits) {
@@ -62,12 +74,13 @@ fn generate(model: &GqaModel, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(max_err <= 1e-4, "prefill logits max abs error {max_err}");
+        MAX_ERR.with(|m| m.set(m.get().max(max_err)));
         next.push(cpu::argmax(&logits[logits.len() - vocab..]).unwrap());
         seqs.push(seq);
     }
     let mut tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
     for _ in 1..golden.greedy[0].len() {
-        let logits = model.decode_step(&mut cache, &seqs, &next, plan).unwrap();
+        let logits = model.decode_step(&mut cache, &seqs, &next, plan, None).unwrap();
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             next[i] = cpu::argmax(row).unwrap();
             tokens[i].push(next[i]);
@@ -80,9 +93,9 @@ fn generate(model: &GqaModel, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<
 fn matches_hf_logits_and_greedy_tokens_dense_and_tls() {
     for name in FIXTURES {
         let dir = fixture(name);
-        let model = load_gqa(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let model = load_model(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let golden = golden(&dir);
-        let dense = generate(&model, &golden, &AttentionPlan::dense());
+        let dense = generate(model.as_ref(), &golden, &AttentionPlan::dense());
         assert_eq!(dense, golden.greedy, "{name}: dense greedy tokens");
         let tls = AttentionPlan {
             sparse: SparseConfig {
@@ -93,8 +106,13 @@ fn matches_hf_logits_and_greedy_tokens_dense_and_tls() {
             },
             dense_layers: 0,
         };
-        let sparse = generate(&model, &golden, &tls);
+        let sparse = generate(model.as_ref(), &golden, &tls);
         assert_eq!(sparse, golden.greedy, "{name}: tls greedy tokens");
+        println!(
+            "{name}: logits max abs error {:.2e}, greedy tokens equal (dense, tls)",
+            MAX_ERR.with(|m| m.get())
+        );
+        MAX_ERR.with(|m| m.set(0.0));
     }
 }
 
@@ -146,4 +164,14 @@ fn missing_weights_and_mismatched_config_are_named() {
     let err = load_gqa(&tmp).unwrap_err().to_string();
     assert!(err.contains("invalid safetensors"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn mla_cache_stores_only_the_latent() {
+    let model = load_model(&fixture("glm-tiny-grouped")).unwrap();
+    let cache = model.new_cache(4, KvDType::BF16).unwrap();
+    let report = cache.memory_report();
+    // 3 layers x (kv_lora_rank 32 + rope 16) x bf16, no separate values.
+    assert_eq!(report.kv_bytes_per_token(), 3 * (32 + 16) * 2);
+    assert_eq!(report.value_bytes_per_token, 0);
 }

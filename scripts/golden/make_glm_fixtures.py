@@ -6,7 +6,9 @@ Run on the GPU machine (torch + transformers 5.17):
 
 Writes OUT_DIR/<name>/ with config.json, model.safetensors and
 golden.safetensors (two prompts: input ids, logits of every position, 12
-greedy tokens), like make_gqa_fixtures.py. Every bias, norm weight and the
+greedy tokens), like make_gqa_fixtures.py. The greedy tokens come from
+repeated full forward passes (argmax of the last position), not from
+`generate`, which disagreed with the forward pass on this model. Every bias, norm weight and the
 router's score-correction bias are randomized so that the tests see them.
 """
 
@@ -65,9 +67,19 @@ def main():
                 ids = torch.randint(0, spec["vocab_size"], (1, n), generator=gen)
                 with torch.no_grad():
                     logits = model(ids).logits[0].float()
+                    # Greedy by full forwards without a cache: HF's `generate` on
+                    # this model disagreed with its own forward's argmax on some
+                    # prompts (printed below when it happens).
+                    seq = ids
+                    for _ in range(NEW_TOKENS):
+                        nxt = model(seq).logits[0, -1].argmax()
+                        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+                    tokens = seq[0, n:]
                     out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
                                          eos_token_id=None, use_cache=True)
-                tokens = out[0, n:]
+                    if not torch.equal(out[0, n:], tokens):
+                        print(name, "prompt", i, "generate() differs from greedy forwards:",
+                              out[0, n:].tolist(), "vs", tokens.tolist())
                 ok &= len(set(tokens.tolist())) >= 4
                 tensors[f"input_ids_{i}"] = ids[0].to(torch.int32).contiguous()
                 tensors[f"logits_{i}"] = logits.contiguous()
