@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionPlan, AttentionStats, GqaModel, ModelError};
+use asynctls_models::{AttentionPlan, AttentionStats, CausalLm, ModelError};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -68,7 +68,7 @@ impl BatchTimings {
 /// A model with the way it attends.
 #[derive(Debug)]
 pub struct Engine {
-    pub model: GqaModel,
+    pub model: Box<dyn CausalLm>,
     pub plan: AttentionPlan,
     pub kv_dtype: KvDType,
     /// Measure recall and attended fraction at every decode step (slow).
@@ -76,7 +76,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: GqaModel, plan: AttentionPlan, kv_dtype: KvDType) -> Self {
+    pub fn new(model: Box<dyn CausalLm>, plan: AttentionPlan, kv_dtype: KvDType) -> Self {
         Engine {
             model,
             plan,
@@ -87,24 +87,20 @@ impl Engine {
 
     /// Checks a request against the model before any work is done.
     pub fn validate(&self, request: &Request) -> Result<()> {
-        let c = self.model.config();
+        let (context, vocab) = (self.model.max_positions(), self.model.vocab_size());
         if request.prompt_ids.is_empty() {
             return Err(ModelError::EmptyPrompt.into());
         }
-        if request.prompt_ids.len() + request.max_new_tokens > c.max_position_embeddings {
+        if request.prompt_ids.len() + request.max_new_tokens > context {
             return Err(ModelError::ContextTooLong {
                 prompt: request.prompt_ids.len(),
                 new: request.max_new_tokens,
-                context: c.max_position_embeddings,
+                context,
             }
             .into());
         }
-        if let Some(&id) = request.prompt_ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange {
-                id,
-                vocab: c.vocab_size,
-            }
-            .into());
+        if let Some(&id) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab }.into());
         }
         Ok(())
     }
@@ -127,7 +123,7 @@ impl Engine {
             .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
             .sum();
         let mut cache = self.model.new_cache(blocks, self.kv_dtype)?;
-        let vocab = self.model.config().vocab_size;
+        let vocab = self.model.vocab_size();
         let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
         let mut out: Vec<Generation> = Vec::with_capacity(requests.len());
         let mut timings = BatchTimings {
@@ -178,12 +174,10 @@ impl Engine {
             let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
             let tokens: Vec<u32> = live.iter().map(|l| l.2).collect();
             let start = Instant::now();
-            let logits = if self.measure_attention {
-                self.model
-                    .decode_step_measured(&mut cache, &seqs, &tokens, &self.plan, &mut stats)?
-            } else {
-                self.model.decode_step(&mut cache, &seqs, &tokens, &self.plan)?
-            };
+            let measured = self.measure_attention.then_some(&mut stats);
+            let logits = self
+                .model
+                .decode_step(&mut cache, &seqs, &tokens, &self.plan, measured)?;
             let ms = start.elapsed().as_secs_f64() * 1e3;
             timings.decode_ms += ms;
             timings.decode_steps += 1;

@@ -37,6 +37,8 @@ enum BenchCommand {
     /// One decode step of attention: dense, tls, quest and ds on synthetic
     /// long-context workloads (time, recall, error, bytes read).
     Attn(commands::bench_attn::AttnArgs),
+    /// KV cache bytes per token of the real models, per part.
+    Kv(commands::bench_kv::KvArgs),
     /// Whole-model prefill and decode throughput per attention policy.
     E2e(commands::bench_e2e::E2eArgs),
 }
@@ -53,6 +55,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::E2e(args),
         } => commands::bench_e2e::run(args),
+        Command::Bench {
+            what: BenchCommand::Kv(args),
+        } => commands::bench_kv::run(args),
     }
 }
 

@@ -26,7 +26,13 @@ fn ids(w: &Weights, name: &str) -> Vec<u32> {
 
 #[test]
 fn generate_json_reproduces_hf_greedy_tokens() {
-    for name in ["qwen3-tiny", "qwen2-bias", "llama-mha"] {
+    for name in [
+        "qwen3-tiny",
+        "qwen2-bias",
+        "llama-mha",
+        "glm-tiny-grouped",
+        "glm-tiny-plain",
+    ] {
         let dir = fixture(name);
         let golden = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
         let prompt: Vec<String> = ids(&golden, "input_ids_1").iter().map(|t| t.to_string()).collect();

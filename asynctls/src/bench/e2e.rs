@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::cpu;
 use asynctls_kvcache::KvDType;
-use asynctls_models::{AttentionPlan, GqaModel};
+use asynctls_models::{AttentionPlan, CausalLm};
 use serde::Serialize;
 
 #[derive(Debug, Clone)]
@@ -36,22 +36,21 @@ pub struct E2eRow {
 }
 
 /// Runs the sweep; `progress` is told what is running.
-pub fn run(model: &GqaModel, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<E2eRow>> {
-    let c = model.config();
+pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<E2eRow>> {
     let mut rows = Vec::new();
     for &ctx in &config.contexts {
-        if ctx == 0 || ctx + config.decode_tokens > c.max_position_embeddings {
+        if ctx == 0 || ctx + config.decode_tokens > model.max_positions() {
             bail!(
                 "context {ctx} + {} decode tokens does not fit the model's {} positions",
                 config.decode_tokens,
-                c.max_position_embeddings
+                model.max_positions()
             );
         }
         let blocks = 2 * (ctx + config.decode_tokens).div_ceil(64) + config.policies.len() + 2;
         let mut cache = model.new_cache(blocks, config.kv_dtype)?;
         // A deterministic pseudo-random prompt.
         let prompt: Vec<u32> = (0..ctx as u64)
-            .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ config.seed) >> 17) as u32 % c.vocab_size as u32)
+            .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ config.seed) >> 17) as u32 % model.vocab_size() as u32)
             .collect();
         progress(&format!("ctx {ctx}: prefill"));
         let seq = cache.add_sequence();
@@ -74,7 +73,7 @@ pub fn run(model: &GqaModel, config: &E2eBenchConfig, mut progress: impl FnMut(&
             let mut tokens = Vec::with_capacity(config.decode_tokens);
             let start = Instant::now();
             for _ in 0..config.decode_tokens {
-                let logits = model.decode_step(&mut cache, &[fork], &[token], &plan)?;
+                let logits = model.decode_step(&mut cache, &[fork], &[token], &plan, None)?;
                 token = cpu::argmax(&logits).unwrap_or(0);
                 tokens.push(token);
             }

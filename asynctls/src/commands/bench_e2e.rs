@@ -7,7 +7,7 @@ use asynctls::bench::e2e::{self, E2eBenchConfig};
 use asynctls_attn::Policy;
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_gqa, GqaConfig, GqaModel, RandomWeights};
+use asynctls_models::{load_model, CausalLm, GqaConfig, GqaModel, RandomWeights};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -45,7 +45,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         bail!("bench e2e runs on the CPU for now (the CUDA model path is not built yet); use --device cpu");
     }
     let (name, model) = match &args.model {
-        Some(dir) => (dir.display().to_string(), load_gqa(dir)?),
+        Some(dir) => (dir.display().to_string(), load_model(dir)?),
         None => {
             let config = GqaConfig::preset(&args.model_shape).with_context(|| {
                 format!(
@@ -60,7 +60,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
             };
             (
                 format!("{} (random weights)", args.model_shape),
-                GqaModel::load(config, &weights)?,
+                Box::new(GqaModel::load(config, &weights)?) as Box<dyn CausalLm>,
             )
         }
     };
@@ -76,7 +76,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let rows = e2e::run(&model, &config, |m| bar.set_message(m.to_string()))?;
+    let rows = e2e::run(model.as_ref(), &config, |m| bar.set_message(m.to_string()))?;
     bar.finish_and_clear();
     if args.json {
         let doc = serde_json::json!({ "bench": "e2e", "model": name, "device": device.to_string(), "rows": rows });

@@ -10,7 +10,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_gqa, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{load_model, AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -60,7 +60,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", dir.display()));
-    let model = load_gqa(&dir)?;
+    let model = load_model(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -71,7 +71,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let needle = Needle::generate(args.words, seed);
     let rendered = tokenizer.apply_chat_template(&[ChatMessage::user(needle.prompt())], true)?;
     let prompt_ids = tokenizer.encode(&rendered, false)?;
-    let mut stop_ids = model.config().eos_token_ids.clone();
+    let mut stop_ids = model.eos_token_ids();
     stop_ids.extend(tokenizer.eos_token_id());
     let request = Request {
         prompt_ids: prompt_ids.clone(),

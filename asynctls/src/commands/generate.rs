@@ -9,7 +9,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_gqa, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{load_model, AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -101,7 +101,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let model = load_gqa(&model_dir).with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = load_model(&model_dir).with_context(|| format!("loading model from {}", model_dir.display()))?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let tokenizer = if model_dir.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_dir(&model_dir)?)
@@ -130,7 +130,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids 1,2,3"),
     };
 
-    let mut stop_ids = model.config().eos_token_ids.clone();
+    let mut stop_ids = model.eos_token_ids();
     if let Some(eos) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
         stop_ids.push(eos);
     }
@@ -167,9 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_ref()
         .map(|t| t.decode(&generation.generated_ids))
         .transpose()?;
-    let memory = engine.model.cache_config(1, kv_dtype);
-    let kv_bytes_per_token =
-        memory.num_layers * memory.kv_heads * (memory.key_dim + memory.value_dim()) * kv_dtype.size_in_bytes();
+    let memory = engine.model.new_cache(1, kv_dtype)?.memory_report();
     if args.json {
         let doc = serde_json::json!({
             "prompt_ids": generation.prompt_ids,
@@ -178,7 +176,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "finish_reason": generation.finish_reason,
             "attention": args.attention,
             "budget": if args.attention == Policy::Dense { None } else { Some(args.budget) },
-            "kv_bytes_per_token": kv_bytes_per_token,
+            "kv_bytes_per_token": memory.kv_bytes_per_token(),
+            "kv_metadata_bytes_per_token": memory.metadata_bytes_per_token,
+            "kv_label_bytes_per_token": memory.label_bytes_per_token,
             "timings": {
                 "load_ms": load_ms,
                 "prefill_ms": timings.prefill_ms,
