@@ -20,6 +20,7 @@
 //! ```
 
 pub mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

@@ -4,10 +4,13 @@
 //!   committed `asynctls-kernels/ptx/*.ptx` with nvcc from CUDA 13.0 (the
 //!   GPU machines' driver cannot load PTX from newer toolkits). `--check`
 //!   compiles into a temporary folder and fails when a committed file differs.
+//! - `gpu-pack`: release GPU test binaries and a `run.sh` in `.gpu/`, for the
+//!   GPU machine (`bash .gpu/run.sh` there).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod gpu_pack;
 mod nvcc;
 
 type Result<T> = std::result::Result<T, String>;
@@ -87,7 +90,7 @@ fn build_ptx(check: bool) -> Result<()> {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask build-ptx [--check]".to_string()
+    "usage: cargo xtask build-ptx [--check] | gpu-pack".to_string()
 }
 
 fn main() -> ExitCode {
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["build-ptx"] => build_ptx(false),
         ["build-ptx", "--check"] => build_ptx(true),
+        ["gpu-pack"] => gpu_pack::gpu_pack(&repo_root()),
         _ => Err(usage()),
     };
     match result {

@@ -26,7 +26,9 @@ impl Nvcc {
         let mut cmd = Command::new(&self.path);
         cmd.arg("--ptx")
             .arg(format!("-arch={arch}"))
-            .args(["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"])
+            // No -lineinfo: it embeds absolute paths, and the committed PTX must
+            // come out the same on every machine.
+            .args(["-O3", "-std=c++17", "--use_fast_math"])
             .arg("-o")
             .arg(out)
             .arg(src);

@@ -1,0 +1,153 @@
+// Paged decode attention for GQA (flash-decoding): one CTA per (sequence,
+// KV head, split of the tokens); every K and V row it loads serves all G
+// query heads of the group. With a token list it is the exact-attention
+// stage of sparse decode; without, dense decode. Partial results (running
+// max, sum and weighted values per split) are merged by decode_combine.
+//
+// Layouts: q [batch, q_heads, D] f32; K and V pools [num_blocks, kv_heads,
+// BLOCK, D] bf16; block_table [batch, max_blocks] i32; lens [batch] i32;
+// tokens [batch * kv_heads, max_tokens] i32 sorted positions and
+// token_counts [batch * kv_heads] (or null for dense);
+// partial_acc [batch, q_heads, splits, D], partial_ml [batch, q_heads, splits, 2].
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#define WARPS 4
+
+template <int D, int G>
+__device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+                             const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
+                             const int* __restrict__ lens, const int* __restrict__ tokens,
+                             const int* __restrict__ token_counts, float* __restrict__ partial_acc,
+                             float* __restrict__ partial_ml, int kv_heads, int block_size, int max_blocks,
+                             int max_tokens, float scale) {
+    constexpr int PER_LANE = D / 32;
+    const int seq = blockIdx.x / kv_heads, head = blockIdx.x % kv_heads;
+    const int split = blockIdx.y, splits = gridDim.y;
+    const int q_heads = kv_heads * G;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    const bool sparse = tokens != nullptr;
+    const int n = sparse ? token_counts[blockIdx.x] : lens[seq];
+    const int per_split = (n + splits - 1) / splits;
+    const int begin = split * per_split, end = min(n, begin + per_split);
+
+    float qr[G][PER_LANE];
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++)
+            qr[g][i] = q[((size_t)seq * q_heads + head * G + g) * D + lane * PER_LANE + i] * scale;
+
+    float m[G], l[G], acc[G][PER_LANE];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) acc[g][i] = 0.0f;
+    }
+
+    for (int t = begin + warp; t < end; t += WARPS) {
+        const int pos = sparse ? tokens[(size_t)blockIdx.x * max_tokens + t] : t;
+        const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
+        const size_t row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D;
+        float kr[PER_LANE], vr[PER_LANE];
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            kr[i] = __bfloat162float(k_pool[row + lane * PER_LANE + i]);
+            vr[i] = __bfloat162float(v_pool[row + lane * PER_LANE + i]);
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) s += qr[g][i] * kr[i];
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+            const float m_new = fmaxf(m[g], s);
+            const float correction = __expf(m[g] - m_new);
+            const float p = __expf(s - m_new);
+            l[g] = l[g] * correction + p;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) acc[g][i] = acc[g][i] * correction + p * vr[i];
+            m[g] = m_new;
+        }
+    }
+
+    // Merge the warps of this CTA through shared memory.
+    __shared__ float sm[WARPS][G], sl[WARPS][G];
+    __shared__ float sacc[WARPS][G][D];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) {
+            sm[warp][g] = m[g];
+            sl[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) sacc[warp][g][lane * PER_LANE + i] = acc[g][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+        const int g = idx / D, d = idx % D;
+        float mx = -INFINITY;
+        for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm[w][g]);
+        float lsum = 0.0f, a = 0.0f;
+        if (mx != -INFINITY) {
+            for (int w = 0; w < WARPS; w++) {
+                const float c = __expf(sm[w][g] - mx);
+                lsum += sl[w][g] * c;
+                a += sacc[w][g][d] * c;
+            }
+        }
+        const size_t out = ((size_t)seq * q_heads + head * G + g) * splits + split;
+        partial_acc[out * D + d] = a;
+        if (d == 0) {
+            partial_ml[out * 2] = mx;
+            partial_ml[out * 2 + 1] = lsum;
+        }
+    }
+}
+
+#define DECODE_KERNEL(D, G)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) decode_attention_d##D##_g##G(                      \
+        const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,       \
+        const int* lens, const int* tokens, const int* token_counts, float* partial_acc, float* partial_ml,    \
+        int kv_heads, int block_size, int max_blocks, int max_tokens, float scale) {                            \
+        decode_split<D, G>(q, k_pool, v_pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, \
+                           kv_heads, block_size, max_blocks, max_tokens, scale);                                \
+    }
+
+DECODE_KERNEL(64, 1)
+DECODE_KERNEL(64, 2)
+DECODE_KERNEL(64, 3)
+DECODE_KERNEL(64, 4)
+DECODE_KERNEL(64, 7)
+DECODE_KERNEL(64, 8)
+DECODE_KERNEL(128, 1)
+DECODE_KERNEL(128, 2)
+DECODE_KERNEL(128, 4)
+DECODE_KERNEL(128, 5)
+DECODE_KERNEL(128, 8)
+
+// out[row, :] = sum_s acc[row, s, :] * exp(m_s - M) / sum_s l_s * exp(m_s - M).
+// One block per (sequence, query head) row.
+extern "C" __global__ void decode_combine(const float* partial_acc, const float* partial_ml, float* out, int splits,
+                                          int d) {
+    const size_t row = blockIdx.x;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, partial_ml[(row * splits + s) * 2]);
+    float denom = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float ms = partial_ml[(row * splits + s) * 2];
+        if (ms != -INFINITY) denom += partial_ml[(row * splits + s) * 2 + 1] * __expf(ms - mx);
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float ms = partial_ml[(row * splits + s) * 2];
+            if (ms != -INFINITY) a += partial_acc[(row * splits + s) * d + i] * __expf(ms - mx);
+        }
+        out[row * d + i] = denom > 0.0f ? a / denom : 0.0f;
+    }
+}

@@ -1,0 +1,76 @@
+//! `cargo xtask gpu-pack`: the release test binaries that exercise the GPU,
+//! stripped, in `.gpu/` with a `run.sh` that runs them all on the GPU machine
+//! (which has no Rust) and prints a summary line last.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{run, Result};
+
+/// (package, integration test) pairs whose tests need a GPU.
+const GPU_TESTS: &[(&str, &str)] = &[("asynctls-kernels", "gpu_ops"), ("asynctls-attn", "gpu_decode")];
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs every GPU test binary in this folder; the last line is the summary.
+set -u
+cd "$(dirname "$0")"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+passed=0; failed=0; skipped=0
+for t in tests/*; do
+    echo "== $t"
+    out=$("$t" --test-threads=1 --nocapture 2>&1); rc=$?
+    echo "$out" | grep -E "^test |skipped|panicked|rel err|error" || true
+    s=$(echo "$out" | grep -c "skipped: no CUDA device" || true)
+    ok=$(echo "$out" | grep -cE "^test .* ok$" || true)
+    bad=$(echo "$out" | grep -cE "^test .* FAILED$" || true)
+    skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
+    if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
+done
+echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
+[ $failed -eq 0 ] && [ $skipped -eq 0 ]
+"#;
+
+pub fn gpu_pack(root: &Path) -> Result<()> {
+    let out = root.join(".gpu");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("tests")).map_err(|e| e.to_string())?;
+    for (package, test) in GPU_TESTS {
+        let output = Command::new(env!("CARGO"))
+            .current_dir(root)
+            .args([
+                "test",
+                "--release",
+                "--no-run",
+                "--message-format=json",
+                "-p",
+                package,
+                "--test",
+                test,
+            ])
+            .output()
+            .map_err(|e| format!("running cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building {package}/{test} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let exe = stdout
+            .lines()
+            .filter(|l| l.contains("\"executable\":\"") && l.contains(&format!("\"name\":\"{test}\"")))
+            .find_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(String::from))
+            .ok_or_else(|| format!("cargo reported no executable for {package}/{test}"))?;
+        let dest = out.join("tests").join(test);
+        std::fs::copy(&exe, &dest).map_err(|e| format!("copying {exe}: {e}"))?;
+        run(Command::new("strip").arg(&dest))?;
+    }
+    std::fs::write(out.join("run.sh"), RUN_SH).map_err(|e| e.to_string())?;
+    println!(
+        "gpu-pack: {} test binaries and run.sh in {}",
+        GPU_TESTS.len(),
+        out.display()
+    );
+    Ok(())
+}
