@@ -27,6 +27,14 @@ for t in tests/*; do
     skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
     if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
 done
+# The attention benchmark and its peer, in the same run.
+out_dir="${OUT:-/tmp}"
+if [ -x ./asynctls ]; then
+    CTX="${BENCH_CTX:-32768,65536,98304,131072}"; BATCH="${BENCH_BATCH:-1,8}"
+    ./asynctls bench attn --device cuda --ctx "$CTX" --batch "$BATCH" --budget 2048 --reps 50 --json > "$out_dir/attn_cuda.json" \
+        && ./asynctls bench attn --device cuda --ctx "$CTX" --batch "$BATCH" --budget 2048 --reps 50 \
+        && python3 peers/torch_sdpa.py --ctx "$CTX" --batch "$BATCH" --ours "$out_dir/attn_cuda.json" | tee "$out_dir/sdpa.txt"
+fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]
 "#;
@@ -66,6 +74,15 @@ pub fn gpu_pack(root: &Path) -> Result<()> {
         std::fs::copy(&exe, &dest).map_err(|e| format!("copying {exe}: {e}"))?;
         run(Command::new("strip").arg(&dest))?;
     }
+    run(Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["build", "--release", "-p", "asynctls"]))?;
+    let bin = out.join("asynctls");
+    std::fs::copy(root.join("target/release/asynctls"), &bin).map_err(|e| format!("copying asynctls: {e}"))?;
+    run(Command::new("strip").arg(&bin))?;
+    std::fs::create_dir_all(out.join("peers")).map_err(|e| e.to_string())?;
+    std::fs::copy(root.join("bench/peers/torch_sdpa.py"), out.join("peers/torch_sdpa.py"))
+        .map_err(|e| e.to_string())?;
     std::fs::write(out.join("run.sh"), RUN_SH).map_err(|e| e.to_string())?;
     println!(
         "gpu-pack: {} test binaries and run.sh in {}",

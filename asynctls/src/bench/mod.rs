@@ -2,5 +2,6 @@
 //! reference it is judged against.
 
 pub mod attn;
+pub mod attn_cuda;
 pub mod e2e;
 pub mod workload;

@@ -101,6 +101,9 @@ impl AttnArgs {
 
 pub fn run(args: AttnArgs) -> Result<()> {
     let device = Device::from_request(args.device).context("opening the device")?;
+    if let Device::Cuda(gpu) = &device {
+        return run_cuda(&args, gpu);
+    }
     let group_reduce = match args.group_reduce.as_str() {
         "sum" => GroupReduce::Sum,
         "max" => GroupReduce::Max,
@@ -140,6 +143,71 @@ pub fn run(args: AttnArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "bench": "attn", "reports": reports }))?
+        );
+    }
+    Ok(())
+}
+
+/// The GPU sweep: GQA shapes only for now (the MLA kernels are not built yet).
+fn run_cuda(args: &AttnArgs, gpu: &asynctls_kernels::CudaDevice) -> Result<()> {
+    use asynctls::bench::attn_cuda;
+    let mut all = Vec::new();
+    for (shape, mla) in args.shapes() {
+        if mla {
+            anyhow::bail!(
+                "bench attn on CUDA supports GQA shapes only so far (the MLA decode kernel is not built yet)"
+            );
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let rows = attn_cuda::run(
+            gpu,
+            shape.q_heads,
+            shape.kv_heads,
+            shape.key_dim,
+            &args.ctx,
+            &args.batch,
+            &args.budget,
+            args.reps.max(20),
+            |m| bar.set_message(m.to_string()),
+        )?;
+        bar.finish_and_clear();
+        if !args.json {
+            println!(
+                "decode attention on {} ({}): {} q heads, {} kv heads, d {}; HBM floor at {:.1} TB/s",
+                gpu.name().unwrap_or_default(),
+                "cuda",
+                shape.q_heads,
+                shape.kv_heads,
+                shape.key_dim,
+                attn_cuda::HBM_BYTES_PER_S / 1e12
+            );
+            println!(
+                "{:>20} {:>7} {:>5} {:>6} {:>9} {:>6} {:>11} {:>10} {:>8} {:>7}",
+                "kind", "ctx", "batch", "budget", "attended", "splits", "median us", "floor us", "x floor", "TB/s"
+            );
+            for r in &rows {
+                println!(
+                    "{:>20} {:>7} {:>5} {:>6} {:>9} {:>6} {:>11.1} {:>10.1} {:>8.2} {:>7.2}",
+                    r.kind,
+                    r.ctx,
+                    r.batch,
+                    r.budget.map_or("-".into(), |b| b.to_string()),
+                    r.attended_tokens,
+                    r.splits,
+                    r.time_us_median,
+                    r.hbm_floor_us,
+                    r.floor_ratio,
+                    r.achieved_tb_s
+                );
+            }
+        }
+        all.push(serde_json::json!({"q_heads": shape.q_heads, "kv_heads": shape.kv_heads, "head_dim": shape.key_dim, "rows": rows}));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"bench": "attn", "device": "cuda", "reports": all}))?
         );
     }
     Ok(())
