@@ -174,9 +174,8 @@ fn run_cuda(args: &AttnArgs, gpu: &asynctls_kernels::CudaDevice) -> Result<()> {
         bar.finish_and_clear();
         if !args.json {
             println!(
-                "decode attention on {} ({}): {} q heads, {} kv heads, d {}; HBM floor at {:.1} TB/s",
+                "decode attention on {} (cuda): {} q heads, {} kv heads, d {}; HBM floor at {:.1} TB/s",
                 gpu.name().unwrap_or_default(),
-                "cuda",
                 shape.q_heads,
                 shape.kv_heads,
                 shape.key_dim,
