@@ -13,8 +13,12 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#define WARPS 4
+#define WARPS 8
 
+// Each row (one token's K or V for one head, D bf16) is read by LANES lanes
+// with 16-byte loads (8 bf16 per lane), so a warp reads ROWS tokens at once
+// and every lane keeps two loads in flight; the per-token score is reduced
+// over the LANES lanes of its row.
 template <int D, int G>
 __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
                              const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
@@ -22,60 +26,107 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
                              const int* __restrict__ token_counts, float* __restrict__ partial_acc,
                              float* __restrict__ partial_ml, int kv_heads, int block_size, int max_blocks,
                              int max_tokens, float scale) {
-    constexpr int PER_LANE = D / 32;
+    constexpr int LANES = D / 8;        // lanes per row
+    constexpr int ROWS = 32 / LANES;    // rows a warp reads at once
     const int seq = blockIdx.x / kv_heads, head = blockIdx.x % kv_heads;
     const int split = blockIdx.y, splits = gridDim.y;
     const int q_heads = kv_heads * G;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane / LANES, part = lane % LANES;  // which row of the warp, which 8 channels
 
     const bool sparse = tokens != nullptr;
     const int n = sparse ? token_counts[blockIdx.x] : lens[seq];
     const int per_split = (n + splits - 1) / splits;
     const int begin = split * per_split, end = min(n, begin + per_split);
 
-    float qr[G][PER_LANE];
+    float qr[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++)
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++)
-            qr[g][i] = q[((size_t)seq * q_heads + head * G + g) * D + lane * PER_LANE + i] * scale;
+        for (int i = 0; i < 8; i++)
+            qr[g][i] = q[((size_t)seq * q_heads + head * G + g) * D + part * 8 + i] * scale;
 
-    float m[G], l[G], acc[G][PER_LANE];
+    float m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++) acc[g][i] = 0.0f;
+        for (int i = 0; i < 8; i++) acc[g][i] = 0.0f;
     }
 
-    for (int t = begin + warp; t < end; t += WARPS) {
-        const int pos = sparse ? tokens[(size_t)blockIdx.x * max_tokens + t] : t;
-        const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
-        const size_t row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D;
-        float kr[PER_LANE], vr[PER_LANE];
+    const int stride = WARPS * ROWS;
+    // Software pipeline: the loads of the next rows are issued before the
+    // current ones are used, so each lane keeps four 16-byte loads in flight.
+    auto load = [&](int t, uint4& kraw, uint4& vraw) {
+        if (t < end) {
+            const int pos = sparse ? tokens[(size_t)blockIdx.x * max_tokens + t] : t;
+            const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
+            const size_t row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D + part * 8;
+            kraw = __ldg(reinterpret_cast<const uint4*>(k_pool + row));
+            vraw = __ldg(reinterpret_cast<const uint4*>(v_pool + row));
+        }
+    };
+    uint4 kcur = make_uint4(0, 0, 0, 0), vcur = kcur, knext = kcur, vnext = kcur;
+    int t0 = begin + warp * ROWS;
+    load(t0 + sub, kcur, vcur);
+    for (; t0 < end; t0 += stride) {
+        const int t = t0 + sub;
+        const bool valid = t < end;
+        load(t + stride, knext, vnext);
+        float kr[8], vr[8];
+        const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kcur);
+        const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&vcur);
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++) {
-            kr[i] = __bfloat162float(k_pool[row + lane * PER_LANE + i]);
-            vr[i] = __bfloat162float(v_pool[row + lane * PER_LANE + i]);
+        for (int i = 0; i < 4; i++) {
+            const float2 kf = __bfloat1622float2(k2[i]);
+            const float2 vf = __bfloat1622float2(v2[i]);
+            kr[2 * i] = kf.x;
+            kr[2 * i + 1] = kf.y;
+            vr[2 * i] = vf.x;
+            vr[2 * i + 1] = vf.y;
         }
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float s = 0.0f;
 #pragma unroll
-            for (int i = 0; i < PER_LANE; i++) s += qr[g][i] * kr[i];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-            const float m_new = fmaxf(m[g], s);
-            const float correction = __expf(m[g] - m_new);
-            const float p = __expf(s - m_new);
-            l[g] = l[g] * correction + p;
+            for (int i = 0; i < 8; i++) s += qr[g][i] * kr[i];
 #pragma unroll
-            for (int i = 0; i < PER_LANE; i++) acc[g][i] = acc[g][i] * correction + p * vr[i];
-            m[g] = m_new;
+            for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+            if (valid) {
+                const float m_new = fmaxf(m[g], s);
+                const float correction = __expf(m[g] - m_new);
+                const float p = __expf(s - m_new);
+                l[g] = l[g] * correction + p;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * correction + p * vr[i];
+                m[g] = m_new;
+            }
         }
+        kcur = knext;
+        vcur = vnext;
     }
 
-    // Merge the warps of this CTA through shared memory.
+    // Merge the ROWS row-states of each warp (lanes LANES apart hold the
+    // same channels) with shuffles, then the warps through shared memory.
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+#pragma unroll
+        for (int o = LANES; o < 32; o <<= 1) {
+            const float om = __shfl_xor_sync(0xffffffff, m[g], o);
+            const float ol = __shfl_xor_sync(0xffffffff, l[g], o);
+            const float mx = fmaxf(m[g], om);
+            const float a = mx == -INFINITY ? 0.0f : __expf(m[g] - mx);
+            const float b = mx == -INFINITY ? 0.0f : __expf(om - mx);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float oa = __shfl_xor_sync(0xffffffff, acc[g][i], o);
+                acc[g][i] = acc[g][i] * a + oa * b;
+            }
+            l[g] = l[g] * a + ol * b;
+            m[g] = mx;
+        }
+    }
     __shared__ float sm[WARPS][G], sl[WARPS][G];
     __shared__ float sacc[WARPS][G][D];
 #pragma unroll
@@ -84,8 +135,10 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
             sm[warp][g] = m[g];
             sl[warp][g] = l[g];
         }
+        if (sub == 0) {
 #pragma unroll
-        for (int i = 0; i < PER_LANE; i++) sacc[warp][g][lane * PER_LANE + i] = acc[g][i];
+            for (int i = 0; i < 8; i++) sacc[warp][g][part * 8 + i] = acc[g][i];
+        }
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {

@@ -270,7 +270,7 @@ impl CudaOps {
             .arg(&scale);
         let cfg = LaunchConfig {
             grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the pools, tables and lists are laid out as documented and

@@ -141,9 +141,9 @@ pub fn run(
                     counts: c,
                     max_tokens: *m,
                 });
-                // Enough CTAs to fill the 132 SMs twice, each with at least 256 tokens.
+                // About four CTAs per SM (132 SMs), each with at least 128 tokens.
                 let ctas = batch * kv_heads;
-                let splits = (264usize.div_ceil(ctas)).clamp(1, (attended / 256).max(1));
+                let splits = (528usize.div_ceil(ctas)).clamp(1, (attended / 128).max(1));
                 let scale = 1.0 / (d as f32).sqrt();
                 let launch = |out: &mut cudarc::driver::CudaSlice<f32>, scratch: &mut DecodeScratch| {
                     ops.decode_attention(&q, &view, lists_view.as_ref(), q_heads, scale, splits, scratch, out)
