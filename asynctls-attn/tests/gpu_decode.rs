@@ -6,23 +6,12 @@
 use asynctls_attn::metrics::relative_l2;
 use asynctls_attn::{decode, AttnShape, Policy, SparseConfig};
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, PagedKvView, TokenLists};
-use asynctls_kernels::{cuda_driver_present, CudaDevice};
 use asynctls_kvcache::{BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn gpu() -> Option<CudaOps> {
-    if !cuda_driver_present() {
-        println!("skipped: no CUDA device");
-        return None;
-    }
-    match CudaDevice::open(0) {
-        Ok(dev) => Some(CudaOps::new(&dev).expect("kernels load")),
-        Err(e) => {
-            println!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    CudaOps::for_tests()
 }
 
 #[test]

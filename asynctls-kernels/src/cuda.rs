@@ -84,6 +84,22 @@ impl CudaOps {
         &self.device
     }
 
+    /// The kernels of GPU 0 for a GPU test, or `None` after printing
+    /// `skipped: no CUDA device` (so one test binary serves CI and the H200).
+    pub fn for_tests() -> Option<Self> {
+        if !crate::cuda_driver_present() {
+            println!("skipped: no CUDA device");
+            return None;
+        }
+        match CudaDevice::open(0).and_then(|dev| CudaOps::new(&dev)) {
+            Ok(ops) => Some(ops),
+            Err(e) => {
+                println!("skipped: no CUDA device ({e})");
+                None
+            }
+        }
+    }
+
     fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
         Ok(module.load_function(name)?)
     }

@@ -4,21 +4,10 @@
 
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kernels::cuda::CudaOps;
-use asynctls_kernels::{cuda_driver_present, CudaDevice};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn gpu() -> Option<CudaOps> {
-    if !cuda_driver_present() {
-        println!("skipped: no CUDA device");
-        return None;
-    }
-    match CudaDevice::open(0) {
-        Ok(dev) => Some(CudaOps::new(&dev).expect("kernels load")),
-        Err(e) => {
-            println!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    CudaOps::for_tests()
 }
 
 fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {

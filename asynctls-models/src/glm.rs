@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::config::{rope_inv_freq, rope_scaling, RopeScaling};
 use crate::error::io_err;
 use crate::gqa::{AttentionPlan, AttentionStats};
-use crate::layers::{Linear, Mlp};
+use crate::layers::{add_residual, check_positions, prefill_with, reserve_next_tokens, Linear, Mlp, TokenIo};
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -455,10 +455,8 @@ struct GlmLayer {
 #[derive(Debug)]
 pub struct GlmModel {
     config: GlmConfig,
-    embed_tokens: Vec<f32>,
+    io: TokenIo,
     layers: Vec<GlmLayer>,
-    norm: Vec<f32>,
-    lm_head: Option<Vec<f32>>,
     rope: RopeTable,
 }
 
@@ -481,19 +479,12 @@ impl GlmModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if !c.tie_word_embeddings || w.contains("lm_head.weight") {
-            Some(w.get("lm_head.weight", &[c.vocab_size, h])?)
-        } else {
-            None
-        };
         let (inv, factor) = rope_inv_freq(&c.rope_scaling, c.qk_rope_head_dim, c.rope_theta);
         let rope = RopeTable::from_inv_freq(c.qk_rope_head_dim, &inv, c.max_position_embeddings.min(1 << 20))?
             .with_attention_scale(factor);
         Ok(GlmModel {
-            embed_tokens: w.get("model.embed_tokens.weight", &[c.vocab_size, h])?,
-            norm: w.get("model.norm.weight", &[h])?,
+            io: TokenIo::load(w, c.vocab_size, h, c.rms_norm_eps as f32, c.tie_word_embeddings)?,
             layers,
-            lm_head,
             rope,
             config,
         })
@@ -534,53 +525,22 @@ impl GlmModel {
         Ok(PagedKvCache::new(HostKvStorage::new(&config, channels)?)?)
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let h = self.config.hidden_size;
-        let mut x = vec![0.0; tokens.len() * h];
-        cpu::embedding(&self.embed_tokens, h, tokens, &mut x).map_err(|_| ModelError::TokenOutOfRange {
-            id: *tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-                .unwrap_or(&0),
-            vocab: self.config.vocab_size,
-        })?;
-        Ok(x)
-    }
-
-    fn logits(&self, mut x: Vec<f32>) -> Result<Vec<f32>> {
-        let c = &self.config;
-        cpu::rms_norm(&mut x, &self.norm, c.rms_norm_eps as f32)?;
-        let n = x.len() / c.hidden_size;
-        let mut logits = vec![0.0; n * c.vocab_size];
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        cpu::matmul_nt(&x, head, &mut logits, n, c.hidden_size, c.vocab_size)?;
-        Ok(logits)
-    }
-
     fn residual_mlp(&self, layer: &GlmLayer, x: &mut [f32], attn: &[f32]) -> Result<()> {
         let c = &self.config;
-        let o = layer.self_attn.output(attn, c);
-        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        add_residual(x, &layer.self_attn.output(attn, c));
         let mut normed = x.to_vec();
         cpu::rms_norm(&mut normed, &layer.post_attention_layernorm, c.rms_norm_eps as f32)?;
         let m = match &layer.mlp {
             FeedForward::Dense(mlp) => mlp.forward(&normed),
             FeedForward::Moe(moe) => moe.forward(&normed, c),
         };
-        x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
+        add_residual(x, &m);
         Ok(())
     }
 
-    fn check_positions(&self, end: usize) -> Result<()> {
-        let limit = self.config.max_position_embeddings.min(self.rope.max_positions());
-        if end > limit {
-            return Err(ModelError::ContextTooLong {
-                prompt: end,
-                new: 0,
-                context: limit,
-            });
-        }
-        Ok(())
+    /// Positions the model can attend over (the RoPE table bounds them too).
+    fn position_limit(&self) -> usize {
+        self.config.max_position_embeddings.min(self.rope.max_positions())
     }
 
     /// As [`GqaModel::prefill`](crate::GqaModel::prefill).
@@ -591,20 +551,12 @@ impl GlmModel {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        let range = cache.reserve(seq, tokens.len())?;
-        let result = self.prefill_reserved(cache, seq, tokens, range.start);
-        if result.is_err() {
-            let _ = cache.free(seq);
-        }
-        let x = result?;
-        let h = self.config.hidden_size;
-        self.logits(if all_logits { x } else { x[x.len() - h..].to_vec() })
+        prefill_with(cache, seq, tokens, all_logits, &self.io, |cache, start| {
+            self.prefill_layers(cache, seq, tokens, start)
+        })
     }
 
-    fn prefill_reserved<S: HostReadable>(
+    fn prefill_layers<S: HostReadable>(
         &self,
         cache: &mut PagedKvCache<S>,
         seq: SeqId,
@@ -612,10 +564,10 @@ impl GlmModel {
         start: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        self.check_positions(start + tokens.len())?;
+        check_positions(start + tokens.len(), self.position_limit())?;
         let positions: Vec<usize> = (start..start + tokens.len()).collect();
         let shape = self.attention_shape();
-        let mut x = self.embed(tokens)?;
+        let mut x = self.io.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut normed = x.clone();
             cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
@@ -639,23 +591,10 @@ impl GlmModel {
         mut stats: Option<&mut AttentionStats>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        let mut positions = Vec::with_capacity(seqs.len());
-        for &s in seqs {
-            let p = cache.table(s)?.len();
-            self.check_positions(p + 1)?;
-            positions.push(p);
-        }
-        let free_needed = positions
-            .iter()
-            .filter(|&&p| p % cache.config().block_size == 0)
-            .count();
-        cache.allocator().ensure_free(free_needed)?;
-        for &s in seqs {
-            cache.reserve(s, 1)?;
-        }
+        let positions = reserve_next_tokens(cache, seqs, tokens, self.position_limit())?;
         let shape = self.attention_shape();
         let width = c.kv_lora_rank + c.qk_rope_head_dim;
-        let mut x = self.embed(tokens)?;
+        let mut x = self.io.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut normed = x.clone();
             cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
@@ -674,7 +613,7 @@ impl GlmModel {
             }
             self.residual_mlp(layer, &mut x, &out)?;
         }
-        self.logits(x)
+        self.io.logits(x)
     }
 }
 

@@ -7,9 +7,9 @@ use asynctls_attn::{AttnShape, Policy, SparseConfig};
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
 
-use crate::layers::{Linear, Mlp};
+use crate::layers::{add_residual, check_positions, prefill_with, reserve_next_tokens, Linear, Mlp, TokenIo};
 use crate::weights::{WeightSource, Weights};
-use crate::{GqaConfig, ModelError, Result};
+use crate::{GqaConfig, Result};
 
 /// How decode steps attend: the sparse configuration, and how many leading
 /// layers stay dense (they carry little sparsity and much accuracy).
@@ -156,11 +156,8 @@ impl AttentionStats {
 #[derive(Debug)]
 pub struct GqaModel {
     config: GqaConfig,
-    embed_tokens: Vec<f32>,
+    io: TokenIo,
     layers: Vec<DecoderLayer>,
-    norm: Vec<f32>,
-    /// `None` when tied to the embeddings.
-    lm_head: Option<Vec<f32>>,
     rope: RopeTable,
 }
 
@@ -169,26 +166,23 @@ impl GqaModel {
     /// is an error naming it.
     pub fn load(config: GqaConfig, weights: &dyn WeightSource) -> Result<Self> {
         let c = &config;
-        let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let io = TokenIo::load(
+            weights,
+            c.vocab_size,
+            c.hidden_size,
+            c.rms_norm_eps as f32,
+            c.tie_word_embeddings,
+        )?;
         let layers = (0..c.num_hidden_layers)
             .map(|l| DecoderLayer::load(weights, l, c))
             .collect::<Result<Vec<_>>>()?;
-        let norm = weights.get("model.norm.weight", &[c.hidden_size])?;
-        // Some tied checkpoints still ship lm_head; use it when present.
-        let lm_head = if !c.tie_word_embeddings || weights.contains("lm_head.weight") {
-            Some(weights.get("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
-        } else {
-            None
-        };
         let (inv_freq, attention_factor) = c.rope_inv_freq();
         let rope = RopeTable::from_inv_freq(c.head_dim, &inv_freq, c.max_position_embeddings)?
             .with_attention_scale(attention_factor);
         Ok(GqaModel {
             config,
-            embed_tokens,
+            io,
             layers,
-            norm,
-            lm_head,
             rope,
         })
     }
@@ -220,44 +214,6 @@ impl GqaModel {
         Ok(PagedKvCache::new(HostKvStorage::new(&config, channels)?)?)
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let h = self.config.hidden_size;
-        let mut x = vec![0.0; tokens.len() * h];
-        cpu::embedding(&self.embed_tokens, h, tokens, &mut x).map_err(|_| {
-            let id = *tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-                .unwrap_or(&0);
-            ModelError::TokenOutOfRange {
-                id,
-                vocab: self.config.vocab_size,
-            }
-        })?;
-        Ok(x)
-    }
-
-    /// Final norm and LM head over rows of hidden states.
-    fn logits(&self, mut x: Vec<f32>) -> Result<Vec<f32>> {
-        let c = &self.config;
-        cpu::rms_norm(&mut x, &self.norm, c.rms_norm_eps as f32)?;
-        let n = x.len() / c.hidden_size;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let mut logits = vec![0.0; n * c.vocab_size];
-        cpu::matmul_nt(&x, head, &mut logits, n, c.hidden_size, c.vocab_size)?;
-        Ok(logits)
-    }
-
-    fn check_positions(&self, end: usize) -> Result<()> {
-        if end > self.config.max_position_embeddings {
-            return Err(ModelError::ContextTooLong {
-                prompt: end,
-                new: 0,
-                context: self.config.max_position_embeddings,
-            });
-        }
-        Ok(())
-    }
-
     /// Runs `tokens` of one sequence through the model (dense causal
     /// attention), appending their K/V to the cache. Returns the logits of the
     /// last token, or of every token when `all_logits`.
@@ -268,23 +224,12 @@ impl GqaModel {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        let h = self.config.hidden_size;
-        let range = cache.reserve(seq, tokens.len())?;
-        let result = self.prefill_reserved(cache, seq, tokens, range.start);
-        if result.is_err() {
-            // Leave no half-written sequence behind: the caller's sequence
-            // is unusable after a failed prefill and is freed.
-            let _ = cache.free(seq);
-        }
-        let x = result?;
-        let rows = if all_logits { x } else { x[x.len() - h..].to_vec() };
-        self.logits(rows)
+        prefill_with(cache, seq, tokens, all_logits, &self.io, |cache, start| {
+            self.prefill_layers(cache, seq, tokens, start)
+        })
     }
 
-    fn prefill_reserved<S: HostReadable>(
+    fn prefill_layers<S: HostReadable>(
         &self,
         cache: &mut PagedKvCache<S>,
         seq: SeqId,
@@ -292,9 +237,9 @@ impl GqaModel {
         start: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        self.check_positions(start + tokens.len())?;
+        check_positions(start + tokens.len(), c.max_position_embeddings)?;
         let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let mut x = self.embed(tokens)?;
+        let mut x = self.io.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut normed = x.clone();
             cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
@@ -310,16 +255,14 @@ impl GqaModel {
 
     /// `x += o_proj(attn)`, then `x += mlp(norm(x))`.
     fn residual_mlp(&self, layer: &DecoderLayer, x: &mut [f32], attn: &[f32]) -> Result<()> {
-        let o = layer.self_attn.o_proj.forward(attn);
-        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        add_residual(x, &layer.self_attn.o_proj.forward(attn));
         let mut normed = x.to_vec();
         cpu::rms_norm(
             &mut normed,
             &layer.post_attention_layernorm,
             self.config.rms_norm_eps as f32,
         )?;
-        let m = layer.mlp.forward(&normed);
-        x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
+        add_residual(x, &layer.mlp.forward(&normed));
         Ok(())
     }
 
@@ -358,31 +301,9 @@ impl GqaModel {
         mut stats: Option<&mut AttentionStats>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        if seqs.len() != tokens.len() {
-            return Err(ModelError::Attention(asynctls_attn::AttnError::Shape {
-                what: "decode batch",
-                expected: format!("{} tokens", seqs.len()),
-                got: tokens.len().to_string(),
-            }));
-        }
-        let mut positions = Vec::with_capacity(seqs.len());
-        for &s in seqs {
-            positions.push(cache.table(s)?.len());
-        }
-        for &p in &positions {
-            self.check_positions(p + 1)?;
-        }
-        // Reserve for the whole batch first: a full pool fails before any write.
-        let free_needed: usize = positions
-            .iter()
-            .filter(|&&p| p % cache.config().block_size == 0)
-            .count();
-        cache.allocator().ensure_free(free_needed)?;
-        for &s in seqs {
-            cache.reserve(s, 1)?;
-        }
+        let positions = reserve_next_tokens(cache, seqs, tokens, c.max_position_embeddings)?;
         let kv_width = c.num_key_value_heads * c.head_dim;
-        let mut x = self.embed(tokens)?;
+        let mut x = self.io.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut normed = x.clone();
             cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
@@ -411,7 +332,7 @@ impl GqaModel {
             }
             self.residual_mlp(layer, &mut x, &out)?;
         }
-        self.logits(x)
+        self.io.logits(x)
     }
 }
 
