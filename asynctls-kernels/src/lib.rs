@@ -4,7 +4,9 @@
 //! loaded at run time), a small [`Tensor`] (shape, dtype, storage per device),
 //! and every primitive op. Each op has a CPU reference in [`cpu`] over plain
 //! slices, and a tensor-level entry point in [`ops`] that checks shapes and
-//! dtypes (naming both sides on a mismatch) and dispatches by device.
+//! dtypes (naming both sides on a mismatch) and dispatches by device. The
+//! CUDA kernels (from the committed PTX in `ptx/`) are in [`cuda`], each
+//! tested against its CPU twin on the GPU machine.
 //!
 //! Does not own: caches, attention policies or models; those live in the
 //! crates above and call into this one.
