@@ -3,7 +3,7 @@
 //! accumulation, softmax over exactly the selected set) runs over them.
 
 use asynctls_kernels::cpu;
-use asynctls_kvcache::{BlockId, BlockTable, HostReadable, ValueLayout};
+use asynctls_kvcache::{BlockId, BlockTable, HostReadable};
 use rayon::prelude::*;
 
 use crate::error::shape_err;
@@ -49,11 +49,7 @@ impl DecodeReport {
     /// Bytes read from a cache of this geometry by the step.
     pub fn bytes<S: HostReadable>(&self, storage: &S) -> StepBytes {
         let c = storage.config();
-        let elem = c.kv_dtype.size_in_bytes();
-        let kv_per_token = match c.values {
-            ValueLayout::Separate { dim } => (c.key_dim + dim) * elem,
-            ValueLayout::KeyPrefix { .. } => c.key_dim * elem,
-        };
+        let kv_per_token = c.kv_bytes_per_head();
         let mut bytes = StepBytes::default();
         for h in &self.heads {
             bytes.metadata += h.scored_blocks * 2 * c.key_dim * 4;
@@ -66,12 +62,7 @@ impl DecodeReport {
     /// Bytes a dense step over the same sequences reads.
     pub fn dense_bytes<S: HostReadable>(storage: &S, lens: &[usize]) -> usize {
         let c = storage.config();
-        let elem = c.kv_dtype.size_in_bytes();
-        let per_token = match c.values {
-            ValueLayout::Separate { dim } => (c.key_dim + dim) * elem,
-            ValueLayout::KeyPrefix { .. } => c.key_dim * elem,
-        };
-        lens.iter().sum::<usize>() * c.kv_heads * per_token
+        lens.iter().sum::<usize>() * c.kv_heads * c.kv_bytes_per_head()
     }
 
     /// Mean fraction of each sequence's context attended per KV head.

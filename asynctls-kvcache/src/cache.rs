@@ -265,13 +265,9 @@ impl<S: KvStorage> PagedKvCache<S> {
         let c = &self.config;
         let kv = c.kv_dtype.size_in_bytes();
         let per_layer_heads = c.num_layers * c.kv_heads;
-        let value_bytes = match c.values {
-            crate::ValueLayout::Separate { dim } => per_layer_heads * dim * kv,
-            crate::ValueLayout::KeyPrefix { .. } => 0,
-        };
         MemoryReport {
             key_bytes_per_token: per_layer_heads * c.key_dim * kv,
-            value_bytes_per_token: value_bytes,
+            value_bytes_per_token: per_layer_heads * c.value_bytes_per_head(),
             metadata_bytes_per_token: (per_layer_heads * 2 * c.key_dim * 4) as f64 / c.block_size as f64,
             label_bytes_per_token: per_layer_heads * c.label_bytes_per_head(),
             blocks_used: self.allocator.num_used(),

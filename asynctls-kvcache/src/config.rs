@@ -91,6 +91,20 @@ impl CacheConfig {
         self.values.dim()
     }
 
+    /// Bytes of one token's stored value for one head (0 when values are a
+    /// prefix of the key).
+    pub fn value_bytes_per_head(&self) -> usize {
+        match self.values {
+            ValueLayout::Separate { dim } => dim * self.kv_dtype.size_in_bytes(),
+            ValueLayout::KeyPrefix { .. } => 0,
+        }
+    }
+
+    /// Bytes of one token's stored K and V for one head.
+    pub fn kv_bytes_per_head(&self) -> usize {
+        self.key_dim * self.kv_dtype.size_in_bytes() + self.value_bytes_per_head()
+    }
+
     /// Bytes of one token's label entry for one head: r/2 packed nibbles plus
     /// an f16 scale and an f16 zero point.
     pub fn label_bytes_per_head(&self) -> usize {

@@ -114,6 +114,11 @@ fn required<T>(path: &Path, name: &str, v: Option<T>) -> Result<T> {
     })
 }
 
+/// RoPE's base: top level (transformers 4) or in `rope_parameters` (5).
+pub(crate) fn rope_theta(top: Option<f64>, params: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<f64> {
+    top.or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+}
+
 pub(crate) fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_json::Value>) -> Result<RopeScaling> {
     let kind = params
         .get("rope_type")
@@ -258,15 +263,8 @@ impl GqaConfig {
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
         let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1));
         let rope_params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                raw.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .ok_or_else(|| ModelError::Config {
+        let rope_theta =
+            rope_theta(raw.rope_theta, raw.rope_parameters.as_ref()).ok_or_else(|| ModelError::Config {
                 path: path.to_path_buf(),
                 what: "missing field `rope_theta` (top level or in `rope_parameters`)".into(),
             })?;

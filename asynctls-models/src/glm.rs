@@ -14,7 +14,7 @@ use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
 use serde::Deserialize;
 
-use crate::config::{rope_inv_freq, rope_scaling, RopeScaling};
+use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
 use crate::error::io_err;
 use crate::gqa::{AttentionPlan, AttentionStats};
 use crate::layers::{add_residual, check_positions, prefill_with, reserve_next_tokens, Linear, Mlp, TokenIo};
@@ -124,15 +124,7 @@ impl GlmConfig {
             // HF's default: dense first layer, MoE after.
             None => (0..layers).map(|l| l > 0).collect(),
         };
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                raw.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10000.0);
+        let rope_theta = rope_theta(raw.rope_theta, raw.rope_parameters.as_ref()).unwrap_or(10000.0);
         let scaling = raw
             .rope_parameters
             .as_ref()

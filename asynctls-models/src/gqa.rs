@@ -268,31 +268,10 @@ impl GqaModel {
 
     /// One decode step for a batch: `tokens[i]` is the next token of
     /// `seqs[i]`. Appends their K/V and returns logits `[batch, vocab]`.
+    /// With `stats`, also measures in every layer how much of the dense
+    /// softmax mass the selection kept and how much of the context it read
+    /// (a dense pass per layer: for evaluation only).
     pub fn decode_step<S: HostReadable>(
-        &self,
-        cache: &mut PagedKvCache<S>,
-        seqs: &[SeqId],
-        tokens: &[u32],
-        plan: &AttentionPlan,
-    ) -> Result<Vec<f32>> {
-        self.decode_step_inner(cache, seqs, tokens, plan, None)
-    }
-
-    /// [`decode_step`](Self::decode_step), also measuring in every layer how
-    /// much of the dense softmax mass the selection kept and how much of the
-    /// context it read (costs a dense pass per layer: for evaluation only).
-    pub fn decode_step_measured<S: HostReadable>(
-        &self,
-        cache: &mut PagedKvCache<S>,
-        seqs: &[SeqId],
-        tokens: &[u32],
-        plan: &AttentionPlan,
-        stats: &mut AttentionStats,
-    ) -> Result<Vec<f32>> {
-        self.decode_step_inner(cache, seqs, tokens, plan, Some(stats))
-    }
-
-    fn decode_step_inner<S: HostReadable>(
         &self,
         cache: &mut PagedKvCache<S>,
         seqs: &[SeqId],

@@ -71,10 +71,7 @@ impl CausalLm for GqaModel {
         plan: &AttentionPlan,
         stats: Option<&mut AttentionStats>,
     ) -> Result<Vec<f32>> {
-        match stats {
-            Some(stats) => self.decode_step_measured(cache, seqs, tokens, plan, stats),
-            None => GqaModel::decode_step(self, cache, seqs, tokens, plan),
-        }
+        GqaModel::decode_step(self, cache, seqs, tokens, plan, stats)
     }
 }
 
