@@ -86,10 +86,11 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
         let dq = stream.clone_htod(&q).unwrap();
         let view = PagedKvView {
             keys: &dk,
-            values: &dv,
+            values: Some(&dv),
             kv_heads,
             block_size: 64,
             head_dim: d,
+            value_dim: d,
             block_table: &dt,
             max_blocks,
             lens: &dl,

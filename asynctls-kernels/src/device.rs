@@ -57,7 +57,19 @@ impl CudaDevice {
             return Err(Error::NoCudaDriver);
         }
         let context = CudaContext::new(ordinal).map_err(|source| Error::CudaOpen { ordinal, source })?;
-        let stream = context.default_stream();
+        // Every kernel runs on the one compute stream, and the copy streams of
+        // the offload engine order themselves with explicit events, so
+        // cudarc's per-buffer event tracking (an event record per kernel
+        // argument, tens of microseconds per launch) buys nothing here.
+        // SAFETY: no buffer exists on this context yet; see above for why no
+        // buffer is used on two streams without an explicit event.
+        unsafe { context.disable_event_tracking() };
+        // A stream of our own rather than the legacy default stream: work on
+        // it can be captured into a CUDA graph (decode steps are replayed as
+        // graphs, so launch overhead does not gate small kernels).
+        let stream = context
+            .new_stream()
+            .map_err(|source| Error::CudaOpen { ordinal, source })?;
         Ok(CudaDevice {
             ordinal,
             context,

@@ -44,6 +44,8 @@ pub enum Error {
     },
     #[error("CUDA driver call failed")]
     Cuda(#[from] cudarc::driver::DriverError),
+    #[error("{0}")]
+    CudaLibrary(String),
     #[error("tensors live on different devices: {lhs} and {rhs}")]
     DeviceMismatch { lhs: String, rhs: String },
 }

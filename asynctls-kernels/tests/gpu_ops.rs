@@ -112,3 +112,38 @@ fn rope_and_embedding_match_cpu() {
     .unwrap();
     assert_eq!(stream.clone_dtoh(&out).unwrap(), want, "embedding");
 }
+
+#[test]
+fn cublas_bf16_matmul_matches_cpu() {
+    let Some(ops) = gpu() else { return };
+    let stream = ops.device().stream().clone();
+    let mut rng = StdRng::from_os_rng();
+    for &(m, k, n) in &[(1usize, 64usize, 96usize), (7, 576, 2048), (33, 4096, 1024)] {
+        let a: Vec<half::bf16> = random(&mut rng, m * k, 1.0)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let b: Vec<half::bf16> = random(&mut rng, n * k, 1.0)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let (af, bf): (Vec<f32>, Vec<f32>) = (
+            a.iter().map(|v| v.to_f32()).collect(),
+            b.iter().map(|v| v.to_f32()).collect(),
+        );
+        let mut want = vec![0.0f32; m * n];
+        cpu::matmul_nt(&af, &bf, &mut want, m, k, n).unwrap();
+        let mut c = stream.clone_htod(&vec![half::bf16::NAN; m * n]).unwrap();
+        ops.matmul_nt_bf16(
+            &stream.clone_htod(&a).unwrap(),
+            &stream.clone_htod(&b).unwrap(),
+            &mut c,
+            m,
+            k,
+            n,
+        )
+        .unwrap();
+        let got: Vec<f32> = stream.clone_dtoh(&c).unwrap().iter().map(|v| v.to_f32()).collect();
+        assert_close(&got, &want, 1e-2, "cublas bf16 matmul_nt");
+    }
+}

@@ -8,7 +8,11 @@ use std::process::Command;
 use crate::{run, Result};
 
 /// (package, integration test) pairs whose tests need a GPU.
-const GPU_TESTS: &[(&str, &str)] = &[("asynctls-kernels", "gpu_ops"), ("asynctls-attn", "gpu_decode")];
+const GPU_TESTS: &[(&str, &str)] = &[
+    ("asynctls-kernels", "gpu_ops"),
+    ("asynctls-attn", "gpu_decode"),
+    ("asynctls-attn", "gpu_sparse"),
+];
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs every GPU test binary in this folder; the last line is the summary.
@@ -20,20 +24,26 @@ passed=0; failed=0; skipped=0
 for t in tests/*; do
     echo "== $t"
     out=$("$t" --test-threads=1 --nocapture 2>&1); rc=$?
-    echo "$out" | grep -E "^test |skipped|panicked|rel err|error" || true
+    echo "$out" | grep -A2 -E "^test |skipped|panicked|rel err|error|differ" | grep -v "^--$" || true
     s=$(echo "$out" | grep -c "skipped: no CUDA device" || true)
     ok=$(echo "$out" | grep -cE "^test .* ok$" || true)
     bad=$(echo "$out" | grep -cE "^test .* FAILED$" || true)
     skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
     if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
 done
-# The attention benchmark and its peer, in the same run.
+# The attention benchmark (GQA: Qwen3-8B, MLA: GLM-4.7-Flash) and its peer,
+# in the same run; BENCH=0 skips it.
 out_dir="${OUT:-/tmp}"
-if [ -x ./asynctls ]; then
-    CTX="${BENCH_CTX:-32768,65536,98304,131072}"; BATCH="${BENCH_BATCH:-1,8}"
-    ./asynctls bench attn --device cuda --ctx "$CTX" --batch "$BATCH" --budget 2048 --reps 50 --json > "$out_dir/attn_cuda.json" \
-        && ./asynctls bench attn --device cuda --ctx "$CTX" --batch "$BATCH" --budget 2048 --reps 50 \
-        && python3 peers/torch_sdpa.py --ctx "$CTX" --batch "$BATCH" --ours "$out_dir/attn_cuda.json" | tee "$out_dir/sdpa.txt"
+if [ -x ./asynctls ] && [ "${BENCH:-1}" != 0 ]; then
+    CTX="${BENCH_CTX:-32768,49152,65536,98304,131072}"; BATCH="${BENCH_BATCH:-1,2,4,8}"; BUDGET="${BENCH_BUDGET:-512,1024,2048}"
+    ./asynctls bench attn --device cuda --shape qwen3-8b --ctx "$CTX" --batch "$BATCH" --budget "$BUDGET" \
+        --reps 30 --json > "$out_dir/attn_gqa.json" \
+        && python3 peers/torch_sdpa.py --ctx "$CTX" --batch "$BATCH" --ours "$out_dir/attn_gqa.json" \
+            --out "$out_dir/gqa_vs_sdpa.json" | tee "$out_dir/gqa_vs_sdpa.txt"
+    ./asynctls bench attn --device cuda --shape glm-4.7-flash --block-topk 256 --ctx "$CTX" --batch "$BATCH" \
+        --budget "$BUDGET" --reps 30 --json > "$out_dir/attn_mla.json" \
+        && python3 peers/torch_sdpa.py --mla --q-heads 20 --ctx "$CTX" --batch "$BATCH" --ours "$out_dir/attn_mla.json" \
+            --out "$out_dir/mla_vs_sdpa.json" | tee "$out_dir/mla_vs_sdpa.txt"
 fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]

@@ -148,46 +148,58 @@ pub fn run(args: AttnArgs) -> Result<()> {
     Ok(())
 }
 
-/// The GPU sweep: GQA shapes only for now (the MLA kernels are not built yet).
+/// The GPU sweep: every shape asked for, dense and tls at each budget.
 fn run_cuda(args: &AttnArgs, gpu: &asynctls_kernels::CudaDevice) -> Result<()> {
-    use asynctls::bench::attn_cuda;
+    use asynctls::bench::attn_cuda::{self, CudaSweep};
     let mut all = Vec::new();
     for (shape, mla) in args.shapes() {
-        if mla {
-            anyhow::bail!(
-                "bench attn on CUDA supports GQA shapes only so far (the MLA decode kernel is not built yet)"
-            );
-        }
+        let label_channels = if mla { 128 } else { 32 }.min(shape.key_dim);
+        let sweep = CudaSweep {
+            shape,
+            mla,
+            label_channels,
+            block_topk: args.block_topk,
+            contexts: args.ctx.clone(),
+            batches: args.batch.clone(),
+            budgets: args.budget.clone(),
+            reps: args.reps.max(20),
+        };
         let bar = ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        let rows = attn_cuda::run(
-            gpu,
-            shape.q_heads,
-            shape.kv_heads,
-            shape.key_dim,
-            &args.ctx,
-            &args.batch,
-            &args.budget,
-            args.reps.max(20),
-            |m| bar.set_message(m.to_string()),
-        )?;
+        let rows = attn_cuda::run(gpu, &sweep, |m| bar.set_message(m.to_string()))?;
         bar.finish_and_clear();
+        let what = if mla { "mla" } else { "gqa" };
         if !args.json {
             println!(
-                "decode attention on {} (cuda): {} q heads, {} kv heads, d {}; HBM floor at {:.1} TB/s",
+                "decode attention on {} (cuda), {what}: {} q heads, {} kv heads, key dim {}, value dim {}, k_b {}, r {}; HBM floor at {:.1} TB/s",
                 gpu.name().unwrap_or_default(),
                 shape.q_heads,
                 shape.kv_heads,
                 shape.key_dim,
+                shape.value_dim,
+                args.block_topk,
+                label_channels,
                 attn_cuda::HBM_BYTES_PER_S / 1e12
             );
             println!(
-                "{:>20} {:>7} {:>5} {:>6} {:>9} {:>6} {:>11} {:>10} {:>8} {:>7}",
-                "kind", "ctx", "batch", "budget", "attended", "splits", "median us", "floor us", "x floor", "TB/s"
+                "{:>6} {:>7} {:>5} {:>6} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7}",
+                "kind",
+                "ctx",
+                "batch",
+                "budget",
+                "attended",
+                "splits",
+                "step us",
+                "select us",
+                "attend us",
+                "floor us",
+                "x floor",
+                "TB/s"
             );
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
             for r in &rows {
                 println!(
-                    "{:>20} {:>7} {:>5} {:>6} {:>9} {:>6} {:>11.1} {:>10.1} {:>8.2} {:>7.2}",
+                    "{:>6} {:>7} {:>5} {:>6} {:>9.0} {:>6} {:>10.1} {:>10} {:>10} {:>10.1} {:>8.2} {:>7.2}",
                     r.kind,
                     r.ctx,
                     r.batch,
@@ -195,13 +207,19 @@ fn run_cuda(args: &AttnArgs, gpu: &asynctls_kernels::CudaDevice) -> Result<()> {
                     r.attended_tokens,
                     r.splits,
                     r.time_us_median,
+                    opt(r.select_us_median),
+                    opt(r.attend_us_median),
                     r.hbm_floor_us,
                     r.floor_ratio,
                     r.achieved_tb_s
                 );
             }
         }
-        all.push(serde_json::json!({"q_heads": shape.q_heads, "kv_heads": shape.kv_heads, "head_dim": shape.key_dim, "rows": rows}));
+        all.push(serde_json::json!({
+            "attention": what, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
+            "key_dim": shape.key_dim, "value_dim": shape.value_dim, "label_channels": label_channels,
+            "rows": rows
+        }));
     }
     if args.json {
         println!(

@@ -1,33 +1,37 @@
 //! The CUDA twins of the CPU ops, from the PTX committed in `ptx/` (built by
 //! `cargo xtask build-ptx` from `cuda/*.cu`). Every launch here has a CPU
 //! reference it is tested against on the GPU machine.
+//!
+//! - this file: loading the modules, and the elementwise ops of the model
+//!   (RMSNorm, SiLU-mul, softmax, RoPE, embedding, argmax);
+//! - [`attention`]: paged decode attention, GQA and MLA, dense or over token lists;
+//! - [`select`]: the two selection stages of sparse decode (block scores and
+//!   top-k_b, label scores and top-k_t);
+//! - [`kv`]: the GPU-resident paged cache and the kernels that append to it;
+//! - [`blas`]: bf16 GEMM through cuBLAS.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
-use half::bf16;
 
 use crate::error::invalid;
 use crate::{CudaDevice, Result};
 
-const ELEMENTWISE_PTX: &str = include_str!("../ptx/elementwise.ptx");
-const DECODE_ATTENTION_PTX: &str = include_str!("../ptx/decode_attention.ptx");
+pub mod attention;
+pub mod blas;
+pub mod kv;
+pub mod select;
 
-/// Query heads per KV head and head dims the decode kernel is instantiated for.
-pub const DECODE_VARIANTS: &[(usize, usize)] = &[
-    (64, 1),
-    (64, 2),
-    (64, 3),
-    (64, 4),
-    (64, 7),
-    (64, 8),
-    (128, 1),
-    (128, 2),
-    (128, 4),
-    (128, 5),
-    (128, 8),
-];
+pub use attention::{DecodeScratch, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
+pub use kv::{GpuKvPool, KvGeometry};
+pub use select::{SelectParams, SelectScratch};
+
+const ELEMENTWISE_PTX: &str = include_str!("../../ptx/elementwise.ptx");
+const DECODE_ATTENTION_PTX: &str = include_str!("../../ptx/decode_attention.ptx");
+const MLA_DECODE_PTX: &str = include_str!("../../ptx/mla_decode.ptx");
+const SPARSE_SELECT_PTX: &str = include_str!("../../ptx/sparse_select.ptx");
+const KV_CACHE_PTX: &str = include_str!("../../ptx/kv_cache.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -35,31 +39,10 @@ pub struct CudaOps {
     device: CudaDevice,
     elementwise: Arc<CudaModule>,
     attention: Arc<CudaModule>,
-}
-
-/// A paged K/V pool on the GPU: `[num_blocks, kv_heads, block_size, head_dim]` bf16 each.
-#[derive(Debug)]
-pub struct PagedKvView<'a> {
-    pub keys: &'a CudaSlice<bf16>,
-    pub values: &'a CudaSlice<bf16>,
-    pub kv_heads: usize,
-    pub block_size: usize,
-    pub head_dim: usize,
-    /// `[batch, max_blocks]` physical block of each logical block.
-    pub block_table: &'a CudaSlice<i32>,
-    pub max_blocks: usize,
-    /// `[batch]` tokens per sequence.
-    pub lens: &'a CudaSlice<i32>,
-}
-
-/// Per (sequence, KV head): the sorted positions to attend (sparse decode).
-#[derive(Debug)]
-pub struct TokenLists<'a> {
-    /// `[batch * kv_heads, max_tokens]`
-    pub tokens: &'a CudaSlice<i32>,
-    /// `[batch * kv_heads]`
-    pub counts: &'a CudaSlice<i32>,
-    pub max_tokens: usize,
+    mla: Arc<CudaModule>,
+    select: Arc<CudaModule>,
+    kv: Arc<CudaModule>,
+    blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
 fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
@@ -77,6 +60,10 @@ impl CudaOps {
             device: device.clone(),
             elementwise: ctx.load_module(Ptx::from_src(ELEMENTWISE_PTX))?,
             attention: ctx.load_module(Ptx::from_src(DECODE_ATTENTION_PTX))?,
+            mla: ctx.load_module(Ptx::from_src(MLA_DECODE_PTX))?,
+            select: ctx.load_module(Ptx::from_src(SPARSE_SELECT_PTX))?,
+            kv: ctx.load_module(Ptx::from_src(KV_CACHE_PTX))?,
+            blas: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -226,106 +213,6 @@ impl CudaOps {
         b.arg(x).arg(&nn).arg(out);
         // SAFETY: as above.
         unsafe { b.launch(rows_config(rows, 256)) }?;
-        Ok(())
-    }
-
-    /// Decode attention for a batch over a paged cache: dense when `lists`
-    /// is `None`, else over each (sequence, KV head)'s token list.
-    /// `q`: `[batch, q_heads, head_dim]`; `out` the same shape.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode_attention(
-        &self,
-        q: &CudaSlice<f32>,
-        kv: &PagedKvView<'_>,
-        lists: Option<&TokenLists<'_>>,
-        q_heads: usize,
-        scale: f32,
-        splits: usize,
-        scratch: &mut DecodeScratch,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let d = kv.head_dim;
-        let batch = kv.lens.len();
-        let group = q_heads / kv.kv_heads.max(1);
-        if !DECODE_VARIANTS.contains(&(d, group)) || q_heads % kv.kv_heads != 0 {
-            return Err(invalid(
-                "decode_attention",
-                format!("no kernel for head dim {d} with {group} query heads per KV head"),
-            ));
-        }
-        if q.len() != batch * q_heads * d || out.len() != q.len() {
-            return Err(invalid(
-                "decode_attention",
-                format!("q/out of {} elements for batch {batch}", q.len()),
-            ));
-        }
-        let rows = batch * q_heads;
-        scratch.ensure(self, rows * splits * d, rows * splits * 2)?;
-        let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}"))?;
-        let stream = self.device.stream();
-        let (kvh, bs, mb) = (kv.kv_heads as i32, kv.block_size as i32, kv.max_blocks as i32);
-        let mt = lists.map_or(0, |l| l.max_tokens as i32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(q).arg(kv.keys).arg(kv.values).arg(kv.block_table).arg(kv.lens);
-        // A null pointer selects the dense path.
-        let null: u64 = 0;
-        match lists {
-            Some(l) => {
-                b.arg(l.tokens).arg(l.counts);
-            }
-            None => {
-                b.arg(&null).arg(&null);
-            }
-        }
-        b.arg(&mut scratch.acc)
-            .arg(&mut scratch.ml)
-            .arg(&kvh)
-            .arg(&bs)
-            .arg(&mb)
-            .arg(&mt)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the pools, tables and lists are laid out as documented and
-        // sized by the caller; splits >= 1.
-        unsafe { b.launch(cfg) }?;
-        let combine = Self::function(&self.attention, "decode_combine")?;
-        let (s, dd) = (splits as i32, d as i32);
-        let mut b = stream.launch_builder(&combine);
-        b.arg(&scratch.acc).arg(&scratch.ml).arg(out).arg(&s).arg(&dd);
-        // SAFETY: as above.
-        unsafe { b.launch(rows_config(rows, 128)) }?;
-        Ok(())
-    }
-}
-
-/// Split-K partials, reused across steps.
-#[derive(Debug)]
-pub struct DecodeScratch {
-    acc: CudaSlice<f32>,
-    ml: CudaSlice<f32>,
-}
-
-impl DecodeScratch {
-    pub fn new(ops: &CudaOps) -> Result<Self> {
-        let stream = ops.device.stream();
-        Ok(DecodeScratch {
-            acc: stream.alloc_zeros(1)?,
-            ml: stream.alloc_zeros(1)?,
-        })
-    }
-
-    fn ensure(&mut self, ops: &CudaOps, acc: usize, ml: usize) -> Result<()> {
-        let stream = ops.device.stream();
-        if self.acc.len() < acc {
-            self.acc = stream.alloc_zeros(acc)?;
-        }
-        if self.ml.len() < ml {
-            self.ml = stream.alloc_zeros(ml)?;
-        }
         Ok(())
     }
 }

@@ -1,0 +1,106 @@
+// Writes into the GPU-resident paged cache, the twins of HostKvStorage's
+// write_token:
+//
+//   kv_append       stores tokens' K (and V) as bf16 and quantizes each
+//                   token's INT4 label from the stored key
+//   kv_block_bounds recomputes the channel-wise max/min of the stored keys
+//                   of whole blocks (after an append, for the blocks it
+//                   touched; a decode step touches one block per sequence)
+//
+// Layouts: keys [num_blocks, kv_heads, B, D] bf16, values [.., DV] bf16 (or
+// null when values are a key prefix, MLA), bounds [num_blocks, kv_heads, 2,
+// D] f32, labels [num_blocks, kv_heads, B, r/2] u8, label_params [..., B, 2]
+// f16, channels [kv_heads, r] i32. slots[i] = physical block * B + slot of
+// token i; new_keys [tokens, kv_heads, D] f32, new_values [tokens, kv_heads, DV].
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define THREADS 128
+#define F16_LIMIT 65504.0f
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : fminf(v, other);
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = scratch[0];
+    for (int w = 1; w < THREADS / 32; w++) r = is_max ? fmaxf(r, scratch[w]) : fminf(r, scratch[w]);
+    return r;
+}
+
+// grid (tokens, kv_heads), THREADS threads; dynamic shared: D floats.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    kv_append(const float* __restrict__ new_keys, const float* __restrict__ new_values, const int* __restrict__ slots,
+              const int* __restrict__ channels, __nv_bfloat16* __restrict__ keys, __nv_bfloat16* __restrict__ values,
+              unsigned char* __restrict__ labels, __half* __restrict__ label_params, int kv_heads, int d, int dv,
+              int r, int block_size) {
+    extern __shared__ float stored[];  // the key as stored (bf16-rounded)
+    __shared__ float scratch[THREADS / 32];
+    const int token = blockIdx.x, head = blockIdx.y;
+    const size_t row = (size_t)slots[token] / block_size * kv_heads * block_size + (size_t)head * block_size +
+                       slots[token] % block_size;
+    for (int c = threadIdx.x; c < d; c += THREADS) {
+        const __nv_bfloat16 k = __float2bfloat16(new_keys[((size_t)token * kv_heads + head) * d + c]);
+        keys[row * d + c] = k;
+        stored[c] = __bfloat162float(k);
+    }
+    if (values != nullptr) {
+        for (int c = threadIdx.x; c < dv; c += THREADS)
+            values[row * dv + c] = __float2bfloat16(new_values[((size_t)token * kv_heads + head) * dv + c]);
+    }
+    __syncthreads();
+    // The label: r picked channels, zero rounded down and scale up to f16 so
+    // every code lands in 0..15 and |x - x^| <= scale / 2.
+    float lo = INFINITY, hi = -INFINITY;
+    for (int c = threadIdx.x; c < r; c += THREADS) {
+        const float v = stored[channels[head * r + c]];
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    lo = block_reduce(lo, false, scratch);
+    hi = block_reduce(hi, true, scratch);
+    const __half zero_h = __float2half_rd(fminf(fmaxf(lo, -F16_LIMIT), F16_LIMIT));
+    const float zero = __half2float(zero_h);
+    // IEEE divisions (__fdiv_rn): the PTX is built with --use_fast_math, and
+    // the codes must come out exactly as the host's.
+    const float step = fminf(fmaxf(__fdiv_rn(fminf(hi, F16_LIMIT) - zero, 15.0f), 1.17549435e-38f), F16_LIMIT);
+    const __half scale_h = __float2half_ru(step);
+    const float scale = __half2float(scale_h);
+    for (int b = threadIdx.x; b < r / 2; b += THREADS) {
+        const float lo_v = stored[channels[head * r + 2 * b]], hi_v = stored[channels[head * r + 2 * b + 1]];
+        const int lo_code = (int)fminf(fmaxf(roundf(__fdiv_rn(lo_v - zero, scale)), 0.0f), 15.0f);
+        const int hi_code = (int)fminf(fmaxf(roundf(__fdiv_rn(hi_v - zero, scale)), 0.0f), 15.0f);
+        labels[row * (r / 2) + b] = (unsigned char)(lo_code | (hi_code << 4));
+    }
+    if (threadIdx.x == 0) {
+        label_params[row * 2] = scale_h;
+        label_params[row * 2 + 1] = zero_h;
+    }
+}
+
+// grid (blocks.len(), kv_heads); fills[i] tokens of physical block blocks[i].
+extern "C" __global__ void __launch_bounds__(THREADS)
+    kv_block_bounds(const __nv_bfloat16* __restrict__ keys, const int* __restrict__ blocks,
+                    const int* __restrict__ fills, float* __restrict__ bounds, int kv_heads, int d, int block_size) {
+    const int block = blocks[blockIdx.x], head = blockIdx.y, fill = fills[blockIdx.x];
+    const size_t base = ((size_t)block * kv_heads + head) * block_size * d;
+    float* max = bounds + ((size_t)block * kv_heads + head) * 2 * d;
+    float* min = max + d;
+    for (int c = threadIdx.x; c < d; c += THREADS) {
+        float mx = -INFINITY, mn = INFINITY;
+        for (int s = 0; s < fill; s++) {
+            const float v = __bfloat162float(keys[base + (size_t)s * d + c]);
+            mx = fmaxf(mx, v);
+            mn = fminf(mn, v);
+        }
+        max[c] = mx;
+        min[c] = mn;
+    }
+}

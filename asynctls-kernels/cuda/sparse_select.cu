@@ -1,0 +1,280 @@
+// The selection stages of two-level sparse decode on the GPU, one kernel per
+// stage so that each has a CPU twin (asynctls-attn's select.rs):
+//
+//   block_scores   Quest's bound of every logical block, reduced over the
+//                  query heads of a group (sum or max)
+//   select_blocks  the top-k_b rankable blocks of each (sequence, KV head),
+//                  in ascending block order
+//   label_scores   INT4 label scores of every token of those blocks
+//   select_tokens  the top-k_t of them, plus the sink and local-window
+//                  tokens, as a sorted token list for decode_attention
+//
+// A "row" is one (sequence, KV head): row = seq * kv_heads + head. Layouts
+// are the host cache's: bounds [num_blocks, kv_heads, 2, D] f32 (max, then
+// min), labels [num_blocks, kv_heads, B, r/2] u8 (low nibble first),
+// label_params [num_blocks, kv_heads, B, 2] f16 (scale, zero), channels
+// [kv_heads, r] i32. q is [batch, kv_heads * G, D] f32.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+#define MAX_LABEL_WORDS 16  // r <= 128 label channels
+
+// The rankable (not forced) logical blocks of a sequence of `len` tokens are
+// [first, last): after the sink, before the local window and partial block.
+__device__ __forceinline__ void rankable_range(int len, int block_size, int sink_blocks, int local_blocks, int* first,
+                                               int* last) {
+    const int num_blocks = (len + block_size - 1) / block_size;
+    const int partial = len % block_size != 0;
+    const int sink = min(sink_blocks, num_blocks);
+    *first = sink;
+    *last = max(num_blocks - local_blocks - partial, sink);
+}
+
+__device__ __forceinline__ float combine(float a, float b, int reduce_max) { return reduce_max ? fmaxf(a, b) : a + b; }
+
+// grid (rows, ceil(max_blocks / WARPS)); one warp per logical block.
+// scores [rows, max_blocks]: the group-reduced bound of every block below
+// the sequence's block count (forced blocks too; select_blocks skips them).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    block_scores(const float* __restrict__ q, const float* __restrict__ bounds, const int* __restrict__ block_table,
+                 const int* __restrict__ lens, float* __restrict__ scores, int kv_heads, int group, int d,
+                 int block_size, int max_blocks, int reduce_max) {
+    extern __shared__ float q_group[];  // [group, d]
+    const int row = blockIdx.x, seq = row / kv_heads, head = row % kv_heads;
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) q_group[i] = q[(size_t)row * group * d + i];
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int logical = blockIdx.y * WARPS + warp;
+    const int num_blocks = (lens[seq] + block_size - 1) / block_size;
+    if (logical >= num_blocks) return;
+    const int physical = block_table[(size_t)seq * max_blocks + logical];
+    const float* max = bounds + ((size_t)physical * kv_heads + head) * 2 * d;
+    const float* min = max + d;
+    float reduced = 0.0f;
+    for (int g = 0; g < group; g++) {
+        const float* qg = q_group + g * d;
+        float s = 0.0f;
+        for (int c = lane; c < d; c += 32) {
+            const float v = qg[c];
+            s += v > 0.0f ? v * max[c] : v * min[c];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        reduced = g == 0 ? s : combine(reduced, s, reduce_max);
+    }
+    if (lane == 0) scores[(size_t)row * max_blocks + logical] = reduced;
+}
+
+// Floats as unsigned integers in the same order.
+__device__ __forceinline__ uint32_t order_key(float f) {
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum of one value per thread (in thread order) over the
+// CTA, and the total. All threads must call it.
+__device__ __forceinline__ int cta_exclusive_scan(int v, int* total) {
+    __shared__ int warp_sums[WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int inclusive = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int other = __shfl_up_sync(0xffffffff, inclusive, o);
+        if (lane >= o) inclusive += other;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();
+    int before = 0, sum = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) {
+        before += w < warp ? warp_sums[w] : 0;
+        sum += warp_sums[w];
+    }
+    __syncthreads();
+    *total = sum;
+    return before + inclusive - v;
+}
+
+// The k largest of scores[0, n), by radix select (8-bit digits, most
+// significant first) on their order keys staged in shared memory (`keys`,
+// n entries); calls emit(index, rank) for each in ascending index order,
+// rank being its position in that order. Ties at the threshold go to the
+// lower indices. Returns how many were emitted. All threads must call it.
+template <typename Emit>
+__device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, uint32_t* keys, Emit emit) {
+    __shared__ int histogram[256];
+    __shared__ int suffix[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_remaining;
+    for (int i = threadIdx.x; i < n; i += THREADS) keys[i] = order_key(scores[i]);
+    if (threadIdx.x == 0) {
+        s_prefix = 0;
+        s_remaining = min(k, n);
+    }
+    __syncthreads();
+    uint32_t threshold = 0;
+    int take_equal = 0;
+    if (n > k) {
+        uint32_t mask = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            histogram[threadIdx.x] = 0;  // THREADS == 256 bins
+            __syncthreads();
+            const uint32_t prefix = s_prefix;
+            for (int base = 0; base < n; base += THREADS) {
+                const int i = base + threadIdx.x;
+                const uint32_t key = i < n ? keys[i] : 0;
+                const bool match = i < n && (key & mask) == prefix;
+                const unsigned voters = __ballot_sync(0xffffffff, match);
+                if (match) {
+                    // One atomic per distinct digit in the warp: most keys
+                    // share their leading digits.
+                    const int digit = (key >> shift) & 255;
+                    const unsigned peers = __match_any_sync(voters, digit);
+                    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&histogram[digit], __popc(peers));
+                }
+            }
+            __syncthreads();
+            // suffix[d] = keys (still matching) with digit >= d.
+            suffix[threadIdx.x] = histogram[threadIdx.x];
+            __syncthreads();
+            for (int o = 1; o < 256; o <<= 1) {
+                const int add = threadIdx.x + o < 256 ? suffix[threadIdx.x + o] : 0;
+                __syncthreads();
+                suffix[threadIdx.x] += add;
+                __syncthreads();
+            }
+            const int remaining = s_remaining;
+            const int above = suffix[threadIdx.x] - histogram[threadIdx.x];
+            __syncthreads();
+            if (above < remaining && suffix[threadIdx.x] >= remaining) {
+                s_prefix = prefix | ((uint32_t)threadIdx.x << shift);
+                s_remaining = remaining - above;
+            }
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        threshold = s_prefix;
+        take_equal = s_remaining;
+    }
+    // Each thread owns a contiguous run of indices, so ranks follow index order.
+    const int per = (n + THREADS - 1) / THREADS;
+    const int begin = min(n, threadIdx.x * per), end = min(n, begin + per);
+    int above = 0, equal = 0;
+    for (int i = begin; i < end; i++) {
+        const uint32_t key = keys[i];
+        above += n <= k || key > threshold;
+        equal += n > k && key == threshold;
+    }
+    int equal_total;
+    const int equal_before = cta_exclusive_scan(equal, &equal_total);
+    const int equal_taken = max(0, min(equal, take_equal - equal_before));
+    int emitted;
+    int rank = cta_exclusive_scan(above + equal_taken, &emitted);
+    int equal_seen = equal_before;
+    for (int i = begin; i < end; i++) {
+        const uint32_t key = keys[i];
+        bool take = n <= k || key > threshold;
+        if (n > k && key == threshold) take = equal_seen++ < take_equal;
+        if (take) emit(i, rank++);
+    }
+    return emitted;
+}
+
+// grid (rows); out_blocks [rows, k], counts [rows]: the selected rankable
+// logical blocks, ascending.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    select_blocks(const float* __restrict__ scores, const int* __restrict__ lens, int* __restrict__ out_blocks,
+                  int* __restrict__ counts, int kv_heads, int block_size, int max_blocks, int k, int sink_blocks,
+                  int local_blocks) {
+    const int row = blockIdx.x, seq = row / kv_heads;
+    int first, last;
+    rankable_range(lens[seq], block_size, sink_blocks, local_blocks, &first, &last);
+    extern __shared__ uint32_t keys[];
+    const float* row_scores = scores + (size_t)row * max_blocks + first;
+    int* out = out_blocks + (size_t)row * k;
+    const int n = top_k_in_order(row_scores, last - first, k, keys, [&](int i, int rank) { out[rank] = first + i; });
+    if (threadIdx.x == 0) counts[row] = n;
+}
+
+// grid (rows, ceil(max_candidates * B / THREADS)); one thread per candidate
+// token. token_scores [rows, max_candidates * B].
+extern "C" __global__ void __launch_bounds__(THREADS)
+    label_scores(const float* __restrict__ q, const unsigned char* __restrict__ labels,
+                 const __half* __restrict__ label_params, const int* __restrict__ channels,
+                 const int* __restrict__ block_table, const int* __restrict__ candidates,
+                 const int* __restrict__ candidate_counts, float* __restrict__ token_scores, int kv_heads, int group,
+                 int d, int r, int block_size, int max_blocks, int max_candidates, int reduce_max) {
+    extern __shared__ float picked[];  // [group, r], then [group] sums
+    float* sums = picked + group * r;
+    const int row = blockIdx.x, seq = row / kv_heads, head = row % kv_heads;
+    for (int i = threadIdx.x; i < group * r; i += blockDim.x) {
+        const int g = i / r, c = i % r;
+        picked[i] = q[((size_t)row * group + g) * d + channels[head * r + c]];
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g < group; g += blockDim.x) {
+        float s = 0.0f;
+        for (int c = 0; c < r; c++) s += picked[g * r + c];
+        sums[g] = s;
+    }
+    __syncthreads();
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
+    const int candidate = i / block_size, slot = i % block_size;
+    if (candidate >= candidate_counts[row]) return;
+    const int logical = candidates[(size_t)row * max_candidates + candidate];
+    const int physical = block_table[(size_t)seq * max_blocks + logical];
+    const size_t token = ((size_t)physical * kv_heads + head) * block_size + slot;
+    // The token's r/2 bytes of codes, as words in registers (r <= 128).
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(labels + token * (r / 2));
+    uint32_t code_words[MAX_LABEL_WORDS];
+#pragma unroll
+    for (int w = 0; w < MAX_LABEL_WORDS; w++) code_words[w] = w < r / 8 ? words[w] : 0u;
+    const float scale = __half2float(label_params[token * 2]);
+    const float zero = __half2float(label_params[token * 2 + 1]);
+    float reduced = 0.0f;
+    for (int g = 0; g < group; g++) {
+        const float* qg = picked + g * r;
+        float dot = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MAX_LABEL_WORDS; w++) {
+            if (w < r / 8) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) dot += qg[8 * w + j] * (float)((code_words[w] >> (4 * j)) & 15u);
+            }
+        }
+        const float s = zero * sums[g] + scale * dot;
+        reduced = g == 0 ? s : combine(reduced, s, reduce_max);
+    }
+    token_scores[(size_t)row * max_candidates * block_size + i] = reduced;
+}
+
+// grid (rows); tokens [rows, max_tokens], token_counts [rows]: the sink
+// tokens, the top-k of the label-scored candidates, the local window and
+// partial block, ascending (the candidate blocks lie between sink and local).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    select_tokens(const float* __restrict__ token_scores, const int* __restrict__ candidates,
+                  const int* __restrict__ candidate_counts, const int* __restrict__ lens, int* __restrict__ tokens,
+                  int* __restrict__ token_counts, int kv_heads, int block_size, int max_candidates, int k,
+                  int sink_blocks, int local_blocks, int max_tokens) {
+    const int row = blockIdx.x, seq = row / kv_heads;
+    const int len = lens[seq];
+    int first, last;
+    rankable_range(len, block_size, sink_blocks, local_blocks, &first, &last);
+    int* out = tokens + (size_t)row * max_tokens;
+    const int sink_tokens = min(first * block_size, len);
+    for (int t = threadIdx.x; t < sink_tokens; t += blockDim.x) out[t] = t;
+    extern __shared__ uint32_t keys[];
+    const int* row_candidates = candidates + (size_t)row * max_candidates;
+    const int n = top_k_in_order(token_scores + (size_t)row * max_candidates * block_size,
+                                 candidate_counts[row] * block_size, k, keys, [&](int i, int rank) {
+                                     out[sink_tokens + rank] =
+                                         row_candidates[i / block_size] * block_size + i % block_size;
+                                 });
+    const int local_start = last * block_size;
+    for (int t = local_start + threadIdx.x; t < len; t += blockDim.x) out[sink_tokens + n + t - local_start] = t;
+    if (threadIdx.x == 0) token_counts[row] = sink_tokens + n + (len - local_start);
+}

@@ -1,0 +1,217 @@
+//! Paged decode attention (split-K flash-decoding): GQA, where a CTA reads
+//! each K/V row of a group once for all its query heads, and MLA in the
+//! absorbed form, where a CTA reads each latent row once for all heads. Dense
+//! over every token, or sparse over per-row token lists (the exact-attention
+//! stage of two-level sparse decode).
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{rows_config, CudaOps};
+use crate::error::invalid;
+use crate::Result;
+
+/// Head dims and query heads per KV head the GQA kernel is instantiated for.
+pub const DECODE_VARIANTS: &[(usize, usize)] = &[
+    (64, 1),
+    (64, 2),
+    (64, 3),
+    (64, 4),
+    (64, 7),
+    (64, 8),
+    (128, 1),
+    (128, 2),
+    (128, 4),
+    (128, 5),
+    (128, 8),
+];
+
+/// The MLA kernel's widths (kv_lora_rank 512 + rope 64, values the first 512)
+/// and the head counts it is instantiated for (GLM-4.7-Flash has 20).
+pub const MLA_KEY_DIM: usize = 576;
+pub const MLA_VALUE_DIM: usize = 512;
+pub const MLA_HEADS: &[usize] = &[16, 20, 32];
+const MLA_TILE: usize = 32;
+
+/// A paged K/V pool on the GPU: `[num_blocks, kv_heads, block_size, head_dim]`
+/// bf16. MLA has no separate values (`values: None`): they are the first
+/// `value_dim` channels of each key row.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKvView<'a> {
+    pub keys: &'a CudaSlice<bf16>,
+    pub values: Option<&'a CudaSlice<bf16>>,
+    pub kv_heads: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+    /// `[batch, max_blocks]` physical block of each logical block.
+    pub block_table: &'a CudaSlice<i32>,
+    pub max_blocks: usize,
+    /// `[batch]` tokens per sequence.
+    pub lens: &'a CudaSlice<i32>,
+}
+
+/// Per (sequence, KV head): the sorted positions to attend (sparse decode).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLists<'a> {
+    /// `[batch * kv_heads, max_tokens]`
+    pub tokens: &'a CudaSlice<i32>,
+    /// `[batch * kv_heads]`
+    pub counts: &'a CudaSlice<i32>,
+    pub max_tokens: usize,
+}
+
+impl CudaOps {
+    /// Decode attention for a batch over a paged cache: dense when `lists`
+    /// is `None`, else over each (sequence, KV head)'s token list.
+    /// `q`: `[batch, q_heads, head_dim]`; `out`: `[batch, q_heads, value_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: &PagedKvView<'_>,
+        lists: Option<&TokenLists<'_>>,
+        q_heads: usize,
+        scale: f32,
+        splits: usize,
+        scratch: &mut DecodeScratch,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (d, dv) = (kv.head_dim, kv.value_dim);
+        let batch = kv.lens.len();
+        let splits = splits.max(1);
+        if kv.kv_heads == 0 || q_heads % kv.kv_heads != 0 {
+            return Err(invalid(
+                "decode_attention",
+                format!("{q_heads} query heads do not divide into {} KV heads", kv.kv_heads),
+            ));
+        }
+        let group = q_heads / kv.kv_heads;
+        if q.len() != batch * q_heads * d || out.len() != batch * q_heads * dv {
+            return Err(invalid(
+                "decode_attention",
+                format!(
+                    "q of {} / out of {} elements for batch {batch}, {q_heads} heads, widths {d}/{dv}",
+                    q.len(),
+                    out.len()
+                ),
+            ));
+        }
+        let rows = batch * q_heads;
+        scratch.ensure(self, rows * splits * dv, rows * splits * 2)?;
+        let stream = self.device.stream();
+        let (bs, mb) = (kv.block_size as i32, kv.max_blocks as i32);
+        let mt = lists.map_or(0, |l| l.max_tokens as i32);
+        // A null pointer selects the dense path.
+        let null: u64 = 0;
+        match kv.values {
+            Some(values) => {
+                if !DECODE_VARIANTS.contains(&(d, group)) || dv != d {
+                    return Err(invalid(
+                        "decode_attention",
+                        format!("no GQA kernel for head dim {d} with {group} query heads per KV head"),
+                    ));
+                }
+                let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}"))?;
+                let kvh = kv.kv_heads as i32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(q).arg(kv.keys).arg(values).arg(kv.block_table).arg(kv.lens);
+                match lists {
+                    Some(l) => b.arg(l.tokens).arg(l.counts),
+                    None => b.arg(&null).arg(&null),
+                };
+                b.arg(&mut scratch.acc)
+                    .arg(&mut scratch.ml)
+                    .arg(&kvh)
+                    .arg(&bs)
+                    .arg(&mb)
+                    .arg(&mt)
+                    .arg(&scale);
+                let cfg = LaunchConfig {
+                    grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the pools, tables and lists are laid out as documented
+                // and sized by the caller.
+                unsafe { b.launch(cfg) }?;
+            }
+            None => {
+                if kv.kv_heads != 1 || d != MLA_KEY_DIM || dv != MLA_VALUE_DIM || !MLA_HEADS.contains(&q_heads) {
+                    return Err(invalid(
+                        "decode_attention",
+                        format!(
+                            "no MLA kernel for {} KV heads, widths {d}/{dv}, {q_heads} heads (have 1 KV head, \
+                             {MLA_KEY_DIM}/{MLA_VALUE_DIM}, heads {MLA_HEADS:?})",
+                            kv.kv_heads
+                        ),
+                    ));
+                }
+                let f = Self::function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
+                // q, probabilities, running max/sum/correction, and the staged
+                // tile of rows padded by two bf16 pairs.
+                let shared =
+                    ((q_heads * d + q_heads * MLA_TILE + 3 * q_heads).next_multiple_of(4) + MLA_TILE * (d / 2 + 2)) * 4;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(q).arg(kv.keys).arg(kv.block_table).arg(kv.lens);
+                match lists {
+                    Some(l) => b.arg(l.tokens).arg(l.counts),
+                    None => b.arg(&null).arg(&null),
+                };
+                b.arg(&mut scratch.acc)
+                    .arg(&mut scratch.ml)
+                    .arg(&bs)
+                    .arg(&mb)
+                    .arg(&mt)
+                    .arg(&scale);
+                let cfg = LaunchConfig {
+                    grid_dim: (batch as u32, splits as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                // SAFETY: as above; the shared size was allowed just before.
+                unsafe { b.launch(cfg) }?;
+            }
+        }
+        let combine = Self::function(&self.attention, "decode_combine")?;
+        let (s, dd) = (splits as i32, dv as i32);
+        let mut b = stream.launch_builder(&combine);
+        b.arg(&scratch.acc).arg(&scratch.ml).arg(out).arg(&s).arg(&dd);
+        // SAFETY: as above.
+        unsafe { b.launch(rows_config(rows, 128)) }?;
+        Ok(())
+    }
+}
+
+/// Split-K partials, reused across steps.
+#[derive(Debug)]
+pub struct DecodeScratch {
+    acc: CudaSlice<f32>,
+    ml: CudaSlice<f32>,
+}
+
+impl DecodeScratch {
+    pub fn new(ops: &CudaOps) -> Result<Self> {
+        let stream = ops.device.stream();
+        Ok(DecodeScratch {
+            acc: stream.alloc_zeros(1)?,
+            ml: stream.alloc_zeros(1)?,
+        })
+    }
+
+    fn ensure(&mut self, ops: &CudaOps, acc: usize, ml: usize) -> Result<()> {
+        let stream = ops.device.stream();
+        if self.acc.len() < acc {
+            self.acc = stream.alloc_zeros(acc)?;
+        }
+        if self.ml.len() < ml {
+            self.ml = stream.alloc_zeros(ml)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! The GPU-resident paged cache of one layer, laid out exactly like the host
+//! cache (asynctls-kvcache's `HostKvStorage`, bf16), and the kernels that
+//! write it: `append` stores tokens' K/V and INT4 labels, `refresh_bounds`
+//! recomputes the key min/max of the blocks an append touched.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::{CudaOps, PagedKvView};
+use crate::error::invalid;
+use crate::Result;
+
+/// The geometry of a GPU pool (one layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub num_blocks: usize,
+    pub kv_heads: usize,
+    pub block_size: usize,
+    pub key_dim: usize,
+    /// Width of the values; for MLA (`separate_values == false`) the first
+    /// `value_dim` key channels.
+    pub value_dim: usize,
+    pub separate_values: bool,
+    /// r: key channels per token in the INT4 labels (a multiple of 8).
+    pub label_channels: usize,
+}
+
+impl KvGeometry {
+    fn tokens(&self) -> usize {
+        self.num_blocks * self.kv_heads * self.block_size
+    }
+
+    /// Bytes the pool holds on the GPU.
+    pub fn bytes(&self) -> usize {
+        let t = self.tokens();
+        let values = if self.separate_values { self.value_dim } else { 0 };
+        t * (self.key_dim + values) * 2
+            + self.num_blocks * self.kv_heads * 2 * self.key_dim * 4
+            + t * (self.label_channels / 2 + 4)
+    }
+}
+
+/// One layer's K/V, block bounds and labels on the GPU.
+#[derive(Debug)]
+pub struct GpuKvPool {
+    pub geometry: KvGeometry,
+    /// `[num_blocks, kv_heads, block_size, key_dim]`
+    pub keys: CudaSlice<bf16>,
+    /// `[num_blocks, kv_heads, block_size, value_dim]`, GQA only.
+    pub values: Option<CudaSlice<bf16>>,
+    /// `[num_blocks, kv_heads, 2, key_dim]`: max, then min.
+    pub bounds: CudaSlice<f32>,
+    /// `[num_blocks, kv_heads, block_size, r / 2]`, low nibble first.
+    pub labels: CudaSlice<u8>,
+    /// `[num_blocks, kv_heads, block_size, 2]`: scale, zero.
+    pub label_params: CudaSlice<f16>,
+    /// `[kv_heads, r]`: the key channels each head's labels keep.
+    pub channels: CudaSlice<i32>,
+}
+
+impl GpuKvPool {
+    /// A zeroed pool; `channels` holds `r` channel indices per KV head.
+    pub fn new(ops: &CudaOps, geometry: KvGeometry, channels: &[u16]) -> Result<Self> {
+        let g = geometry;
+        if g.label_channels == 0 || g.label_channels % 8 != 0 || g.label_channels > g.key_dim {
+            return Err(invalid(
+                "gpu kv pool",
+                format!(
+                    "{} label channels (need a positive multiple of 8 up to the key dim)",
+                    g.label_channels
+                ),
+            ));
+        }
+        if g.key_dim % 8 != 0 || g.value_dim > g.key_dim && !g.separate_values {
+            return Err(invalid(
+                "gpu kv pool",
+                format!("key dim {} / value dim {}", g.key_dim, g.value_dim),
+            ));
+        }
+        if channels.len() != g.kv_heads * g.label_channels || channels.iter().any(|&c| c as usize >= g.key_dim) {
+            return Err(invalid(
+                "gpu kv pool",
+                format!(
+                    "{} label channel indices for {} heads of {} (each below {})",
+                    channels.len(),
+                    g.kv_heads,
+                    g.label_channels,
+                    g.key_dim
+                ),
+            ));
+        }
+        let stream = ops.device.stream();
+        let t = g.tokens();
+        let channels: Vec<i32> = channels.iter().map(|&c| c as i32).collect();
+        Ok(GpuKvPool {
+            geometry: g,
+            keys: stream.alloc_zeros(t * g.key_dim)?,
+            values: if g.separate_values {
+                Some(stream.alloc_zeros(t * g.value_dim)?)
+            } else {
+                None
+            },
+            bounds: stream.alloc_zeros(g.num_blocks * g.kv_heads * 2 * g.key_dim)?,
+            labels: stream.alloc_zeros(t * g.label_channels / 2)?,
+            label_params: stream.alloc_zeros(t * 2)?,
+            channels: stream.clone_htod(&channels)?,
+        })
+    }
+
+    /// The pool as the attention kernels read it, for sequences with this
+    /// block table (`[batch, max_blocks]`) and lengths.
+    pub fn view<'a>(
+        &'a self,
+        block_table: &'a CudaSlice<i32>,
+        max_blocks: usize,
+        lens: &'a CudaSlice<i32>,
+    ) -> PagedKvView<'a> {
+        let g = self.geometry;
+        PagedKvView {
+            keys: &self.keys,
+            values: self.values.as_ref(),
+            kv_heads: g.kv_heads,
+            block_size: g.block_size,
+            head_dim: g.key_dim,
+            value_dim: g.value_dim,
+            block_table,
+            max_blocks,
+            lens,
+        }
+    }
+}
+
+impl CudaOps {
+    /// Stores tokens: `keys` `[n, kv_heads, key_dim]`, `values` `[n, kv_heads,
+    /// value_dim]` (ignored for MLA), token `i` into pool slot `slots[i]`
+    /// (physical block * block_size + slot). Quantizes each token's label from
+    /// its stored key. Block bounds are not touched: call `refresh_bounds`.
+    pub fn append(
+        &self,
+        pool: &mut GpuKvPool,
+        keys: &CudaSlice<f32>,
+        values: Option<&CudaSlice<f32>>,
+        slots: &CudaSlice<i32>,
+    ) -> Result<()> {
+        let g = pool.geometry;
+        let n = slots.len();
+        let want_values = g.separate_values;
+        if keys.len() != n * g.kv_heads * g.key_dim
+            || want_values && values.is_none_or(|v| v.len() != n * g.kv_heads * g.value_dim)
+        {
+            return Err(invalid(
+                "kv append",
+                format!(
+                    "keys/values for {n} tokens of {} heads do not match the pool",
+                    g.kv_heads
+                ),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = Self::function(&self.kv, "kv_append")?;
+        let (h, d, dv, r, bs) = (
+            g.kv_heads as i32,
+            g.key_dim as i32,
+            g.value_dim as i32,
+            g.label_channels as i32,
+            g.block_size as i32,
+        );
+        let null: u64 = 0;
+        let stream = self.device.stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(keys);
+        match (values, want_values) {
+            (Some(v), true) => b.arg(v),
+            _ => b.arg(&null),
+        };
+        b.arg(slots).arg(&pool.channels).arg(&mut pool.keys);
+        match pool.values.as_mut() {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&mut pool.labels)
+            .arg(&mut pool.label_params)
+            .arg(&h)
+            .arg(&d)
+            .arg(&dv)
+            .arg(&r)
+            .arg(&bs);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, g.kv_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (g.key_dim * 4) as u32,
+        };
+        // SAFETY: lengths checked above; slots are the caller's (in range of the pool).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Recomputes the key max/min of `blocks` (physical) over their first
+    /// `fills[i]` tokens.
+    pub fn refresh_bounds(&self, pool: &mut GpuKvPool, blocks: &CudaSlice<i32>, fills: &CudaSlice<i32>) -> Result<()> {
+        let g = pool.geometry;
+        if blocks.len() != fills.len() {
+            return Err(invalid(
+                "refresh bounds",
+                format!("{} blocks but {} fills", blocks.len(), fills.len()),
+            ));
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let f = Self::function(&self.kv, "kv_block_bounds")?;
+        let (h, d, bs) = (g.kv_heads as i32, g.key_dim as i32, g.block_size as i32);
+        let stream = self.device.stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&pool.keys)
+            .arg(blocks)
+            .arg(fills)
+            .arg(&mut pool.bounds)
+            .arg(&h)
+            .arg(&d)
+            .arg(&bs);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.len() as u32, g.kv_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
