@@ -184,23 +184,49 @@ DECODE_KERNEL(128, 5)
 DECODE_KERNEL(128, 8)
 
 // out[row, :] = sum_s acc[row, s, :] * exp(m_s - M) / sum_s l_s * exp(m_s - M).
-// One block per (sequence, query head) row.
-extern "C" __global__ void decode_combine(const float* partial_acc, const float* partial_ml, float* out, int splits,
-                                          int d) {
+// grid (rows, ceil(d / COMBINE_THREADS)): each CTA computes the split weights
+// of its row once into shared memory (dynamic: `splits` floats), then each
+// thread merges one channel over the splits (reads coalesced across threads).
+#define COMBINE_THREADS 128
+
+__device__ __forceinline__ float combine_reduce(float v, bool is_max, float* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = scratch[0];
+    for (int w = 1; w < COMBINE_THREADS / 32; w++) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
+    decode_combine(const float* __restrict__ partial_acc, const float* __restrict__ partial_ml,
+                   float* __restrict__ out, int splits, int d) {
+    extern __shared__ float weights[];
+    __shared__ float scratch[COMBINE_THREADS / 32];
     const size_t row = blockIdx.x;
+    const float* ml = partial_ml + row * splits * 2;
     float mx = -INFINITY;
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, partial_ml[(row * splits + s) * 2]);
+    for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) mx = fmaxf(mx, ml[2 * s]);
+    mx = combine_reduce(mx, true, scratch);
     float denom = 0.0f;
+    for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) {
+        const float m = ml[2 * s];
+        const float w = m == -INFINITY ? 0.0f : __expf(m - mx);
+        weights[s] = w;
+        denom += ml[2 * s + 1] * w;
+    }
+    denom = combine_reduce(denom, false, scratch);  // its barriers also publish `weights`
+    const int i = blockIdx.y * COMBINE_THREADS + threadIdx.x;
+    if (i >= d) return;
+    float a = 0.0f;
     for (int s = 0; s < splits; s++) {
-        const float ms = partial_ml[(row * splits + s) * 2];
-        if (ms != -INFINITY) denom += partial_ml[(row * splits + s) * 2 + 1] * __expf(ms - mx);
+        const float w = weights[s];
+        if (w != 0.0f) a += partial_acc[(row * splits + s) * d + i] * w;
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float ms = partial_ml[(row * splits + s) * 2];
-            if (ms != -INFINITY) a += partial_acc[(row * splits + s) * d + i] * __expf(ms - mx);
-        }
-        out[row * d + i] = denom > 0.0f ? a / denom : 0.0f;
-    }
+    out[row * d + i] = denom > 0.0f ? a / denom : 0.0f;
 }

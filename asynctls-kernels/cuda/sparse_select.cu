@@ -21,6 +21,10 @@
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
+// The top-k kernels run one CTA per row; with few rows (batch 1) the GPU is
+// otherwise idle, so each takes as many threads as a CTA can have.
+#define TOPK_THREADS 1024
+#define TOPK_WARPS (TOPK_THREADS / 32)
 #define MAX_LABEL_WORDS 16  // r <= 128 label channels
 
 // The rankable (not forced) logical blocks of a sequence of `len` tokens are
@@ -54,13 +58,26 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int physical = block_table[(size_t)seq * max_blocks + logical];
     const float* max = bounds + ((size_t)physical * kv_heads + head) * 2 * d;
     const float* min = max + d;
+    // The lane's channels of the bounds, read once for all heads (d <= 576).
+    constexpr int MAX_PER_LANE = 18;
+    float lane_max[MAX_PER_LANE], lane_min[MAX_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < MAX_PER_LANE; j++) {
+        const int c = lane + 32 * j;
+        lane_max[j] = c < d ? max[c] : 0.0f;
+        lane_min[j] = c < d ? min[c] : 0.0f;
+    }
     float reduced = 0.0f;
     for (int g = 0; g < group; g++) {
         const float* qg = q_group + g * d;
         float s = 0.0f;
-        for (int c = lane; c < d; c += 32) {
-            const float v = qg[c];
-            s += v > 0.0f ? v * max[c] : v * min[c];
+#pragma unroll
+        for (int j = 0; j < MAX_PER_LANE; j++) {
+            const int c = lane + 32 * j;
+            if (c < d) {
+                const float v = qg[c];
+                s += v > 0.0f ? v * lane_max[j] : v * lane_min[j];
+            }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
@@ -78,7 +95,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 // Exclusive prefix sum of one value per thread (in thread order) over the
 // CTA, and the total. All threads must call it.
 __device__ __forceinline__ int cta_exclusive_scan(int v, int* total) {
-    __shared__ int warp_sums[WARPS];
+    __shared__ int warp_sums[TOPK_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int inclusive = v;
 #pragma unroll
@@ -90,7 +107,7 @@ __device__ __forceinline__ int cta_exclusive_scan(int v, int* total) {
     __syncthreads();
     int before = 0, sum = 0;
 #pragma unroll
-    for (int w = 0; w < WARPS; w++) {
+    for (int w = 0; w < TOPK_WARPS; w++) {
         before += w < warp ? warp_sums[w] : 0;
         sum += warp_sums[w];
     }
@@ -107,10 +124,9 @@ __device__ __forceinline__ int cta_exclusive_scan(int v, int* total) {
 template <typename Emit>
 __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, uint32_t* keys, Emit emit) {
     __shared__ int histogram[256];
-    __shared__ int suffix[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_remaining;
-    for (int i = threadIdx.x; i < n; i += THREADS) keys[i] = order_key(scores[i]);
+    for (int i = threadIdx.x; i < n; i += TOPK_THREADS) keys[i] = order_key(scores[i]);
     if (threadIdx.x == 0) {
         s_prefix = 0;
         s_remaining = min(k, n);
@@ -121,10 +137,10 @@ __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, ui
     if (n > k) {
         uint32_t mask = 0;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            histogram[threadIdx.x] = 0;  // THREADS == 256 bins
+            if (threadIdx.x < 256) histogram[threadIdx.x] = 0;
             __syncthreads();
             const uint32_t prefix = s_prefix;
-            for (int base = 0; base < n; base += THREADS) {
+            for (int base = 0; base < n; base += TOPK_THREADS) {
                 const int i = base + threadIdx.x;
                 const uint32_t key = i < n ? keys[i] : 0;
                 const bool match = i < n && (key & mask) == prefix;
@@ -138,22 +154,36 @@ __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, ui
                 }
             }
             __syncthreads();
-            // suffix[d] = keys (still matching) with digit >= d.
-            suffix[threadIdx.x] = histogram[threadIdx.x];
-            __syncthreads();
-            for (int o = 1; o < 256; o <<= 1) {
-                const int add = threadIdx.x + o < 256 ? suffix[threadIdx.x + o] : 0;
-                __syncthreads();
-                suffix[threadIdx.x] += add;
-                __syncthreads();
+            // The digit where the count from the top reaches `remaining`: the
+            // first warp scans the 256 bins from the top, 8 per lane.
+            if (threadIdx.x < 32) {
+                const int lane = threadIdx.x;
+                int bins[8], mine = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    bins[j] = histogram[255 - (lane * 8 + j)];
+                    mine += bins[j];
+                }
+                int inclusive = mine;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const int other = __shfl_up_sync(0xffffffff, inclusive, o);
+                    if (lane >= o) inclusive += other;
+                }
+                const int remaining = s_remaining;
+                int above = inclusive - mine;  // keys in higher digits than this lane's bins
+                if (above < remaining && inclusive >= remaining) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        if (above < remaining && above + bins[j] >= remaining) {
+                            s_prefix = prefix | ((uint32_t)(255 - (lane * 8 + j)) << shift);
+                            s_remaining = remaining - above;
+                        }
+                        above += bins[j];
+                    }
+                }
             }
-            const int remaining = s_remaining;
-            const int above = suffix[threadIdx.x] - histogram[threadIdx.x];
             __syncthreads();
-            if (above < remaining && suffix[threadIdx.x] >= remaining) {
-                s_prefix = prefix | ((uint32_t)threadIdx.x << shift);
-                s_remaining = remaining - above;
-            }
             mask |= 255u << shift;
             __syncthreads();
         }
@@ -161,7 +191,7 @@ __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, ui
         take_equal = s_remaining;
     }
     // Each thread owns a contiguous run of indices, so ranks follow index order.
-    const int per = (n + THREADS - 1) / THREADS;
+    const int per = (n + TOPK_THREADS - 1) / TOPK_THREADS;
     const int begin = min(n, threadIdx.x * per), end = min(n, begin + per);
     int above = 0, equal = 0;
     for (int i = begin; i < end; i++) {
@@ -186,7 +216,7 @@ __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, ui
 
 // grid (rows); out_blocks [rows, k], counts [rows]: the selected rankable
 // logical blocks, ascending.
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     select_blocks(const float* __restrict__ scores, const int* __restrict__ lens, int* __restrict__ out_blocks,
                   int* __restrict__ counts, int kv_heads, int block_size, int max_blocks, int k, int sink_blocks,
                   int local_blocks) {
@@ -242,8 +272,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
         for (int w = 0; w < MAX_LABEL_WORDS; w++) {
             if (w < r / 8) {
-#pragma unroll
-                for (int j = 0; j < 8; j++) dot += qg[8 * w + j] * (float)((code_words[w] >> (4 * j)) & 15u);
+                const float4 lo = reinterpret_cast<const float4*>(qg)[2 * w];
+                const float4 hi = reinterpret_cast<const float4*>(qg)[2 * w + 1];
+                const uint32_t cw = code_words[w];
+                dot += lo.x * (float)(cw & 15u) + lo.y * (float)((cw >> 4) & 15u) + lo.z * (float)((cw >> 8) & 15u) +
+                       lo.w * (float)((cw >> 12) & 15u) + hi.x * (float)((cw >> 16) & 15u) +
+                       hi.y * (float)((cw >> 20) & 15u) + hi.z * (float)((cw >> 24) & 15u) + hi.w * (float)(cw >> 28);
             }
         }
         const float s = zero * sums[g] + scale * dot;
@@ -255,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // grid (rows); tokens [rows, max_tokens], token_counts [rows]: the sink
 // tokens, the top-k of the label-scored candidates, the local window and
 // partial block, ascending (the candidate blocks lie between sink and local).
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     select_tokens(const float* __restrict__ token_scores, const int* __restrict__ candidates,
                   const int* __restrict__ candidate_counts, const int* __restrict__ lens, int* __restrict__ tokens,
                   int* __restrict__ token_counts, int kv_heads, int block_size, int max_candidates, int k,
@@ -266,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     rankable_range(len, block_size, sink_blocks, local_blocks, &first, &last);
     int* out = tokens + (size_t)row * max_tokens;
     const int sink_tokens = min(first * block_size, len);
-    for (int t = threadIdx.x; t < sink_tokens; t += blockDim.x) out[t] = t;
+    for (int t = threadIdx.x; t < sink_tokens; t += TOPK_THREADS) out[t] = t;
     extern __shared__ uint32_t keys[];
     const int* row_candidates = candidates + (size_t)row * max_candidates;
     const int n = top_k_in_order(token_scores + (size_t)row * max_candidates * block_size,
@@ -275,6 +309,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                                          row_candidates[i / block_size] * block_size + i % block_size;
                                  });
     const int local_start = last * block_size;
-    for (int t = local_start + threadIdx.x; t < len; t += blockDim.x) out[sink_tokens + n + t - local_start] = t;
+    for (int t = local_start + threadIdx.x; t < len; t += TOPK_THREADS) out[sink_tokens + n + t - local_start] = t;
     if (threadIdx.x == 0) token_counts[row] = sink_tokens + n + (len - local_start);
 }

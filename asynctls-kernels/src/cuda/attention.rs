@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{rows_config, CudaOps};
+use super::CudaOps;
 use crate::error::invalid;
 use crate::Result;
 
@@ -33,6 +33,20 @@ pub const MLA_KEY_DIM: usize = 576;
 pub const MLA_VALUE_DIM: usize = 512;
 pub const MLA_HEADS: &[usize] = &[16, 20, 32];
 const MLA_TILE: usize = 32;
+const COMBINE_THREADS: u32 = 128;
+/// Splits of one row's tokens the combine step merges (their weights sit in shared memory).
+pub const MAX_SPLITS: usize = 8192;
+
+/// A split count for a step: enough CTAs to give every SM about four, but
+/// no split shorter than `min_tokens` (128 for GQA; 32, one tile, for MLA,
+/// whose CTAs are compute-bound and serve every head).
+pub fn decode_splits(ctas_per_split: usize, tokens: usize, mla: bool, sms: usize) -> usize {
+    let min_tokens = if mla { MLA_TILE } else { 128 };
+    (4 * sms)
+        .div_ceil(ctas_per_split.max(1))
+        .clamp(1, (tokens / min_tokens).max(1))
+        .min(MAX_SPLITS)
+}
 
 /// A paged K/V pool on the GPU: `[num_blocks, kv_heads, block_size, head_dim]`
 /// bf16. MLA has no separate values (`values: None`): they are the first
@@ -81,6 +95,12 @@ impl CudaOps {
         let (d, dv) = (kv.head_dim, kv.value_dim);
         let batch = kv.lens.len();
         let splits = splits.max(1);
+        if splits > MAX_SPLITS {
+            return Err(invalid(
+                "decode_attention",
+                format!("{splits} splits (at most {MAX_SPLITS})"),
+            ));
+        }
         if kv.kv_heads == 0 || q_heads % kv.kv_heads != 0 {
             return Err(invalid(
                 "decode_attention",
@@ -182,8 +202,13 @@ impl CudaOps {
         let (s, dd) = (splits as i32, dv as i32);
         let mut b = stream.launch_builder(&combine);
         b.arg(&scratch.acc).arg(&scratch.ml).arg(out).arg(&s).arg(&dd);
-        // SAFETY: as above.
-        unsafe { b.launch(rows_config(rows, 128)) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, (dv as u32).div_ceil(COMBINE_THREADS), 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: (splits * 4) as u32,
+        };
+        // SAFETY: as above; `splits` weights fit the shared memory (checked).
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 }

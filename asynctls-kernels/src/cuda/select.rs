@@ -12,11 +12,15 @@ use crate::error::invalid;
 use crate::Result;
 
 const THREADS: u32 = 256;
+/// Threads of the top-k kernels (one CTA per row).
+const TOPK_THREADS: u32 = 1024;
 /// Query heads per KV head the label kernel accepts.
 pub const MAX_SELECT_GROUP: usize = 32;
 /// Items one top-k can rank (staged in shared memory): logical blocks of a
 /// sequence for top-k_b, k_b * block_size candidates for top-k_t.
 pub const MAX_TOPK_ITEMS: usize = 32768;
+/// Key channels the block-bound kernel holds in registers (18 per lane).
+pub const MAX_SELECT_KEY_DIM: usize = 576;
 /// Label channels the label kernel holds in registers.
 pub const MAX_LABEL_CHANNELS: usize = 128;
 
@@ -158,6 +162,12 @@ impl CudaOps {
                 ),
             ));
         }
+        if g.key_dim > MAX_SELECT_KEY_DIM {
+            return Err(invalid(
+                "sparse_select",
+                format!("key dim {} (the block kernel holds at most {MAX_SELECT_KEY_DIM} per warp)", g.key_dim),
+            ));
+        }
         if g.label_channels > MAX_LABEL_CHANNELS {
             return Err(invalid(
                 "sparse_select",
@@ -290,7 +300,7 @@ fn allow_shared(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<u32> {
 fn with_shared(rows: usize, shared: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (TOPK_THREADS, 1, 1),
         shared_mem_bytes: shared,
     }
 }

@@ -12,6 +12,7 @@
 
 use anyhow::{bail, Context, Result};
 use asynctls_attn::AttnShape;
+use asynctls_kernels::cuda::attention::decode_splits;
 use asynctls_kernels::cuda::TokenLists;
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, GpuKvPool, KvGeometry, SelectParams, SelectScratch};
 use asynctls_kernels::CudaDevice;
@@ -167,6 +168,10 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
         ctx: device.context().clone(),
     };
     let shape = sweep.shape;
+    let sms = device
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+        as usize;
     let mut scratch = DecodeScratch::new(&ops)?;
     let mut select_scratch = SelectScratch::new(&ops)?;
     let mut rng = StdRng::seed_from_u64(7);
@@ -218,8 +223,7 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
                     reduce_max: false,
                 });
                 let attended_max = budget.map_or(seq_len, |b| b + 3 * BLOCK);
-                // About four CTAs per SM (132 SMs), each with at least 128 tokens.
-                let splits = 528usize.div_ceil(ctas).clamp(1, (attended_max / 128).max(1));
+                let splits = decode_splits(ctas, attended_max, sweep.mla, sms);
                 let select = |scratch: &mut SelectScratch| -> Result<()> {
                     if let Some(p) = params.as_ref() {
                         ops.sparse_select(&q, &pool, &table, blocks_per_seq, &lens, shape.q_heads, p, scratch)?;
