@@ -165,7 +165,10 @@ impl CudaOps {
         if g.key_dim > MAX_SELECT_KEY_DIM {
             return Err(invalid(
                 "sparse_select",
-                format!("key dim {} (the block kernel holds at most {MAX_SELECT_KEY_DIM} per warp)", g.key_dim),
+                format!(
+                    "key dim {} (the block kernel holds at most {MAX_SELECT_KEY_DIM} per warp)",
+                    g.key_dim
+                ),
             ));
         }
         if g.label_channels > MAX_LABEL_CHANNELS {
