@@ -1,6 +1,7 @@
 //! The CUDA decode-attention kernel against the CPU decode (its twin) on
 //! fresh random caches: dense, and over the token lists that the CPU's
-//! two-level selection chose. bf16 K/V on both sides, f32 accumulation;
+//! two-level selection chose, also through per-(sequence, head) slot tables
+//! as the offload engine lays them out. bf16 K/V on both sides, f32 accumulation;
 //! relative L2 error <= 1e-3. Prints `skipped: no CUDA device` without a GPU.
 
 use asynctls_attn::metrics::relative_l2;
@@ -92,6 +93,7 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
             head_dim: d,
             value_dim: d,
             block_table: &dt,
+            table_per_row: false,
             max_blocks,
             lens: &dl,
         };
@@ -127,6 +129,50 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
                 counts: c,
                 max_tokens: *m,
             });
+            // The same pools re-laid per (sequence, KV head) into slots, as
+            // the offload engine's resident pool holds them, read through a
+            // table per row: the same output.
+            let rows = lens.len() * kv_heads;
+            let unit = 64 * d;
+            let mut slot_k = vec![bf16::ZERO; rows * max_blocks * unit];
+            let mut slot_v = slot_k.clone();
+            let mut slot_table = vec![0i32; rows * max_blocks];
+            for (i, t) in tables.iter().enumerate() {
+                for h in 0..kv_heads {
+                    let row = i * kv_heads + h;
+                    for (j, b) in t.blocks().iter().enumerate() {
+                        // Slots in reverse so slot order differs from block order.
+                        let slot = rows * max_blocks - 1 - (row * max_blocks + j);
+                        slot_table[row * max_blocks + j] = slot as i32;
+                        let from = (b.index() * kv_heads + h) * unit;
+                        slot_k[slot * unit..(slot + 1) * unit].copy_from_slice(&k_pool[from..from + unit]);
+                        slot_v[slot * unit..(slot + 1) * unit].copy_from_slice(&v_pool[from..from + unit]);
+                    }
+                }
+            }
+            let (dsk, dsv) = (stream.clone_htod(&slot_k).unwrap(), stream.clone_htod(&slot_v).unwrap());
+            let dst = stream.clone_htod(&slot_table).unwrap();
+            let slot_view = PagedKvView {
+                keys: &dsk,
+                values: Some(&dsv),
+                block_table: &dst,
+                table_per_row: true,
+                ..view
+            };
+            let mut via_slots = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
+            ops.decode_attention(
+                &dq,
+                &slot_view,
+                lists_view.as_ref(),
+                q_heads,
+                shape.scale,
+                5,
+                &mut scratch,
+                &mut via_slots,
+            )
+            .unwrap();
+            let err = relative_l2(&stream.clone_dtoh(&via_slots).unwrap(), &want);
+            assert!(err <= 1e-3, "{policy} per-row slot tables: rel err {err}");
             for splits in [1usize, 7, 32] {
                 let mut out = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
                 ops.decode_attention(

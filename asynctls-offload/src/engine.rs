@@ -1,6 +1,6 @@
 //! The engine: which units are resident where, what to copy, what to evict.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Serialize;
 
@@ -73,29 +73,68 @@ pub struct Acquired {
     pub slots: Vec<Slot>,
 }
 
+const NONE: u32 = u32::MAX;
+
+/// One layer's residency, in arrays indexed by unit (`block * kv_heads +
+/// head`) or by slot, so a step over thousands of units costs array reads.
 #[derive(Debug)]
 struct LayerState {
-    slot_of: HashMap<Unit, Slot>,
-    unit_of: Vec<Option<Unit>>,
+    /// Slot of each host unit, or NONE.
+    slot_of: Vec<u32>,
+    /// Unit (index) in each slot, or NONE.
+    unit_of: Vec<u32>,
     free: Vec<Slot>,
-    stats: HashMap<Unit, UnitStats>,
-    /// Units whose fetch (or flush) has not been seen complete: ticket ids.
-    fetching: HashMap<Unit, usize>,
-    flushing: HashMap<Unit, usize>,
-    /// Units the current step's attention reads.
-    pinned: HashSet<Unit>,
+    stats: Vec<UnitStats>,
+    /// Ticket id of the copy into (fetch) or out of (flush) each slot that
+    /// has not been seen complete, or NONE.
+    fetching: Vec<u32>,
+    flushing: Vec<u32>,
+    /// Slots with a copy not yet seen complete.
+    busy: Vec<Slot>,
+    /// A slot is pinned (read by the current step) when its mark equals `pin_epoch`.
+    pinned: Vec<u64>,
+    pin_epoch: u64,
+    pinned_count: usize,
+    /// Scratch marks for the units a prefetch protects.
+    protected: Vec<u64>,
+    protect_epoch: u64,
 }
 
 impl LayerState {
-    fn new(slots: usize) -> Self {
+    fn new(units: usize, slots: usize) -> Self {
         LayerState {
-            slot_of: HashMap::new(),
-            unit_of: vec![None; slots],
+            slot_of: vec![NONE; units],
+            unit_of: vec![NONE; slots],
             free: (0..slots as Slot).rev().collect(),
-            stats: HashMap::new(),
-            fetching: HashMap::new(),
-            flushing: HashMap::new(),
-            pinned: HashSet::new(),
+            stats: vec![
+                UnitStats {
+                    last_selected: 0,
+                    loaded: 0
+                };
+                slots
+            ],
+            fetching: vec![NONE; slots],
+            flushing: vec![NONE; slots],
+            busy: Vec::new(),
+            pinned: vec![0; slots],
+            pin_epoch: 1,
+            pinned_count: 0,
+            protected: vec![0; slots],
+            protect_epoch: 0,
+        }
+    }
+
+    fn resident(&self) -> usize {
+        self.unit_of.len() - self.free.len()
+    }
+
+    fn full_error(&self, layer: usize, needed: usize) -> OffloadError {
+        OffloadError::ResidentPoolFull {
+            layer,
+            needed,
+            capacity: self.unit_of.len(),
+            pinned: self.pinned_count,
+            busy: self.busy.len(),
         }
     }
 }
@@ -127,8 +166,9 @@ impl<B: TransferBackend> OffloadEngine<B> {
     }
 
     pub fn with_policy(backend: B, policy: Box<dyn EvictionPolicy>) -> Self {
+        let units = backend.host_blocks() * backend.kv_heads();
         let layers = (0..backend.num_layers())
-            .map(|_| LayerState::new(backend.slots_per_layer()))
+            .map(|_| LayerState::new(units, backend.slots_per_layer()))
             .collect();
         OffloadEngine {
             backend,
@@ -150,12 +190,14 @@ impl<B: TransferBackend> OffloadEngine<B> {
 
     /// Units resident (or arriving) in a layer.
     pub fn resident(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, |l| l.slot_of.len())
+        self.layers.get(layer).map_or(0, LayerState::resident)
     }
 
     /// The slot holding `unit`, if resident or arriving.
     pub fn slot_of(&self, layer: usize, unit: Unit) -> Option<Slot> {
-        self.layers.get(layer)?.slot_of.get(&unit).copied()
+        let heads = self.backend.kv_heads();
+        let s = *self.layers.get(layer)?.slot_of.get(unit.index(heads))?;
+        (s != NONE).then_some(s)
     }
 
     /// Starts a decode step.
@@ -189,55 +231,77 @@ impl<B: TransferBackend> OffloadEngine<B> {
         Ok(())
     }
 
-    fn new_ticket(&mut self, ticket: B::Ticket) -> usize {
+    fn new_ticket(&mut self, ticket: B::Ticket) -> u32 {
         self.tickets.push(Some(ticket));
-        self.tickets.len() - 1
+        (self.tickets.len() - 1) as u32
     }
 
     /// Forgets the copies of `layer` that have completed.
     fn poll(&mut self, layer: usize) -> Result<()> {
-        let mut done: HashMap<usize, bool> = HashMap::new();
+        let mut complete: Vec<(u32, bool)> = Vec::new();
         let state = &self.layers[layer];
-        for &id in state.fetching.values().chain(state.flushing.values()) {
-            if let std::collections::hash_map::Entry::Vacant(e) = done.entry(id) {
-                let complete = match &self.tickets[id] {
-                    Some(t) => self.backend.is_complete(t)?,
-                    None => true,
-                };
-                e.insert(complete);
+        for &slot in &state.busy {
+            for id in [state.fetching[slot as usize], state.flushing[slot as usize]] {
+                if id != NONE && !complete.iter().any(|&(c, _)| c == id) {
+                    let done = match &self.tickets[id as usize] {
+                        Some(t) => self.backend.is_complete(t)?,
+                        None => true,
+                    };
+                    complete.push((id, done));
+                }
             }
         }
+        let done = |id: u32| id == NONE || complete.iter().any(|&(c, d)| c == id && d);
         let state = &mut self.layers[layer];
-        state.fetching.retain(|_, id| !done[id]);
-        state.flushing.retain(|_, id| !done[id]);
+        let mut still = Vec::with_capacity(state.busy.len());
+        for &slot in &state.busy {
+            let s = slot as usize;
+            if done(state.fetching[s]) {
+                state.fetching[s] = NONE;
+            }
+            if done(state.flushing[s]) {
+                state.flushing[s] = NONE;
+            }
+            if state.fetching[s] != NONE || state.flushing[s] != NONE {
+                still.push(slot);
+            }
+        }
+        state.busy = still;
         Ok(())
     }
 
-    /// Frees slots until `n` are free, never evicting `protect`ed, pinned,
-    /// arriving or flushing units. Returns how many are free.
-    fn make_room(&mut self, layer: usize, n: usize, protect: &HashSet<Unit>) -> Result<usize> {
+    /// Frees slots until `n` are free, never evicting protected, pinned,
+    /// arriving or flushing units. Returns how many are free (at most `n`).
+    fn make_room(&mut self, layer: usize, n: usize) -> Result<usize> {
         if self.layers[layer].free.len() >= n {
             return Ok(n);
         }
         self.poll(layer)?;
         let state = &mut self.layers[layer];
-        let mut candidates: Vec<(Unit, UnitStats)> = state
-            .slot_of
-            .keys()
-            .filter(|u| {
-                !protect.contains(u)
-                    && !state.pinned.contains(u)
-                    && !state.fetching.contains_key(u)
-                    && !state.flushing.contains_key(u)
-            })
-            .map(|u| (*u, state.stats[u]))
-            .collect();
-        self.policy.order(&mut candidates);
-        let want = n - state.free.len();
-        for (unit, _) in candidates.into_iter().take(want) {
-            let slot = state.slot_of.remove(&unit).expect("candidate is resident");
-            state.unit_of[slot as usize] = None;
-            state.stats.remove(&unit);
+        let mut candidates: Vec<((u64, u64), Unit)> = Vec::new();
+        let heads = self.backend.kv_heads();
+        for (slot, &unit) in state.unit_of.iter().enumerate() {
+            if unit == NONE
+                || state.pinned[slot] == state.pin_epoch
+                || state.protected[slot] == state.protect_epoch
+                || state.fetching[slot] != NONE
+                || state.flushing[slot] != NONE
+            {
+                continue;
+            }
+            let u = Unit::new(unit / heads as u32, (unit % heads as u32) as u16);
+            candidates.push((self.policy.key(u, &state.stats[slot]), u));
+        }
+        // Only the `want` smallest keys matter: a selection, not a sort.
+        let want = (n - state.free.len()).min(candidates.len());
+        if want > 0 && want < candidates.len() {
+            candidates.select_nth_unstable(want - 1);
+        }
+        for &(_, unit) in &candidates[..want] {
+            let index = unit.index(heads);
+            let slot = state.slot_of[index];
+            state.slot_of[index] = NONE;
+            state.unit_of[slot as usize] = NONE;
             state.free.push(slot);
             self.metrics.evicted += 1;
         }
@@ -245,34 +309,33 @@ impl<B: TransferBackend> OffloadEngine<B> {
     }
 
     /// Places `units` (not resident) into free slots and starts their copy.
-    fn fetch_into_free(&mut self, layer: usize, units: &[Unit]) -> Result<Option<usize>> {
+    fn fetch_into_free(&mut self, layer: usize, units: &[Unit]) -> Result<Option<u32>> {
         if units.is_empty() {
             return Ok(None);
         }
         let step = self.step;
+        let heads = self.backend.kv_heads();
         let state = &mut self.layers[layer];
         let mut copies = Vec::with_capacity(units.len());
-        for &unit in units {
+        // Sorted by unit, so runs contiguous in the host pool get consecutive slots.
+        let mut sorted = units.to_vec();
+        sorted.sort_unstable();
+        for unit in sorted {
             let slot = state.free.pop().expect("room was made");
-            state.slot_of.insert(unit, slot);
-            state.unit_of[slot as usize] = Some(unit);
-            state.stats.insert(
-                unit,
-                UnitStats {
-                    last_selected: 0,
-                    loaded: step,
-                },
-            );
+            state.slot_of[unit.index(heads)] = slot;
+            state.unit_of[slot as usize] = unit.index(heads) as u32;
+            state.stats[slot as usize] = UnitStats {
+                last_selected: 0,
+                loaded: step,
+            };
             copies.push((unit, slot));
         }
-        // Contiguous runs go out as one copy each in the GPU backend: keep
-        // them in host order.
-        copies.sort_unstable_by_key(|&(u, _)| u);
         let ticket = self.backend.fetch(layer, &copies)?;
         let id = self.new_ticket(ticket);
         let state = &mut self.layers[layer];
-        for &(unit, _) in &copies {
-            state.fetching.insert(unit, id);
+        for &(_, slot) in &copies {
+            state.fetching[slot as usize] = id;
+            state.busy.push(slot);
         }
         self.metrics.h2d_bytes += units.len() * self.backend.unit_bytes();
         Ok(Some(id))
@@ -283,14 +346,22 @@ impl<B: TransferBackend> OffloadEngine<B> {
     /// the current step needs. Best effort: what does not fit is a miss later.
     pub fn prefetch(&mut self, layer: usize, predicted: &[Unit]) -> Result<usize> {
         self.check(layer, predicted)?;
-        let protect: HashSet<Unit> = predicted.iter().copied().collect();
-        let mut missing: Vec<Unit> = protect
-            .iter()
-            .filter(|u| !self.layers[layer].slot_of.contains_key(u))
-            .copied()
-            .collect();
-        missing.sort_unstable();
-        let room = self.make_room(layer, missing.len(), &protect)?;
+        let heads = self.backend.kv_heads();
+        let state = &mut self.layers[layer];
+        state.protect_epoch += 1;
+        let mut missing: Vec<Unit> = Vec::new();
+        let mut seen: HashSet<Unit> = HashSet::new();
+        for &unit in predicted {
+            match state.slot_of[unit.index(heads)] {
+                NONE => {
+                    if seen.insert(unit) {
+                        missing.push(unit);
+                    }
+                }
+                slot => state.protected[slot as usize] = state.protect_epoch,
+            }
+        }
+        let room = self.make_room(layer, missing.len())?;
         missing.truncate(room);
         self.fetch_into_free(layer, &missing)?;
         self.metrics.prefetched += missing.len();
@@ -305,59 +376,68 @@ impl<B: TransferBackend> OffloadEngine<B> {
         self.check(layer, selected)?;
         self.poll(layer)?;
         let step = self.step;
-        let mut wait_for: Vec<usize> = Vec::new();
+        let heads = self.backend.kv_heads();
+        let mut wait_for: Vec<u32> = Vec::new();
         let mut misses: Vec<Unit> = Vec::new();
+        let mut missed: HashSet<Unit> = HashSet::new();
         {
             let state = &mut self.layers[layer];
             for &unit in selected {
-                if !state.pinned.insert(unit) {
-                    continue; // asked twice in one step
-                }
-                self.metrics.requested += 1;
-                match state.slot_of.get(&unit) {
-                    Some(_) => match state.fetching.get(&unit) {
-                        Some(&id) => {
-                            self.metrics.late += 1;
-                            wait_for.push(id);
+                match state.slot_of[unit.index(heads)] {
+                    NONE => {
+                        if missed.insert(unit) {
+                            misses.push(unit);
+                            self.metrics.requested += 1;
                         }
-                        None => self.metrics.hits += 1,
-                    },
-                    None => misses.push(unit),
+                    }
+                    slot => {
+                        let s = slot as usize;
+                        if state.pinned[s] == state.pin_epoch {
+                            continue; // asked twice in one step
+                        }
+                        state.pinned[s] = state.pin_epoch;
+                        state.pinned_count += 1;
+                        self.metrics.requested += 1;
+                        if state.fetching[s] != NONE {
+                            self.metrics.late += 1;
+                            wait_for.push(state.fetching[s]);
+                        } else {
+                            self.metrics.hits += 1;
+                        }
+                    }
                 }
             }
         }
         if !misses.is_empty() {
-            let protect = HashSet::new();
-            let room = self.make_room(layer, misses.len(), &protect)?;
+            state_protect_none(&mut self.layers[layer]);
+            let room = self.make_room(layer, misses.len())?;
             if room < misses.len() {
-                let state = &self.layers[layer];
-                return Err(OffloadError::ResidentPoolFull {
-                    layer,
-                    needed: misses.len() - room,
-                    capacity: state.unit_of.len(),
-                    pinned: state.pinned.len(),
-                    busy: state.fetching.len() + state.flushing.len(),
-                });
+                return Err(self.layers[layer].full_error(layer, misses.len() - room));
             }
             self.metrics.misses += misses.len();
             if let Some(id) = self.fetch_into_free(layer, &misses)? {
                 wait_for.push(id);
             }
+            let state = &mut self.layers[layer];
+            for unit in &misses {
+                let s = state.slot_of[unit.index(heads)] as usize;
+                state.pinned[s] = state.pin_epoch;
+                state.pinned_count += 1;
+            }
         }
         wait_for.sort_unstable();
         wait_for.dedup();
         for id in wait_for {
-            if let Some(t) = &self.tickets[id] {
+            if let Some(t) = &self.tickets[id as usize] {
                 self.backend.order_before_compute(t)?;
             }
         }
         let state = &mut self.layers[layer];
         let mut slots = Vec::with_capacity(selected.len());
         for unit in selected {
-            slots.push(state.slot_of[unit]);
-            if let Some(s) = state.stats.get_mut(unit) {
-                s.last_selected = step;
-            }
+            let slot = state.slot_of[unit.index(heads)];
+            state.stats[slot as usize].last_selected = step;
+            slots.push(slot);
         }
         Ok(Acquired { slots })
     }
@@ -365,7 +445,9 @@ impl<B: TransferBackend> OffloadEngine<B> {
     /// The attention over `layer`'s acquired slots has been issued.
     pub fn release(&mut self, layer: usize) -> Result<()> {
         self.check(layer, &[])?;
-        self.layers[layer].pinned.clear();
+        let state = &mut self.layers[layer];
+        state.pin_epoch += 1;
+        state.pinned_count = 0;
         self.backend.reads_done(layer)
     }
 
@@ -373,39 +455,31 @@ impl<B: TransferBackend> OffloadEngine<B> {
     /// a sequence): resident at once, nothing copied in.
     pub fn place_new(&mut self, layer: usize, unit: Unit) -> Result<Slot> {
         self.check(layer, &[unit])?;
+        let heads = self.backend.kv_heads();
         if let Some(slot) = self.slot_of(layer, unit) {
             // A write must not race a fetch still landing in the same slot.
             self.poll(layer)?;
-            if let Some(&id) = self.layers[layer].fetching.get(&unit) {
-                if let Some(t) = &self.tickets[id] {
+            let id = self.layers[layer].fetching[slot as usize];
+            if id != NONE {
+                if let Some(t) = &self.tickets[id as usize] {
                     self.backend.order_before_compute(t)?;
                 }
             }
             return Ok(slot);
         }
-        let protect = HashSet::new();
-        if self.make_room(layer, 1, &protect)? < 1 {
-            let state = &self.layers[layer];
-            return Err(OffloadError::ResidentPoolFull {
-                layer,
-                needed: 1,
-                capacity: state.unit_of.len(),
-                pinned: state.pinned.len(),
-                busy: state.fetching.len() + state.flushing.len(),
-            });
+        state_protect_none(&mut self.layers[layer]);
+        if self.make_room(layer, 1)? < 1 {
+            return Err(self.layers[layer].full_error(layer, 1));
         }
         let step = self.step;
         let state = &mut self.layers[layer];
         let slot = state.free.pop().expect("room was made");
-        state.slot_of.insert(unit, slot);
-        state.unit_of[slot as usize] = Some(unit);
-        state.stats.insert(
-            unit,
-            UnitStats {
-                last_selected: step,
-                loaded: step,
-            },
-        );
+        state.slot_of[unit.index(heads)] = slot;
+        state.unit_of[slot as usize] = unit.index(heads) as u32;
+        state.stats[slot as usize] = UnitStats {
+            last_selected: step,
+            loaded: step,
+        };
         Ok(slot)
     }
 
@@ -422,8 +496,10 @@ impl<B: TransferBackend> OffloadEngine<B> {
         }
         let ticket = self.backend.flush(layer, &copies)?;
         let id = self.new_ticket(ticket);
-        for &(_, unit) in &copies {
-            self.layers[layer].flushing.insert(unit, id);
+        let state = &mut self.layers[layer];
+        for &(slot, _) in &copies {
+            state.flushing[slot as usize] = id;
+            state.busy.push(slot);
         }
         self.metrics.d2h_bytes += copies.len() * self.backend.unit_bytes();
         Ok(())
@@ -453,18 +529,30 @@ impl<B: TransferBackend> OffloadEngine<B> {
     }
 
     fn forget_completed_tickets(&mut self) {
-        let live: HashSet<usize> = self
+        let live: HashSet<u32> = self
             .layers
             .iter()
-            .flat_map(|l| l.fetching.values().chain(l.flushing.values()).copied())
+            .flat_map(|l| {
+                l.busy
+                    .iter()
+                    .flat_map(|&s| [l.fetching[s as usize], l.flushing[s as usize]])
+            })
+            .filter(|&id| id != NONE)
             .collect();
+        if live.is_empty() {
+            self.tickets.clear();
+            return;
+        }
         for (id, t) in self.tickets.iter_mut().enumerate() {
-            if !live.contains(&id) {
+            if !live.contains(&(id as u32)) {
                 *t = None;
             }
         }
-        if live.is_empty() {
-            self.tickets.clear();
-        }
     }
+}
+
+/// Starts a new protection epoch with nothing protected (evictions for
+/// misses and new blocks may take anything not pinned or busy).
+fn state_protect_none(state: &mut LayerState) {
+    state.protect_epoch += 1;
 }

@@ -11,10 +11,10 @@ pub struct UnitStats {
     pub loaded: u64,
 }
 
-/// Orders eviction candidates (none pinned, being copied or being flushed):
-/// the engine evicts from the front.
+/// Ranks eviction candidates (none pinned, being copied or being flushed):
+/// the engine evicts the units with the smallest keys (ties broken by unit).
 pub trait EvictionPolicy: Send {
-    fn order(&self, candidates: &mut [(Unit, UnitStats)]);
+    fn key(&self, unit: Unit, stats: &UnitStats) -> (u64, u64);
     fn name(&self) -> &'static str;
 }
 
@@ -23,8 +23,8 @@ pub trait EvictionPolicy: Send {
 pub struct LeastRecentlySelected;
 
 impl EvictionPolicy for LeastRecentlySelected {
-    fn order(&self, candidates: &mut [(Unit, UnitStats)]) {
-        candidates.sort_unstable_by_key(|(u, s)| (s.last_selected, s.loaded, *u));
+    fn key(&self, _unit: Unit, s: &UnitStats) -> (u64, u64) {
+        (s.last_selected, s.loaded)
     }
     fn name(&self) -> &'static str {
         "least-recently-selected"
@@ -36,8 +36,8 @@ impl EvictionPolicy for LeastRecentlySelected {
 pub struct FirstLoaded;
 
 impl EvictionPolicy for FirstLoaded {
-    fn order(&self, candidates: &mut [(Unit, UnitStats)]) {
-        candidates.sort_unstable_by_key(|(u, s)| (s.loaded, *u));
+    fn key(&self, _unit: Unit, s: &UnitStats) -> (u64, u64) {
+        (s.loaded, 0)
     }
     fn name(&self) -> &'static str {
         "first-loaded"

@@ -41,6 +41,8 @@ enum BenchCommand {
     Kv(commands::bench_kv::KvArgs),
     /// Whole-model prefill and decode throughput per attention policy.
     E2e(commands::bench_e2e::E2eArgs),
+    /// Sparse decode with the K/V on the GPU vs offloaded to host memory (GPU only).
+    Offload(commands::bench_offload::OffloadArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -58,6 +60,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Kv(args),
         } => commands::bench_kv::run(args),
+        Command::Bench {
+            what: BenchCommand::Offload(args),
+        } => commands::bench_offload::run(args),
     }
 }
 

@@ -12,6 +12,7 @@ const GPU_TESTS: &[(&str, &str)] = &[
     ("asynctls-kernels", "gpu_ops"),
     ("asynctls-attn", "gpu_decode"),
     ("asynctls-attn", "gpu_sparse"),
+    ("asynctls-offload", "gpu_offload"),
 ];
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
@@ -26,15 +27,23 @@ for t in tests/*; do
     out=$("$t" --test-threads=1 --nocapture 2>&1); rc=$?
     echo "$out" | grep -A2 -E "^test |skipped|panicked|rel err|error|differ" | grep -v "^--$" || true
     s=$(echo "$out" | grep -c "skipped: no CUDA device" || true)
-    ok=$(echo "$out" | grep -cE "^test .* ok$" || true)
-    bad=$(echo "$out" | grep -cE "^test .* FAILED$" || true)
+    # Counts from libtest's summary line (printed output can share a line with "... ok").
+    ok=$(echo "$out" | sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed.*/\1/p' | head -1)
+    bad=$(echo "$out" | sed -nE 's/^test result: [A-Za-z]+\. [0-9]+ passed; ([0-9]+) failed.*/\1/p' | head -1)
+    ok=${ok:-0}; bad=${bad:-0}
     skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
     if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
 done
-# The attention benchmark (GQA: Qwen3-8B, MLA: GLM-4.7-Flash) and its peer,
-# in the same run; BENCH=0 skips it.
+# The benchmarks: BENCH lists which (default "attn offload"; "none" skips).
+# attn: decode attention, GQA (Qwen3-8B) and MLA (GLM-4.7-Flash), with the
+# torch SDPA peer in the same run; offload: GPU-resident vs offloaded decode.
 out_dir="${OUT:-/tmp}"
-if [ -x ./asynctls ] && [ "${BENCH:-1}" != 0 ]; then
+BENCH="${BENCH:-attn offload}"
+if [ -x ./asynctls ] && [[ " $BENCH " == *" offload "* ]]; then
+    ./asynctls bench offload --device cuda --ctx "${OFFLOAD_CTX:-49152,98304}" --batch "${OFFLOAD_BATCH:-1,2,4,8}" \
+        --json > "$out_dir/offload.json" && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['rows']]" "$out_dir/offload.json" | tail -40
+fi
+if [ -x ./asynctls ] && [[ " $BENCH " == *" attn "* ]]; then
     CTX="${BENCH_CTX:-32768,49152,65536,98304,131072}"; BATCH="${BENCH_BATCH:-1,2,4,8}"; BUDGET="${BENCH_BUDGET:-512,1024,2048}"
     ./asynctls bench attn --device cuda --shape qwen3-8b --ctx "$CTX" --batch "$BATCH" --budget "$BUDGET" \
         --reps 30 --json > "$out_dir/attn_gqa.json" \

@@ -59,8 +59,11 @@ pub struct PagedKvView<'a> {
     pub block_size: usize,
     pub head_dim: usize,
     pub value_dim: usize,
-    /// `[batch, max_blocks]` physical block of each logical block.
+    /// `[batch, max_blocks]` physical block of each logical block; with
+    /// `table_per_row`, `[batch * kv_heads, max_blocks]` slots of pools laid
+    /// out `[slots, block_size, head_dim]` (the offload engine's resident slots).
     pub block_table: &'a CudaSlice<i32>,
+    pub table_per_row: bool,
     pub max_blocks: usize,
     /// `[batch]` tokens per sequence.
     pub lens: &'a CudaSlice<i32>,
@@ -135,6 +138,7 @@ impl CudaOps {
                 }
                 let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}"))?;
                 let kvh = kv.kv_heads as i32;
+                let per_row = i32::from(kv.table_per_row);
                 let mut b = stream.launch_builder(&f);
                 b.arg(q).arg(kv.keys).arg(values).arg(kv.block_table).arg(kv.lens);
                 match lists {
@@ -147,7 +151,8 @@ impl CudaOps {
                     .arg(&bs)
                     .arg(&mb)
                     .arg(&mt)
-                    .arg(&scale);
+                    .arg(&scale)
+                    .arg(&per_row);
                 let cfg = LaunchConfig {
                     grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
                     block_dim: (256, 1, 1),

@@ -8,7 +8,8 @@
 //! - [`select`]: the two selection stages of sparse decode (block scores and
 //!   top-k_b, label scores and top-k_t);
 //! - [`kv`]: the GPU-resident paged cache and the kernels that append to it;
-//! - [`blas`]: bf16 GEMM through cuBLAS.
+//! - [`blas`]: bf16 GEMM through cuBLAS;
+//! - [`gather`]: unit gathers for the offload engine (from mapped host memory).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::{CudaDevice, Result};
 
 pub mod attention;
 pub mod blas;
+pub mod gather;
 pub mod kv;
 pub mod select;
 
@@ -32,6 +34,7 @@ const DECODE_ATTENTION_PTX: &str = include_str!("../../ptx/decode_attention.ptx"
 const MLA_DECODE_PTX: &str = include_str!("../../ptx/mla_decode.ptx");
 const SPARSE_SELECT_PTX: &str = include_str!("../../ptx/sparse_select.ptx");
 const KV_CACHE_PTX: &str = include_str!("../../ptx/kv_cache.ptx");
+const GATHER_PTX: &str = include_str!("../../ptx/gather.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -42,6 +45,7 @@ pub struct CudaOps {
     mla: Arc<CudaModule>,
     select: Arc<CudaModule>,
     kv: Arc<CudaModule>,
+    gather: Arc<CudaModule>,
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
@@ -63,6 +67,7 @@ impl CudaOps {
             mla: ctx.load_module(Ptx::from_src(MLA_DECODE_PTX))?,
             select: ctx.load_module(Ptx::from_src(SPARSE_SELECT_PTX))?,
             kv: ctx.load_module(Ptx::from_src(KV_CACHE_PTX))?,
+            gather: ctx.load_module(Ptx::from_src(GATHER_PTX))?,
             blas: Arc::new(std::sync::OnceLock::new()),
         })
     }

@@ -63,7 +63,7 @@ pub struct CudaSweep {
     pub reps: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -115,7 +115,7 @@ fn time_graph(timer: &Timer, graph: &CudaGraph, reps: usize) -> Result<f64> {
 
 /// Fills `pool` with `batch` sequences of `len` random tokens through the
 /// append kernel; returns the block table (scattered blocks).
-fn fill_pool(
+pub(crate) fn fill_pool(
     ops: &CudaOps,
     pool: &mut GpuKvPool,
     batch: usize,

@@ -4,4 +4,5 @@
 pub mod attn;
 pub mod attn_cuda;
 pub mod e2e;
+pub mod offload_cuda;
 pub mod workload;

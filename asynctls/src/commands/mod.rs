@@ -3,6 +3,7 @@
 pub mod bench_attn;
 pub mod bench_e2e;
 pub mod bench_kv;
+pub mod bench_offload;
 pub mod demo;
 pub mod generate;
 pub mod import_gguf;

@@ -1,0 +1,344 @@
+//! `asynctls bench offload --device cuda`: two-level sparse decode with the
+//! K/V resident on the GPU against the same decode with the K/V offloaded to
+//! pinned host memory behind the offload engine, on the same selections.
+//!
+//! Each of `layers` layers of the Qwen3-8B shape has a paged pool written by
+//! the append kernel; the offloaded run copies it to the engine's pinned
+//! host pool and keeps only block bounds, labels and the resident slots on
+//! the GPU for the attention. Queries drift: every step each layer's query is
+//! `q + sigma * noise` of the last, so consecutive selections overlap as in
+//! decoding. Per step and layer: the GPU selection (block bounds, top-k_b,
+//! labels, top-k_t) runs on the GPU-resident metadata in both modes; the
+//! offloaded mode then brings the candidate blocks to the host, maps them
+//! and the forced blocks to slots (`acquire`: misses fetched on the critical
+//! path), runs the attention over the slots through per-(sequence, head)
+//! tables, and prefetches the same units for the next step (one-step lag:
+//! only those not resident move) on the copy stream. Steps are timed on the host wall clock
+//! after a stream synchronization (both modes alike).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use asynctls_kernels::cuda::{
+    attention::decode_splits, CudaOps, DecodeScratch, GpuKvPool, KvGeometry, PagedKvView, SelectParams, SelectScratch,
+};
+use asynctls_kernels::CudaDevice;
+use asynctls_offload::cuda::{CudaBackend, CudaLayout};
+use asynctls_offload::{OffloadConfig, OffloadEngine, OneStepLag, Predictor, StepMetrics, Unit};
+use cudarc::driver::CudaSlice;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Serialize;
+
+use super::attn_cuda::{fill_pool, median};
+
+const BLOCK: usize = 64;
+
+/// What to sweep.
+#[derive(Debug, Clone)]
+pub struct OffloadSweep {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub contexts: Vec<usize>,
+    pub batches: Vec<usize>,
+    pub block_topk: usize,
+    pub token_topk: usize,
+    pub slack: f64,
+    /// Query drift per step (noise scale relative to the query's).
+    pub drift: f32,
+    pub steps: usize,
+    /// memcpy threshold(s) of the backend to compare (bytes; 0 = all memcpy,
+    /// usize::MAX = all gather).
+    pub memcpy_min_bytes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OffloadRow {
+    pub ctx: usize,
+    pub batch: usize,
+    pub layers: usize,
+    pub mode: String,
+    pub memcpy_min_bytes: Option<usize>,
+    pub step_us_median: f64,
+    /// Offloaded step time over the GPU-resident one (same run).
+    pub vs_resident: Option<f64>,
+    pub hit_rate: Option<f64>,
+    pub miss_rate: Option<f64>,
+    pub late_per_step: Option<f64>,
+    pub h2d_bytes_per_step: Option<f64>,
+    pub hidden_fraction: Option<f64>,
+    pub memcpy_units: Option<usize>,
+    pub gathered_units: Option<usize>,
+    /// GPU bytes one sequence holds per layer in this mode (K/V or slots, plus bounds and labels).
+    pub gpu_bytes_per_seq_layer: usize,
+    /// The same over the sequence's dense K/V per layer.
+    pub gpu_fraction_of_dense_kv: f64,
+}
+
+struct Layer {
+    pool: GpuKvPool,
+    table: CudaSlice<i32>,
+    table_host: Vec<i32>,
+}
+
+/// Runs the sweep.
+pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&str)) -> Result<Vec<OffloadRow>> {
+    let ops = CudaOps::new(device)?;
+    let stream = device.stream().clone();
+    let sms = device
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+        as usize;
+    let (qh, kvh, d) = (sweep.q_heads, sweep.kv_heads, sweep.head_dim);
+    let r = 32.min(d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut rng = StdRng::seed_from_u64(11);
+    let random_host: Vec<f32> = (0..(1 << 25)).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let random = stream.clone_htod(&random_host)?;
+    drop(random_host);
+    let channels: Vec<u16> = (0..kvh).flat_map(|_| 0..r as u16).collect();
+    let params = SelectParams {
+        block_topk: sweep.block_topk,
+        token_topk: sweep.token_topk,
+        sink_blocks: 1,
+        local_blocks: 1,
+        reduce_max: false,
+    };
+    let mut rows_out = Vec::new();
+    for &ctx in &sweep.contexts {
+        for &batch in &sweep.batches {
+            let blocks_per_seq = ctx.div_ceil(BLOCK);
+            let num_blocks = batch * blocks_per_seq;
+            let rows = batch * kvh;
+            let geometry = KvGeometry {
+                num_blocks,
+                kv_heads: kvh,
+                block_size: BLOCK,
+                key_dim: d,
+                value_dim: d,
+                separate_values: true,
+                label_channels: r,
+            };
+            progress(&format!("ctx {ctx} batch {batch}: filling {} layers", sweep.layers));
+            let mut layers = Vec::new();
+            for _ in 0..sweep.layers {
+                let mut pool = GpuKvPool::new(&ops, geometry, &channels)?;
+                let table_host = fill_pool(&ops, &mut pool, batch, ctx, &random, &mut rng).context("filling a pool")?;
+                layers.push(Layer {
+                    table: stream.clone_htod(&table_host)?,
+                    table_host,
+                    pool,
+                });
+            }
+            let lens = stream.clone_htod(&vec![ctx as i32; batch])?;
+            // The drifting queries of every step, the same for every mode.
+            let total_steps = sweep.steps + 3;
+            let mut queries: Vec<Vec<Vec<f32>>> = Vec::new(); // [step][layer]
+            let mut q_now: Vec<Vec<f32>> = (0..sweep.layers)
+                .map(|_| (0..batch * qh * d).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+                .collect();
+            for _ in 0..total_steps {
+                for q in q_now.iter_mut() {
+                    for v in q.iter_mut() {
+                        *v += sweep.drift * rng.random_range(-1.0f32..1.0);
+                    }
+                }
+                queries.push(q_now.clone());
+            }
+            let max_tokens_guess = ctx.min(sweep.token_topk + 3 * BLOCK);
+            let splits = decode_splits(rows, max_tokens_guess, false, sms);
+            let dense_kv_per_seq_layer = ctx * kvh * d * 2 * 2;
+            let metadata_per_seq_layer = blocks_per_seq * kvh * 2 * d * 4 + ctx * kvh * (r / 2 + 4);
+            let mut select_scratch = SelectScratch::new(&ops)?;
+            let mut scratch = DecodeScratch::new(&ops)?;
+            let mut out = stream.alloc_zeros::<f32>(batch * qh * d)?;
+
+            // GPU-resident sparse decode.
+            progress(&format!("ctx {ctx} batch {batch}: resident"));
+            let mut times = Vec::new();
+            for (step, qs) in queries.iter().enumerate() {
+                let start = Instant::now();
+                for (layer, q_host) in layers.iter().zip(qs) {
+                    let q = stream.clone_htod(q_host)?;
+                    ops.sparse_select(
+                        &q,
+                        &layer.pool,
+                        &layer.table,
+                        blocks_per_seq,
+                        &lens,
+                        qh,
+                        &params,
+                        &mut select_scratch,
+                    )?;
+                    let view = layer.pool.view(&layer.table, blocks_per_seq, &lens);
+                    let lists = select_scratch.lists();
+                    ops.decode_attention(&q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
+                }
+                stream.synchronize()?;
+                if step >= 3 {
+                    times.push(start.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            let resident_us = median(times);
+            let resident_bytes = dense_kv_per_seq_layer + metadata_per_seq_layer;
+            rows_out.push(OffloadRow {
+                ctx,
+                batch,
+                layers: sweep.layers,
+                mode: "gpu-resident".into(),
+                memcpy_min_bytes: None,
+                step_us_median: resident_us,
+                vs_resident: None,
+                hit_rate: None,
+                miss_rate: None,
+                late_per_step: None,
+                h2d_bytes_per_step: None,
+                hidden_fraction: None,
+                memcpy_units: None,
+                gathered_units: None,
+                gpu_bytes_per_seq_layer: resident_bytes,
+                gpu_fraction_of_dense_kv: resident_bytes as f64 / dense_kv_per_seq_layer as f64,
+            });
+
+            for &memcpy_min_bytes in &sweep.memcpy_min_bytes {
+                progress(&format!(
+                    "ctx {ctx} batch {batch}: offloaded (memcpy >= {memcpy_min_bytes} B)"
+                ));
+                let config = OffloadConfig::with_slack(rows, sweep.block_topk, 3, sweep.slack)?;
+                let layout = CudaLayout {
+                    num_layers: sweep.layers,
+                    kv_heads: kvh,
+                    host_blocks: num_blocks,
+                    block_size: BLOCK,
+                    key_dim: d,
+                    value_dim: d,
+                    slots_per_layer: config.slots_per_layer,
+                };
+                let mut backend = CudaBackend::new(device, layout)?;
+                backend.memcpy_min_bytes = memcpy_min_bytes;
+                for (l, layer) in layers.iter().enumerate() {
+                    let (hk, hv) = backend.host_mut(l);
+                    stream.memcpy_dtoh(&layer.pool.keys, hk)?;
+                    stream.memcpy_dtoh(layer.pool.values.as_ref().expect("gqa"), hv.expect("gqa"))?;
+                }
+                stream.synchronize()?;
+                let mut engine = OffloadEngine::new(backend);
+                let mut predictor = OneStepLag;
+                let mut slot_table_host = vec![0i32; rows * blocks_per_seq];
+                let mut mark = vec![0usize; blocks_per_seq];
+                let mut slot_table = stream.alloc_zeros::<i32>(rows * blocks_per_seq)?;
+                let mut times = Vec::new();
+                let mut metrics: Vec<StepMetrics> = Vec::new();
+                for (step, qs) in queries.iter().enumerate() {
+                    let start = Instant::now();
+                    engine.begin_step();
+                    for (l, (layer, q_host)) in layers.iter().zip(qs).enumerate() {
+                        let q = stream.clone_htod(q_host)?;
+                        ops.sparse_select(
+                            &q,
+                            &layer.pool,
+                            &layer.table,
+                            blocks_per_seq,
+                            &lens,
+                            qh,
+                            &params,
+                            &mut select_scratch,
+                        )?;
+                        let lists = select_scratch.lists();
+                        let (cand, cand_counts) = select_scratch.candidates();
+                        let (cand, cand_counts) = (stream.clone_dtoh(cand)?, stream.clone_dtoh(cand_counts)?);
+                        // The attention reads tokens of the candidate blocks and of
+                        // the forced (sink, local) blocks only: those units are the
+                        // step's selection, and (one-step lag) the next step's
+                        // prediction. With k_t = 2048 of 64 x k_b = 8192 candidate
+                        // tokens, nearly every candidate block holds a chosen token.
+                        let mut needed: Vec<(usize, usize, Unit)> = Vec::new(); // (row, logical, unit)
+                        for row in 0..rows {
+                            let (seq, head) = (row / kvh, row % kvh);
+                            let n = cand_counts[row] as usize;
+                            let forced = [0, blocks_per_seq.saturating_sub(2), blocks_per_seq - 1];
+                            let logical = cand[row * sweep.block_topk..row * sweep.block_topk + n]
+                                .iter()
+                                .map(|&b| b as usize)
+                                .chain(forced);
+                            for b in logical {
+                                if mark[b] != row + 1 {
+                                    mark[b] = row + 1;
+                                    let physical = layer.table_host[seq * blocks_per_seq + b] as u32;
+                                    needed.push((row, b, Unit::new(physical, head as u16)));
+                                }
+                            }
+                        }
+                        mark.iter_mut().for_each(|m| *m = 0);
+                        let units: Vec<Unit> = needed.iter().map(|n| n.2).collect();
+                        let acquired = engine.acquire(l, &units)?;
+                        for (&(row, logical, _), &slot) in needed.iter().zip(&acquired.slots) {
+                            slot_table_host[row * blocks_per_seq + logical] = slot as i32;
+                        }
+                        stream.memcpy_htod(&slot_table_host, &mut slot_table)?;
+                        let backend = engine.backend();
+                        let view = PagedKvView {
+                            keys: &backend.slot_keys[l],
+                            values: Some(&backend.slot_values[l]),
+                            kv_heads: kvh,
+                            block_size: BLOCK,
+                            head_dim: d,
+                            value_dim: d,
+                            block_table: &slot_table,
+                            table_per_row: true,
+                            max_blocks: blocks_per_seq,
+                            lens: &lens,
+                        };
+                        ops.decode_attention(&q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
+                        engine.release(l)?;
+                        let predicted = predictor.observe(l, &units);
+                        engine.prefetch(l, &predicted)?;
+                    }
+                    stream.synchronize()?;
+                    let m = engine.end_step()?;
+                    if step >= 3 {
+                        times.push(start.elapsed().as_secs_f64() * 1e6);
+                        metrics.push(m);
+                    }
+                }
+                engine.synchronize()?;
+                let t = median(times);
+                let n = metrics.len().max(1) as f64;
+                let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
+                let requested = sum(|m| m.requested as f64).max(1.0);
+                let transfer = sum(|m| m.transfer_us);
+                let exposed = sum(|m| m.exposed_us);
+                let counts = engine.backend().counts;
+                let slots_bytes = engine.backend().layout().resident_bytes() / sweep.layers / batch;
+                let offload_bytes = slots_bytes + metadata_per_seq_layer;
+                rows_out.push(OffloadRow {
+                    ctx,
+                    batch,
+                    layers: sweep.layers,
+                    mode: "offloaded".into(),
+                    memcpy_min_bytes: Some(memcpy_min_bytes),
+                    step_us_median: t,
+                    vs_resident: Some(t / resident_us),
+                    hit_rate: Some(sum(|m| m.hits as f64) / requested),
+                    miss_rate: Some(sum(|m| m.misses as f64) / requested),
+                    late_per_step: Some(sum(|m| m.late as f64) / n),
+                    h2d_bytes_per_step: Some(sum(|m| m.h2d_bytes as f64) / n),
+                    hidden_fraction: Some(if transfer > 0.0 {
+                        (1.0 - exposed / transfer).clamp(0.0, 1.0)
+                    } else {
+                        1.0
+                    }),
+                    memcpy_units: Some(counts.memcpy_units),
+                    gathered_units: Some(counts.gathered_units),
+                    gpu_bytes_per_seq_layer: offload_bytes,
+                    gpu_fraction_of_dense_kv: offload_bytes as f64 / dense_kv_per_seq_layer as f64,
+                });
+                progress(&format!(
+                    "ctx {ctx} batch {batch}: offloaded {t:.0} us vs resident {resident_us:.0} us"
+                ));
+            }
+        }
+    }
+    Ok(rows_out)
+}
