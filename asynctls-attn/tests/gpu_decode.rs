@@ -1,15 +1,16 @@
 //! The CUDA decode-attention kernel against the CPU decode (its twin) on
 //! fresh random caches: dense, and over the token lists that the CPU's
-//! two-level selection chose, also through per-(sequence, head) slot tables
-//! as the offload engine lays them out. bf16 K/V on both sides, f32 accumulation;
+//! two-level selection chose, also over the offload engine's layout (units
+//! in resident slots found through a table, the rest read in place). bf16 K/V on both sides, f32 accumulation;
 //! relative L2 error <= 1e-3. Prints `skipped: no CUDA device` without a GPU.
 
 use asynctls_attn::metrics::relative_l2;
 use asynctls_attn::{decode, AttnShape, Policy, SparseConfig};
-use asynctls_kernels::cuda::{CudaOps, DecodeScratch, PagedKvView, TokenLists};
+use asynctls_kernels::cuda::{CudaOps, DecodeScratch, OffloadedKv, PagedKvView, TokenLists};
 use asynctls_kvcache::{BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache};
+use cudarc::driver::DevicePtr;
 use half::bf16;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 fn gpu() -> Option<CudaOps> {
     CudaOps::for_tests()
@@ -93,7 +94,7 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
             head_dim: d,
             value_dim: d,
             block_table: &dt,
-            table_per_row: false,
+            offload: None,
             max_blocks,
             lens: &dl,
         };
@@ -129,34 +130,36 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
                 counts: c,
                 max_tokens: *m,
             });
-            // The same pools re-laid per (sequence, KV head) into slots, as
-            // the offload engine's resident pool holds them, read through a
-            // table per row: the same output.
-            let rows = lens.len() * kv_heads;
+            // The same cache as the offload engine lays it out: about half
+            // the (block, head) units copied into resident slots (in shuffled
+            // order), the rest read in place from the "host" pools (here the
+            // device pools stand in for mapped host memory).
             let unit = 64 * d;
-            let mut slot_k = vec![bf16::ZERO; rows * max_blocks * unit];
-            let mut slot_v = slot_k.clone();
-            let mut slot_table = vec![0i32; rows * max_blocks];
-            for (i, t) in tables.iter().enumerate() {
-                for h in 0..kv_heads {
-                    let row = i * kv_heads + h;
-                    for (j, b) in t.blocks().iter().enumerate() {
-                        // Slots in reverse so slot order differs from block order.
-                        let slot = rows * max_blocks - 1 - (row * max_blocks + j);
-                        slot_table[row * max_blocks + j] = slot as i32;
-                        let from = (b.index() * kv_heads + h) * unit;
-                        slot_k[slot * unit..(slot + 1) * unit].copy_from_slice(&k_pool[from..from + unit]);
-                        slot_v[slot * unit..(slot + 1) * unit].copy_from_slice(&v_pool[from..from + unit]);
-                    }
+            let units = blocks * kv_heads;
+            let mut unit_slots = vec![-1i32; units];
+            let mut slot_k = Vec::new();
+            let mut slot_v = Vec::new();
+            let mut order: Vec<usize> = (0..units).collect();
+            order.shuffle(&mut rng);
+            for &u in &order {
+                if rng.random_bool(0.5) {
+                    unit_slots[u] = (slot_k.len() / unit) as i32;
+                    slot_k.extend_from_slice(&k_pool[u * unit..(u + 1) * unit]);
+                    slot_v.extend_from_slice(&v_pool[u * unit..(u + 1) * unit]);
                 }
             }
+            slot_k.resize(slot_k.len().max(unit), bf16::ZERO);
+            slot_v.resize(slot_v.len().max(unit), bf16::ZERO);
             let (dsk, dsv) = (stream.clone_htod(&slot_k).unwrap(), stream.clone_htod(&slot_v).unwrap());
-            let dst = stream.clone_htod(&slot_table).unwrap();
+            let dus = stream.clone_htod(&unit_slots).unwrap();
             let slot_view = PagedKvView {
                 keys: &dsk,
                 values: Some(&dsv),
-                block_table: &dst,
-                table_per_row: true,
+                offload: Some(OffloadedKv {
+                    unit_slots: &dus,
+                    host_keys: dk.device_ptr(&stream).0,
+                    host_values: dv.device_ptr(&stream).0,
+                }),
                 ..view
             };
             let mut via_slots = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
@@ -172,7 +175,7 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
             )
             .unwrap();
             let err = relative_l2(&stream.clone_dtoh(&via_slots).unwrap(), &want);
-            assert!(err <= 1e-3, "{policy} per-row slot tables: rel err {err}");
+            assert!(err <= 1e-3, "{policy} offloaded layout: rel err {err}");
             for splits in [1usize, 7, 32] {
                 let mut out = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
                 ops.decode_attention(

@@ -5,9 +5,13 @@
 // max, sum and weighted values per split) are merged by decode_combine.
 //
 // Layouts: q [batch, q_heads, D] f32; K and V pools [num_blocks, kv_heads,
-// BLOCK, D] bf16; block_table [batch, max_blocks] i32 (or, with
-// table_per_row, [batch * kv_heads, max_blocks] over pools [slots, BLOCK, D]);
-// lens [batch] i32;
+// BLOCK, D] bf16; block_table [batch, max_blocks] i32; lens [batch] i32;
+// offloaded (unit_slots != null): the pools are the offload engine's
+// resident slots [slots, BLOCK, D], unit_slots [num_blocks * kv_heads] names
+// the slot of each (block, head) unit or -1, and a unit without a slot is
+// read in place from host_k/host_v ([num_blocks, kv_heads, BLOCK, D], pinned
+// host memory mapped into the device: a miss served on the critical path
+// without a host round trip);
 // tokens [batch * kv_heads, max_tokens] i32 sorted positions and
 // token_counts [batch * kv_heads] (or null for dense);
 // partial_acc [batch, q_heads, splits, D], partial_ml [batch, q_heads, splits, 2].
@@ -27,7 +31,8 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
                              const int* __restrict__ lens, const int* __restrict__ tokens,
                              const int* __restrict__ token_counts, float* __restrict__ partial_acc,
                              float* __restrict__ partial_ml, int kv_heads, int block_size, int max_blocks,
-                             int max_tokens, float scale, int table_per_row) {
+                             int max_tokens, float scale, const int* __restrict__ unit_slots,
+                             const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {
     constexpr int LANES = D / 8;        // lanes per row
     constexpr int ROWS = 32 / LANES;    // rows a warp reads at once
     const int seq = blockIdx.x / kv_heads, head = blockIdx.x % kv_heads;
@@ -63,14 +68,23 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     auto load = [&](int t, uint4& kraw, uint4& vraw) {
         if (t < end) {
             const int pos = sparse ? tokens[(size_t)blockIdx.x * max_tokens + t] : t;
-            // A table per (sequence, KV head) names slots of a per-head pool
-            // (the offload engine's resident slots, [slots, BLOCK, D]).
-            const int block = block_table[(size_t)(table_per_row ? blockIdx.x : seq) * max_blocks + pos / block_size];
-            const size_t row = table_per_row
-                                   ? ((size_t)block * block_size + pos % block_size) * D + part * 8
-                                   : (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D + part * 8;
-            kraw = __ldg(reinterpret_cast<const uint4*>(k_pool + row));
-            vraw = __ldg(reinterpret_cast<const uint4*>(v_pool + row));
+            const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
+            const __nv_bfloat16* kp = k_pool;
+            const __nv_bfloat16* vp = v_pool;
+            size_t row;
+            if (unit_slots != nullptr) {
+                const int unit = block * kv_heads + head;
+                const int slot = unit_slots[unit];
+                if (slot < 0) {
+                    kp = host_k;
+                    vp = host_v;
+                }
+                row = ((size_t)(slot >= 0 ? slot : unit) * block_size + pos % block_size) * D + part * 8;
+            } else {
+                row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D + part * 8;
+            }
+            kraw = __ldg(reinterpret_cast<const uint4*>(kp + row));
+            vraw = __ldg(reinterpret_cast<const uint4*>(vp + row));
         }
     };
     uint4 kcur = make_uint4(0, 0, 0, 0), vcur = kcur, knext = kcur, vnext = kcur;
@@ -172,9 +186,10 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     extern "C" __global__ void __launch_bounds__(WARPS * 32) decode_attention_d##D##_g##G(                      \
         const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,       \
         const int* lens, const int* tokens, const int* token_counts, float* partial_acc, float* partial_ml,    \
-        int kv_heads, int block_size, int max_blocks, int max_tokens, float scale, int table_per_row) {         \
+        int kv_heads, int block_size, int max_blocks, int max_tokens, float scale, const int* unit_slots,       \
+        const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {                                             \
         decode_split<D, G>(q, k_pool, v_pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, \
-                           kv_heads, block_size, max_blocks, max_tokens, scale, table_per_row);                 \
+                           kv_heads, block_size, max_blocks, max_tokens, scale, unit_slots, host_k, host_v);    \
     }
 
 DECODE_KERNEL(64, 1)

@@ -16,3 +16,11 @@ extern "C" __global__ void __launch_bounds__(256)
     const long long to = (long long)slots[blockIdx.x] * unit_vec4;
     for (int j = threadIdx.x; j < unit_vec4; j += blockDim.x) dst[to + j] = src[from + j];
 }
+
+// table[index[i]] = values[i]: the offload engine's updates of a layer's
+// unit -> slot table, applied on the copy stream in order with the copies.
+extern "C" __global__ void scatter_i32(int* __restrict__ table, const int* __restrict__ index,
+                                       const int* __restrict__ values, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) table[index[i]] = values[i];
+}

@@ -48,4 +48,16 @@ pub trait TransferBackend: Send {
     fn finish_step(&mut self) -> Result<StepTiming>;
     /// Blocks until every copy issued so far has completed.
     fn synchronize(&mut self) -> Result<()>;
+
+    /// `units` of `layer` lost their slots (before any copy into those slots
+    /// is issued). A backend whose kernels look slots up on the device
+    /// updates its table with the next batch of copies.
+    fn evicted(&mut self, _layer: usize, _units: &[Unit]) -> Result<()> {
+        Ok(())
+    }
+
+    /// `unit` of `layer` was given `slot` for a block written on the device.
+    fn placed_new(&mut self, _layer: usize, _unit: Unit, _slot: Slot) -> Result<()> {
+        Ok(())
+    }
 }

@@ -110,6 +110,11 @@ pub struct CudaBackend {
     pub slot_keys: Vec<CudaSlice<bf16>>,
     /// `[slots, block_size, value_dim]` per layer (GQA only).
     pub slot_values: Vec<CudaSlice<bf16>>,
+    /// `[host_blocks * kv_heads]` per layer: each unit's slot or -1, as the
+    /// attention kernel looks it up; updated on the copy stream with the copies.
+    pub unit_slots: Vec<CudaSlice<i32>>,
+    /// Table updates not yet issued: (unit index, slot or -1).
+    pending: Vec<Vec<(i32, i32)>>,
     reads_done: Vec<Option<CudaEvent>>,
     transfers: Vec<(CudaEvent, Arc<CudaEvent>)>,
     waits: Vec<(CudaEvent, Arc<CudaEvent>)>,
@@ -144,7 +149,9 @@ impl CudaBackend {
         let mut host_values = Vec::new();
         let mut slot_keys = Vec::new();
         let mut slot_values = Vec::new();
+        let mut unit_slots = Vec::new();
         for _ in 0..layout.num_layers {
+            unit_slots.push(compute.clone_htod(&vec![-1i32; host_units])?);
             host_keys.push(Pinned::new(host_units * layout.key_unit())?);
             slot_keys.push(compute.alloc_zeros::<bf16>(layout.slots_per_layer * layout.key_unit())?);
             if layout.value_dim > 0 {
@@ -162,6 +169,8 @@ impl CudaBackend {
             host_values,
             slot_keys,
             slot_values,
+            unit_slots,
+            pending: vec![Vec::new(); layout.num_layers],
             reads_done: (0..layout.num_layers).map(|_| None).collect(),
             transfers: Vec::new(),
             waits: Vec::new(),
@@ -180,6 +189,33 @@ impl CudaBackend {
     pub fn host_mut(&mut self, layer: usize) -> (&mut [bf16], Option<&mut [bf16]>) {
         let values = self.host_values.get_mut(layer).map(Pinned::slice_mut);
         (self.host_keys[layer].slice_mut(), values)
+    }
+
+    /// Device addresses of `layer`'s host pools (keys, values), for kernels
+    /// that read units without a slot in place.
+    pub fn host_device_ptrs(&self, layer: usize) -> (u64, u64) {
+        (
+            self.host_keys[layer].device_ptr,
+            self.host_values.get(layer).map_or(0, |p| p.device_ptr),
+        )
+    }
+
+    /// Issues the pending unit -> slot table updates of `layer` on `stream`.
+    fn apply_table(&mut self, layer: usize, on_copy_stream: bool) -> Result<()> {
+        if self.pending[layer].is_empty() {
+            return Ok(());
+        }
+        let stream = if on_copy_stream {
+            self.copy.clone()
+        } else {
+            self.compute.clone()
+        };
+        let (index, values): (Vec<i32>, Vec<i32>) = self.pending[layer].drain(..).unzip();
+        let index = stream.clone_htod(&index)?;
+        let values = stream.clone_htod(&values)?;
+        self.ops
+            .scatter_i32(&stream, &mut self.unit_slots[layer], &index, &values)?;
+        Ok(())
     }
 
     pub fn host(&self, layer: usize) -> (&[bf16], Option<&[bf16]>) {
@@ -300,7 +336,13 @@ impl TransferBackend for CudaBackend {
         }
         let start = self.event(true)?;
         start.record(&self.copy)?;
+        // Evictions first (no reader may take an evicted slot for its old
+        // unit once it is overwritten), then the copies, then the new entries.
+        self.apply_table(layer, true)?;
         self.host_to_slots(layer, copies)?;
+        let heads = self.layout.kv_heads;
+        self.pending[layer].extend(copies.iter().map(|&(u, s)| (u.index(heads) as i32, s as i32)));
+        self.apply_table(layer, true)?;
         let end = Arc::new(self.event(true)?);
         end.record(&self.copy)?;
         self.transfers.push((start, end.clone()));
@@ -385,5 +427,18 @@ impl TransferBackend for CudaBackend {
     fn synchronize(&mut self) -> Result<()> {
         self.copy.synchronize()?;
         Ok(())
+    }
+
+    fn evicted(&mut self, layer: usize, units: &[Unit]) -> Result<()> {
+        let heads = self.layout.kv_heads;
+        self.pending[layer].extend(units.iter().map(|u| (u.index(heads) as i32, -1)));
+        Ok(())
+    }
+
+    fn placed_new(&mut self, layer: usize, unit: Unit, slot: Slot) -> Result<()> {
+        // The block is written on the compute stream: its entry (and any
+        // eviction that made room) goes there first.
+        self.pending[layer].push((unit.index(self.layout.kv_heads) as i32, slot as i32));
+        self.apply_table(layer, false)
     }
 }

@@ -37,7 +37,8 @@ pub struct StepMetrics {
     pub requested: usize,
     /// Resident and copied in before the step asked.
     pub hits: usize,
-    /// Prefetched but still in flight when asked (the compute waited on it).
+    /// Prefetched but still in flight when asked (the compute waited on it;
+    /// on the asynchronous path, still in flight when the attention was ordered).
     pub late: usize,
     /// Not resident: fetched on the critical path.
     pub misses: usize,
@@ -297,14 +298,18 @@ impl<B: TransferBackend> OffloadEngine<B> {
         if want > 0 && want < candidates.len() {
             candidates.select_nth_unstable(want - 1);
         }
+        let mut evicted = Vec::with_capacity(want);
         for &(_, unit) in &candidates[..want] {
             let index = unit.index(heads);
             let slot = state.slot_of[index];
             state.slot_of[index] = NONE;
             state.unit_of[slot as usize] = NONE;
             state.free.push(slot);
-            self.metrics.evicted += 1;
+            evicted.push(unit);
         }
+        self.metrics.evicted += evicted.len();
+        self.backend.evicted(layer, &evicted)?;
+        let state = &self.layers[layer];
         Ok(state.free.len().min(n))
     }
 
@@ -442,6 +447,56 @@ impl<B: TransferBackend> OffloadEngine<B> {
         Ok(Acquired { slots })
     }
 
+    /// Orders the coming attention of `layer` after every copy into its
+    /// slots still in flight (the asynchronous path: the attention looks
+    /// slots up on the device and reads units without one from host memory,
+    /// so nothing is acquired on the host). Returns how many units were
+    /// still arriving.
+    pub fn order_before_attention(&mut self, layer: usize) -> Result<usize> {
+        self.check(layer, &[])?;
+        self.poll(layer)?;
+        let state = &self.layers[layer];
+        let mut ids: Vec<u32> = state
+            .busy
+            .iter()
+            .map(|&s| state.fetching[s as usize])
+            .filter(|&id| id != NONE)
+            .collect();
+        let arriving = ids.len();
+        self.metrics.late += arriving;
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if let Some(t) = &self.tickets[id as usize] {
+                self.backend.order_before_compute(t)?;
+            }
+        }
+        Ok(arriving)
+    }
+
+    /// Counts a selection the attention has already read through the
+    /// device-side slot table (after the fact, nothing moves): resident
+    /// units are hits, the rest were read from host memory on the critical
+    /// path (misses). Marks them selected for the eviction policy. (On this
+    /// path `late` counts the units still arriving when the attention was
+    /// ordered, selected or not, and is not part of `requested`.)
+    pub fn account(&mut self, layer: usize, selected: &[Unit]) -> Result<()> {
+        self.check(layer, selected)?;
+        let (step, heads) = (self.step, self.backend.kv_heads());
+        let state = &mut self.layers[layer];
+        for unit in selected {
+            self.metrics.requested += 1;
+            match state.slot_of[unit.index(heads)] {
+                NONE => self.metrics.misses += 1,
+                slot => {
+                    self.metrics.hits += 1;
+                    state.stats[slot as usize].last_selected = step;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The attention over `layer`'s acquired slots has been issued.
     pub fn release(&mut self, layer: usize) -> Result<()> {
         self.check(layer, &[])?;
@@ -480,6 +535,7 @@ impl<B: TransferBackend> OffloadEngine<B> {
             last_selected: step,
             loaded: step,
         };
+        self.backend.placed_new(layer, unit, slot)?;
         Ok(slot)
     }
 

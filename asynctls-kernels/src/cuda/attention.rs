@@ -59,14 +59,25 @@ pub struct PagedKvView<'a> {
     pub block_size: usize,
     pub head_dim: usize,
     pub value_dim: usize,
-    /// `[batch, max_blocks]` physical block of each logical block; with
-    /// `table_per_row`, `[batch * kv_heads, max_blocks]` slots of pools laid
-    /// out `[slots, block_size, head_dim]` (the offload engine's resident slots).
+    /// `[batch, max_blocks]` physical block of each logical block.
     pub block_table: &'a CudaSlice<i32>,
-    pub table_per_row: bool,
+    /// Offloaded K/V (GQA): `keys`/`values` are then the resident slots.
+    pub offload: Option<OffloadedKv<'a>>,
     pub max_blocks: usize,
     /// `[batch]` tokens per sequence.
     pub lens: &'a CudaSlice<i32>,
+}
+
+/// Where an offloaded cache's units are: `keys`/`values` of the view are the
+/// resident slots (`[slots, block_size, head_dim]`); `unit_slots`
+/// (`[num_blocks * kv_heads]`) names the slot of each (block, head) or -1,
+/// and a unit without a slot is read in place from the host pools
+/// (`[num_blocks, kv_heads, block_size, head_dim]`, device-mapped addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct OffloadedKv<'a> {
+    pub unit_slots: &'a CudaSlice<i32>,
+    pub host_keys: u64,
+    pub host_values: u64,
 }
 
 /// Per (sequence, KV head): the sorted positions to attend (sparse decode).
@@ -138,7 +149,7 @@ impl CudaOps {
                 }
                 let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}"))?;
                 let kvh = kv.kv_heads as i32;
-                let per_row = i32::from(kv.table_per_row);
+
                 let mut b = stream.launch_builder(&f);
                 b.arg(q).arg(kv.keys).arg(values).arg(kv.block_table).arg(kv.lens);
                 match lists {
@@ -151,8 +162,11 @@ impl CudaOps {
                     .arg(&bs)
                     .arg(&mb)
                     .arg(&mt)
-                    .arg(&scale)
-                    .arg(&per_row);
+                    .arg(&scale);
+                match &kv.offload {
+                    Some(o) => b.arg(o.unit_slots).arg(&o.host_keys).arg(&o.host_values),
+                    None => b.arg(&null).arg(&null).arg(&null),
+                };
                 let cfg = LaunchConfig {
                     grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
                     block_dim: (256, 1, 1),
@@ -163,6 +177,12 @@ impl CudaOps {
                 unsafe { b.launch(cfg) }?;
             }
             None => {
+                if kv.offload.is_some() {
+                    return Err(invalid(
+                        "decode_attention",
+                        "offloaded MLA attention is not implemented (the offload engine serves GQA caches)",
+                    ));
+                }
                 if kv.kv_heads != 1 || d != MLA_KEY_DIM || dv != MLA_VALUE_DIM || !MLA_HEADS.contains(&q_heads) {
                     return Err(invalid(
                         "decode_attention",

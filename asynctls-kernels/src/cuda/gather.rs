@@ -54,3 +54,32 @@ impl CudaOps {
         Ok(())
     }
 }
+
+impl CudaOps {
+    /// On `stream`: `table[index[i]] = values[i]`.
+    pub fn scatter_i32(
+        &self,
+        stream: &Arc<CudaStream>,
+        table: &mut CudaSlice<i32>,
+        index: &CudaSlice<i32>,
+        values: &CudaSlice<i32>,
+    ) -> Result<()> {
+        if index.len() != values.len() {
+            return Err(invalid(
+                "scatter_i32",
+                format!("{} indices for {} values", index.len(), values.len()),
+            ));
+        }
+        if index.is_empty() {
+            return Ok(());
+        }
+        let f = Self::function(&self.gather, "scatter_i32")?;
+        let n = index.len() as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(table).arg(index).arg(values).arg(&n);
+        // SAFETY: indices come from the caller's bookkeeping of this table
+        // (each below its length).
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+        Ok(())
+    }
+}

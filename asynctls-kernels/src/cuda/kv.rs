@@ -124,7 +124,7 @@ impl GpuKvPool {
             head_dim: g.key_dim,
             value_dim: g.value_dim,
             block_table,
-            table_per_row: false,
+            offload: None,
             max_blocks,
             lens,
         }

@@ -25,7 +25,7 @@ pub mod gather;
 pub mod kv;
 pub mod select;
 
-pub use attention::{DecodeScratch, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
+pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
 pub use kv::{GpuKvPool, KvGeometry};
 pub use select::{SelectParams, SelectScratch};
 

@@ -4,23 +4,30 @@
 //!
 //! Each of `layers` layers of the Qwen3-8B shape has a paged pool written by
 //! the append kernel; the offloaded run copies it to the engine's pinned
-//! host pool and keeps only block bounds, labels and the resident slots on
-//! the GPU for the attention. Queries drift: every step each layer's query is
-//! `q + sigma * noise` of the last, so consecutive selections overlap as in
-//! decoding. Per step and layer: the GPU selection (block bounds, top-k_b,
-//! labels, top-k_t) runs on the GPU-resident metadata in both modes; the
-//! offloaded mode then brings the candidate blocks to the host, maps them
-//! and the forced blocks to slots (`acquire`: misses fetched on the critical
-//! path), runs the attention over the slots through per-(sequence, head)
-//! tables, and prefetches the same units for the next step (one-step lag:
-//! only those not resident move) on the copy stream. Steps are timed on the host wall clock
-//! after a stream synchronization (both modes alike).
+//! host pool, and its attention reads only the resident slots (and, for a
+//! unit without a slot, the host pool in place through the device mapping).
+//! Queries drift: every step each layer's query is the last plus uniform
+//! noise of amplitude `drift`, so consecutive selections overlap as in
+//! decoding.
+//!
+//! Per step and layer, in both modes, the GPU selection (block bounds,
+//! top-k_b, labels, top-k_t) runs on GPU-resident metadata and the attention
+//! follows on the GPU with no host round trip. Offloaded, the attention is
+//! ordered after the copies into its slots and finds them through the
+//! device-side unit -> slot table; after the step's launches, off the
+//! critical path, the host reads back each layer's candidate blocks,
+//! counts what the attention found resident (hits) or read from host memory
+//! (misses), and prefetches those blocks for the next step (one-step lag:
+//! only the ones not resident move, on the copy stream). Time per step is
+//! the wall time of the timed steps over their number, after a warm-up,
+//! with the streams synchronized at both ends (both modes alike).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use asynctls_kernels::cuda::{
-    attention::decode_splits, CudaOps, DecodeScratch, GpuKvPool, KvGeometry, PagedKvView, SelectParams, SelectScratch,
+    attention::decode_splits, CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams,
+    SelectScratch,
 };
 use asynctls_kernels::CudaDevice;
 use asynctls_offload::cuda::{CudaBackend, CudaLayout};
@@ -29,7 +36,7 @@ use cudarc::driver::CudaSlice;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use super::attn_cuda::{fill_pool, median};
+use super::attn_cuda::fill_pool;
 
 const BLOCK: usize = 64;
 
@@ -134,7 +141,7 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
             let lens = stream.clone_htod(&vec![ctx as i32; batch])?;
             // The drifting queries of every step, the same for every mode.
             let total_steps = sweep.steps + 3;
-            let mut queries: Vec<Vec<Vec<f32>>> = Vec::new(); // [step][layer]
+            let mut queries: Vec<Vec<CudaSlice<f32>>> = Vec::new(); // [step][layer], on the device
             let mut q_now: Vec<Vec<f32>> = (0..sweep.layers)
                 .map(|_| (0..batch * qh * d).map(|_| rng.random_range(-1.0f32..1.0)).collect())
                 .collect();
@@ -144,7 +151,12 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                         *v += sweep.drift * rng.random_range(-1.0f32..1.0);
                     }
                 }
-                queries.push(q_now.clone());
+                queries.push(
+                    q_now
+                        .iter()
+                        .map(|q| stream.clone_htod(q))
+                        .collect::<std::result::Result<Vec<_>, _>>()?,
+                );
             }
             let max_tokens_guess = ctx.min(sweep.token_topk + 3 * BLOCK);
             let splits = decode_splits(rows, max_tokens_guess, false, sms);
@@ -156,13 +168,16 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
 
             // GPU-resident sparse decode.
             progress(&format!("ctx {ctx} batch {batch}: resident"));
-            let mut times = Vec::new();
+            let warmup = 3;
+            let mut start = Instant::now();
             for (step, qs) in queries.iter().enumerate() {
-                let start = Instant::now();
-                for (layer, q_host) in layers.iter().zip(qs) {
-                    let q = stream.clone_htod(q_host)?;
+                if step == warmup {
+                    stream.synchronize()?;
+                    start = Instant::now();
+                }
+                for (layer, q) in layers.iter().zip(qs) {
                     ops.sparse_select(
-                        &q,
+                        q,
                         &layer.pool,
                         &layer.table,
                         blocks_per_seq,
@@ -173,14 +188,11 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                     )?;
                     let view = layer.pool.view(&layer.table, blocks_per_seq, &lens);
                     let lists = select_scratch.lists();
-                    ops.decode_attention(&q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
-                }
-                stream.synchronize()?;
-                if step >= 3 {
-                    times.push(start.elapsed().as_secs_f64() * 1e6);
+                    ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
                 }
             }
-            let resident_us = median(times);
+            stream.synchronize()?;
+            let resident_us = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
             let resident_bytes = dense_kv_per_seq_layer + metadata_per_seq_layer;
             rows_out.push(OffloadRow {
                 ctx,
@@ -225,18 +237,38 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 stream.synchronize()?;
                 let mut engine = OffloadEngine::new(backend);
                 let mut predictor = OneStepLag;
-                let mut slot_table_host = vec![0i32; rows * blocks_per_seq];
                 let mut mark = vec![0usize; blocks_per_seq];
-                let mut slot_table = stream.alloc_zeros::<i32>(rows * blocks_per_seq)?;
-                let mut times = Vec::new();
+                // Per layer: pinned staging for the candidate blocks read back
+                // after each step (off the critical path).
+                let ctx_ = device.context();
+                let mut staging: Vec<(
+                    cudarc::driver::PinnedHostSlice<i32>,
+                    cudarc::driver::PinnedHostSlice<i32>,
+                )> = Vec::new();
+                for _ in 0..sweep.layers {
+                    // SAFETY: written by the device copies before any read (as_slice waits for them).
+                    staging.push(unsafe {
+                        (
+                            ctx_.alloc_pinned::<i32>(rows * sweep.block_topk)?,
+                            ctx_.alloc_pinned::<i32>(rows)?,
+                        )
+                    });
+                }
+                let mut read_back: Vec<Option<cudarc::driver::CudaEvent>> = (0..sweep.layers).map(|_| None).collect();
+                let warmup = 3;
+                let mut start = Instant::now();
                 let mut metrics: Vec<StepMetrics> = Vec::new();
                 for (step, qs) in queries.iter().enumerate() {
-                    let start = Instant::now();
+                    if step == warmup {
+                        stream.synchronize()?;
+                        start = Instant::now();
+                    }
                     engine.begin_step();
-                    for (l, (layer, q_host)) in layers.iter().zip(qs).enumerate() {
-                        let q = stream.clone_htod(q_host)?;
+                    // The critical path: selection, then attention over the
+                    // slots (after the copies into them), nothing on the host.
+                    for (l, (layer, q)) in layers.iter().zip(qs).enumerate() {
                         ops.sparse_select(
-                            &q,
+                            q,
                             &layer.pool,
                             &layer.table,
                             blocks_per_seq,
@@ -245,15 +277,42 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                             &params,
                             &mut select_scratch,
                         )?;
+                        engine.order_before_attention(l)?;
+                        let backend = engine.backend();
+                        let (host_keys, host_values) = backend.host_device_ptrs(l);
+                        let view = PagedKvView {
+                            keys: &backend.slot_keys[l],
+                            values: Some(&backend.slot_values[l]),
+                            offload: Some(OffloadedKv {
+                                unit_slots: &backend.unit_slots[l],
+                                host_keys,
+                                host_values,
+                            }),
+                            ..layer.pool.view(&layer.table, blocks_per_seq, &lens)
+                        };
                         let lists = select_scratch.lists();
+                        ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
+                        engine.release(l)?;
                         let (cand, cand_counts) = select_scratch.candidates();
-                        let (cand, cand_counts) = (stream.clone_dtoh(cand)?, stream.clone_dtoh(cand_counts)?);
-                        // The attention reads tokens of the candidate blocks and of
-                        // the forced (sink, local) blocks only: those units are the
-                        // step's selection, and (one-step lag) the next step's
-                        // prediction. With k_t = 2048 of 64 x k_b = 8192 candidate
-                        // tokens, nearly every candidate block holds a chosen token.
-                        let mut needed: Vec<(usize, usize, Unit)> = Vec::new(); // (row, logical, unit)
+                        let (c_host, n_host) = &mut staging[l];
+                        stream.memcpy_dtoh(&cand.slice(0..rows * sweep.block_topk), c_host)?;
+                        stream.memcpy_dtoh(&cand_counts.slice(0..rows), n_host)?;
+                        // Our own event: the pinned buffers' built-in one is only
+                        // recorded when cudarc tracks events, which the device turns off.
+                        let landed = ctx_.new_event(None)?;
+                        landed.record(&stream)?;
+                        read_back[l] = Some(landed);
+                    }
+                    // Off the critical path, while the GPU runs the step: each
+                    // layer's candidate and forced blocks are what it read
+                    // (counted) and what the next step will read (prefetched).
+                    for (l, layer) in layers.iter().enumerate() {
+                        if let Some(landed) = read_back[l].take() {
+                            landed.synchronize()?;
+                        }
+                        let (c_host, n_host) = &staging[l];
+                        let (cand, cand_counts) = (c_host.as_slice()?, n_host.as_slice()?);
+                        let mut units: Vec<Unit> = Vec::with_capacity(rows * (sweep.block_topk + 3));
                         for row in 0..rows {
                             let (seq, head) = (row / kvh, row % kvh);
                             let n = cand_counts[row] as usize;
@@ -266,51 +325,31 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                                 if mark[b] != row + 1 {
                                     mark[b] = row + 1;
                                     let physical = layer.table_host[seq * blocks_per_seq + b] as u32;
-                                    needed.push((row, b, Unit::new(physical, head as u16)));
+                                    units.push(Unit::new(physical, head as u16));
                                 }
                             }
                         }
                         mark.iter_mut().for_each(|m| *m = 0);
-                        let units: Vec<Unit> = needed.iter().map(|n| n.2).collect();
-                        let acquired = engine.acquire(l, &units)?;
-                        for (&(row, logical, _), &slot) in needed.iter().zip(&acquired.slots) {
-                            slot_table_host[row * blocks_per_seq + logical] = slot as i32;
-                        }
-                        stream.memcpy_htod(&slot_table_host, &mut slot_table)?;
-                        let backend = engine.backend();
-                        let view = PagedKvView {
-                            keys: &backend.slot_keys[l],
-                            values: Some(&backend.slot_values[l]),
-                            kv_heads: kvh,
-                            block_size: BLOCK,
-                            head_dim: d,
-                            value_dim: d,
-                            block_table: &slot_table,
-                            table_per_row: true,
-                            max_blocks: blocks_per_seq,
-                            lens: &lens,
-                        };
-                        ops.decode_attention(&q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
-                        engine.release(l)?;
+                        engine.account(l, &units)?;
                         let predicted = predictor.observe(l, &units);
                         engine.prefetch(l, &predicted)?;
                     }
-                    stream.synchronize()?;
                     let m = engine.end_step()?;
-                    if step >= 3 {
-                        times.push(start.elapsed().as_secs_f64() * 1e6);
+                    if step >= warmup {
                         metrics.push(m);
                     }
                 }
-                engine.synchronize()?;
-                let t = median(times);
+                stream.synchronize()?;
+                let t = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
                 let n = metrics.len().max(1) as f64;
                 let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
                 let requested = sum(|m| m.requested as f64).max(1.0);
                 let transfer = sum(|m| m.transfer_us);
                 let exposed = sum(|m| m.exposed_us);
                 let counts = engine.backend().counts;
-                let slots_bytes = engine.backend().layout().resident_bytes() / sweep.layers / batch;
+                // Slots and the unit -> slot table, per sequence and layer.
+                let slots_bytes =
+                    (engine.backend().layout().resident_bytes() / sweep.layers + num_blocks * kvh * 4) / batch;
                 let offload_bytes = slots_bytes + metadata_per_seq_layer;
                 rows_out.push(OffloadRow {
                     ctx,
