@@ -255,6 +255,7 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                     });
                 }
                 let mut read_back: Vec<Option<cudarc::driver::CudaEvent>> = (0..sweep.layers).map(|_| None).collect();
+                let mut pending: Option<usize> = None;
                 let warmup = 3;
                 let mut start = Instant::now();
                 let mut metrics: Vec<StepMetrics> = Vec::new();
@@ -293,6 +294,30 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                         let lists = select_scratch.lists();
                         ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
                         engine.release(l)?;
+                        // Off the critical path: the layer launched before this
+                        // one (here or in the last step) has finished on the GPU
+                        // by now or soon; its candidate and forced blocks are
+                        // what it read (counted) and what its next step will
+                        // read (prefetched).
+                        if let Some(prev) = pending.replace(l) {
+                            let plan = Plan {
+                                rows,
+                                kv_heads: kvh,
+                                blocks_per_seq,
+                                block_topk: sweep.block_topk,
+                            };
+                            let landed = read_back[prev].take();
+                            account_and_prefetch(
+                                &mut engine,
+                                &mut predictor,
+                                prev,
+                                &layers[prev].table_host,
+                                &staging[prev],
+                                landed,
+                                &mut mark,
+                                &plan,
+                            )?;
+                        }
                         let (cand, cand_counts) = select_scratch.candidates();
                         let (c_host, n_host) = &mut staging[l];
                         stream.memcpy_dtoh(&cand.slice(0..rows * sweep.block_topk), c_host)?;
@@ -303,37 +328,6 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                         landed.record(&stream)?;
                         read_back[l] = Some(landed);
                     }
-                    // Off the critical path, while the GPU runs the step: each
-                    // layer's candidate and forced blocks are what it read
-                    // (counted) and what the next step will read (prefetched).
-                    for (l, layer) in layers.iter().enumerate() {
-                        if let Some(landed) = read_back[l].take() {
-                            landed.synchronize()?;
-                        }
-                        let (c_host, n_host) = &staging[l];
-                        let (cand, cand_counts) = (c_host.as_slice()?, n_host.as_slice()?);
-                        let mut units: Vec<Unit> = Vec::with_capacity(rows * (sweep.block_topk + 3));
-                        for row in 0..rows {
-                            let (seq, head) = (row / kvh, row % kvh);
-                            let n = cand_counts[row] as usize;
-                            let forced = [0, blocks_per_seq.saturating_sub(2), blocks_per_seq - 1];
-                            let logical = cand[row * sweep.block_topk..row * sweep.block_topk + n]
-                                .iter()
-                                .map(|&b| b as usize)
-                                .chain(forced);
-                            for b in logical {
-                                if mark[b] != row + 1 {
-                                    mark[b] = row + 1;
-                                    let physical = layer.table_host[seq * blocks_per_seq + b] as u32;
-                                    units.push(Unit::new(physical, head as u16));
-                                }
-                            }
-                        }
-                        mark.iter_mut().for_each(|m| *m = 0);
-                        engine.account(l, &units)?;
-                        let predicted = predictor.observe(l, &units);
-                        engine.prefetch(l, &predicted)?;
-                    }
                     let m = engine.end_step()?;
                     if step >= warmup {
                         metrics.push(m);
@@ -341,6 +335,25 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 }
                 stream.synchronize()?;
                 let t = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
+                if let Some(prev) = pending.take() {
+                    let plan = Plan {
+                        rows,
+                        kv_heads: kvh,
+                        blocks_per_seq,
+                        block_topk: sweep.block_topk,
+                    };
+                    let landed = read_back[prev].take();
+                    account_and_prefetch(
+                        &mut engine,
+                        &mut predictor,
+                        prev,
+                        &layers[prev].table_host,
+                        &staging[prev],
+                        landed,
+                        &mut mark,
+                        &plan,
+                    )?;
+                }
                 let n = metrics.len().max(1) as f64;
                 let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
                 let requested = sum(|m| m.requested as f64).max(1.0);
@@ -380,4 +393,58 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
         }
     }
     Ok(rows_out)
+}
+
+/// The shape of a step's selection, for turning candidates into units.
+struct Plan {
+    rows: usize,
+    kv_heads: usize,
+    blocks_per_seq: usize,
+    block_topk: usize,
+}
+
+/// Reads one layer's candidate blocks back (waiting for their copy), counts
+/// what its attention found resident, and prefetches them for its next step.
+#[allow(clippy::too_many_arguments)]
+fn account_and_prefetch(
+    engine: &mut OffloadEngine<CudaBackend>,
+    predictor: &mut OneStepLag,
+    layer: usize,
+    table_host: &[i32],
+    staging: &(
+        cudarc::driver::PinnedHostSlice<i32>,
+        cudarc::driver::PinnedHostSlice<i32>,
+    ),
+    landed: Option<cudarc::driver::CudaEvent>,
+    mark: &mut [usize],
+    plan: &Plan,
+) -> Result<()> {
+    if let Some(landed) = landed {
+        landed.synchronize()?;
+    }
+    let (cand, cand_counts) = (staging.0.as_slice()?, staging.1.as_slice()?);
+    let nb = plan.blocks_per_seq;
+    let mut units: Vec<Unit> = Vec::with_capacity(plan.rows * (plan.block_topk + 3));
+    for row in 0..plan.rows {
+        let (seq, head) = (row / plan.kv_heads, row % plan.kv_heads);
+        let n = cand_counts[row] as usize;
+        // The sink block and the local window (the last two blocks cover it
+        // and a partial block), besides the candidates.
+        let forced = [0, nb.saturating_sub(2), nb - 1];
+        let logical = cand[row * plan.block_topk..row * plan.block_topk + n]
+            .iter()
+            .map(|&b| b as usize)
+            .chain(forced);
+        for b in logical {
+            if mark[b] != row + 1 {
+                mark[b] = row + 1;
+                units.push(Unit::new(table_host[seq * nb + b] as u32, head as u16));
+            }
+        }
+    }
+    mark.iter_mut().for_each(|m| *m = 0);
+    engine.account(layer, &units)?;
+    let predicted = predictor.observe(layer, &units);
+    engine.prefetch(layer, &predicted)?;
+    Ok(())
 }
