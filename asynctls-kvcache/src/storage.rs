@@ -66,7 +66,13 @@ pub struct Rows<'a> {
     width: usize,
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// `data` read as rows of `width` elements, `stride` apart (for storages
+    /// outside this crate, e.g. an offloading one's resident copies).
+    pub fn new(data: KvSlice<'a>, stride: usize, width: usize) -> Self {
+        Rows { data, stride, width }
+    }
+
     pub fn width(&self) -> usize {
         self.width
     }

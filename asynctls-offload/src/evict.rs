@@ -13,7 +13,7 @@ pub struct UnitStats {
 
 /// Ranks eviction candidates (none pinned, being copied or being flushed):
 /// the engine evicts the units with the smallest keys (ties broken by unit).
-pub trait EvictionPolicy: Send {
+pub trait EvictionPolicy: Send + Sync {
     fn key(&self, unit: Unit, stats: &UnitStats) -> (u64, u64);
     fn name(&self) -> &'static str;
 }

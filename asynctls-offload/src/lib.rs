@@ -24,6 +24,10 @@
 //! engine's ordering) and [`cuda::CudaBackend`] (pinned host pool, a copy
 //! stream, `cuMemcpyHtoDAsync` of contiguous runs, CUDA events).
 //!
+//! [`OffloadedStorage`] puts the engine behind asynctls-kvcache's storage
+//! trait (host tier + resident copies), so the CPU two-level decode of
+//! asynctls-attn runs over it unchanged, GQA and MLA.
+//!
 //! Does not own: which blocks are selected (asynctls-attn and the GPU
 //! selection kernels decide), or the attention kernels that read the slots.
 
@@ -35,6 +39,7 @@ mod evict;
 mod host;
 mod predict;
 pub mod sim;
+pub mod storage;
 
 pub use backend::{StepTiming, TransferBackend};
 pub use engine::{Acquired, OffloadConfig, OffloadEngine, StepMetrics};
@@ -42,6 +47,7 @@ pub use error::{OffloadError, Result};
 pub use evict::{EvictionPolicy, FirstLoaded, LeastRecentlySelected, UnitStats};
 pub use host::HostPool;
 pub use predict::{OneStepLag, Predictor, UnionOfLastTwo};
+pub use storage::OffloadedStorage;
 
 /// One block of one KV head in one layer: the unit of residency and transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
