@@ -5,9 +5,11 @@
 //! relative L2 error <= 1e-3. Prints `skipped: no CUDA device` without a GPU.
 
 use asynctls_attn::metrics::relative_l2;
-use asynctls_attn::{decode, AttnShape, Policy, SparseConfig};
+use asynctls_attn::{decode, prefill, AttnShape, Policy, SparseConfig};
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, OffloadedKv, PagedKvView, TokenLists};
-use asynctls_kvcache::{BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache};
+use asynctls_kvcache::{
+    BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId,
+};
 use cudarc::driver::DevicePtr;
 use half::bf16;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
@@ -28,50 +30,10 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
         (40, 8, 128, vec![9000]),
     ] {
         let shape = AttnShape::gqa(q_heads, kv_heads, d);
-        let blocks: usize = lens.iter().map(|l: &usize| l.div_ceil(64)).sum();
-        let config = CacheConfig {
-            kv_dtype: KvDType::BF16,
-            ..CacheConfig::gqa(1, kv_heads, d, blocks)
-        };
-        let mut cache =
-            PagedKvCache::new(HostKvStorage::new(&config, LabelChannels::leading(&config)).unwrap()).unwrap();
-        let seqs: Vec<_> = lens
-            .iter()
-            .map(|&len| {
-                let s = cache.add_sequence();
-                let k: Vec<f32> = (0..len * kv_heads * d)
-                    .map(|_| rng.random_range(-2.0f32..2.0))
-                    .collect();
-                let v: Vec<f32> = (0..len * kv_heads * d)
-                    .map(|_| rng.random_range(-1.0f32..1.0))
-                    .collect();
-                cache.append(s, &[&k], &[&v]).unwrap();
-                s
-            })
-            .collect();
+        let (cache, seqs, blocks) = random_cache(kv_heads, d, lens, &mut rng);
         let tables: Vec<_> = seqs.iter().map(|&s| cache.table(s).unwrap()).collect();
         let storage = cache.storage();
-        // The host pools, flattened in the GPU layout.
-        let mut k_pool = vec![bf16::ZERO; blocks * kv_heads * 64 * d];
-        let mut v_pool = k_pool.clone();
-        let mut row = vec![0.0f32; d];
-        for b in 0..blocks {
-            for h in 0..kv_heads {
-                for slot in 0..64 {
-                    let at = ((b * kv_heads + h) * 64 + slot) * d;
-                    storage.keys(0, BlockId(b as u32), h).read(slot, &mut row);
-                    k_pool[at..at + d]
-                        .iter_mut()
-                        .zip(&row)
-                        .for_each(|(o, v)| *o = bf16::from_f32(*v));
-                    storage.values(0, BlockId(b as u32), h).read(slot, &mut row);
-                    v_pool[at..at + d]
-                        .iter_mut()
-                        .zip(&row)
-                        .for_each(|(o, v)| *o = bf16::from_f32(*v));
-                }
-            }
-        }
+        let (k_pool, v_pool) = flat_pools(storage, blocks, kv_heads, d);
         let max_blocks = tables.iter().map(|t| t.blocks().len()).max().unwrap();
         let mut table = vec![0i32; lens.len() * max_blocks];
         for (i, t) in tables.iter().enumerate() {
@@ -202,5 +164,106 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
                 );
             }
         }
+    }
+}
+
+type Cache = PagedKvCache<HostKvStorage>;
+
+/// A one-layer bf16 cache holding random tokens for sequences of `lens`.
+fn random_cache(kv_heads: usize, d: usize, lens: &[usize], rng: &mut StdRng) -> (Cache, Vec<SeqId>, usize) {
+    let blocks: usize = lens.iter().map(|l| l.div_ceil(64)).sum();
+    let config = CacheConfig {
+        kv_dtype: KvDType::BF16,
+        ..CacheConfig::gqa(1, kv_heads, d, blocks)
+    };
+    let mut cache = PagedKvCache::new(HostKvStorage::new(&config, LabelChannels::leading(&config)).unwrap()).unwrap();
+    let seqs = lens
+        .iter()
+        .map(|&len| {
+            let s = cache.add_sequence();
+            let k: Vec<f32> = (0..len * kv_heads * d)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            let v: Vec<f32> = (0..len * kv_heads * d)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            cache.append(s, &[&k], &[&v]).unwrap();
+            s
+        })
+        .collect();
+    (cache, seqs, blocks)
+}
+
+/// The host pools of layer 0, flattened in the GPU layout.
+fn flat_pools(storage: &HostKvStorage, blocks: usize, kv_heads: usize, d: usize) -> (Vec<bf16>, Vec<bf16>) {
+    let mut k_pool = vec![bf16::ZERO; blocks * kv_heads * 64 * d];
+    let mut v_pool = k_pool.clone();
+    let mut row = vec![0.0f32; d];
+    for b in 0..blocks {
+        for h in 0..kv_heads {
+            for slot in 0..64 {
+                let at = ((b * kv_heads + h) * 64 + slot) * d;
+                storage.keys(0, BlockId(b as u32), h).read(slot, &mut row);
+                k_pool[at..at + d]
+                    .iter_mut()
+                    .zip(&row)
+                    .for_each(|(o, v)| *o = bf16::from_f32(*v));
+                storage.values(0, BlockId(b as u32), h).read(slot, &mut row);
+                v_pool[at..at + d]
+                    .iter_mut()
+                    .zip(&row)
+                    .for_each(|(o, v)| *o = bf16::from_f32(*v));
+            }
+        }
+    }
+    (k_pool, v_pool)
+}
+
+#[test]
+fn prefill_kernel_matches_cpu() {
+    let Some(ops) = gpu() else { return };
+    let stream = ops.device().stream().clone();
+    let mut rng = StdRng::from_os_rng();
+    for &(q_heads, kv_heads, d, start, n) in &[
+        (32usize, 8usize, 128usize, 0usize, 777usize),
+        (32, 8, 128, 1000, 300),
+        (14, 2, 64, 200, 130),
+        (8, 8, 64, 0, 64),
+    ] {
+        let shape = AttnShape::gqa(q_heads, kv_heads, d);
+        let (cache, seqs, blocks) = random_cache(kv_heads, d, &[start + n], &mut rng);
+        let table = cache.table(seqs[0]).unwrap();
+        let q: Vec<f32> = (0..n * q_heads * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut want = vec![0.0f32; q.len()];
+        prefill(cache.storage(), table, 0, start, &q, &shape, &mut want).unwrap();
+        let (k_pool, v_pool) = flat_pools(cache.storage(), blocks, kv_heads, d);
+        let (dk, dv) = (stream.clone_htod(&k_pool).unwrap(), stream.clone_htod(&v_pool).unwrap());
+        let ids: Vec<i32> = table.blocks().iter().map(|b| b.0 as i32).collect();
+        let dt = stream.clone_htod(&ids).unwrap();
+        let lens = stream.clone_htod(&[(start + n) as i32]).unwrap();
+        let view = PagedKvView {
+            keys: &dk,
+            values: Some(&dv),
+            kv_heads,
+            block_size: 64,
+            head_dim: d,
+            value_dim: d,
+            block_table: &dt,
+            offload: None,
+            max_blocks: ids.len(),
+            lens: &lens,
+        };
+        let dq = stream.clone_htod(&q).unwrap();
+        let mut out = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
+        ops.prefill_attention(&dq, &view, start, q_heads, shape.scale, &mut out)
+            .unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        assert!(got.iter().all(|v| v.is_finite()), "prefill d{d}: non-finite");
+        let err = relative_l2(&got, &want);
+        println!("prefill heads {q_heads}/{kv_heads} d{d} start {start} n {n}: rel err {err:.2e}");
+        assert!(
+            err <= 1e-2,
+            "prefill heads {q_heads}/{kv_heads} d{d} start {start} n {n}: rel err {err}"
+        );
     }
 }

@@ -43,6 +43,8 @@ enum BenchCommand {
     E2e(commands::bench_e2e::E2eArgs),
     /// Sparse decode with the K/V on the GPU vs offloaded to host memory (GPU only).
     Offload(commands::bench_offload::OffloadArgs),
+    /// Causal prefill attention of a whole prompt on the GPU.
+    Prefill(commands::bench_prefill::PrefillArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -63,6 +65,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Offload(args),
         } => commands::bench_offload::run(args),
+        Command::Bench {
+            what: BenchCommand::Prefill(args),
+        } => commands::bench_prefill::run(args),
     }
 }
 

@@ -84,6 +84,35 @@ def time_matmul_attention(q, k, v, reps):
     return time_call(step, reps)
 
 
+def prefill(a):
+    """Causal prefill of each context, best of flash and cuDNN, next to ours."""
+    ours = json.load(open(a.ours))["rows"] if a.ours else []
+    print(f"{'ctx':>7} {'sdpa us':>10} {'backend':>8} {'sdpa TFLOP/s':>13} {'ours us':>10} {'ours TFLOP/s':>13} {'ours/sdpa throughput':>21}")
+    rows = []
+    for ctx in map(int, a.ctx.split(",")):
+        q = torch.randn(1, a.q_heads, ctx, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, a.kv_heads, ctx, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        best = {}
+        for name, backend in BACKENDS[:2]:
+            try:
+                with sdpa_kernel([backend]):
+                    best[name] = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), a.reps)
+            except RuntimeError:
+                best[name] = None
+        name, t = min(((n, t) for n, t in best.items() if t is not None), key=lambda kv: kv[1])
+        flops = 4.0 * ctx * ctx / 2 * a.head_dim * a.q_heads
+        mine = next((o for o in ours if o["ctx"] == ctx), None)
+        o_t = mine["time_us_median"] if mine else float("nan")
+        print(f"{ctx:>7} {t:>10.1f} {name:>8} {flops / t / 1e6:>13.1f} {o_t:>10.1f} {flops / o_t / 1e6:>13.1f} {t / o_t:>21.2f}")
+        rows.append({"ctx": ctx, "sdpa_us": t, "backend": name, "all": best, "ours_us": o_t})
+        del q, k, v
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"peer": "torch_sdpa", "torch": torch.__version__, "prefill": rows, "ours": ours}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", default="32768,65536,98304,131072")
@@ -93,11 +122,14 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--mla", action="store_true", help="absorbed MLA: --q-heads heads over a 576/512 latent")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--prefill", action="store_true", help="causal prefill of the whole context (GQA)")
     ap.add_argument("--ours")
     ap.add_argument("--out")
     a = ap.parse_args()
     kind = "mla" if a.mla else "gqa"
     rows = []
+    if a.prefill:
+        return prefill(a)
     for ctx in map(int, a.ctx.split(",")):
         for b in map(int, a.batch.split(",")):
             if a.mla:

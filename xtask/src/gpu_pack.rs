@@ -34,11 +34,16 @@ for t in tests/*; do
     skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
     if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
 done
-# The benchmarks: BENCH lists which (default "attn offload"; "none" skips).
+# The benchmarks: BENCH lists which (default "attn offload prefill"; "none" skips).
 # attn: decode attention, GQA (Qwen3-8B) and MLA (GLM-4.7-Flash), with the
 # torch SDPA peer in the same run; offload: GPU-resident vs offloaded decode.
 out_dir="${OUT:-/tmp}"
-BENCH="${BENCH:-attn offload}"
+BENCH="${BENCH:-attn offload prefill}"
+if [ -x ./asynctls ] && [[ " $BENCH " == *" prefill "* ]]; then
+    ./asynctls bench prefill --device cuda --ctx "${PREFILL_CTX:-8192,32768}" --json > "$out_dir/prefill.json" \
+        && python3 peers/torch_sdpa.py --prefill --ctx "${PREFILL_CTX:-8192,32768}" --ours "$out_dir/prefill.json" \
+            --out "$out_dir/prefill_vs_sdpa.json" | tee "$out_dir/prefill_vs_sdpa.txt"
+fi
 if [ -x ./asynctls ] && [[ " $BENCH " == *" offload "* ]]; then
     ./asynctls bench offload --device cuda --ctx "${OFFLOAD_CTX:-49152,98304}" --batch "${OFFLOAD_BATCH:-1,2,4,8}" \
         --json > "$out_dir/offload.json" && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['rows']]" "$out_dir/offload.json" | tail -40

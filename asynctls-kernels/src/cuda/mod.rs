@@ -5,6 +5,7 @@
 //! - this file: loading the modules, and the elementwise ops of the model
 //!   (RMSNorm, SiLU-mul, softmax, RoPE, embedding, argmax);
 //! - [`attention`]: paged decode attention, GQA and MLA, dense or over token lists;
+//! - [`prefill`]: causal prefill attention on tensor cores (GQA);
 //! - [`select`]: the two selection stages of sparse decode (block scores and
 //!   top-k_b, label scores and top-k_t);
 //! - [`kv`]: the GPU-resident paged cache and the kernels that append to it;
@@ -23,6 +24,7 @@ pub mod attention;
 pub mod blas;
 pub mod gather;
 pub mod kv;
+pub mod prefill;
 pub mod select;
 
 pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
@@ -35,6 +37,7 @@ const MLA_DECODE_PTX: &str = include_str!("../../ptx/mla_decode.ptx");
 const SPARSE_SELECT_PTX: &str = include_str!("../../ptx/sparse_select.ptx");
 const KV_CACHE_PTX: &str = include_str!("../../ptx/kv_cache.ptx");
 const GATHER_PTX: &str = include_str!("../../ptx/gather.ptx");
+const PREFILL_PTX: &str = include_str!("../../ptx/prefill_attention.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -46,6 +49,7 @@ pub struct CudaOps {
     select: Arc<CudaModule>,
     kv: Arc<CudaModule>,
     gather: Arc<CudaModule>,
+    prefill: Arc<CudaModule>,
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
@@ -68,6 +72,7 @@ impl CudaOps {
             select: ctx.load_module(Ptx::from_src(SPARSE_SELECT_PTX))?,
             kv: ctx.load_module(Ptx::from_src(KV_CACHE_PTX))?,
             gather: ctx.load_module(Ptx::from_src(GATHER_PTX))?,
+            prefill: ctx.load_module(Ptx::from_src(PREFILL_PTX))?,
             blas: Arc::new(std::sync::OnceLock::new()),
         })
     }

@@ -5,4 +5,5 @@ pub mod attn;
 pub mod attn_cuda;
 pub mod e2e;
 pub mod offload_cuda;
+pub mod prefill_cuda;
 pub mod workload;

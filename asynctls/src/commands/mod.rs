@@ -4,6 +4,7 @@ pub mod bench_attn;
 pub mod bench_e2e;
 pub mod bench_kv;
 pub mod bench_offload;
+pub mod bench_prefill;
 pub mod demo;
 pub mod generate;
 pub mod import_gguf;
