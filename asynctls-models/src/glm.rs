@@ -507,6 +507,11 @@ impl GlmModel {
     /// A host cache holding only the latent and the rope key per token. Label
     /// channels default to the rope key plus the leading latent channels.
     pub fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
+        Ok(PagedKvCache::new(self.host_storage(num_blocks, kv_dtype)?)?)
+    }
+
+    /// The host storage [`new_cache`](Self::new_cache) wraps.
+    pub fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
         let config = self.cache_config(num_blocks, kv_dtype);
         let rank = self.config.kv_lora_rank;
         let rope: Vec<u16> = (rank..config.key_dim).map(|c| c as u16).collect();
@@ -514,7 +519,7 @@ impl GlmModel {
         head.extend(rope.iter().take(config.label_channels - head.len()));
         head.sort_unstable();
         let channels = LabelChannels::new(vec![vec![head]; config.num_layers]);
-        Ok(PagedKvCache::new(HostKvStorage::new(&config, channels)?)?)
+        Ok(HostKvStorage::new(&config, channels)?)
     }
 
     fn residual_mlp(&self, layer: &GlmLayer, x: &mut [f32], attn: &[f32]) -> Result<()> {
@@ -603,6 +608,8 @@ impl GlmModel {
             if let Some(stats) = stats.as_deref_mut() {
                 stats.record(cache.storage(), &tables, l, &q, &shape, &report);
             }
+            drop(tables);
+            crate::layers::hint_next_step(cache, seqs, l, &report, shape.kv_heads)?;
             self.residual_mlp(layer, &mut x, &out)?;
         }
         self.io.logits(x)

@@ -208,10 +208,15 @@ impl GqaModel {
     /// lowest RoPE frequencies, which carry the position-independent part of
     /// a key) until calibration provides better ones.
     pub fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
+        Ok(PagedKvCache::new(self.host_storage(num_blocks, kv_dtype)?)?)
+    }
+
+    /// The host storage [`new_cache`](Self::new_cache) wraps.
+    pub fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
         let config = self.cache_config(num_blocks, kv_dtype);
         let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
         let channels = LabelChannels::new(vec![vec![head; config.kv_heads]; config.num_layers]);
-        Ok(PagedKvCache::new(HostKvStorage::new(&config, channels)?)?)
+        Ok(HostKvStorage::new(&config, channels)?)
     }
 
     /// Runs `tokens` of one sequence through the model (dense causal
@@ -309,6 +314,8 @@ impl GqaModel {
             if let Some(stats) = stats.as_deref_mut() {
                 stats.record(cache.storage(), &tables, l, &q, &attn.shape, &report);
             }
+            drop(tables);
+            crate::layers::hint_next_step(cache, seqs, l, &report, attn.shape.kv_heads)?;
             self.residual_mlp(layer, &mut x, &out)?;
         }
         self.io.logits(x)

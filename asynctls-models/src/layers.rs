@@ -192,3 +192,31 @@ pub(crate) fn reserve_next_tokens<S: asynctls_kvcache::KvStorage>(
     }
     Ok(positions)
 }
+
+/// Tells the cache's storage which blocks this step's sparse selection read
+/// in `layer`: the one-step-lag prediction of the next step's, which an
+/// offloading storage prefetches (host storage ignores it). Dense steps read
+/// everything and hint nothing.
+pub(crate) fn hint_next_step<S: asynctls_kvcache::HostReadable>(
+    cache: &mut asynctls_kvcache::PagedKvCache<S>,
+    seqs: &[asynctls_kvcache::SeqId],
+    layer: usize,
+    report: &asynctls_attn::DecodeReport,
+    kv_heads: usize,
+) -> Result<()> {
+    let mut blocks = Vec::new();
+    for (i, head) in report.heads.iter().enumerate() {
+        if head.dense {
+            continue;
+        }
+        let table = cache.table(seqs[i / kv_heads])?;
+        blocks.extend(head.blocks.iter().map(|&b| table.blocks()[b as usize]));
+    }
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    blocks.sort_unstable();
+    blocks.dedup();
+    cache.storage_mut().prefetch_hint(layer, &blocks);
+    Ok(())
+}

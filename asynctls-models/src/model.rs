@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, PagedKvCache, SeqId};
+use asynctls_kvcache::{CacheConfig, KvDType, PagedKvCache, SeqId};
+use asynctls_offload::KvStore;
 
 use crate::error::io_err;
 use crate::glm::{GlmConfig, GlmModel};
@@ -11,18 +12,26 @@ use crate::gqa::{AttentionPlan, AttentionStats, GqaModel};
 use crate::weights::Weights;
 use crate::{GqaConfig, ModelError, Result};
 
-/// A causal language model over a host paged KV cache.
+/// A causal language model over a paged KV cache whose storage is chosen by
+/// configuration (host memory, or a host tier behind the offload engine).
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn vocab_size(&self) -> usize;
     /// Positions the model can attend over.
     fn max_positions(&self) -> usize;
     fn eos_token_ids(&self) -> Vec<u32>;
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig;
-    fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>>;
+    /// A cache of `num_blocks`; `resident_slots` puts the offload engine in
+    /// front of the host storage with that many resident units per layer.
+    fn new_cache(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<PagedKvCache<KvStore>>;
     /// Runs a sequence's next tokens, densely; logits of the last or of all.
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
@@ -30,7 +39,7 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// One token for each sequence of a batch; logits `[batch, vocab]`.
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seqs: &[SeqId],
         tokens: &[u32],
         plan: &AttentionPlan,
@@ -51,12 +60,18 @@ impl CausalLm for GqaModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GqaModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
-        GqaModel::new_cache(self, num_blocks, kv_dtype)
+    fn new_cache(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<PagedKvCache<KvStore>> {
+        let host = self.host_storage(num_blocks, kv_dtype)?;
+        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
     }
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
@@ -65,7 +80,7 @@ impl CausalLm for GqaModel {
     }
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seqs: &[SeqId],
         tokens: &[u32],
         plan: &AttentionPlan,
@@ -88,12 +103,18 @@ impl CausalLm for GlmModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
-        GlmModel::new_cache(self, num_blocks, kv_dtype)
+    fn new_cache(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<PagedKvCache<KvStore>> {
+        let host = self.host_storage(num_blocks, kv_dtype)?;
+        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
     }
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
@@ -102,7 +123,7 @@ impl CausalLm for GlmModel {
     }
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<HostKvStorage>,
+        cache: &mut PagedKvCache<KvStore>,
         seqs: &[SeqId],
         tokens: &[u32],
         plan: &AttentionPlan,

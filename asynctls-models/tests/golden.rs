@@ -60,7 +60,11 @@ fn golden(dir: &Path) -> Golden {
 }
 
 fn generate(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan) -> Vec<Vec<u32>> {
-    let mut cache = model.new_cache(64, KvDType::F32).unwrap();
+    generate_with(model, golden, plan, None)
+}
+
+fn generate_with(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan, slots: Option<usize>) -> Vec<Vec<u32>> {
+    let mut cache = model.new_cache(64, KvDType::F32, slots).unwrap();
     let vocab = model.vocab_size();
     let mut seqs = Vec::new();
     let mut next = Vec::new();
@@ -108,6 +112,13 @@ fn matches_hf_logits_and_greedy_tokens_dense_and_tls() {
         };
         let sparse = generate(model.as_ref(), &golden, &tls);
         assert_eq!(sparse, golden.greedy, "{name}: tls greedy tokens");
+        // The same decode over the offloaded storage (host tier + a few
+        // resident slots, prefetched from the last step's blocks).
+        let offloaded = generate_with(model.as_ref(), &golden, &tls, Some(6));
+        assert_eq!(
+            offloaded, golden.greedy,
+            "{name}: tls greedy tokens over offloaded storage"
+        );
         println!(
             "{name}: logits max abs error {:.2e}, greedy tokens equal (dense, tls)",
             MAX_ERR.with(|m| m.get())
@@ -169,7 +180,7 @@ fn missing_weights_and_mismatched_config_are_named() {
 #[test]
 fn mla_cache_stores_only_the_latent() {
     let model = load_model(&fixture("glm-tiny-grouped")).unwrap();
-    let cache = model.new_cache(4, KvDType::BF16).unwrap();
+    let cache = model.new_cache(4, KvDType::BF16, None).unwrap();
     let report = cache.memory_report();
     // 3 layers x (kv_lora_rank 32 + rope 16) x bf16, no separate values.
     assert_eq!(report.kv_bytes_per_token(), 3 * (32 + 16) * 2);

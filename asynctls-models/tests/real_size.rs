@@ -8,7 +8,7 @@ use asynctls_kvcache::KvDType;
 use asynctls_models::{AttentionPlan, CausalLm, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights};
 
 fn run(model: &dyn CausalLm) {
-    let mut cache = model.new_cache(4, KvDType::BF16).unwrap();
+    let mut cache = model.new_cache(4, KvDType::BF16, None).unwrap();
     let seq = cache.add_sequence();
     let logits = model.prefill(&mut cache, seq, &[1, 2, 3, 4], false).unwrap();
     assert_eq!(logits.len(), model.vocab_size());

@@ -47,7 +47,7 @@ pub use error::{OffloadError, Result};
 pub use evict::{EvictionPolicy, FirstLoaded, LeastRecentlySelected, UnitStats};
 pub use host::HostPool;
 pub use predict::{OneStepLag, Predictor, UnionOfLastTwo};
-pub use storage::OffloadedStorage;
+pub use storage::{KvStore, OffloadedStorage};
 
 /// One block of one KV head in one layer: the unit of residency and transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

@@ -267,3 +267,83 @@ impl HostReadable for OffloadedStorage {
         self.host().label_channels(layer, head)
     }
 }
+
+/// The storage a model's cache uses, chosen by configuration: everything in
+/// host memory, or a host tier with resident slots behind the offload engine.
+#[derive(Debug)]
+pub enum KvStore {
+    Host(HostKvStorage),
+    // Boxed: the engine's bookkeeping makes this variant twice the other's size.
+    Offloaded(Box<OffloadedStorage>),
+}
+
+impl KvStore {
+    /// `resident_slots`: `None` keeps everything in `host`; `Some(n)` puts
+    /// the offload engine in front of it with `n` resident units per layer.
+    pub fn new(host: HostKvStorage, resident_slots: Option<usize>) -> Self {
+        match resident_slots {
+            None => KvStore::Host(host),
+            Some(n) => KvStore::Offloaded(Box::new(OffloadedStorage::new(host, n))),
+        }
+    }
+
+    /// The offloaded storage, if this is one.
+    pub fn offloaded(&self) -> Option<&OffloadedStorage> {
+        match self {
+            KvStore::Offloaded(o) => Some(o),
+            KvStore::Host(_) => None,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            KvStore::Host($s) => $e,
+            KvStore::Offloaded($s) => $e,
+        }
+    };
+}
+
+impl KvStorage for KvStore {
+    fn config(&self) -> &CacheConfig {
+        delegate!(self, s => s.config())
+    }
+    fn write_token(
+        &mut self,
+        layer: usize,
+        block: BlockId,
+        slot: usize,
+        key: &[f32],
+        value: &[f32],
+    ) -> CacheResult<()> {
+        delegate!(self, s => s.write_token(layer, block, slot, key, value))
+    }
+    fn copy_block(&mut self, src: BlockId, dst: BlockId, tokens: usize) -> CacheResult<()> {
+        delegate!(self, s => s.copy_block(src, dst, tokens))
+    }
+    fn prefetch_hint(&mut self, layer: usize, blocks: &[BlockId]) {
+        delegate!(self, s => s.prefetch_hint(layer, blocks))
+    }
+    fn allocated_bytes(&self) -> usize {
+        delegate!(self, s => s.allocated_bytes())
+    }
+}
+
+impl HostReadable for KvStore {
+    fn keys(&self, layer: usize, block: BlockId, head: usize) -> Rows<'_> {
+        delegate!(self, s => s.keys(layer, block, head))
+    }
+    fn values(&self, layer: usize, block: BlockId, head: usize) -> Rows<'_> {
+        delegate!(self, s => s.values(layer, block, head))
+    }
+    fn key_bounds(&self, layer: usize, block: BlockId, head: usize) -> (&[f32], &[f32]) {
+        delegate!(self, s => s.key_bounds(layer, block, head))
+    }
+    fn labels(&self, layer: usize, block: BlockId, head: usize) -> (&[u8], &[[f16; 2]]) {
+        delegate!(self, s => s.labels(layer, block, head))
+    }
+    fn label_channels(&self, layer: usize, head: usize) -> &[u16] {
+        delegate!(self, s => s.label_channels(layer, head))
+    }
+}

@@ -53,6 +53,9 @@ pub struct BatchTimings {
     pub recall: Option<f64>,
     /// Mean fraction of the context attended per layer and step, when measured.
     pub attended_fraction: Option<f64>,
+    /// With an offloaded cache: key reads served from resident slots and
+    /// from the host tier (per attended token and head).
+    pub offload_reads: Option<(usize, usize)>,
 }
 
 impl BatchTimings {
@@ -73,6 +76,9 @@ pub struct Engine {
     pub kv_dtype: KvDType,
     /// Measure recall and attended fraction at every decode step (slow).
     pub measure_attention: bool,
+    /// Put the offload engine in front of the host cache with this many
+    /// resident (block, head) units per layer; `None`: all in host memory.
+    pub resident_slots: Option<usize>,
 }
 
 impl Engine {
@@ -82,6 +88,7 @@ impl Engine {
             plan,
             kv_dtype,
             measure_attention: false,
+            resident_slots: None,
         }
     }
 
@@ -122,7 +129,7 @@ impl Engine {
             .iter()
             .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
             .sum();
-        let mut cache = self.model.new_cache(blocks, self.kv_dtype)?;
+        let mut cache = self.model.new_cache(blocks, self.kv_dtype, self.resident_slots)?;
         let vocab = self.model.vocab_size();
         let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
         let mut out: Vec<Generation> = Vec::with_capacity(requests.len());
@@ -133,6 +140,7 @@ impl Engine {
             decode_steps: 0,
             decode_ms: 0.0,
             recall: None,
+            offload_reads: None,
             attended_fraction: None,
         };
         let mut stats = AttentionStats::default();
@@ -203,6 +211,7 @@ impl Engine {
             timings.recall = Some(stats.recall());
             timings.attended_fraction = Some(stats.attended_fraction());
         }
+        timings.offload_reads = cache.storage().offloaded().map(|o| o.take_reads());
         Ok((out, timings))
     }
 }

@@ -37,26 +37,33 @@ fn generate_json_reproduces_hf_greedy_tokens() {
         let golden = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
         let prompt: Vec<String> = ids(&golden, "input_ids_1").iter().map(|t| t.to_string()).collect();
         let want = ids(&golden, "greedy_1");
-        for attention in [["--attention", "dense"], ["--attention", "tls"]] {
-            let out = asynctls(&[
+        let prompt = prompt.join(",");
+        // The last case runs tls over the offloaded storage (host tier plus
+        // 8 resident units per layer): the same tokens.
+        for attention in [
+            vec!["--attention", "dense"],
+            vec!["--attention", "tls"],
+            vec!["--attention", "tls", "--offload-slots", "8", "--dense-layers", "0"],
+        ] {
+            let mut args = vec![
                 "generate",
                 "--model",
                 dir.to_str().unwrap(),
                 "--prompt-ids",
-                &prompt.join(","),
+                &prompt,
                 "--max-new-tokens",
                 "12",
                 "--greedy",
                 "--json",
                 "--device",
                 "cpu",
-                attention[0],
-                attention[1],
                 "--budget",
                 "4096",
                 "--dense-below",
                 "0",
-            ]);
+            ];
+            args.extend(&attention);
+            let out = asynctls(&args);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let got: Vec<u32> = doc["generated_ids"]
@@ -66,8 +73,13 @@ fn generate_json_reproduces_hf_greedy_tokens() {
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
             assert_eq!(got, want, "{name} {attention:?}");
-            assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), prompt.len());
+            assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), prompt.split(',').count());
             assert!(doc["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+            if attention.len() > 2 {
+                let reads = &doc["offload"];
+                let (hits, misses) = (reads["hits"].as_u64().unwrap(), reads["misses"].as_u64().unwrap());
+                assert!(hits > 0 && hits + misses > 0, "{name}: offload reads {reads}");
+            }
         }
     }
 }

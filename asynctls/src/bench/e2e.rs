@@ -47,7 +47,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             );
         }
         let blocks = 2 * (ctx + config.decode_tokens).div_ceil(64) + config.policies.len() + 2;
-        let mut cache = model.new_cache(blocks, config.kv_dtype)?;
+        let mut cache = model.new_cache(blocks, config.kv_dtype, None)?;
         // A deterministic pseudo-random prompt.
         let prompt: Vec<u32> = (0..ctx as u64)
             .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ config.seed) >> 17) as u32 % model.vocab_size() as u32)

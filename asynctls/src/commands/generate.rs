@@ -59,6 +59,11 @@ pub struct GenerateArgs {
     /// Contexts shorter than this decode densely.
     #[arg(long, default_value_t = 4096)]
     dense_below: usize,
+    /// Keep the K/V in a host tier behind the offload engine with this many
+    /// resident (block, head) units per layer (the CPU twin of the GPU
+    /// offload path); without it, everything stays in host memory.
+    #[arg(long)]
+    offload_slots: Option<usize>,
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
@@ -150,7 +155,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         },
         dense_layers: args.dense_layers,
     };
-    let engine = Engine::new(model, plan, kv_dtype);
+    if args.offload_slots == Some(0) {
+        anyhow::bail!("--offload-slots must be positive (leave it out to keep the whole cache in host memory)");
+    }
+    let mut engine = Engine::new(model, plan, kv_dtype);
+    engine.resident_slots = args.offload_slots;
     let request = Request {
         prompt_ids,
         max_new_tokens: args.max_new_tokens,
@@ -167,7 +176,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_ref()
         .map(|t| t.decode(&generation.generated_ids))
         .transpose()?;
-    let memory = engine.model.new_cache(1, kv_dtype)?.memory_report();
+    let memory = engine.model.new_cache(1, kv_dtype, None)?.memory_report();
     if args.json {
         let doc = serde_json::json!({
             "prompt_ids": generation.prompt_ids,
@@ -186,6 +195,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "prefill_tokens_per_s": timings.prefill_tokens_per_s(),
                 "decode_tokens_per_s": timings.decode_tokens_per_s(),
             },
+            "offload": timings.offload_reads.map(|(hits, misses)| serde_json::json!({
+                "resident_slots_per_layer": args.offload_slots,
+                "hits": hits,
+                "misses": misses,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
