@@ -76,18 +76,21 @@ extern "C" __global__ void softmax_rows_f32(float* x, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] *= inv;
 }
 
-// NeoX RoPE on x [tokens, heads, head_dim], rotating the first rotary_dim
-// channels; cos/sin tables [max_pos, rotary_dim/2]. Grid: tokens x heads.
-extern "C" __global__ void rope_neox_f32(float* x, const float* cos_t, const float* sin_t, const int* positions,
-                                         int heads, int head_dim, int rotary_dim) {
+// RoPE on x [tokens, heads, head_dim], rotating the first rotary_dim
+// channels in pairs: (i, i + rotary_dim/2) for NeoX, (2i, 2i + 1) when
+// interleaved (GLM's MLA rope key); cos/sin tables [max_pos, rotary_dim/2].
+// Grid: tokens x heads.
+extern "C" __global__ void rope_f32(float* x, const float* cos_t, const float* sin_t, const int* positions, int heads,
+                                    int head_dim, int rotary_dim, int interleaved) {
     int token = blockIdx.x, head = blockIdx.y, half = rotary_dim / 2;
     float* v = x + ((size_t)token * heads + head) * head_dim;
     int pos = positions[token];
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
-        float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = a * s + b * c;
+        const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+        float a = v[ia], b = v[ib];
+        v[ia] = a * c - b * s;
+        v[ib] = a * s + b * c;
     }
 }
 

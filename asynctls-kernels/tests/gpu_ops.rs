@@ -71,8 +71,6 @@ fn rope_and_embedding_match_cpu() {
         let table = RopeTable::new(d, 1e6, max_pos).unwrap();
         let positions: Vec<usize> = (0..tokens).map(|_| rng.random_range(0..max_pos)).collect();
         let x = random(&mut rng, tokens * heads * d, 2.0);
-        let mut want = x.clone();
-        table.apply(&mut want, d, &positions, RopeStyle::Neox).unwrap();
         // The CPU table's cos/sin, read back by rotating unit vectors.
         let half = d / 2;
         let (mut cos, mut sin) = (vec![0.0f32; max_pos * half], vec![0.0f32; max_pos * half]);
@@ -83,19 +81,29 @@ fn rope_and_embedding_match_cpu() {
             cos[p * half..(p + 1) * half].copy_from_slice(&probe[..half]);
             sin[p * half..(p + 1) * half].copy_from_slice(&probe[half..]);
         }
-        let mut dx = stream.clone_htod(&x).unwrap();
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        ops.rope_neox(
-            &mut dx,
-            &stream.clone_htod(&cos).unwrap(),
-            &stream.clone_htod(&sin).unwrap(),
-            &stream.clone_htod(&pos).unwrap(),
-            heads,
-            d,
-            d,
-        )
-        .unwrap();
-        assert_close(&stream.clone_dtoh(&dx).unwrap(), &want, 1e-4, "rope");
+        for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
+            let mut want = x.clone();
+            table.apply(&mut want, d, &positions, style).unwrap();
+            let mut dx = stream.clone_htod(&x).unwrap();
+            ops.rope(
+                &mut dx,
+                &stream.clone_htod(&cos).unwrap(),
+                &stream.clone_htod(&sin).unwrap(),
+                &stream.clone_htod(&pos).unwrap(),
+                heads,
+                d,
+                d,
+                style,
+            )
+            .unwrap();
+            assert_close(
+                &stream.clone_dtoh(&dx).unwrap(),
+                &want,
+                1e-4,
+                &format!("rope {style:?}"),
+            );
+        }
     }
     let (vocab, h) = (1000usize, 96usize);
     let table = random(&mut rng, vocab * h, 1.0);

@@ -153,9 +153,10 @@ impl CudaOps {
         Ok(())
     }
 
-    /// NeoX RoPE of `x` (`[tokens, heads, head_dim]`) with tables `[max_pos, rotary_dim / 2]`.
+    /// RoPE of `x` (`[tokens, heads, head_dim]`) in `style` with tables
+    /// `[max_pos, rotary_dim / 2]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_neox(
+    pub fn rope(
         &self,
         x: &mut CudaSlice<f32>,
         cos: &CudaSlice<f32>,
@@ -164,6 +165,7 @@ impl CudaOps {
         heads: usize,
         head_dim: usize,
         rotary_dim: usize,
+        style: crate::cpu::RopeStyle,
     ) -> Result<()> {
         let tokens = positions.len();
         if x.len() != tokens * heads * head_dim || rotary_dim > head_dim {
@@ -172,10 +174,18 @@ impl CudaOps {
                 format!("{} elements are not [{tokens}, {heads}, {head_dim}]", x.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "rope_neox_f32")?;
+        let f = Self::function(&self.elementwise, "rope_f32")?;
         let (h, d, r) = (heads as i32, head_dim as i32, rotary_dim as i32);
+        let interleaved = i32::from(style == crate::cpu::RopeStyle::Interleaved);
         let mut b = self.device.stream().launch_builder(&f);
-        b.arg(x).arg(cos).arg(sin).arg(positions).arg(&h).arg(&d).arg(&r);
+        b.arg(x)
+            .arg(cos)
+            .arg(sin)
+            .arg(positions)
+            .arg(&h)
+            .arg(&d)
+            .arg(&r)
+            .arg(&interleaved);
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, heads as u32, 1),
             block_dim: (64, 1, 1),
