@@ -4,7 +4,6 @@
 //! over every token, or sparse over per-row token lists (the exact-attention
 //! stage of two-level sparse decode).
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -196,11 +195,9 @@ impl CudaOps {
                 let f = Self::function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
                 // q, probabilities, running max/sum/correction, and the staged
                 // tile of rows padded by two bf16 pairs.
-                let shared =
-                    ((q_heads * d + q_heads * MLA_TILE + 3 * q_heads).next_multiple_of(4) + MLA_TILE * (d / 2 + 2)) * 4;
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
+                let shared = super::allow_dynamic_shared(
+                    &f,
+                    ((q_heads * d + q_heads * MLA_TILE + 3 * q_heads).next_multiple_of(4) + MLA_TILE * (d / 2 + 2)) * 4,
                 )?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(q).arg(kv.keys).arg(kv.block_table).arg(kv.lens);
@@ -217,7 +214,7 @@ impl CudaOps {
                 let cfg = LaunchConfig {
                     grid_dim: (batch as u32, splits as u32, 1),
                     block_dim: (256, 1, 1),
-                    shared_mem_bytes: shared as u32,
+                    shared_mem_bytes: shared,
                 };
                 // SAFETY: as above; the shared size was allowed just before.
                 unsafe { b.launch(cfg) }?;

@@ -53,6 +53,18 @@ pub struct CudaOps {
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
+/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB
+/// a launch needs the function's opt-in); returns the launch's shared size.
+fn allow_dynamic_shared(f: &CudaFunction, bytes: usize) -> Result<u32> {
+    if bytes > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+    }
+    Ok(bytes as u32)
+}
+
 fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),

@@ -2,7 +2,6 @@
 //! bf16 with f32 accumulation) over the paged cache: the twin of
 //! asynctls-attn's `prefill`.
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaOps, PagedKvView};
@@ -59,10 +58,9 @@ impl CudaOps {
         // Q, K, V tiles (bf16 rows padded by 8), S (f32, +4), P (bf16, +8),
         // O (f32, +4), and three per-row statistics; as the kernel lays them out.
         let (lq, ls, lp, lo) = (d + 8, 64 + 4, 64 + 8, d + 4);
-        let shared = (BR + 2 * 64) * lq * 2 + WARPS * 16 * (ls * 4 + lp * 2 + lo * 4) + 3 * WARPS * 16 * 4;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
+        let shared = super::allow_dynamic_shared(
+            &f,
+            (BR + 2 * 64) * lq * 2 + WARPS * 16 * (ls * 4 + lp * 2 + lo * 4) + 3 * WARPS * 16 * 4,
         )?;
         let (nn, st, qh, kvh) = (n as i32, start as i32, q_heads as i32, kv.kv_heads as i32);
         let stream = self.device.stream();
@@ -80,7 +78,7 @@ impl CudaOps {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(BR) as u32, q_heads as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: shared as u32,
+            shared_mem_bytes: shared,
         };
         // SAFETY: shapes checked above; the table holds the sequence's blocks.
         unsafe { b.launch(cfg) }?;

@@ -220,7 +220,7 @@ impl CudaOps {
         unsafe { b.launch(cfg) }?;
 
         let f = Self::function(&self.select, "select_blocks")?;
-        let shared = allow_shared(&f, max_blocks * 4)?;
+        let shared = super::allow_dynamic_shared(&f, max_blocks * 4)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&scratch.block_scores)
             .arg(lens)
@@ -267,7 +267,7 @@ impl CudaOps {
         unsafe { b.launch(cfg) }?;
 
         let f = Self::function(&self.select, "select_tokens")?;
-        let shared = allow_shared(&f, params.block_topk * g.block_size * 4)?;
+        let shared = super::allow_dynamic_shared(&f, params.block_topk * g.block_size * 4)?;
         let mt = scratch.max_tokens as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(&scratch.token_scores)
@@ -287,17 +287,6 @@ impl CudaOps {
         unsafe { b.launch(with_shared(rows, shared)) }?;
         Ok(())
     }
-}
-
-/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
-fn allow_shared(f: &cudarc::driver::CudaFunction, bytes: usize) -> Result<u32> {
-    if bytes > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )?;
-    }
-    Ok(bytes as u32)
 }
 
 fn with_shared(rows: usize, shared: u32) -> LaunchConfig {
