@@ -84,6 +84,21 @@ impl Timer {
     }
 }
 
+/// Streaming multiprocessors of the device (the split heuristics size grids by them).
+pub(crate) fn multiprocessors(device: &CudaDevice) -> Result<usize> {
+    let sms = device
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    Ok(sms as usize)
+}
+
+/// 2^25 random f32 in [-1, 1) on the device: the source the benchmarks cut
+/// windows of for keys, values and queries (generating gigabytes on the host is slow).
+pub(crate) fn random_on_device(device: &CudaDevice, rng: &mut StdRng) -> Result<CudaSlice<f32>> {
+    let host: Vec<f32> = (0..(1 << 25)).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Ok(device.stream().clone_htod(&host)?)
+}
+
 /// Records what `work` launches on `stream` as a CUDA graph.
 fn capture(stream: &std::sync::Arc<CudaStream>, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
     stream
@@ -168,16 +183,11 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
         ctx: device.context().clone(),
     };
     let shape = sweep.shape;
-    let sms = device
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-        as usize;
+    let sms = multiprocessors(device)?;
     let mut scratch = DecodeScratch::new(&ops)?;
     let mut select_scratch = SelectScratch::new(&ops)?;
     let mut rng = StdRng::seed_from_u64(7);
-    let random_host: Vec<f32> = (0..(1 << 25)).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let random = stream.clone_htod(&random_host)?;
-    drop(random_host);
+    let random = random_on_device(device, &mut rng)?;
     let channels: Vec<u16> = (0..shape.kv_heads)
         .flat_map(|_| 0..sweep.label_channels as u16)
         .collect();

@@ -22,6 +22,7 @@
 //! the wall time of the timed steps over their number, after a warm-up,
 //! with the streams synchronized at both ends (both modes alike).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -32,11 +33,11 @@ use asynctls_kernels::cuda::{
 use asynctls_kernels::CudaDevice;
 use asynctls_offload::cuda::{CudaBackend, CudaLayout};
 use asynctls_offload::{OffloadConfig, OffloadEngine, OneStepLag, Predictor, StepMetrics, Unit};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use super::attn_cuda::fill_pool;
+use super::attn_cuda::{fill_pool, multiprocessors, random_on_device};
 
 const BLOCK: usize = 64;
 
@@ -93,17 +94,12 @@ struct Layer {
 pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&str)) -> Result<Vec<OffloadRow>> {
     let ops = CudaOps::new(device)?;
     let stream = device.stream().clone();
-    let sms = device
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-        as usize;
+    let sms = multiprocessors(device)?;
     let (qh, kvh, d) = (sweep.q_heads, sweep.kv_heads, sweep.head_dim);
     let r = 32.min(d);
     let scale = 1.0 / (d as f32).sqrt();
     let mut rng = StdRng::seed_from_u64(11);
-    let random_host: Vec<f32> = (0..(1 << 25)).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let random = stream.clone_htod(&random_host)?;
-    drop(random_host);
+    let random = random_on_device(device, &mut rng)?;
     let channels: Vec<u16> = (0..kvh).flat_map(|_| 0..r as u16).collect();
     let params = SelectParams {
         block_topk: sweep.block_topk,
@@ -237,24 +233,7 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 stream.synchronize()?;
                 let mut engine = OffloadEngine::new(backend);
                 let mut predictor = OneStepLag;
-                let mut mark = vec![0usize; blocks_per_seq];
-                // Per layer: pinned staging for the candidate blocks read back
-                // after each step (off the critical path).
-                let ctx_ = device.context();
-                let mut staging: Vec<(
-                    cudarc::driver::PinnedHostSlice<i32>,
-                    cudarc::driver::PinnedHostSlice<i32>,
-                )> = Vec::new();
-                for _ in 0..sweep.layers {
-                    // SAFETY: written by the device copies before any read (as_slice waits for them).
-                    staging.push(unsafe {
-                        (
-                            ctx_.alloc_pinned::<i32>(rows * sweep.block_topk)?,
-                            ctx_.alloc_pinned::<i32>(rows)?,
-                        )
-                    });
-                }
-                let mut read_back: Vec<Option<cudarc::driver::CudaEvent>> = (0..sweep.layers).map(|_| None).collect();
+                let mut readback = Readback::new(device, sweep.layers, rows, kvh, blocks_per_seq, sweep.block_topk)?;
                 let mut pending: Option<usize> = None;
                 let warmup = 3;
                 let mut start = Instant::now();
@@ -300,33 +279,14 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                         // what it read (counted) and what its next step will
                         // read (prefetched).
                         if let Some(prev) = pending.replace(l) {
-                            let plan = Plan {
-                                rows,
-                                kv_heads: kvh,
-                                blocks_per_seq,
-                                block_topk: sweep.block_topk,
-                            };
-                            let landed = read_back[prev].take();
-                            account_and_prefetch(
+                            readback.account_and_prefetch(
                                 &mut engine,
                                 &mut predictor,
                                 prev,
                                 &layers[prev].table_host,
-                                &staging[prev],
-                                landed,
-                                &mut mark,
-                                &plan,
                             )?;
                         }
-                        let (cand, cand_counts) = select_scratch.candidates();
-                        let (c_host, n_host) = &mut staging[l];
-                        stream.memcpy_dtoh(&cand.slice(0..rows * sweep.block_topk), c_host)?;
-                        stream.memcpy_dtoh(&cand_counts.slice(0..rows), n_host)?;
-                        // Our own event: the pinned buffers' built-in one is only
-                        // recorded when cudarc tracks events, which the device turns off.
-                        let landed = ctx_.new_event(None)?;
-                        landed.record(&stream)?;
-                        read_back[l] = Some(landed);
+                        readback.issue(&stream, l, &select_scratch)?;
                     }
                     let m = engine.end_step()?;
                     if step >= warmup {
@@ -336,23 +296,7 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 stream.synchronize()?;
                 let t = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
                 if let Some(prev) = pending.take() {
-                    let plan = Plan {
-                        rows,
-                        kv_heads: kvh,
-                        blocks_per_seq,
-                        block_topk: sweep.block_topk,
-                    };
-                    let landed = read_back[prev].take();
-                    account_and_prefetch(
-                        &mut engine,
-                        &mut predictor,
-                        prev,
-                        &layers[prev].table_host,
-                        &staging[prev],
-                        landed,
-                        &mut mark,
-                        &plan,
-                    )?;
+                    readback.account_and_prefetch(&mut engine, &mut predictor, prev, &layers[prev].table_host)?;
                 }
                 let n = metrics.len().max(1) as f64;
                 let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
@@ -395,56 +339,99 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
     Ok(rows_out)
 }
 
-/// The shape of a step's selection, for turning candidates into units.
-struct Plan {
+/// Each layer's candidate blocks, read back to pinned host memory after its
+/// attention (off the critical path), and what the host does with them.
+struct Readback {
     rows: usize,
     kv_heads: usize,
     blocks_per_seq: usize,
     block_topk: usize,
+    /// Per layer: candidates `[rows, k_b]` and their counts `[rows]`.
+    staging: Vec<(PinnedHostSlice<i32>, PinnedHostSlice<i32>)>,
+    /// Per layer: recorded after its read-back copies.
+    landed: Vec<Option<CudaEvent>>,
+    /// Scratch: the row that last took each logical block (dedup per row).
+    mark: Vec<usize>,
 }
 
-/// Reads one layer's candidate blocks back (waiting for their copy), counts
-/// what its attention found resident, and prefetches them for its next step.
-#[allow(clippy::too_many_arguments)]
-fn account_and_prefetch(
-    engine: &mut OffloadEngine<CudaBackend>,
-    predictor: &mut OneStepLag,
-    layer: usize,
-    table_host: &[i32],
-    staging: &(
-        cudarc::driver::PinnedHostSlice<i32>,
-        cudarc::driver::PinnedHostSlice<i32>,
-    ),
-    landed: Option<cudarc::driver::CudaEvent>,
-    mark: &mut [usize],
-    plan: &Plan,
-) -> Result<()> {
-    if let Some(landed) = landed {
-        landed.synchronize()?;
+impl Readback {
+    fn new(
+        device: &CudaDevice,
+        layers: usize,
+        rows: usize,
+        kv_heads: usize,
+        blocks_per_seq: usize,
+        block_topk: usize,
+    ) -> Result<Self> {
+        let ctx = device.context();
+        let mut staging = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            // SAFETY: written by the device copies before any read (after `landed`).
+            staging.push(unsafe {
+                (
+                    ctx.alloc_pinned::<i32>(rows * block_topk)?,
+                    ctx.alloc_pinned::<i32>(rows)?,
+                )
+            });
+        }
+        Ok(Readback {
+            rows,
+            kv_heads,
+            blocks_per_seq,
+            block_topk,
+            staging,
+            landed: (0..layers).map(|_| None).collect(),
+            mark: vec![0; blocks_per_seq],
+        })
     }
-    let (cand, cand_counts) = (staging.0.as_slice()?, staging.1.as_slice()?);
-    let nb = plan.blocks_per_seq;
-    let mut units: Vec<Unit> = Vec::with_capacity(plan.rows * (plan.block_topk + 3));
-    for row in 0..plan.rows {
-        let (seq, head) = (row / plan.kv_heads, row % plan.kv_heads);
-        let n = cand_counts[row] as usize;
-        // The sink block and the local window (the last two blocks cover it
-        // and a partial block), besides the candidates.
-        let forced = [0, nb.saturating_sub(2), nb - 1];
-        let logical = cand[row * plan.block_topk..row * plan.block_topk + n]
-            .iter()
-            .map(|&b| b as usize)
-            .chain(forced);
-        for b in logical {
-            if mark[b] != row + 1 {
-                mark[b] = row + 1;
-                units.push(Unit::new(table_host[seq * nb + b] as u32, head as u16));
+
+    /// Queues the copy of `layer`'s candidates (just selected) on `stream`.
+    fn issue(&mut self, stream: &Arc<CudaStream>, layer: usize, select: &SelectScratch) -> Result<()> {
+        let (cand, counts) = select.candidates();
+        let (c_host, n_host) = &mut self.staging[layer];
+        stream.memcpy_dtoh(&cand.slice(0..self.rows * self.block_topk), c_host)?;
+        stream.memcpy_dtoh(&counts.slice(0..self.rows), n_host)?;
+        // Our own event: the pinned buffers' built-in one is only recorded
+        // when cudarc tracks events, which the device turns off.
+        let landed = stream.context().new_event(None)?;
+        landed.record(stream)?;
+        self.landed[layer] = Some(landed);
+        Ok(())
+    }
+
+    /// Waits for `layer`'s candidates, counts what its attention found
+    /// resident, and prefetches them (and the forced blocks) for its next step.
+    fn account_and_prefetch(
+        &mut self,
+        engine: &mut OffloadEngine<CudaBackend>,
+        predictor: &mut OneStepLag,
+        layer: usize,
+        table_host: &[i32],
+    ) -> Result<()> {
+        if let Some(landed) = self.landed[layer].take() {
+            landed.synchronize()?;
+        }
+        let (cand, cand_counts) = (self.staging[layer].0.as_slice()?, self.staging[layer].1.as_slice()?);
+        let (nb, k_b) = (self.blocks_per_seq, self.block_topk);
+        let mut units: Vec<Unit> = Vec::with_capacity(self.rows * (k_b + 3));
+        for row in 0..self.rows {
+            let (seq, head) = (row / self.kv_heads, row % self.kv_heads);
+            let n = cand_counts[row] as usize;
+            // The sink block and the local window (the last two blocks cover it
+            // and a partial block), besides the candidates.
+            let forced = [0, nb.saturating_sub(2), nb - 1];
+            let logical = cand[row * k_b..row * k_b + n].iter().map(|&b| b as usize).chain(forced);
+            for b in logical {
+                if self.mark[b] != row + 1 {
+                    self.mark[b] = row + 1;
+                    units.push(Unit::new(table_host[seq * nb + b] as u32, head as u16));
+                }
             }
         }
+        self.mark.iter_mut().for_each(|m| *m = 0);
+        engine.account(layer, &units)?;
+        let predicted = predictor.observe(layer, &units);
+        engine.prefetch(layer, &predicted)?;
+        Ok(())
     }
-    mark.iter_mut().for_each(|m| *m = 0);
-    engine.account(layer, &units)?;
-    let predicted = predictor.observe(layer, &units);
-    engine.prefetch(layer, &predicted)?;
-    Ok(())
 }

@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUevent_flags;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use super::attn_cuda::{fill_pool, median};
+use super::attn_cuda::{fill_pool, median, random_on_device};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PrefillRow {
@@ -35,8 +35,7 @@ pub fn run(
     let ops = CudaOps::new(device)?;
     let stream = device.stream().clone();
     let mut rng = StdRng::seed_from_u64(3);
-    let random_host: Vec<f32> = (0..(1 << 25)).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let random = stream.clone_htod(&random_host)?;
+    let random = random_on_device(device, &mut rng)?;
     let mut rows = Vec::new();
     for &ctx in contexts {
         let geometry = KvGeometry {
