@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use asynctls_kvcache::{CacheConfig, KvDType, PagedKvCache, SeqId};
+use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, PagedKvCache, SeqId};
 use asynctls_offload::KvStore;
 
 use crate::error::io_err;
@@ -20,6 +20,8 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn max_positions(&self) -> usize;
     fn eos_token_ids(&self) -> Vec<u32>;
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig;
+    /// The host storage of a cache of `num_blocks`, with the model's label channels.
+    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage>;
     /// A cache of `num_blocks`; `resident_slots` puts the offload engine in
     /// front of the host storage with that many resident units per layer.
     fn new_cache(
@@ -27,7 +29,10 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         num_blocks: usize,
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
-    ) -> Result<PagedKvCache<KvStore>>;
+    ) -> Result<PagedKvCache<KvStore>> {
+        let host = self.host_storage(num_blocks, kv_dtype)?;
+        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
+    }
     /// Runs a sequence's next tokens, densely; logits of the last or of all.
     fn prefill(
         &self,
@@ -60,14 +65,8 @@ impl CausalLm for GqaModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GqaModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn new_cache(
-        &self,
-        num_blocks: usize,
-        kv_dtype: KvDType,
-        resident_slots: Option<usize>,
-    ) -> Result<PagedKvCache<KvStore>> {
-        let host = self.host_storage(num_blocks, kv_dtype)?;
-        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
+    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
+        GqaModel::host_storage(self, num_blocks, kv_dtype)
     }
     fn prefill(
         &self,
@@ -103,14 +102,8 @@ impl CausalLm for GlmModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn new_cache(
-        &self,
-        num_blocks: usize,
-        kv_dtype: KvDType,
-        resident_slots: Option<usize>,
-    ) -> Result<PagedKvCache<KvStore>> {
-        let host = self.host_storage(num_blocks, kv_dtype)?;
-        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
+    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
+        GlmModel::host_storage(self, num_blocks, kv_dtype)
     }
     fn prefill(
         &self,
