@@ -32,6 +32,12 @@ pub trait KvStorage: Send + Sync {
     /// starts their transfer.
     fn prefetch_hint(&mut self, _layer: usize, _blocks: &[BlockId]) {}
 
+    /// Whether `prefetch_hint` does anything, so callers can skip computing
+    /// hints for storage that holds everything where it is read.
+    fn takes_prefetch_hints(&self) -> bool {
+        false
+    }
+
     /// Bytes of memory this storage holds for the pool.
     fn allocated_bytes(&self) -> usize;
 }

@@ -204,6 +204,9 @@ pub(crate) fn hint_next_step<S: asynctls_kvcache::HostReadable>(
     report: &asynctls_attn::DecodeReport,
     kv_heads: usize,
 ) -> Result<()> {
+    if !cache.storage().takes_prefetch_hints() {
+        return Ok(());
+    }
     let mut blocks = Vec::new();
     for (i, head) in report.heads.iter().enumerate() {
         if head.dense {

@@ -212,6 +212,10 @@ impl KvStorage for OffloadedStorage {
         Ok(())
     }
 
+    fn takes_prefetch_hints(&self) -> bool {
+        true
+    }
+
     /// Moves the blocks the next step of `layer` is predicted to read (all
     /// heads) into resident slots; what does not fit stays a miss.
     fn prefetch_hint(&mut self, layer: usize, blocks: &[BlockId]) {
@@ -324,6 +328,9 @@ impl KvStorage for KvStore {
     }
     fn prefetch_hint(&mut self, layer: usize, blocks: &[BlockId]) {
         delegate!(self, s => s.prefetch_hint(layer, blocks))
+    }
+    fn takes_prefetch_hints(&self) -> bool {
+        delegate!(self, s => s.takes_prefetch_hints())
     }
     fn allocated_bytes(&self) -> usize {
         delegate!(self, s => s.allocated_bytes())
