@@ -7,7 +7,9 @@
 //!   differ only where label scores tie within float rounding: at most 1% of
 //!   a row), and the attention over them matches the CPU's sparse decode
 //!   (relative L2 error <= 1e-2, the bf16 bound; in practice ~1e-6);
-//! - the MLA decode kernel matches the CPU decode, dense and sparse.
+//! - the MLA decode kernel matches the CPU decode, dense and sparse;
+//! - the prefill kernel (GQA and MLA, from the same pool) matches the CPU
+//!   prefill (relative L2 error <= 1e-2: Q and P are rounded to bf16).
 //!
 //! Outputs are poisoned with NaN before each launch. Prints `skipped: no CUDA
 //! device` without a GPU.
@@ -15,7 +17,7 @@
 use std::collections::BTreeSet;
 
 use asynctls_attn::metrics::relative_l2;
-use asynctls_attn::{attend, decode, AttnShape, GroupReduce, Policy, SparseConfig};
+use asynctls_attn::{attend, decode, prefill, AttnShape, GroupReduce, Policy, SparseConfig};
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, GpuKvPool, KvGeometry, SelectParams, SelectScratch};
 use asynctls_kvcache::{
     BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId,
@@ -349,6 +351,43 @@ fn sparse_pipeline_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn prefill_kernel_matches_cpu_over_the_gpu_pool() {
+    let Some(ops) = CudaOps::for_tests() else { return };
+    let stream = ops.device().stream().clone();
+    let mut rng = StdRng::from_os_rng();
+    for (shape, start, n) in [
+        (AttnShape::mla(20, 512, 64, 0.07), 0usize, 777usize),
+        (AttnShape::mla(16, 512, 64, 0.1), 1000, 130),
+        (AttnShape::gqa(32, 8, 128), 64, 450),
+        (AttnShape::gqa(14, 2, 64), 0, 301),
+    ] {
+        let fx = fixture(&ops, &shape, &[start + n], &mut rng);
+        let table = fx.cache.table(fx.seqs[0]).unwrap();
+        let q: Vec<f32> = (0..n * shape.q_heads * shape.key_dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let mut want = vec![0.0f32; n * shape.q_heads * shape.value_dim];
+        prefill(fx.cache.storage(), table, 0, start, &q, &shape, &mut want).unwrap();
+        let view = fx.pool.view(&fx.table, fx.max_blocks, &fx.lens);
+        let dq = stream.clone_htod(&q).unwrap();
+        let mut out = stream.clone_htod(&vec![f32::NAN; want.len()]).unwrap();
+        ops.prefill_attention(&dq, &view, start, shape.q_heads, shape.scale, &mut out)
+            .unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{shape:?}: non-finite prefill output"
+        );
+        let err = relative_l2(&got, &want);
+        println!(
+            "prefill {}/{} heads, dims {}/{}, start {start}, n {n}: rel err {err:.2e}",
+            shape.q_heads, shape.kv_heads, shape.key_dim, shape.value_dim
+        );
+        assert!(err <= 1e-2, "{shape:?} start {start} n {n}: rel err {err}");
     }
 }
 

@@ -1,163 +1,337 @@
-// Causal prefill attention in the FlashAttention-2 style on tensor cores
-// (WMMA bf16 16x16x16, f32 accumulation): one CTA of four warps per (64
-// query rows, query head); each warp owns 16 rows. Key tiles are whole
-// cache blocks (64 tokens of one KV head, contiguous in the paged pool),
-// staged in shared memory; S = Q K^T on tensor cores, the online softmax on
-// the warp's rows, then O = O * correction + P V on tensor cores with O kept
-// in shared memory (WMMA does not expose which row a fragment element is).
+// Causal prefill attention in the FlashAttention-2 style on tensor cores:
+// mma.sync m16n8k16 (bf16 in, f32 accumulate) with ldmatrix fragment loads
+// and cp.async double-buffered K/V tiles. The score and output accumulators
+// stay in registers (the mma fragment layout is documented in the PTX ISA,
+// so each thread knows which rows it holds and rescales them itself).
 //
-// Layouts: q [n, q_heads, D] f32 (tokens start..start+n of the sequence);
-// K/V pools [num_blocks, kv_heads, 64, D] bf16; block_table [max_blocks] of
-// the sequence; out [n, q_heads, D] f32. Query i sees keys 0..=start+i.
+// Rows. A CTA owns BR rows of one KV head's query group, packed as (token,
+// head in group): row r is query token r / G, head kv_head * G + r % G. The
+// heads of a group share every K/V tile, so a tile is staged once for all of
+// them (4x fewer loads for Qwen3's groups of 4, 20x for GLM's MLA).
+//
+// Warps. WM x WN warps: WM row tiles of 16 rows; the WN warps of a row tile
+// split the value columns of O (needed when O is wide: MLA's 512 columns
+// would take 256 registers per thread in one warp). When WN > 1 they also
+// split the keys of S = Q K^T and exchange S through shared memory, then
+// each runs the same online softmax over the whole row.
+//
+// Layouts: q [n, q_heads, DK] f32 (tokens start..start+n of the sequence);
+// K pool [num_blocks, kv_heads, 64, DK] bf16; V pool [num_blocks, kv_heads,
+// 64, DV] bf16, or (MLA, V_IN_K) V is the first DV columns of each key row;
+// block_table [max_blocks] of the sequence; out [n, q_heads, DV] f32. Query
+// token i sees keys 0..=start+i.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
+#include <stdint.h>
 
-using namespace nvcuda;
+#define BC 64      // keys per tile: one cache block
+#define PAD 8      // bf16 row padding: 16 bytes, so ldmatrix rows hit distinct banks
+#define STAGES 2   // K/V tiles in flight
+#define LOG2E 1.4426950408889634f
 
-#define BR 64  // query rows per CTA
-#define BC 64  // keys per tile: one cache block
-#define PREFILL_WARPS 4
-// Shared-memory rows are padded (16 bytes for bf16, 16 for f32) so the
-// tensor-core fragment loads of 16 rows do not all hit the same banks.
-#define PAD_H 8
-#define PAD_F 4
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
-template <int D>
-__device__ void prefill_tile(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
-                             const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
-                             float* __restrict__ out, int n, int start, int q_heads, int kv_heads, float scale) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    constexpr int LQ = D + PAD_H;   // row stride of Q, K, V (bf16)
-    constexpr int LS = BC + PAD_F;  // of S (f32)
-    constexpr int LP = BC + PAD_H;  // of P (bf16)
-    constexpr int LO = D + PAD_F;   // of O (f32)
-    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);  // [BR][LQ], pre-scaled
-    __nv_bfloat16* ks = qs + BR * LQ;                             // [BC][LQ]
-    __nv_bfloat16* vs = ks + BC * LQ;                             // [BC][LQ]
-    float* ss = reinterpret_cast<float*>(vs + BC * LQ);           // [warps][16][LS]
-    __nv_bfloat16* ps = reinterpret_cast<__nv_bfloat16*>(ss + PREFILL_WARPS * 16 * LS);  // [warps][16][LP]
-    float* os = reinterpret_cast<float*>(ps + PREFILL_WARPS * 16 * LP);                 // [warps][16][LO]
-    float* ms = os + PREFILL_WARPS * 16 * LO;  // [warps * 16] running max
-    float* ls = ms + PREFILL_WARPS * 16;       // running sum
-    float* cs = ls + PREFILL_WARPS * 16;       // correction of the tile
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 
-    const int q0 = blockIdx.x * BR, h = blockIdx.y, kvh = h / (q_heads / kv_heads);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int threads = PREFILL_WARPS * 32;
-    for (int i = threadIdx.x; i < BR * D; i += threads) {
-        const int r = i / D, c = i % D;
-        const float v = q0 + r < n ? q[((size_t)(q0 + r) * q_heads + h) * D + c] * scale : 0.0f;
-        qs[r * LQ + c] = __float2bfloat16(v);
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row-major) * b (16x8, column-major).
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int DK, int DV, bool V_IN_K, int WM, int WN, int MT>
+struct PrefillTraits {
+    static constexpr int BR = 16 * WM * MT;
+    static constexpr int THREADS = 32 * WM * WN;
+    static constexpr int LK = DK + PAD;                 // row stride of Q and K tiles (bf16)
+    static constexpr int LV = V_IN_K ? LK : DV + PAD;   // of V tiles
+    static constexpr int LS = BC + 4;                   // of the shared S rows (f32), WN > 1 only
+    static constexpr int S_TILES = BC / WN / 8;         // n8 tiles of S a warp computes
+    static constexpr int O_TILES = DV / WN / 8;         // n8 tiles of O a warp owns
+    static constexpr int Q_ELEMS = BR * LK;
+    static constexpr int K_ELEMS = BC * LK;
+    static constexpr int V_ELEMS = V_IN_K ? 0 : BC * LV;
+    static_assert(DK % 16 == 0 && DV % (16 * WN) == 0 && (BC / WN) % 16 == 0, "tile shapes");
+};
+
+// Stages tile `t` of the sequence's keys (and values) into `stage` with cp.async.
+template <int DK, int DV, bool V_IN_K, int WM, int WN, int MT>
+__device__ __forceinline__ void load_kv_tile(__nv_bfloat16* ks, __nv_bfloat16* vs, const __nv_bfloat16* k_pool,
+                                             const __nv_bfloat16* v_pool, int block, int kv_heads, int kvh) {
+    using T = PrefillTraits<DK, DV, V_IN_K, WM, WN, MT>;
+    const size_t unit = (size_t)block * kv_heads + kvh;
+    const __nv_bfloat16* kb = k_pool + unit * BC * DK;
+    for (int i = threadIdx.x; i < BC * DK / 8; i += T::THREADS) {
+        const int r = i / (DK / 8), c = i % (DK / 8);
+        cp_async_16(ks + r * T::LK + c * 8, kb + (size_t)i * 8);
     }
-    for (int i = threadIdx.x; i < PREFILL_WARPS * 16 * LO; i += threads) os[i] = 0.0f;
-    for (int i = threadIdx.x; i < PREFILL_WARPS * 16; i += threads) {
-        ms[i] = -INFINITY;
-        ls[i] = 0.0f;
-    }
-    __syncthreads();
-
-    float* sw = ss + warp * 16 * LS;
-    __nv_bfloat16* pw = ps + warp * 16 * LP;
-    float* ow = os + warp * 16 * LO;
-    const int last = start + min(n, q0 + BR) - 1;  // the tile's last query position
-    const int tiles = last / BC + 1;
-    for (int t = 0; t < tiles; t++) {
-        const size_t base = ((size_t)block_table[t] * kv_heads + kvh) * BC * D;
-        const uint4* kb = reinterpret_cast<const uint4*>(k_pool + base);
-        const uint4* vb = reinterpret_cast<const uint4*>(v_pool + base);
-        for (int i = threadIdx.x; i < BC * D / 8; i += threads) {
-            const int r = i / (D / 8), c = i % (D / 8);
-            reinterpret_cast<uint4*>(ks + r * LQ)[c] = kb[i];
-            reinterpret_cast<uint4*>(vs + r * LQ)[c] = vb[i];
-        }
-        __syncthreads();
-
-        // S = Q_w K^T (16 x BC).
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag[BC / 16];
-#pragma unroll
-        for (int j = 0; j < BC / 16; j++) wmma::fill_fragment(s_frag[j], 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-            wmma::load_matrix_sync(a, qs + warp * 16 * LQ + kk * 16, LQ);
-#pragma unroll
-            for (int j = 0; j < BC / 16; j++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-                wmma::load_matrix_sync(b, ks + j * 16 * LQ + kk * 16, LQ);
-                wmma::mma_sync(s_frag[j], a, b, s_frag[j]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < BC / 16; j++) wmma::store_matrix_sync(sw + j * 16, s_frag[j], LS, wmma::mem_row_major);
-        __syncwarp();
-
-        // Online softmax over the causal part of the tile, one row at a time
-        // across the warp (lane reads columns lane and lane + 32: no bank
-        // conflicts), reductions by shuffles.
-        for (int r = 0; r < 16; r++) {
-            const int qpos = start + q0 + warp * 16 + r;
-            const int k0 = t * BC + lane, k1 = k0 + 32;
-            const float s0 = k0 <= qpos ? sw[r * LS + lane] : -INFINITY;
-            const float s1 = k1 <= qpos ? sw[r * LS + lane + 32] : -INFINITY;
-            float mx = fmaxf(s0, s1);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-            const float m_old = ms[warp * 16 + r];
-            const float m_new = fmaxf(m_old, mx);
-            const __nv_bfloat16 p0 = __float2bfloat16(s0 == -INFINITY ? 0.0f : __expf(s0 - m_new));
-            const __nv_bfloat16 p1 = __float2bfloat16(s1 == -INFINITY ? 0.0f : __expf(s1 - m_new));
-            pw[r * LP + lane] = p0;
-            pw[r * LP + lane + 32] = p1;
-            // The sum of exactly what P V adds up.
-            float sum = __bfloat162float(p0) + __bfloat162float(p1);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-            if (lane == 0) {
-                const float correction = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
-                ms[warp * 16 + r] = m_new;
-                ls[warp * 16 + r] = ls[warp * 16 + r] * correction + sum;
-                cs[warp * 16 + r] = correction;
-            }
-        }
-        __syncwarp();
-        for (int i = lane; i < 16 * D; i += 32) ow[(i / D) * LO + i % D] *= cs[warp * 16 + i / D];
-        __syncwarp();
-
-        // O += P V (16 x D).
-#pragma unroll
-        for (int dd = 0; dd < D / 16; dd++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::load_matrix_sync(o, ow + dd * 16, LO, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < BC / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> p;
-                wmma::load_matrix_sync(p, pw + kk * 16, LP);
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> v;
-                wmma::load_matrix_sync(v, vs + kk * 16 * LQ + dd * 16, LQ);
-                wmma::mma_sync(o, p, v, o);
-            }
-            wmma::store_matrix_sync(ow + dd * 16, o, LO, wmma::mem_row_major);
-        }
-        __syncthreads();  // before the next tile overwrites ks / vs
-    }
-
-    for (int i = lane; i < 16 * D; i += 32) {
-        const int r = i / D, c = i % D, qi = q0 + warp * 16 + r;
-        if (qi < n) {
-            const float l = ls[warp * 16 + r];
-            out[((size_t)qi * q_heads + h) * D + c] = l > 0.0f ? ow[r * LO + c] / l : 0.0f;
+    if constexpr (!V_IN_K) {
+        const __nv_bfloat16* vb = v_pool + unit * BC * DV;
+        for (int i = threadIdx.x; i < BC * DV / 8; i += T::THREADS) {
+            const int r = i / (DV / 8), c = i % (DV / 8);
+            cp_async_16(vs + r * T::LV + c * 8, vb + (size_t)i * 8);
         }
     }
 }
 
-#define PREFILL_KERNEL(D)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32) prefill_attention_d##D(                        \
-        const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,          \
-        float* out, int n, int start, int q_heads, int kv_heads, float scale) {                                    \
-        prefill_tile<D>(q, k_pool, v_pool, block_table, out, n, start, q_heads, kv_heads, scale);                  \
+template <int DK, int DV, bool V_IN_K, int WM, int WN, int MT>
+__device__ void prefill_mma(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+                            const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
+                            float* __restrict__ out, int n, int start, int q_heads, int kv_heads, float scale) {
+    using T = PrefillTraits<DK, DV, V_IN_K, WM, WN, MT>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);  // [BR][LK], scaled by scale * log2(e)
+    __nv_bfloat16* ks = qs + T::Q_ELEMS;                           // [STAGES][BC][LK]
+    __nv_bfloat16* vs = ks + STAGES * T::K_ELEMS;                  // [STAGES][BC][LV] unless V_IN_K
+    float* ss = reinterpret_cast<float*>(vs + STAGES * T::V_ELEMS);  // [BR][LS] when WN > 1
+
+    const int group = q_heads / kv_heads;
+    const int rows = n * group;
+    // Heaviest (latest) row tiles first: the causal triangle's long rows start early.
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * T::BR;
+    const int kvh = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wm = warp / WN, wn = warp % WN;
+    const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
+
+    const int last_row = min(rows, row0 + T::BR) - 1;
+    const int tiles = (start + last_row / group) / BC + 1;
+    const int first_qpos = start + row0 / group;
+
+    // Prologue: the first K/V tile in flight while Q is converted.
+    load_kv_tile<DK, DV, V_IN_K, WM, WN, MT>(ks, vs, k_pool, v_pool, block_table[0], kv_heads, kvh);
+    cp_async_commit();
+    const float qscale = scale * LOG2E;
+    for (int i = threadIdx.x; i < T::BR * DK / 4; i += T::THREADS) {
+        const int r = i / (DK / 4), c = (i % (DK / 4)) * 4, row = row0 + r;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row < rows) {
+            const int token = row / group, head = kvh * group + row % group;
+            v = *reinterpret_cast<const float4*>(q + ((size_t)token * q_heads + head) * DK + c);
+        }
+        uint2 packed = make_uint2(pack_bf16(v.x * qscale, v.y * qscale), pack_bf16(v.z * qscale, v.w * qscale));
+        *reinterpret_cast<uint2*>(qs + r * T::LK + c) = packed;
     }
 
-PREFILL_KERNEL(64)
-PREFILL_KERNEL(128)
+    float o[MT][T::O_TILES][4];
+    float m_run[MT][2], l_run[MT][2];
+    // The query position of this thread's fragment rows (g and g + 8 of each m-tile).
+    int qpos[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int j = 0; j < T::O_TILES; j++) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            m_run[mt][h] = -INFINITY;
+            l_run[mt][h] = 0.f;
+            qpos[mt][h] = start + (row0 + (wm * MT + mt) * 16 + g + 8 * h) / group;
+        }
+    }
+
+    // ldmatrix row addresses: lane -> (row within 16, column offset 0 or 8).
+    const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_col = 8 * (lane >> 4);  // A operands (Q)
+    const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);   // B from K rows
+    const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);  // B from V (trans)
+    const __nv_bfloat16* q_warp = qs + wm * MT * 16 * T::LK;
+
+    for (int t = 0; t < tiles; t++) {
+        const int stage = t % STAGES;
+        if (t + 1 < tiles) {
+            const int next = (t + 1) % STAGES;
+            load_kv_tile<DK, DV, V_IN_K, WM, WN, MT>(ks + next * T::K_ELEMS, vs + next * T::V_ELEMS, k_pool, v_pool,
+                                                     block_table[t + 1], kv_heads, kvh);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const __nv_bfloat16* kt = ks + stage * T::K_ELEMS;
+        const __nv_bfloat16* vt = V_IN_K ? kt : vs + stage * T::V_ELEMS;
+
+        // S = Q K^T for this warp's rows and its BC / WN keys; each K
+        // fragment serves all MT m-tiles.
+        float s[MT][T::S_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int j = 0; j < T::S_TILES; j++) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+        const int key0 = wn * (BC / WN);
+#pragma unroll 2
+        for (int kk = 0; kk < DK / 16; kk++) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) ldmatrix_x4(a[mt], q_warp + (mt * 16 + a_row) * T::LK + kk * 16 + a_col);
+#pragma unroll
+            for (int j = 0; j < T::S_TILES; j += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, kt + (key0 + j * 8 + b_row) * T::LK + kk * 16 + b_col);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_16816(s[mt][j], a[mt], b[0], b[1]);
+                    mma_16816(s[mt][j + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+
+        // The whole row block's scores in this warp's registers, same layout.
+        constexpr int ALL = BC / 8;
+        float sf[MT][ALL][4];
+        if constexpr (WN == 1) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < ALL; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sf[mt][j][e] = s[mt][j][e];
+        } else {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < T::S_TILES; j++) {
+                    float* r0 = ss + ((wm * MT + mt) * 16 + g) * T::LS + key0 + j * 8 + 2 * tq;
+                    *reinterpret_cast<float2*>(r0) = make_float2(s[mt][j][0], s[mt][j][1]);
+                    *reinterpret_cast<float2*>(r0 + 8 * T::LS) = make_float2(s[mt][j][2], s[mt][j][3]);
+                }
+            __syncthreads();
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < ALL; j++) {
+                    const float* r0 = ss + ((wm * MT + mt) * 16 + g) * T::LS + j * 8 + 2 * tq;
+                    const float2 lo = *reinterpret_cast<const float2*>(r0);
+                    const float2 hi = *reinterpret_cast<const float2*>(r0 + 8 * T::LS);
+                    sf[mt][j][0] = lo.x, sf[mt][j][1] = lo.y, sf[mt][j][2] = hi.x, sf[mt][j][3] = hi.y;
+                }
+        }
+
+        // Causal mask, only on tiles that reach past the block's first query.
+        if (t * BC + BC - 1 > first_qpos) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < ALL; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = t * BC + j * 8 + 2 * tq + (e & 1);
+                        if (key > qpos[mt][e >> 1]) sf[mt][j][e] = -INFINITY;
+                    }
+        }
+
+        // Online softmax (base 2; Q carries log2(e)). A row lives in the 4
+        // threads of a quad: reduce with two shuffles.
+        uint32_t p[MT][ALL][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < ALL; j++) mx = fmaxf(mx, fmaxf(sf[mt][j][2 * h], sf[mt][j][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                const float m_new = fmaxf(m_run[mt][h], mx);
+                const float base = m_new == -INFINITY ? 0.f : m_new;
+                const float correction = exp2f(m_run[mt][h] - base);
+                m_run[mt][h] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < ALL; j++) {
+                    p[mt][j][h] = pack_bf16(exp2f(sf[mt][j][2 * h] - base), exp2f(sf[mt][j][2 * h + 1] - base));
+                    // Sum exactly what P V adds up: the bf16-rounded weights.
+                    const __nv_bfloat162 pb = *reinterpret_cast<__nv_bfloat162*>(&p[mt][j][h]);
+                    sum += __low2float(pb) + __high2float(pb);
+                }
+                l_run[mt][h] = l_run[mt][h] * correction + sum;  // per-thread partial; quad-reduced at the end
+#pragma unroll
+                for (int j = 0; j < T::O_TILES; j++) {
+                    o[mt][j][2 * h] *= correction;
+                    o[mt][j][2 * h + 1] *= correction;
+                }
+            }
+
+        // O += P V over this warp's value columns; each V fragment serves all MT m-tiles.
+        const int col0 = wn * (DV / WN);
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < T::O_TILES; j += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vt + (kk * 16 + v_row) * T::LV + col0 + j * 8 + v_col);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const uint32_t a[4] = {p[mt][2 * kk][0], p[mt][2 * kk][1], p[mt][2 * kk + 1][0],
+                                           p[mt][2 * kk + 1][1]};
+                    mma_16816(o[mt][j], a, b[0], b[1]);
+                    mma_16816(o[mt][j + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the stage and the S rows are reused by the next tiles
+    }
+
+    // Normalise and store: rows g and g + 8 of each m-tile, two columns per n8 tile.
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float l = l_run[mt][h];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const int row = row0 + (wm * MT + mt) * 16 + g + 8 * h;
+            if (row >= rows) continue;
+            const int token = row / group, head = kvh * group + row % group;
+            float* dst = out + ((size_t)token * q_heads + head) * DV + wn * (DV / WN) + 2 * tq;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+            for (int j = 0; j < T::O_TILES; j++)
+                *reinterpret_cast<float2*>(dst + j * 8) =
+                    make_float2(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+        }
+}
+
+#define PREFILL_KERNEL(NAME, DK, DV, V_IN_K, WM, WN, MT)                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * WM * WN) NAME(                                              \
+        const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,        \
+        float* out, int n, int start, int q_heads, int kv_heads, float scale) {                                  \
+        prefill_mma<DK, DV, V_IN_K, WM, WN, MT>(q, k_pool, v_pool, block_table, out, n, start, q_heads,          \
+                                                kv_heads, scale);                                                 \
+    }
+
+// GQA: 128 rows, each warp 32 rows (two m-tiles, so every K and V fragment
+// loaded from shared memory feeds two mma: one m-tile per warp left the
+// kernel bound by ldmatrix traffic, 249 vs 602 TFLOP/s for cuDNN at 32k).
+PREFILL_KERNEL(prefill_attention_d64, 64, 64, false, 4, 1, 2)
+PREFILL_KERNEL(prefill_attention_d128, 128, 128, false, 4, 1, 2)
+// MLA (absorbed; one latent KV head, V = the first 512 key columns): 32 rows,
+// four warps per 16 rows, each with 128 of the 512 output columns.
+PREFILL_KERNEL(prefill_attention_mla576, 576, 512, true, 2, 4, 1)

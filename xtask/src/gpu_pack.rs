@@ -43,6 +43,11 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" prefill "* ]]; then
     ./asynctls bench prefill --device cuda --ctx "${PREFILL_CTX:-8192,32768}" --json > "$out_dir/prefill.json" \
         && python3 peers/torch_sdpa.py --prefill --ctx "${PREFILL_CTX:-8192,32768}" --ours "$out_dir/prefill.json" \
             --out "$out_dir/prefill_vs_sdpa.json" | tee "$out_dir/prefill_vs_sdpa.txt"
+    ./asynctls bench prefill --device cuda --mla --q-heads 20 --ctx "${PREFILL_CTX:-8192,32768}" --json \
+        > "$out_dir/prefill_mla.json" \
+        && python3 peers/torch_sdpa.py --prefill --mla --q-heads 20 --ctx "${PREFILL_CTX:-8192,32768}" \
+            --ours "$out_dir/prefill_mla.json" --out "$out_dir/prefill_mla_vs_sdpa.json" \
+            | tee "$out_dir/prefill_mla_vs_sdpa.txt"
 fi
 if [ -x ./asynctls ] && [[ " $BENCH " == *" offload "* ]]; then
     ./asynctls bench offload --device cuda --ctx "${OFFLOAD_CTX:-49152,98304}" --batch "${OFFLOAD_BATCH:-1,2,4,8}" \

@@ -1,6 +1,8 @@
-//! Causal prefill attention on tensor cores (FlashAttention-2 style, WMMA
-//! bf16 with f32 accumulation) over the paged cache: the twin of
-//! asynctls-attn's `prefill`.
+//! Causal prefill attention on tensor cores (FlashAttention-2 style:
+//! mma.sync bf16 with f32 accumulation, ldmatrix fragments, cp.async
+//! double-buffered K/V tiles) over the paged cache: the twin of
+//! asynctls-attn's `prefill`, GQA (head dim 64 or 128) and MLA in the
+//! absorbed form (one latent KV head of 576, values its first 512 columns).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -8,14 +10,77 @@ use super::{CudaOps, PagedKvView};
 use crate::error::invalid;
 use crate::Result;
 
-const BR: usize = 64;
-const WARPS: usize = 4;
+/// Keys per tile (one cache block) and K/V tiles in flight, as the kernel has them.
+const BC: usize = 64;
+const STAGES: usize = 2;
+
+/// One compiled variant: its name, dims and warp grid (`wm` warps down the
+/// rows, each with `mt` tiles of 16 rows; `wn` warps splitting each row
+/// tile's value columns).
+struct Variant {
+    name: &'static str,
+    key_dim: usize,
+    value_dim: usize,
+    values_in_keys: bool,
+    wm: usize,
+    wn: usize,
+    mt: usize,
+}
+
+const VARIANTS: [Variant; 3] = [
+    Variant {
+        name: "prefill_attention_d64",
+        key_dim: 64,
+        value_dim: 64,
+        values_in_keys: false,
+        wm: 4,
+        wn: 1,
+        mt: 2,
+    },
+    Variant {
+        name: "prefill_attention_d128",
+        key_dim: 128,
+        value_dim: 128,
+        values_in_keys: false,
+        wm: 4,
+        wn: 1,
+        mt: 2,
+    },
+    Variant {
+        name: "prefill_attention_mla576",
+        key_dim: 576,
+        value_dim: 512,
+        values_in_keys: true,
+        wm: 2,
+        wn: 4,
+        mt: 1,
+    },
+];
+
+impl Variant {
+    fn rows(&self) -> usize {
+        16 * self.wm * self.mt
+    }
+
+    /// Q tile, K (and V) stages, and the shared S rows when warps split keys;
+    /// as the kernel lays them out (bf16 rows padded by 8, S rows by 4).
+    fn shared_bytes(&self) -> usize {
+        let lk = self.key_dim + 8;
+        let values = if self.values_in_keys {
+            0
+        } else {
+            STAGES * BC * (self.value_dim + 8) * 2
+        };
+        let scores = if self.wn > 1 { self.rows() * (BC + 4) * 4 } else { 0 };
+        self.rows() * lk * 2 + STAGES * BC * lk * 2 + values + scores
+    }
+}
 
 impl CudaOps {
     /// Tokens `start..start + n` of one sequence (`q`: `[n, q_heads,
-    /// head_dim]` f32) attend causally over the cache's tokens `0..=own
+    /// key_dim]` f32) attend causally over the cache's tokens `0..=own
     /// position` (the view's first block-table row; blocks of 64). Writes
-    /// `out` (`[n, q_heads, head_dim]` f32).
+    /// `out` (`[n, q_heads, value_dim]` f32).
     pub fn prefill_attention(
         &self,
         q: &CudaSlice<f32>,
@@ -25,27 +90,44 @@ impl CudaOps {
         scale: f32,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let d = kv.head_dim;
-        let values = kv
-            .values
-            .ok_or_else(|| invalid("prefill_attention", "MLA prefill is not implemented on the GPU"))?;
-        if kv.block_size != 64 || !(d == 64 || d == 128) || kv.offload.is_some() {
+        let (kd, vd) = (kv.head_dim, kv.value_dim);
+        let in_keys = kv.values.is_none();
+        let variant = VARIANTS
+            .iter()
+            .find(|v| v.key_dim == kd && v.value_dim == vd && v.values_in_keys == in_keys)
+            .ok_or_else(|| {
+                invalid(
+                    "prefill_attention",
+                    format!(
+                        "key dim {kd}, value dim {vd}{} (have GQA 64/64, 128/128 and MLA 576/512 in the keys)",
+                        if in_keys { " in the keys" } else { "" }
+                    ),
+                )
+            })?;
+        if kv.block_size != BC || kv.offload.is_some() {
+            return Err(invalid(
+                "prefill_attention",
+                format!("blocks of {} (need blocks of {BC} and resident K/V)", kv.block_size),
+            ));
+        }
+        if kv.kv_heads == 0 || q_heads % kv.kv_heads != 0 || q.len() % (q_heads * kd) != 0 {
             return Err(invalid(
                 "prefill_attention",
                 format!(
-                    "blocks of {} and head dim {d} (need blocks of 64, d 64 or 128, resident K/V)",
-                    kv.block_size
+                    "q of {} for {q_heads} heads of {kd} over {} KV heads",
+                    q.len(),
+                    kv.kv_heads
                 ),
             ));
         }
-        if kv.kv_heads == 0 || q_heads % kv.kv_heads != 0 || q.len() % (q_heads * d) != 0 || out.len() != q.len() {
+        let n = q.len() / (q_heads * kd);
+        if out.len() != n * q_heads * vd {
             return Err(invalid(
                 "prefill_attention",
-                format!("q of {} / out of {} for {q_heads} heads of {d}", q.len(), out.len()),
+                format!("out of {} for {n} tokens x {q_heads} heads of {vd}", out.len()),
             ));
         }
-        let n = q.len() / (q_heads * d);
-        if (start + n).div_ceil(64) > kv.max_blocks {
+        if (start + n).div_ceil(BC) > kv.max_blocks {
             return Err(invalid(
                 "prefill_attention",
                 format!("{} tokens exceed the table's {} blocks", start + n, kv.max_blocks),
@@ -54,14 +136,9 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
-        let f = Self::function(&self.prefill, &format!("prefill_attention_d{d}"))?;
-        // Q, K, V tiles (bf16 rows padded by 8), S (f32, +4), P (bf16, +8),
-        // O (f32, +4), and three per-row statistics; as the kernel lays them out.
-        let (lq, ls, lp, lo) = (d + 8, 64 + 4, 64 + 8, d + 4);
-        let shared = super::allow_dynamic_shared(
-            &f,
-            (BR + 2 * 64) * lq * 2 + WARPS * 16 * (ls * 4 + lp * 2 + lo * 4) + 3 * WARPS * 16 * 4,
-        )?;
+        let f = Self::function(&self.prefill, variant.name)?;
+        let shared = super::allow_dynamic_shared(&f, variant.shared_bytes())?;
+        let values = kv.values.unwrap_or(kv.keys);
         let (nn, st, qh, kvh) = (n as i32, start as i32, q_heads as i32, kv.kv_heads as i32);
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
@@ -75,9 +152,10 @@ impl CudaOps {
             .arg(&qh)
             .arg(&kvh)
             .arg(&scale);
+        let rows = n * (q_heads / kv.kv_heads);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(BR) as u32, q_heads as u32, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(variant.rows()) as u32, kv.kv_heads as u32, 1),
+            block_dim: ((32 * variant.wm * variant.wn) as u32, 1, 1),
             shared_mem_bytes: shared,
         };
         // SAFETY: shapes checked above; the table holds the sequence's blocks.

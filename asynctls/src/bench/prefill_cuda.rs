@@ -1,5 +1,6 @@
 //! `asynctls bench prefill --device cuda`: causal prefill attention of a
-//! whole prompt on the GPU (our tensor-core kernel over the paged cache),
+//! whole prompt on the GPU (our tensor-core kernel over the paged cache, GQA
+//! or MLA in the absorbed form),
 //! timed with CUDA events (median of reps after a warm-up), with its FLOP
 //! rate; the torch SDPA peer runs in the same call (`bench/peers/torch_sdpa.py
 //! --prefill`, driven by `.gpu/run.sh`).
@@ -19,23 +20,36 @@ pub struct PrefillRow {
     pub q_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub value_dim: usize,
     pub time_us_median: f64,
-    /// Causal attention FLOPs: 2 GEMMs x 2 FLOP x ctx^2 / 2 x d x heads.
+    /// Causal attention FLOPs: 2 FLOP x ctx^2 / 2 x (key dim + value dim) x heads.
     pub tflops: f64,
 }
 
-pub fn run(
-    device: &CudaDevice,
-    q_heads: usize,
-    kv_heads: usize,
-    d: usize,
-    contexts: &[usize],
-    reps: usize,
-) -> Result<Vec<PrefillRow>> {
+/// The attention a prefill bench runs: GQA with separate values, or MLA's
+/// absorbed form (one latent KV head; values are the first `value_dim` key
+/// columns).
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub mla: bool,
+}
+
+pub fn run(device: &CudaDevice, shape: PrefillShape, contexts: &[usize], reps: usize) -> Result<Vec<PrefillRow>> {
     let ops = CudaOps::new(device)?;
     let stream = device.stream().clone();
     let mut rng = StdRng::seed_from_u64(3);
     let random = random_on_device(device, &mut rng)?;
+    let PrefillShape {
+        q_heads,
+        kv_heads,
+        key_dim: d,
+        value_dim,
+        mla,
+    } = shape;
     let mut rows = Vec::new();
     for &ctx in contexts {
         let geometry = KvGeometry {
@@ -43,8 +57,8 @@ pub fn run(
             kv_heads,
             block_size: 64,
             key_dim: d,
-            value_dim: d,
-            separate_values: true,
+            value_dim,
+            separate_values: !mla,
             label_channels: 32.min(d),
         };
         let channels: Vec<u16> = (0..kv_heads).flat_map(|_| 0..geometry.label_channels as u16).collect();
@@ -63,8 +77,9 @@ pub fn run(
             stream.memcpy_dtod(&random.slice(off..off + len), &mut q.slice_mut(at..at + len))?;
             at += len;
         }
-        let mut out = stream.alloc_zeros::<f32>(q_len)?;
-        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = stream.alloc_zeros::<f32>(ctx * q_heads * value_dim)?;
+        // MLA's softmax scale is that of the decompressed head (192 + 64).
+        let scale = 1.0 / (if mla { 256.0f32 } else { d as f32 }).sqrt();
         for _ in 0..2 {
             ops.prefill_attention(&q, &view, 0, q_heads, scale, &mut out)?;
         }
@@ -80,12 +95,13 @@ pub fn run(
             times.push(start.elapsed_ms(&end)? as f64 * 1e3);
         }
         let t = median(times);
-        let flops = 4.0 * (ctx as f64) * (ctx as f64) / 2.0 * d as f64 * q_heads as f64;
+        let flops = 2.0 * (ctx as f64) * (ctx as f64) / 2.0 * (d + value_dim) as f64 * q_heads as f64;
         rows.push(PrefillRow {
             ctx,
             q_heads,
             kv_heads,
             head_dim: d,
+            value_dim,
             time_us_median: t,
             tflops: flops / (t * 1e-6) / 1e12,
         });

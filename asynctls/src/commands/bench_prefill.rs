@@ -1,7 +1,7 @@
 //! `asynctls bench prefill`.
 
 use anyhow::{bail, Context, Result};
-use asynctls::bench::prefill_cuda;
+use asynctls::bench::prefill_cuda::{self, PrefillShape};
 use asynctls_kernels::{Device, DeviceRequest};
 use clap::Args;
 
@@ -16,6 +16,11 @@ pub struct PrefillArgs {
     /// Query heads, KV heads, head dim (Qwen3-8B by default).
     #[arg(long, default_value_t = 32)]
     q_heads: usize,
+    /// MLA in the absorbed form (GLM-4.7-Flash: one latent KV head of
+    /// 512 + 64, values the first 512 columns); --q-heads 20 for its shape.
+    /// --kv-heads and --head-dim are ignored.
+    #[arg(long)]
+    mla: bool,
     #[arg(long, default_value_t = 8)]
     kv_heads: usize,
     #[arg(long, default_value_t = 128)]
@@ -34,9 +39,23 @@ pub fn run(args: PrefillArgs) -> Result<()> {
     };
     let rows = prefill_cuda::run(
         gpu,
-        args.q_heads,
-        args.kv_heads,
-        args.head_dim,
+        if args.mla {
+            PrefillShape {
+                q_heads: args.q_heads,
+                kv_heads: 1,
+                key_dim: 576,
+                value_dim: 512,
+                mla: true,
+            }
+        } else {
+            PrefillShape {
+                q_heads: args.q_heads,
+                kv_heads: args.kv_heads,
+                key_dim: args.head_dim,
+                value_dim: args.head_dim,
+                mla: false,
+            }
+        },
         &args.ctx,
         args.reps.max(3),
     )?;
@@ -51,15 +70,15 @@ pub fn run(args: PrefillArgs) -> Result<()> {
     }
     println!("causal prefill attention on {} (cuda)", gpu.name().unwrap_or_default());
     println!(
-        "{:>7} {:>8} {:>4} {:>12} {:>8}",
-        "ctx", "heads", "d", "median us", "TFLOP/s"
+        "{:>7} {:>8} {:>8} {:>12} {:>8}",
+        "ctx", "heads", "dk/dv", "median us", "TFLOP/s"
     );
     for r in &rows {
         println!(
-            "{:>7} {:>8} {:>4} {:>12.1} {:>8.1}",
+            "{:>7} {:>8} {:>8} {:>12.1} {:>8.1}",
             r.ctx,
             format!("{}/{}", r.q_heads, r.kv_heads),
-            r.head_dim,
+            format!("{}/{}", r.head_dim, r.value_dim),
             r.time_us_median,
             r.tflops
         );
