@@ -289,6 +289,10 @@ fn sparse_pipeline_matches_cpu() {
             )
             .unwrap();
             let got = to_rows(&ops, &select_scratch.lists(), lens.len() * shape.kv_heads);
+            // The candidate blocks the GPU kept, to tell a block-stage
+            // difference from a token-stage one when a row differs.
+            let (cands, counts) = select_scratch.candidates();
+            let (cands, counts) = (stream.clone_dtoh(cands).unwrap(), stream.clone_dtoh(counts).unwrap());
             let mut differing = 0;
             for (row, (g, w)) in got.iter().zip(&report.heads).enumerate() {
                 assert!(
@@ -299,9 +303,15 @@ fn sparse_pipeline_matches_cpu() {
                     (g.iter().copied().collect(), w.tokens.iter().copied().collect());
                 let diff = g_set.symmetric_difference(&w_set).count();
                 assert_eq!(g.len(), w.tokens.len(), "{shape:?} row {row}: token count");
+                let gpu_blocks = &cands[row * k_b..row * k_b + counts[row] as usize];
+                let stray: Vec<&i32> = gpu_blocks
+                    .iter()
+                    .filter(|b| !w.blocks.contains(&(**b as u32)))
+                    .collect();
                 assert!(
                     diff * 100 <= w.tokens.len().max(100),
-                    "{shape:?} {reduce:?} row {row}: {diff} of {} tokens differ",
+                    "{shape:?} {reduce:?} row {row}: {diff} of {} tokens differ; GPU candidate blocks not in the \
+                     CPU's: {stray:?}",
                     w.tokens.len()
                 );
                 differing += diff;

@@ -40,51 +40,84 @@ __device__ __forceinline__ void rankable_range(int len, int block_size, int sink
 
 __device__ __forceinline__ float combine(float a, float b, int reduce_max) { return reduce_max ? fmaxf(a, b) : a + b; }
 
-// grid (rows, ceil(max_blocks / WARPS)); one warp per logical block.
+// grid (rows, ceil(max_blocks / (WARPS * BLOCKS_PER_WARP))); each warp
+// scores BLOCKS_PER_WARP logical blocks, issuing all their bound loads before
+// using any (a warp per block spent most of its life waiting on one load
+// chain). Lane l holds channel pairs 2l + 64j, j < PAIRS (key dim <= 64 PAIRS).
 // scores [rows, max_blocks]: the group-reduced bound of every block below
 // the sequence's block count (forced blocks too; select_blocks skips them).
-extern "C" __global__ void __launch_bounds__(THREADS)
-    block_scores(const float* __restrict__ q, const float* __restrict__ bounds, const int* __restrict__ block_table,
-                 const int* __restrict__ lens, float* __restrict__ scores, int kv_heads, int group, int d,
-                 int block_size, int max_blocks, int reduce_max) {
+#define BLOCKS_PER_WARP 4
+template <int PAIRS>
+__device__ void block_scores_pairs(const float* __restrict__ q, const float* __restrict__ bounds,
+                                   const int* __restrict__ block_table, const int* __restrict__ lens,
+                                   float* __restrict__ scores, int kv_heads, int group, int d, int block_size,
+                                   int max_blocks, int reduce_max) {
     extern __shared__ float q_group[];  // [group, d]
     const int row = blockIdx.x, seq = row / kv_heads, head = row % kv_heads;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int first = (blockIdx.y * WARPS + warp) * BLOCKS_PER_WARP;
+    const int num_blocks = (lens[seq] + block_size - 1) / block_size;
+    // Lanes 0..3 look up the warp's physical blocks while the CTA stages q.
+    int physical = -1;
+    if (lane < BLOCKS_PER_WARP && first + lane < num_blocks)
+        physical = block_table[(size_t)seq * max_blocks + first + lane];
     for (int i = threadIdx.x; i < group * d; i += blockDim.x) q_group[i] = q[(size_t)row * group * d + i];
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int logical = blockIdx.y * WARPS + warp;
-    const int num_blocks = (lens[seq] + block_size - 1) / block_size;
-    if (logical >= num_blocks) return;
-    const int physical = block_table[(size_t)seq * max_blocks + logical];
-    const float* max = bounds + ((size_t)physical * kv_heads + head) * 2 * d;
-    const float* min = max + d;
-    // The lane's channels of the bounds, read once for all heads (d <= 576).
-    constexpr int MAX_PER_LANE = 18;
-    float lane_max[MAX_PER_LANE], lane_min[MAX_PER_LANE];
+    if (first >= num_blocks) return;
+    float2 hi[BLOCKS_PER_WARP][PAIRS], lo[BLOCKS_PER_WARP][PAIRS];
 #pragma unroll
-    for (int j = 0; j < MAX_PER_LANE; j++) {
-        const int c = lane + 32 * j;
-        lane_max[j] = c < d ? max[c] : 0.0f;
-        lane_min[j] = c < d ? min[c] : 0.0f;
+    for (int b = 0; b < BLOCKS_PER_WARP; b++) {
+        const int phys = __shfl_sync(0xffffffff, physical, b);
+        const float* block_max = bounds + ((size_t)max(phys, 0) * kv_heads + head) * 2 * d;
+#pragma unroll
+        for (int j = 0; j < PAIRS; j++) {
+            const int c = 2 * lane + 64 * j;
+            const bool live = phys >= 0 && c < d;
+            hi[b][j] = live ? *reinterpret_cast<const float2*>(block_max + c) : make_float2(0.f, 0.f);
+            lo[b][j] = live ? *reinterpret_cast<const float2*>(block_max + d + c) : make_float2(0.f, 0.f);
+        }
     }
-    float reduced = 0.0f;
+    float reduced[BLOCKS_PER_WARP];
     for (int g = 0; g < group; g++) {
         const float* qg = q_group + g * d;
-        float s = 0.0f;
+        float s[BLOCKS_PER_WARP] = {};
 #pragma unroll
-        for (int j = 0; j < MAX_PER_LANE; j++) {
-            const int c = lane + 32 * j;
+        for (int j = 0; j < PAIRS; j++) {
+            const int c = 2 * lane + 64 * j;
             if (c < d) {
-                const float v = qg[c];
-                s += v > 0.0f ? v * lane_max[j] : v * lane_min[j];
+                const float2 v = *reinterpret_cast<const float2*>(qg + c);
+#pragma unroll
+                for (int b = 0; b < BLOCKS_PER_WARP; b++) {
+                    s[b] += v.x > 0.0f ? v.x * hi[b][j].x : v.x * lo[b][j].x;
+                    s[b] += v.y > 0.0f ? v.y * hi[b][j].y : v.y * lo[b][j].y;
+                }
             }
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        reduced = g == 0 ? s : combine(reduced, s, reduce_max);
+        for (int b = 0; b < BLOCKS_PER_WARP; b++) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s[b] += __shfl_xor_sync(0xffffffff, s[b], o);
+            reduced[b] = g == 0 ? s[b] : combine(reduced[b], s[b], reduce_max);
+        }
     }
-    if (lane == 0) scores[(size_t)row * max_blocks + logical] = reduced;
+    if (lane < BLOCKS_PER_WARP) {
+        float mine = reduced[0];
+#pragma unroll
+        for (int b = 1; b < BLOCKS_PER_WARP; b++) mine = lane == b ? reduced[b] : mine;
+        if (first + lane < num_blocks) scores[(size_t)row * max_blocks + first + lane] = mine;
+    }
 }
+
+#define BLOCK_SCORES(PAIRS)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS) block_scores_p##PAIRS(                                 \
+        const float* q, const float* bounds, const int* block_table, const int* lens, float* scores, int kv_heads, \
+        int group, int d, int block_size, int max_blocks, int reduce_max) {                                       \
+        block_scores_pairs<PAIRS>(q, bounds, block_table, lens, scores, kv_heads, group, d, block_size,          \
+                                  max_blocks, reduce_max);                                                        \
+    }
+BLOCK_SCORES(1)
+BLOCK_SCORES(2)
+BLOCK_SCORES(9)
 
 // Floats as unsigned integers in the same order.
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -232,8 +265,11 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 
 // grid (rows, ceil(max_candidates * B / THREADS)); one thread per candidate
 // token. token_scores [rows, max_candidates * B].
-extern "C" __global__ void __launch_bounds__(THREADS)
-    label_scores(const float* __restrict__ q, const unsigned char* __restrict__ labels,
+// WORDS: the label words (8 channels each) a variant holds in registers;
+// sized to r, since holding 16 for every r took 155 registers a thread and
+// left one CTA per SM, too few warps to hide the chain of dependent loads.
+template <int WORDS>
+__device__ void label_scores_words(const float* __restrict__ q, const unsigned char* __restrict__ labels,
                  const __half* __restrict__ label_params, const int* __restrict__ channels,
                  const int* __restrict__ block_table, const int* __restrict__ candidates,
                  const int* __restrict__ candidate_counts, float* __restrict__ token_scores, int kv_heads, int group,
@@ -260,9 +296,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const size_t token = ((size_t)physical * kv_heads + head) * block_size + slot;
     // The token's r/2 bytes of codes, as words in registers (r <= 128).
     const uint32_t* words = reinterpret_cast<const uint32_t*>(labels + token * (r / 2));
-    uint32_t code_words[MAX_LABEL_WORDS];
+    uint32_t code_words[WORDS];
 #pragma unroll
-    for (int w = 0; w < MAX_LABEL_WORDS; w++) code_words[w] = w < r / 8 ? words[w] : 0u;
+    for (int w = 0; w < WORDS; w++) code_words[w] = w < r / 8 ? words[w] : 0u;
     const float scale = __half2float(label_params[token * 2]);
     const float zero = __half2float(label_params[token * 2 + 1]);
     float reduced = 0.0f;
@@ -270,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const float* qg = picked + g * r;
         float dot = 0.0f;
 #pragma unroll
-        for (int w = 0; w < MAX_LABEL_WORDS; w++) {
+        for (int w = 0; w < WORDS; w++) {
             if (w < r / 8) {
                 const float4 lo = reinterpret_cast<const float4*>(qg)[2 * w];
                 const float4 hi = reinterpret_cast<const float4*>(qg)[2 * w + 1];
@@ -285,6 +321,19 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
     token_scores[(size_t)row * max_candidates * block_size + i] = reduced;
 }
+
+#define LABEL_SCORES(WORDS)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) label_scores_w##WORDS(                                   \
+        const float* q, const unsigned char* labels, const __half* label_params, const int* channels,              \
+        const int* block_table, const int* candidates, const int* candidate_counts, float* token_scores,           \
+        int kv_heads, int group, int d, int r, int block_size, int max_blocks, int max_candidates, int reduce_max) { \
+        label_scores_words<WORDS>(q, labels, label_params, channels, block_table, candidates, candidate_counts,     \
+                                  token_scores, kv_heads, group, d, r, block_size, max_blocks, max_candidates,      \
+                                  reduce_max);                                                                    \
+    }
+LABEL_SCORES(4)
+LABEL_SCORES(8)
+LABEL_SCORES(16)
 
 // grid (rows); tokens [rows, max_tokens], token_counts [rows]: the sink
 // tokens, the top-k of the label-scored candidates, the local window and

@@ -53,14 +53,14 @@ pub struct CudaOps {
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
-/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB
-/// a launch needs the function's opt-in); returns the launch's shared size.
+/// Lets `f` use `bytes` of dynamic shared memory (when that and the
+/// function's static shared memory pass the default 48 KiB, a launch needs
+/// the function's opt-in); returns the launch's shared size.
 fn allow_dynamic_shared(f: &CudaFunction, bytes: usize) -> Result<u32> {
-    if bytes > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )?;
+    use cudarc::driver::sys::CUfunction_attribute as Attr;
+    let static_bytes = f.get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)? as usize;
+    if static_bytes + bytes > 48 * 1024 {
+        f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
     }
     Ok(bytes as u32)
 }

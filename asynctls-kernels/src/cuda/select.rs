@@ -19,8 +19,10 @@ pub const MAX_SELECT_GROUP: usize = 32;
 /// Items one top-k can rank (staged in shared memory): logical blocks of a
 /// sequence for top-k_b, k_b * block_size candidates for top-k_t.
 pub const MAX_TOPK_ITEMS: usize = 32768;
-/// Key channels the block-bound kernel holds in registers (18 per lane).
+/// Key channels the block-bound kernel holds in registers (9 pairs per lane).
 pub const MAX_SELECT_KEY_DIM: usize = 576;
+/// Logical blocks one warp of the block-bound kernel scores.
+const BLOCKS_PER_WARP: u32 = 4;
 /// Label channels the label kernel holds in registers.
 pub const MAX_LABEL_CHANNELS: usize = 128;
 
@@ -162,11 +164,11 @@ impl CudaOps {
                 ),
             ));
         }
-        if g.key_dim > MAX_SELECT_KEY_DIM {
+        if g.key_dim > MAX_SELECT_KEY_DIM || g.key_dim % 2 != 0 {
             return Err(invalid(
                 "sparse_select",
                 format!(
-                    "key dim {} (the block kernel holds at most {MAX_SELECT_KEY_DIM} per warp)",
+                    "key dim {} (the block kernel takes even dims up to {MAX_SELECT_KEY_DIM})",
                     g.key_dim
                 ),
             ));
@@ -198,7 +200,13 @@ impl CudaOps {
         let warps = THREADS / 32;
 
         // Stage one: block bounds, then the top-k_b rankable blocks.
-        let f = Self::function(&self.select, "block_scores")?;
+        // Lanes hold channel pairs 2l + 64j: the variant with enough pairs.
+        let pairs = match g.key_dim.div_ceil(64) {
+            1 => 1,
+            2 => 2,
+            _ => 9,
+        };
+        let f = Self::function(&self.select, &format!("block_scores_p{pairs}"))?;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(&pool.bounds)
@@ -212,7 +220,7 @@ impl CudaOps {
             .arg(&mb)
             .arg(&reduce_max);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, (max_blocks as u32).div_ceil(warps), 1),
+            grid_dim: (rows as u32, (max_blocks as u32).div_ceil(warps * BLOCKS_PER_WARP), 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: (group * g.key_dim * 4) as u32,
         };
@@ -236,7 +244,13 @@ impl CudaOps {
         unsafe { b.launch(with_shared(rows, shared)) }?;
 
         // Stage two: label scores of the candidates' tokens, then top-k_t.
-        let f = Self::function(&self.select, "label_scores")?;
+        // The variant holding enough label words (8 channels each) for r.
+        let words = match g.label_channels.div_ceil(8) {
+            0..=4 => 4,
+            5..=8 => 8,
+            _ => 16,
+        };
+        let f = Self::function(&self.select, &format!("label_scores_w{words}"))?;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(&pool.labels)
