@@ -2,7 +2,8 @@
 //! fresh random caches: dense, and over the token lists that the CPU's
 //! two-level selection chose, also over the offload engine's layout (units
 //! in resident slots found through a table, the rest read in place). bf16 K/V on both sides, f32 accumulation;
-//! relative L2 error <= 1e-3. Prints `skipped: no CUDA device` without a GPU.
+//! relative L2 error <= 1e-2 (the kernel rounds Q and P to bf16 for the
+//! tensor cores; the bf16 bound). Prints `skipped: no CUDA device` without a GPU.
 
 use asynctls_attn::metrics::relative_l2;
 use asynctls_attn::{decode, prefill, AttnShape, Policy, SparseConfig};
@@ -137,7 +138,7 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
             )
             .unwrap();
             let err = relative_l2(&stream.clone_dtoh(&via_slots).unwrap(), &want);
-            assert!(err <= 1e-3, "{policy} offloaded layout: rel err {err}");
+            assert!(err <= 1e-2, "{policy} offloaded layout: rel err {err}");
             for splits in [1usize, 7, 32] {
                 let mut out = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
                 ops.decode_attention(
@@ -158,8 +159,9 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
                     q_heads / kv_heads
                 );
                 let err = relative_l2(&got, &want);
+                println!("{policy} d{d} heads {q_heads}/{kv_heads} splits {splits}: rel err {err:.2e}");
                 assert!(
-                    err <= 1e-3,
+                    err <= 1e-2,
                     "{policy} d{d} heads {q_heads}/{kv_heads} splits {splits}: rel err {err}"
                 );
             }

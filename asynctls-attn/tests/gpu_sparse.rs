@@ -6,7 +6,8 @@
 //! - `sparse_select` picks the tokens the CPU's `select` picks (the sets may
 //!   differ only where label scores tie within float rounding: at most 1% of
 //!   a row), and the attention over them matches the CPU's sparse decode
-//!   (relative L2 error <= 1e-2, the bf16 bound; in practice ~1e-6);
+//!   (relative L2 error <= 1e-2 for GQA, whose kernel rounds Q and P to
+//!   bf16 for the tensor cores; <= 1e-3 for MLA, f32 on CUDA cores);
 //! - the MLA decode kernel matches the CPU decode, dense and sparse;
 //! - the prefill kernel (GQA and MLA, from the same pool) matches the CPU
 //!   prefill (relative L2 error <= 1e-2: Q and P are rounded to bf16).
@@ -245,6 +246,9 @@ fn sparse_pipeline_matches_cpu() {
         let dq = stream.clone_htod(&q).unwrap();
         let view = fx.pool.view(&fx.table, fx.max_blocks, &fx.lens);
         let out_len = lens.len() * shape.q_heads * shape.value_dim;
+        // The GQA kernel rounds Q and P to bf16 for the tensor cores (the
+        // bf16 bound); the MLA kernel computes in f32.
+        let bound = if shape.value_dim < shape.key_dim { 1e-3 } else { 1e-2 };
 
         // Dense first (the MLA kernel's dense path; GQA's is in gpu_decode).
         let dense = SparseConfig {
@@ -257,7 +261,7 @@ fn sparse_pipeline_matches_cpu() {
         ops.decode_attention(&dq, &view, None, shape.q_heads, shape.scale, 9, &mut scratch, &mut out)
             .unwrap();
         let err = relative_l2(&stream.clone_dtoh(&out).unwrap(), &want);
-        assert!(err <= 1e-3, "{shape:?} dense: rel err {err}");
+        assert!(err <= bound, "{shape:?} dense: rel err {err}");
 
         for (reduce, k_b, k_t) in [(GroupReduce::Sum, 16, 256), (GroupReduce::Max, 40, 1000)] {
             let cfg = SparseConfig {
@@ -353,10 +357,10 @@ fn sparse_pipeline_matches_cpu() {
             println!(
                 "{shape:?} {reduce:?} k_b {k_b} k_t {k_t}: {differing} tokens differ; attention rel err {err:.2e}, vs CPU decode {end_to_end:.2e}"
             );
-            assert!(err <= 1e-3, "{shape:?} {reduce:?}: attention rel err {err}");
+            assert!(err <= bound, "{shape:?} {reduce:?}: attention rel err {err}");
             if differing == 0 {
                 assert!(
-                    end_to_end <= 1e-3,
+                    end_to_end <= bound,
                     "{shape:?} {reduce:?}: rel err {end_to_end} with equal selections"
                 );
             }

@@ -1,8 +1,11 @@
-// Paged decode attention for GQA (flash-decoding): one CTA per (sequence,
-// KV head, split of the tokens); every K and V row it loads serves all G
-// query heads of the group. With a token list it is the exact-attention
-// stage of sparse decode; without, dense decode. Partial results (running
-// max, sum and weighted values per split) are merged by decode_combine.
+// Paged decode attention for GQA (flash-decoding on tensor cores): one CTA
+// per (sequence, KV head, split of the tokens). The G query heads of the
+// group are the rows of an mma tile (padded to 16), so every K and V row
+// staged in shared memory serves all of them, and the scores, their
+// reductions and P V are mma.sync instead of per-token shuffles. With a
+// token list it is the exact-attention stage of sparse decode (the rows
+// are gathered); without, dense decode. Partial results (running max, sum
+// and weighted values per split) are merged by decode_combine.
 //
 // Layouts: q [batch, q_heads, D] f32; K and V pools [num_blocks, kv_heads,
 // BLOCK, D] bf16; block_table [batch, max_blocks] i32; lens [batch] i32;
@@ -18,13 +21,62 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <stdint.h>
 
-#define WARPS 8
+#include "mma.cuh"
 
-// Each row (one token's K or V for one head, D bf16) is read by LANES lanes
-// with 16-byte loads (8 bf16 per lane), so a warp reads ROWS tokens at once
-// and every lane keeps two loads in flight; the per-token score is reduced
-// over the LANES lanes of its row.
+#define DECODE_WARPS 4
+#define TILE 64      // tokens a CTA stages per step: 16 per warp
+#define DECODE_STAGES 3
+#define DPAD 8       // bf16 row padding: ldmatrix rows on distinct banks
+
+template <int D>
+struct DecodeTraits {
+    static constexpr int LD = D + DPAD;
+    static constexpr int ROW_ELEMS = TILE * LD;             // one tensor of one stage
+    static constexpr int STAGE_ELEMS = 2 * ROW_ELEMS;       // K then V
+    static constexpr int Q_ELEMS = 16 * LD;
+    static constexpr int THREADS = DECODE_WARPS * 32;
+    static constexpr int THREADS_PER_ROW = THREADS / TILE;  // 2
+    static constexpr int CHUNKS_PER_THREAD = D / 8 / THREADS_PER_ROW;
+};
+
+// Stages the K and V rows of tokens [t0, t0 + TILE) of the split (clamped
+// to `end`: rows past it repeat the split's first token, finite data that
+// the mask then weighs by zero).
+template <int D>
+__device__ __forceinline__ void stage_tile(__nv_bfloat16* stage, int t0, int begin, int end, int seq, int head,
+                                           const int* __restrict__ row_tokens, const int* __restrict__ block_table,
+                                           const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, int kv_heads,
+                                           int block_size, int max_blocks, const int* __restrict__ unit_slots,
+                                           const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {
+    using T = DecodeTraits<D>;
+    const int r = threadIdx.x / T::THREADS_PER_ROW, half = threadIdx.x % T::THREADS_PER_ROW;
+    const int t = t0 + r < end ? t0 + r : begin;
+    const int pos = row_tokens != nullptr ? row_tokens[t] : t;
+    const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
+    const __nv_bfloat16* kp = k_pool;
+    const __nv_bfloat16* vp = v_pool;
+    size_t row;
+    if (unit_slots != nullptr) {
+        const int unit = block * kv_heads + head;
+        const int slot = unit_slots[unit];
+        if (slot < 0) {
+            kp = host_k;
+            vp = host_v;
+        }
+        row = ((size_t)(slot >= 0 ? slot : unit) * block_size + pos % block_size) * D;
+    } else {
+        row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D;
+    }
+    const int c0 = half * T::CHUNKS_PER_THREAD * 8;
+#pragma unroll
+    for (int c = 0; c < T::CHUNKS_PER_THREAD; c++) {
+        cp_async_16(stage + r * T::LD + c0 + c * 8, kp + row + c0 + c * 8);
+        cp_async_16(stage + T::ROW_ELEMS + r * T::LD + c0 + c * 8, vp + row + c0 + c * 8);
+    }
+}
+
 template <int D, int G>
 __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
                              const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
@@ -33,148 +85,146 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
                              float* __restrict__ partial_ml, int kv_heads, int block_size, int max_blocks,
                              int max_tokens, float scale, const int* __restrict__ unit_slots,
                              const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {
-    constexpr int LANES = D / 8;        // lanes per row
-    constexpr int ROWS = 32 / LANES;    // rows a warp reads at once
+    using T = DecodeTraits<D>;
+    static_assert(G <= 8, "the group's heads are rows 0..7 of the mma tile");
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][LD], rows >= G zero
+    __nv_bfloat16* stages = qs + T::Q_ELEMS;                         // [STAGES][K, V][TILE][LD]
+
     const int seq = blockIdx.x / kv_heads, head = blockIdx.x % kv_heads;
     const int split = blockIdx.y, splits = gridDim.y;
     const int q_heads = kv_heads * G;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane / LANES, part = lane % LANES;  // which row of the warp, which 8 channels
+    const int g = lane >> 2, tq = lane & 3;
 
     const bool sparse = tokens != nullptr;
     const int n = sparse ? token_counts[blockIdx.x] : lens[seq];
-    const int per_split = (n + splits - 1) / splits;
-    const int begin = split * per_split, end = min(n, begin + per_split);
+    const int* row_tokens = sparse ? tokens + (size_t)blockIdx.x * max_tokens : nullptr;
+    // Whole tiles per split, so dense tiles stay within cache blocks.
+    const int per_split = ((n + splits - 1) / splits + TILE - 1) / TILE * TILE;
+    const int begin = min(n, split * per_split), end = min(n, begin + per_split);
+    const int tiles = (end - begin + TILE - 1) / TILE;
 
-    float qr[G][8];
-#pragma unroll
-    for (int g = 0; g < G; g++)
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            qr[g][i] = q[((size_t)seq * q_heads + head * G + g) * D + part * 8 + i] * scale;
-
-    float m[G], l[G], acc[G][8];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[g][i] = 0.0f;
+    for (int s = 0; s < DECODE_STAGES - 1; s++) {
+        if (s < tiles)
+            stage_tile<D>(stages + s * T::STAGE_ELEMS, begin + s * TILE, begin, end, seq, head, row_tokens,
+                          block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots, host_k, host_v);
+        cp_async_commit();
     }
-
-    const int stride = WARPS * ROWS;
-    // Software pipeline: the loads of the next rows are issued before the
-    // current ones are used, so each lane keeps four 16-byte loads in flight.
-    auto load = [&](int t, uint4& kraw, uint4& vraw) {
-        if (t < end) {
-            const int pos = sparse ? tokens[(size_t)blockIdx.x * max_tokens + t] : t;
-            const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
-            const __nv_bfloat16* kp = k_pool;
-            const __nv_bfloat16* vp = v_pool;
-            size_t row;
-            if (unit_slots != nullptr) {
-                const int unit = block * kv_heads + head;
-                const int slot = unit_slots[unit];
-                if (slot < 0) {
-                    kp = host_k;
-                    vp = host_v;
-                }
-                row = ((size_t)(slot >= 0 ? slot : unit) * block_size + pos % block_size) * D + part * 8;
-            } else {
-                row = (((size_t)block * kv_heads + head) * block_size + pos % block_size) * D + part * 8;
-            }
-            kraw = __ldg(reinterpret_cast<const uint4*>(kp + row));
-            vraw = __ldg(reinterpret_cast<const uint4*>(vp + row));
-        }
-    };
-    uint4 kcur = make_uint4(0, 0, 0, 0), vcur = kcur, knext = kcur, vnext = kcur;
-    int t0 = begin + warp * ROWS;
-    load(t0 + sub, kcur, vcur);
-    for (; t0 < end; t0 += stride) {
-        const int t = t0 + sub;
-        const bool valid = t < end;
-        load(t + stride, knext, vnext);
-        float kr[8], vr[8];
-        const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kcur);
-        const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&vcur);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const float2 kf = __bfloat1622float2(k2[i]);
-            const float2 vf = __bfloat1622float2(v2[i]);
-            kr[2 * i] = kf.x;
-            kr[2 * i + 1] = kf.y;
-            vr[2 * i] = vf.x;
-            vr[2 * i + 1] = vf.y;
-        }
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            float s = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++) s += qr[g][i] * kr[i];
-#pragma unroll
-            for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-            if (valid) {
-                const float m_new = fmaxf(m[g], s);
-                const float correction = __expf(m[g] - m_new);
-                const float p = __expf(s - m_new);
-                l[g] = l[g] * correction + p;
-#pragma unroll
-                for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * correction + p * vr[i];
-                m[g] = m_new;
-            }
-        }
-        kcur = knext;
-        vcur = vnext;
-    }
-
-    // Merge the ROWS row-states of each warp (lanes LANES apart hold the
-    // same channels) with shuffles, then the warps through shared memory.
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-#pragma unroll
-        for (int o = LANES; o < 32; o <<= 1) {
-            const float om = __shfl_xor_sync(0xffffffff, m[g], o);
-            const float ol = __shfl_xor_sync(0xffffffff, l[g], o);
-            const float mx = fmaxf(m[g], om);
-            const float a = mx == -INFINITY ? 0.0f : __expf(m[g] - mx);
-            const float b = mx == -INFINITY ? 0.0f : __expf(om - mx);
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const float oa = __shfl_xor_sync(0xffffffff, acc[g][i], o);
-                acc[g][i] = acc[g][i] * a + oa * b;
-            }
-            l[g] = l[g] * a + ol * b;
-            m[g] = mx;
-        }
-    }
-    __shared__ float sm[WARPS][G], sl[WARPS][G];
-    __shared__ float sacc[WARPS][G][D];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        if (lane == 0) {
-            sm[warp][g] = m[g];
-            sl[warp][g] = l[g];
-        }
-        if (sub == 0) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) sacc[warp][g][part * 8 + i] = acc[g][i];
-        }
+    for (int i = threadIdx.x; i < 16 * D / 2; i += T::THREADS) {
+        const int r = i / (D / 2), c = (i % (D / 2)) * 2;
+        float2 v = make_float2(0.f, 0.f);
+        if (r < G) v = *reinterpret_cast<const float2*>(q + ((size_t)seq * q_heads + head * G + r) * D + c);
+        *reinterpret_cast<uint32_t*>(qs + r * T::LD + c) = pack_bf16(v.x * scale, v.y * scale);
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-        const int g = idx / D, d = idx % D;
+    // Q as A fragments, for every 16 channels.
+    uint32_t qf[D / 16][4];
+    const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_col = 8 * (lane >> 4);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], qs + a_row * T::LD + kk * 16 + a_col);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m_run = -INFINITY, l_run = 0.f;  // row g (rows g + 8 are padding)
+
+    const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+    const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);
+    for (int t = 0; t < tiles; t++) {
+        const int ahead = t + DECODE_STAGES - 1;
+        if (ahead < tiles)
+            stage_tile<D>(stages + (ahead % DECODE_STAGES) * T::STAGE_ELEMS, begin + ahead * TILE, begin, end, seq,
+                          head, row_tokens, block_table, k_pool, v_pool, kv_heads, block_size, max_blocks,
+                          unit_slots, host_k, host_v);
+        cp_async_commit();
+        cp_async_wait<DECODE_STAGES - 1>();
+        __syncthreads();
+        const __nv_bfloat16* ks = stages + (t % DECODE_STAGES) * T::STAGE_ELEMS + warp * 16 * T::LD;
+        const __nv_bfloat16* vs = ks + T::ROW_ELEMS;
+
+        // S = Q K^T for the warp's 16 tokens (two n8 tiles).
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, ks + b_row * T::LD + kk * 16 + b_col);
+            mma_16816(s[0], qf[kk], b[0], b[1]);
+            mma_16816(s[1], qf[kk], b[2], b[3]);
+        }
+        const int tok0 = begin + t * TILE + warp * 16;
         float mx = -INFINITY;
-        for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm[w][g]);
-        float lsum = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (tok0 + j * 8 + 2 * tq + e >= end) s[j][e] = -INFINITY;
+                mx = fmaxf(mx, s[j][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        const float correction = __expf(m_run - base);
+        m_run = m_new;
+        const uint32_t p0 = pack_bf16(__expf(s[0][0] - base), __expf(s[0][1] - base));
+        const uint32_t p1 = pack_bf16(__expf(s[1][0] - base), __expf(s[1][1] - base));
+        // Sum exactly what P V adds up: the bf16-rounded weights.
+        const __nv_bfloat162 pb0 = *reinterpret_cast<const __nv_bfloat162*>(&p0);
+        const __nv_bfloat162 pb1 = *reinterpret_cast<const __nv_bfloat162*>(&p1);
+        l_run = l_run * correction + __low2float(pb0) + __high2float(pb0) + __low2float(pb1) + __high2float(pb1);
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            o[j][0] *= correction;
+            o[j][1] *= correction;
+        }
+        // O += P V; rows g + 8 of P are zero (padding heads).
+        const uint32_t a[4] = {p0, 0u, p1, 0u};
+#pragma unroll
+        for (int j = 0; j < D / 8; j += 2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, vs + v_row * T::LD + j * 8 + v_col);
+            mma_16816(o[j], a, b[0], b[1]);
+            mma_16816(o[j + 1], a, b[2], b[3]);
+        }
+        __syncthreads();  // the stage is refilled DECODE_STAGES - 1 tiles later
+    }
+    cp_async_wait<0>();
+
+    // Merge the warps' states (rows < G) through shared memory.
+    float l = l_run;
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    float* wm = reinterpret_cast<float*>(stages);  // [warps][G]
+    float* wl = wm + DECODE_WARPS * G;               // [warps][G]
+    float* wo = wl + DECODE_WARPS * G;               // [warps][G][D]
+    __syncthreads();
+    if (g < G) {
+        if (tq == 0) {
+            wm[warp * G + g] = m_run;
+            wl[warp * G + g] = l;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+            *reinterpret_cast<float2*>(wo + (warp * G + g) * D + j * 8 + 2 * tq) = make_float2(o[j][0], o[j][1]);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * D; idx += T::THREADS) {
+        const int hg = idx / D, d = idx % D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DECODE_WARPS; w++) mx = fmaxf(mx, wm[w * G + hg]);
+        float lsum = 0.0f, acc = 0.0f;
         if (mx != -INFINITY) {
-            for (int w = 0; w < WARPS; w++) {
-                const float c = __expf(sm[w][g] - mx);
-                lsum += sl[w][g] * c;
-                a += sacc[w][g][d] * c;
+#pragma unroll
+            for (int w = 0; w < DECODE_WARPS; w++) {
+                const float c = __expf(wm[w * G + hg] - mx);
+                lsum += wl[w * G + hg] * c;
+                acc += wo[(w * G + hg) * D + d] * c;
             }
         }
-        const size_t out = ((size_t)seq * q_heads + head * G + g) * splits + split;
-        partial_acc[out * D + d] = a;
+        const size_t out = ((size_t)seq * q_heads + head * G + hg) * splits + split;
+        partial_acc[out * D + d] = acc;
         if (d == 0) {
             partial_ml[out * 2] = mx;
             partial_ml[out * 2 + 1] = lsum;
@@ -183,7 +233,7 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
 }
 
 #define DECODE_KERNEL(D, G)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) decode_attention_d##D##_g##G(                      \
+    extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_attention_d##D##_g##G(               \
         const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,       \
         const int* lens, const int* tokens, const int* token_counts, float* partial_acc, float* partial_ml,    \
         int kv_heads, int block_size, int max_blocks, int max_tokens, float scale, const int* unit_slots,       \

@@ -166,10 +166,13 @@ impl CudaOps {
                     Some(o) => b.arg(o.unit_slots).arg(&o.host_keys).arg(&o.host_values),
                     None => b.arg(&null).arg(&null).arg(&null),
                 };
+                // Q (16 padded rows) and three stages of K and V tiles of
+                // 64 rows, bf16 rows padded by 8, as the kernel lays them out.
+                let shared = super::allow_dynamic_shared(&f, (16 + 3 * 2 * 64) * (d + 8) * 2)?;
                 let cfg = LaunchConfig {
                     grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: shared,
                 };
                 // SAFETY: the pools, tables and lists are laid out as documented
                 // and sized by the caller.
