@@ -369,6 +369,53 @@ fn sparse_pipeline_matches_cpu() {
 }
 
 #[test]
+fn tied_scores_select_what_the_cpu_selects() {
+    // A zero query ties every block and token score: both top-k stages must
+    // then break ties as the CPU does (lower indices first).
+    let Some(ops) = CudaOps::for_tests() else { return };
+    let stream = ops.device().stream().clone();
+    let mut rng = StdRng::from_os_rng();
+    let shape = AttnShape::gqa(32, 8, 128);
+    let lens = [5000usize, 1300];
+    let fx = fixture(&ops, &shape, &lens, &mut rng);
+    let tables: Vec<_> = fx.seqs.iter().map(|&s| fx.cache.table(s).unwrap()).collect();
+    let q = vec![0.0f32; lens.len() * shape.q_heads * shape.key_dim];
+    let cfg = SparseConfig {
+        policy: Policy::Tls,
+        token_topk: 300,
+        block_topk: 10,
+        dense_below: 0,
+        ..SparseConfig::default()
+    };
+    let mut want = vec![0.0f32; lens.len() * shape.q_heads * shape.value_dim];
+    let report = decode(fx.cache.storage(), &tables, 0, &q, &shape, &cfg, &mut want).unwrap();
+    let params = SelectParams {
+        block_topk: cfg.block_topk,
+        token_topk: cfg.token_topk,
+        sink_blocks: cfg.sink_blocks,
+        local_blocks: cfg.local_blocks,
+        reduce_max: false,
+    };
+    let mut scratch = SelectScratch::new(&ops).unwrap();
+    let dq = stream.clone_htod(&q).unwrap();
+    ops.sparse_select(
+        &dq,
+        &fx.pool,
+        &fx.table,
+        fx.max_blocks,
+        &fx.lens,
+        shape.q_heads,
+        &params,
+        &mut scratch,
+    )
+    .unwrap();
+    let got = to_rows(&ops, &scratch.lists(), lens.len() * shape.kv_heads);
+    for (row, (g, w)) in got.iter().zip(&report.heads).enumerate() {
+        assert_eq!(g, &w.tokens, "row {row}: tied selection differs from the CPU's");
+    }
+}
+
+#[test]
 fn prefill_kernel_matches_cpu_over_the_gpu_pool() {
     let Some(ops) = CudaOps::for_tests() else { return };
     let stream = ops.device().stream().clone();

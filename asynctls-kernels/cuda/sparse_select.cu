@@ -149,42 +149,62 @@ __device__ __forceinline__ int cta_exclusive_scan(int v, int* total) {
     return before + inclusive - v;
 }
 
-// The k largest of scores[0, n), by radix select (8-bit digits, most
-// significant first) on their order keys staged in shared memory (`keys`,
-// n entries); calls emit(index, rank) for each in ascending index order,
-// rank being its position in that order. Ties at the threshold go to the
-// lower indices. Returns how many were emitted. All threads must call it.
+// The k largest of scores[0, n), by radix select on their order keys staged
+// in shared memory (`keys`, n entries); calls emit(index, rank) for each in
+// ascending index order, rank being its position in that order. Ties at the
+// threshold go to the lower indices. Returns how many were emitted. All
+// threads must call it.
+//
+// The leading bits every key shares (scores of one row have one sign and
+// few exponents) are found from the keys' min and max and skipped: the
+// radix passes (8-bit digits, most significant first) start at the first
+// bit that differs, so the first pass already spreads the keys over many
+// bins and plain shared atomics do not queue on one bin.
 template <typename Emit>
 __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, uint32_t* keys, Emit emit) {
     __shared__ int histogram[256];
-    __shared__ uint32_t s_prefix;
+    __shared__ uint32_t s_prefix, s_lo[TOPK_WARPS], s_hi[TOPK_WARPS];
     __shared__ int s_remaining;
-    for (int i = threadIdx.x; i < n; i += TOPK_THREADS) keys[i] = order_key(scores[i]);
-    if (threadIdx.x == 0) {
-        s_prefix = 0;
-        s_remaining = min(k, n);
+    uint32_t lo = 0xffffffffu, hi = 0u;
+    for (int i = threadIdx.x; i < n; i += TOPK_THREADS) {
+        const uint32_t key = order_key(scores[i]);
+        keys[i] = key;
+        lo = min(lo, key);
+        hi = max(hi, key);
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffff, lo, o));
+        hi = max(hi, __shfl_xor_sync(0xffffffff, hi, o));
+    }
+    if ((threadIdx.x & 31) == 0) {
+        s_lo[threadIdx.x >> 5] = lo;
+        s_hi[threadIdx.x >> 5] = hi;
+    }
+    if (threadIdx.x == 0) s_remaining = min(k, n);
     __syncthreads();
+#pragma unroll
+    for (int w = 0; w < TOPK_WARPS; w++) {
+        lo = min(lo, s_lo[w]);
+        hi = max(hi, s_hi[w]);
+    }
     uint32_t threshold = 0;
     int take_equal = 0;
     if (n > k) {
-        uint32_t mask = 0;
-        for (int shift = 24; shift >= 0; shift -= 8) {
+        // Bits above `top` are the same in every key: they are the prefix.
+        const int top = lo == hi ? -1 : 31 - __clz(lo ^ hi);
+        uint32_t mask = top < 0 ? 0xffffffffu : top == 31 ? 0u : ~((2u << top) - 1u);
+        if (threadIdx.x == 0) s_prefix = lo & mask;
+        __syncthreads();
+        for (int high = top; high >= 0;) {
+            const int width = min(8, high + 1), shift = high - width + 1;
+            const uint32_t digits = (1u << width) - 1u;
             if (threadIdx.x < 256) histogram[threadIdx.x] = 0;
             __syncthreads();
             const uint32_t prefix = s_prefix;
-            for (int base = 0; base < n; base += TOPK_THREADS) {
-                const int i = base + threadIdx.x;
-                const uint32_t key = i < n ? keys[i] : 0;
-                const bool match = i < n && (key & mask) == prefix;
-                const unsigned voters = __ballot_sync(0xffffffff, match);
-                if (match) {
-                    // One atomic per distinct digit in the warp: most keys
-                    // share their leading digits.
-                    const int digit = (key >> shift) & 255;
-                    const unsigned peers = __match_any_sync(voters, digit);
-                    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&histogram[digit], __popc(peers));
-                }
+            for (int i = threadIdx.x; i < n; i += TOPK_THREADS) {
+                const uint32_t key = keys[i];
+                if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & digits], 1);
             }
             __syncthreads();
             // The digit where the count from the top reaches `remaining`: the
@@ -217,8 +237,8 @@ __device__ int top_k_in_order(const float* __restrict__ scores, int n, int k, ui
                 }
             }
             __syncthreads();
-            mask |= 255u << shift;
-            __syncthreads();
+            mask |= digits << shift;
+            high = shift - 1;
         }
         threshold = s_prefix;
         take_equal = s_remaining;

@@ -36,15 +36,40 @@ const COMBINE_THREADS: u32 = 128;
 /// Splits of one row's tokens the combine step merges (their weights sit in shared memory).
 pub const MAX_SPLITS: usize = 8192;
 
-/// A split count for a step: enough CTAs to give every SM about four, but
-/// no split shorter than `min_tokens` (128 for GQA; 32, one tile, for MLA,
-/// whose CTAs are compute-bound and serve every head).
+/// CTAs of the GQA decode kernel one SM holds (108 KB of shared memory each).
+const GQA_CTAS_PER_SM: usize = 2;
+
+/// A split count for a step.
+///
+/// GQA: the fewest splits that fill whole waves of the GPU (`2 x sms` CTAs
+/// at a time), each split at least 128 tokens: a last wave a fifth full
+/// cost a fifth of the step (96k, batch 8: 9 splits were 2.2 waves); at
+/// most eight waves. MLA: enough CTAs to give every SM about four, no split
+/// shorter than one 32-token tile (its CTAs are compute-bound and serve
+/// every head).
 pub fn decode_splits(ctas_per_split: usize, tokens: usize, mla: bool, sms: usize) -> usize {
-    let min_tokens = if mla { MLA_TILE } else { 128 };
-    (4 * sms)
-        .div_ceil(ctas_per_split.max(1))
-        .clamp(1, (tokens / min_tokens).max(1))
-        .min(MAX_SPLITS)
+    let rows = ctas_per_split.max(1);
+    if mla {
+        return (4 * sms)
+            .div_ceil(rows)
+            .clamp(1, (tokens / MLA_TILE).max(1))
+            .min(MAX_SPLITS);
+    }
+    let slots = GQA_CTAS_PER_SM * sms.max(1);
+    let cap = (tokens / 128).clamp(1, (8 * slots / rows).max(1)).min(MAX_SPLITS);
+    // How busy the GPU is over the waves `splits` takes (a partial first wave
+    // leaves SMs idle; a partial last wave, too).
+    let busy = |splits: usize| {
+        let ctas = rows * splits;
+        ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
+    };
+    let mut best = 1;
+    for splits in 2..=cap {
+        if busy(splits) > busy(best) + 1e-9 {
+            best = splits;
+        }
+    }
+    best
 }
 
 /// A paged K/V pool on the GPU: `[num_blocks, kv_heads, block_size, head_dim]`
@@ -263,5 +288,30 @@ impl DecodeScratch {
             self.ml = stream.alloc_zeros(ml)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_splits;
+
+    #[test]
+    fn gqa_splits_fill_whole_waves() {
+        // 132 SMs hold 264 CTAs: 96k tokens over 8 rows (batch 1) or 64
+        // rows (batch 8) take 33 splits, one or eight full waves.
+        assert_eq!(decode_splits(8, 98_304, false, 132), 33);
+        assert_eq!(decode_splits(64, 98_304, false, 132), 33);
+        // Short lists: no split under 128 tokens.
+        assert_eq!(decode_splits(8, 2176, false, 132), 17);
+        assert_eq!(decode_splits(8, 100, false, 132), 1);
+        // Batch 8 of short lists: 4 x 64 CTAs is 97% of one wave; more splits
+        // only add partial waves.
+        assert_eq!(decode_splits(64, 2176, false, 132), 4);
+    }
+
+    #[test]
+    fn mla_splits_give_each_sm_about_four() {
+        assert_eq!(decode_splits(1, 98_304, true, 132), 528);
+        assert_eq!(decode_splits(8, 64, true, 132), 2);
     }
 }
