@@ -31,31 +31,22 @@ pub const DECODE_VARIANTS: &[(usize, usize)] = &[
 pub const MLA_KEY_DIM: usize = 576;
 pub const MLA_VALUE_DIM: usize = 512;
 pub const MLA_HEADS: &[usize] = &[16, 20, 32];
-const MLA_TILE: usize = 32;
 const COMBINE_THREADS: u32 = 128;
 /// Splits of one row's tokens the combine step merges (their weights sit in shared memory).
 pub const MAX_SPLITS: usize = 8192;
 
-/// CTAs of the GQA decode kernel one SM holds (108 KB of shared memory each).
+/// CTAs of each decode kernel one SM holds (GQA: 108 KB of shared memory;
+/// MLA: 196 KB).
 const GQA_CTAS_PER_SM: usize = 2;
+const MLA_CTAS_PER_SM: usize = 1;
 
-/// A split count for a step.
-///
-/// GQA: the fewest splits that fill whole waves of the GPU (`2 x sms` CTAs
-/// at a time), each split at least 128 tokens: a last wave a fifth full
-/// cost a fifth of the step (96k, batch 8: 9 splits were 2.2 waves); at
-/// most eight waves. MLA: enough CTAs to give every SM about four, no split
-/// shorter than one 32-token tile (its CTAs are compute-bound and serve
-/// every head).
+/// A split count for a step: the fewest splits that fill whole waves of the
+/// GPU (`CTAs per SM x sms` CTAs at a time), each split at least 128 tokens,
+/// at most eight waves. A last wave a fifth full cost a fifth of the step
+/// (96k, batch 8: 9 splits were 2.2 waves).
 pub fn decode_splits(ctas_per_split: usize, tokens: usize, mla: bool, sms: usize) -> usize {
     let rows = ctas_per_split.max(1);
-    if mla {
-        return (4 * sms)
-            .div_ceil(rows)
-            .clamp(1, (tokens / MLA_TILE).max(1))
-            .min(MAX_SPLITS);
-    }
-    let slots = GQA_CTAS_PER_SM * sms.max(1);
+    let slots = if mla { MLA_CTAS_PER_SM } else { GQA_CTAS_PER_SM } * sms.max(1);
     let cap = (tokens / 128).clamp(1, (8 * slots / rows).max(1)).min(MAX_SPLITS);
     // How busy the GPU is over the waves `splits` takes (a partial first wave
     // leaves SMs idle; a partial last wave, too).
@@ -221,12 +212,10 @@ impl CudaOps {
                     ));
                 }
                 let f = Self::function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
-                // q, probabilities, running max/sum/correction, and the staged
-                // tile of rows padded by two bf16 pairs.
-                let shared = super::allow_dynamic_shared(
-                    &f,
-                    ((q_heads * d + q_heads * MLA_TILE + 3 * q_heads).next_multiple_of(4) + MLA_TILE * (d / 2 + 2)) * 4,
-                )?;
+                // Q (32 padded rows), two stages of 64 staged rows (bf16,
+                // padded by 8) and the shared scores (32 x 68 f32), as the
+                // kernel lays them out.
+                let shared = super::allow_dynamic_shared(&f, (32 + 2 * 64) * (d + 8) * 2 + 32 * 68 * 4)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(q).arg(kv.keys).arg(kv.block_table).arg(kv.lens);
                 match lists {
@@ -310,8 +299,9 @@ mod tests {
     }
 
     #[test]
-    fn mla_splits_give_each_sm_about_four() {
-        assert_eq!(decode_splits(1, 98_304, true, 132), 528);
-        assert_eq!(decode_splits(8, 64, true, 132), 2);
+    fn mla_splits_fill_waves_of_one_cta_per_sm() {
+        assert_eq!(decode_splits(1, 98_304, true, 132), 132);
+        assert_eq!(decode_splits(8, 98_304, true, 132), 33);
+        assert_eq!(decode_splits(1, 2304, true, 132), 18);
     }
 }
