@@ -250,7 +250,13 @@ impl CudaOps {
             5..=8 => 8,
             _ => 16,
         };
-        let f = Self::function(&self.select, &format!("label_scores_w{words}"))?;
+        // A variant specialised to the group, where there is one.
+        let name = if matches!((words, group), (4, 4) | (16, 16) | (16, 20) | (16, 32)) {
+            format!("label_scores_w{words}_g{group}")
+        } else {
+            format!("label_scores_w{words}")
+        };
+        let f = Self::function(&self.select, &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(&pool.labels)
