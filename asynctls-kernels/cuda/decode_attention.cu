@@ -27,7 +27,6 @@
 
 #define DECODE_WARPS 4
 #define TILE 64      // tokens a CTA stages per step: 16 per warp
-#define DECODE_STAGES 3
 #define DPAD 8       // bf16 row padding: ldmatrix rows on distinct banks
 
 template <int D>
@@ -78,7 +77,7 @@ __device__ __forceinline__ void stage_tile(__nv_bfloat16* stage, int t0, int beg
     }
 }
 
-template <int D, int G>
+template <int D, int G, int STAGES>
 __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
                              const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
                              const int* __restrict__ lens, const int* __restrict__ tokens,
@@ -106,7 +105,7 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     const int begin = min(n, split * per_split), end = min(n, begin + per_split);
     const int tiles = (end - begin + TILE - 1) / TILE;
 
-    for (int s = 0; s < DECODE_STAGES - 1; s++) {
+    for (int s = 0; s < STAGES - 1; s++) {
         if (s < tiles)
             stage_tile<D>(stages + s * T::STAGE_ELEMS, begin + s * TILE, begin, end, seq, head, row_tokens,
                           block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots, host_k, host_v);
@@ -133,15 +132,18 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
     const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);
     for (int t = 0; t < tiles; t++) {
-        const int ahead = t + DECODE_STAGES - 1;
-        if (ahead < tiles)
-            stage_tile<D>(stages + (ahead % DECODE_STAGES) * T::STAGE_ELEMS, begin + ahead * TILE, begin, end, seq,
-                          head, row_tokens, block_table, k_pool, v_pool, kv_heads, block_size, max_blocks,
-                          unit_slots, host_k, host_v);
-        cp_async_commit();
-        cp_async_wait<DECODE_STAGES - 1>();
+        // Tile t has landed once at most STAGES - 2 later groups are pending;
+        // after the barrier every warp is done with tile t - 1, whose stage
+        // then takes tile t + STAGES - 1 (one barrier per tile).
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const __nv_bfloat16* ks = stages + (t % DECODE_STAGES) * T::STAGE_ELEMS + warp * 16 * T::LD;
+        const int ahead = t + STAGES - 1;
+        if (ahead < tiles)
+            stage_tile<D>(stages + (ahead % STAGES) * T::STAGE_ELEMS, begin + ahead * TILE, begin, end, seq, head,
+                          row_tokens, block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots,
+                          host_k, host_v);
+        cp_async_commit();
+        const __nv_bfloat16* ks = stages + (t % STAGES) * T::STAGE_ELEMS + warp * 16 * T::LD;
         const __nv_bfloat16* vs = ks + T::ROW_ELEMS;
 
         // S = Q K^T for the warp's 16 tokens (two n8 tiles).
@@ -188,7 +190,6 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
             mma_16816(o[j], a, b[0], b[1]);
             mma_16816(o[j + 1], a, b[2], b[3]);
         }
-        __syncthreads();  // the stage is refilled DECODE_STAGES - 1 tiles later
     }
     cp_async_wait<0>();
 
@@ -233,16 +234,24 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     }
 }
 
-#define DECODE_KERNEL(D, G)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_attention_d##D##_g##G(               \
+#define DECODE_KERNEL_S(NAME, D, G, S)                                                                           \
+    extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32) NAME(                                         \
         const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,       \
         const int* lens, const int* tokens, const int* token_counts, float* partial_acc, float* partial_ml,    \
         int kv_heads, int block_size, int max_blocks, int max_tokens, float scale, const int* unit_slots,       \
         const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {                                             \
-        decode_split<D, G>(q, k_pool, v_pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, \
+        decode_split<D, G, S>(q, k_pool, v_pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, \
                            kv_heads, block_size, max_blocks, max_tokens, scale, unit_slots, host_k, host_v);    \
     }
 
+// Dense: three stages of K/V tiles in flight (two CTAs of 108 KB per SM at
+// d 128). Token lists (`_s2`): two stages, three CTAs per SM: gathered rows
+// are latency-bound and gain more from more CTAs than from a deeper
+// pipeline (96k batch 8: 41.8 vs 57.6 us; dense streaming is the other way
+// round at batch 1).
+#define DECODE_KERNEL(D, G)                                 \
+    DECODE_KERNEL_S(decode_attention_d##D##_g##G, D, G, 3) \
+    DECODE_KERNEL_S(decode_attention_d##D##_g##G##_s2, D, G, 2)
 DECODE_KERNEL(64, 1)
 DECODE_KERNEL(64, 2)
 DECODE_KERNEL(64, 3)

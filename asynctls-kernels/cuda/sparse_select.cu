@@ -318,11 +318,7 @@ __device__ void label_scores_words(const float* __restrict__ q, const unsigned c
     const int logical = candidates[(size_t)row * max_candidates + candidate];
     const int physical = block_table[(size_t)seq * max_blocks + logical];
     const size_t token = ((size_t)physical * kv_heads + head) * block_size + slot;
-    // The token's r/2 bytes of codes, as words in registers (r <= 128).
     const uint32_t* words = reinterpret_cast<const uint32_t*>(labels + token * (r / 2));
-    uint32_t code_words[WORDS];
-#pragma unroll
-    for (int w = 0; w < WORDS; w++) code_words[w] = w < r / 8 ? words[w] : 0u;
     const float scale = __half2float(label_params[token * 2]);
     const float zero = __half2float(label_params[token * 2 + 1]);
     float reduced = 0.0f;
@@ -330,10 +326,14 @@ __device__ void label_scores_words(const float* __restrict__ q, const unsigned c
         float dot[G];
 #pragma unroll
         for (int g = 0; g < G; g++) dot[g] = 0.0f;
-#pragma unroll
+        // The word loop stays rolled for wide labels: fully unrolled (16
+        // words x G heads x 8 channels), nvcc 13.0 numbered the registers
+        // differently from run to run, and the committed PTX must come out
+        // the same on every machine.
+#pragma unroll(WORDS <= 4 ? WORDS : 1)
         for (int w = 0; w < WORDS; w++) {
             if (w < r / 8) {
-                const uint32_t cw = code_words[w];
+                const uint32_t cw = words[w];
                 float c[8];
 #pragma unroll
                 for (int j = 0; j < 8; j++) c[j] = (float)((cw >> (4 * j)) & 15u);
@@ -351,25 +351,29 @@ __device__ void label_scores_words(const float* __restrict__ q, const unsigned c
             const float s = zero * sums[g] + scale * dot[g];
             reduced = g == 0 ? s : combine(reduced, s, reduce_max);
         }
-        token_scores[(size_t)row * max_candidates * block_size + i] = reduced;
-        return;
-    }
-    for (int g = 0; g < group; g++) {
-        const float* qg = picked + g * r;
-        float dot = 0.0f;
+    } else {
+        // The token's r/2 bytes of codes, as words in registers (r <= 128).
+        uint32_t code_words[WORDS];
 #pragma unroll
-        for (int w = 0; w < WORDS; w++) {
-            if (w < r / 8) {
-                const float4 lo = reinterpret_cast<const float4*>(qg)[2 * w];
-                const float4 hi = reinterpret_cast<const float4*>(qg)[2 * w + 1];
-                const uint32_t cw = code_words[w];
-                dot += lo.x * (float)(cw & 15u) + lo.y * (float)((cw >> 4) & 15u) + lo.z * (float)((cw >> 8) & 15u) +
-                       lo.w * (float)((cw >> 12) & 15u) + hi.x * (float)((cw >> 16) & 15u) +
-                       hi.y * (float)((cw >> 20) & 15u) + hi.z * (float)((cw >> 24) & 15u) + hi.w * (float)(cw >> 28);
+        for (int w = 0; w < WORDS; w++) code_words[w] = w < r / 8 ? words[w] : 0u;
+        for (int g = 0; g < group; g++) {
+            const float* qg = picked + g * r;
+            float dot = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WORDS; w++) {
+                if (w < r / 8) {
+                    const float4 lo = reinterpret_cast<const float4*>(qg)[2 * w];
+                    const float4 hi = reinterpret_cast<const float4*>(qg)[2 * w + 1];
+                    const uint32_t cw = code_words[w];
+                    dot += lo.x * (float)(cw & 15u) + lo.y * (float)((cw >> 4) & 15u) +
+                           lo.z * (float)((cw >> 8) & 15u) + lo.w * (float)((cw >> 12) & 15u) +
+                           hi.x * (float)((cw >> 16) & 15u) + hi.y * (float)((cw >> 20) & 15u) +
+                           hi.z * (float)((cw >> 24) & 15u) + hi.w * (float)(cw >> 28);
+                }
             }
+            const float s = zero * sums[g] + scale * dot;
+            reduced = g == 0 ? s : combine(reduced, s, reduce_max);
         }
-        const float s = zero * sums[g] + scale * dot;
-        reduced = g == 0 ? s : combine(reduced, s, reduce_max);
     }
     token_scores[(size_t)row * max_candidates * block_size + i] = reduced;
 }

@@ -35,18 +35,33 @@ const COMBINE_THREADS: u32 = 128;
 /// Splits of one row's tokens the combine step merges (their weights sit in shared memory).
 pub const MAX_SPLITS: usize = 8192;
 
-/// CTAs of each decode kernel one SM holds (GQA: 108 KB of shared memory;
-/// MLA: 196 KB).
-const GQA_CTAS_PER_SM: usize = 2;
-const MLA_CTAS_PER_SM: usize = 1;
+/// Which decode kernel a split count is for: each holds a different number
+/// of CTAs per SM (shared memory: GQA dense three stages of K/V tiles, 108 KB
+/// at d 128; GQA over token lists two stages, 74 KB; MLA 196 KB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    GqaDense,
+    GqaSparse,
+    Mla,
+}
+
+impl DecodeKernel {
+    fn ctas_per_sm(self) -> usize {
+        match self {
+            DecodeKernel::GqaDense => 2,
+            DecodeKernel::GqaSparse => 3,
+            DecodeKernel::Mla => 1,
+        }
+    }
+}
 
 /// A split count for a step: the fewest splits that fill whole waves of the
 /// GPU (`CTAs per SM x sms` CTAs at a time), each split at least 128 tokens,
 /// at most eight waves. A last wave a fifth full cost a fifth of the step
 /// (96k, batch 8: 9 splits were 2.2 waves).
-pub fn decode_splits(ctas_per_split: usize, tokens: usize, mla: bool, sms: usize) -> usize {
+pub fn decode_splits(ctas_per_split: usize, tokens: usize, kernel: DecodeKernel, sms: usize) -> usize {
     let rows = ctas_per_split.max(1);
-    let slots = if mla { MLA_CTAS_PER_SM } else { GQA_CTAS_PER_SM } * sms.max(1);
+    let slots = kernel.ctas_per_sm() * sms.max(1);
     let cap = (tokens / 128).clamp(1, (8 * slots / rows).max(1)).min(MAX_SPLITS);
     // How busy the GPU is over the waves `splits` takes (a partial first wave
     // leaves SMs idle; a partial last wave, too).
@@ -162,7 +177,10 @@ impl CudaOps {
                         format!("no GQA kernel for head dim {d} with {group} query heads per KV head"),
                     ));
                 }
-                let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}"))?;
+                // Token lists take the two-stage variant (see DecodeKernel).
+                let stages = if lists.is_some() { 2 } else { 3 };
+                let suffix = if lists.is_some() { "_s2" } else { "" };
+                let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}{suffix}"))?;
                 let kvh = kv.kv_heads as i32;
 
                 let mut b = stream.launch_builder(&f);
@@ -182,9 +200,9 @@ impl CudaOps {
                     Some(o) => b.arg(o.unit_slots).arg(&o.host_keys).arg(&o.host_values),
                     None => b.arg(&null).arg(&null).arg(&null),
                 };
-                // Q (16 padded rows) and three stages of K and V tiles of
-                // 64 rows, bf16 rows padded by 8, as the kernel lays them out.
-                let shared = super::allow_dynamic_shared(&f, (16 + 3 * 2 * 64) * (d + 8) * 2)?;
+                // Q (16 padded rows) and the stages of K and V tiles of 64
+                // rows, bf16 rows padded by 8, as the kernel lays them out.
+                let shared = super::allow_dynamic_shared(&f, (16 + stages * 2 * 64) * (d + 8) * 2)?;
                 let cfg = LaunchConfig {
                     grid_dim: ((batch * kv.kv_heads) as u32, splits as u32, 1),
                     block_dim: (128, 1, 1),
@@ -282,26 +300,30 @@ impl DecodeScratch {
 
 #[cfg(test)]
 mod tests {
-    use super::decode_splits;
+    use super::{decode_splits, DecodeKernel};
 
     #[test]
-    fn gqa_splits_fill_whole_waves() {
-        // 132 SMs hold 264 CTAs: 96k tokens over 8 rows (batch 1) or 64
-        // rows (batch 8) take 33 splits, one or eight full waves.
-        assert_eq!(decode_splits(8, 98_304, false, 132), 33);
-        assert_eq!(decode_splits(64, 98_304, false, 132), 33);
-        // Short lists: no split under 128 tokens.
-        assert_eq!(decode_splits(8, 2176, false, 132), 17);
-        assert_eq!(decode_splits(8, 100, false, 132), 1);
-        // Batch 8 of short lists: 4 x 64 CTAs is 97% of one wave; more splits
-        // only add partial waves.
-        assert_eq!(decode_splits(64, 2176, false, 132), 4);
+    fn dense_splits_fill_whole_waves() {
+        // 132 SMs hold 264 dense CTAs: 96k tokens over 8 rows (batch 1) or
+        // 64 rows (batch 8) take 33 splits, one or eight full waves.
+        assert_eq!(decode_splits(8, 98_304, DecodeKernel::GqaDense, 132), 33);
+        assert_eq!(decode_splits(64, 98_304, DecodeKernel::GqaDense, 132), 33);
+        // No split under 128 tokens.
+        assert_eq!(decode_splits(8, 100, DecodeKernel::GqaDense, 132), 1);
+    }
+
+    #[test]
+    fn sparse_splits_fill_waves_of_three_ctas_per_sm() {
+        // 396 slots: batch 1 (8 rows) is capped by 2176 / 128 = 17 splits;
+        // batch 8 (64 rows) takes 6 splits, 384 CTAs (97% of one wave).
+        assert_eq!(decode_splits(8, 2176, DecodeKernel::GqaSparse, 132), 17);
+        assert_eq!(decode_splits(64, 2176, DecodeKernel::GqaSparse, 132), 6);
     }
 
     #[test]
     fn mla_splits_fill_waves_of_one_cta_per_sm() {
-        assert_eq!(decode_splits(1, 98_304, true, 132), 132);
-        assert_eq!(decode_splits(8, 98_304, true, 132), 33);
-        assert_eq!(decode_splits(1, 2304, true, 132), 18);
+        assert_eq!(decode_splits(1, 98_304, DecodeKernel::Mla, 132), 132);
+        assert_eq!(decode_splits(8, 98_304, DecodeKernel::Mla, 132), 33);
+        assert_eq!(decode_splits(1, 2304, DecodeKernel::Mla, 132), 18);
     }
 }

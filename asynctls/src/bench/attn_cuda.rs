@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Context, Result};
 use asynctls_attn::AttnShape;
-use asynctls_kernels::cuda::attention::decode_splits;
+use asynctls_kernels::cuda::attention::{decode_splits, DecodeKernel};
 use asynctls_kernels::cuda::TokenLists;
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, GpuKvPool, KvGeometry, SelectParams, SelectScratch};
 use asynctls_kernels::CudaDevice;
@@ -233,7 +233,12 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
                     reduce_max: false,
                 });
                 let attended_max = budget.map_or(seq_len, |b| b + 3 * BLOCK);
-                let splits = decode_splits(ctas, attended_max, sweep.mla, sms);
+                let kernel = match (sweep.mla, budget) {
+                    (true, _) => DecodeKernel::Mla,
+                    (false, None) => DecodeKernel::GqaDense,
+                    (false, Some(_)) => DecodeKernel::GqaSparse,
+                };
+                let splits = decode_splits(ctas, attended_max, kernel, sms);
                 let select = |scratch: &mut SelectScratch| -> Result<()> {
                     if let Some(p) = params.as_ref() {
                         ops.sparse_select(&q, &pool, &table, blocks_per_seq, &lens, shape.q_heads, p, scratch)?;

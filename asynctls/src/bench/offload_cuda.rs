@@ -27,8 +27,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use asynctls_kernels::cuda::{
-    attention::decode_splits, CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams,
-    SelectScratch,
+    attention::{decode_splits, DecodeKernel},
+    CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams, SelectScratch,
 };
 use asynctls_kernels::CudaDevice;
 use asynctls_offload::cuda::{CudaBackend, CudaLayout};
@@ -155,7 +155,7 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 );
             }
             let max_tokens_guess = ctx.min(sweep.token_topk + 3 * BLOCK);
-            let splits = decode_splits(rows, max_tokens_guess, false, sms);
+            let splits = decode_splits(rows, max_tokens_guess, DecodeKernel::GqaSparse, sms);
             let dense_kv_per_seq_layer = ctx * kvh * d * 2 * 2;
             let metadata_per_seq_layer = blocks_per_seq * kvh * 2 * d * 4 + ctx * kvh * (r / 2 + 4);
             let mut select_scratch = SelectScratch::new(&ops)?;
