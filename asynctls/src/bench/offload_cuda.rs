@@ -23,7 +23,7 @@
 //! with the streams synchronized at both ends (both modes alike).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use asynctls_kernels::cuda::{
@@ -78,6 +78,13 @@ pub struct OffloadRow {
     pub hidden_fraction: Option<f64>,
     pub memcpy_units: Option<usize>,
     pub gathered_units: Option<usize>,
+    /// Host wall time per step spent issuing the step's GPU work (selection,
+    /// attention, and for the offload engine its ordering and release calls).
+    pub host_launch_us_per_step: f64,
+    /// Host wall time per step in the offload engine's bookkeeping off the
+    /// critical path (waiting for a layer's read-back, hit/miss accounting,
+    /// prefetch decisions and copy issue, end of step).
+    pub host_bookkeeping_us_per_step: Option<f64>,
     /// GPU bytes one sequence holds per layer in this mode (K/V or slots, plus bounds and labels).
     pub gpu_bytes_per_seq_layer: usize,
     /// The same over the sequence's dense K/V per layer.
@@ -166,11 +173,14 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
             progress(&format!("ctx {ctx} batch {batch}: resident"));
             let warmup = 3;
             let mut start = Instant::now();
+            let mut launch = Duration::ZERO;
             for (step, qs) in queries.iter().enumerate() {
                 if step == warmup {
                     stream.synchronize()?;
                     start = Instant::now();
+                    launch = Duration::ZERO;
                 }
+                let issued = Instant::now();
                 for (layer, q) in layers.iter().zip(qs) {
                     ops.sparse_select(
                         q,
@@ -186,9 +196,11 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                     let lists = select_scratch.lists();
                     ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
                 }
+                launch += issued.elapsed();
             }
             stream.synchronize()?;
-            let resident_us = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
+            let timed_steps = (queries.len() - warmup) as f64;
+            let resident_us = start.elapsed().as_secs_f64() * 1e6 / timed_steps;
             let resident_bytes = dense_kv_per_seq_layer + metadata_per_seq_layer;
             rows_out.push(OffloadRow {
                 ctx,
@@ -205,6 +217,8 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 hidden_fraction: None,
                 memcpy_units: None,
                 gathered_units: None,
+                host_launch_us_per_step: launch.as_secs_f64() * 1e6 / timed_steps,
+                host_bookkeeping_us_per_step: None,
                 gpu_bytes_per_seq_layer: resident_bytes,
                 gpu_fraction_of_dense_kv: resident_bytes as f64 / dense_kv_per_seq_layer as f64,
             });
@@ -238,15 +252,18 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 let warmup = 3;
                 let mut start = Instant::now();
                 let mut metrics: Vec<StepMetrics> = Vec::new();
+                let (mut launch, mut bookkeeping) = (Duration::ZERO, Duration::ZERO);
                 for (step, qs) in queries.iter().enumerate() {
                     if step == warmup {
                         stream.synchronize()?;
                         start = Instant::now();
+                        (launch, bookkeeping) = (Duration::ZERO, Duration::ZERO);
                     }
                     engine.begin_step();
                     // The critical path: selection, then attention over the
                     // slots (after the copies into them), nothing on the host.
                     for (l, (layer, q)) in layers.iter().zip(qs).enumerate() {
+                        let issued = Instant::now();
                         ops.sparse_select(
                             q,
                             &layer.pool,
@@ -273,6 +290,8 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                         let lists = select_scratch.lists();
                         ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
                         engine.release(l)?;
+                        launch += issued.elapsed();
+                        let booked = Instant::now();
                         // Off the critical path: the layer launched before this
                         // one (here or in the last step) has finished on the GPU
                         // by now or soon; its candidate and forced blocks are
@@ -287,8 +306,11 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                             )?;
                         }
                         readback.issue(&stream, l, &select_scratch)?;
+                        bookkeeping += booked.elapsed();
                     }
+                    let booked = Instant::now();
                     let m = engine.end_step()?;
+                    bookkeeping += booked.elapsed();
                     if step >= warmup {
                         metrics.push(m);
                     }
@@ -327,6 +349,8 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                     }),
                     memcpy_units: Some(counts.memcpy_units),
                     gathered_units: Some(counts.gathered_units),
+                    host_launch_us_per_step: launch.as_secs_f64() * 1e6 / n,
+                    host_bookkeeping_us_per_step: Some(bookkeeping.as_secs_f64() * 1e6 / n),
                     gpu_bytes_per_seq_layer: offload_bytes,
                     gpu_fraction_of_dense_kv: offload_bytes as f64 / dense_kv_per_seq_layer as f64,
                 });

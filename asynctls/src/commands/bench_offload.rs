@@ -104,7 +104,7 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         args.drift
     );
     println!(
-        "{:>7} {:>5} {:>13} {:>10} {:>10} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10} {:>8}",
+        "{:>7} {:>5} {:>13} {:>10} {:>10} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10} {:>8} {:>9} {:>9}",
         "ctx",
         "batch",
         "mode",
@@ -117,12 +117,14 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         "H2D MB/st",
         "hidden",
         "GPU MB/seq",
-        "x dense"
+        "x dense",
+        "launch us",
+        "book us"
     );
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
         println!(
-            "{:>7} {:>5} {:>13} {:>10} {:>10.0} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10.1} {:>8.3}",
+            "{:>7} {:>5} {:>13} {:>10} {:>10.0} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10.1} {:>8.3} {:>9.0} {:>9}",
             r.ctx,
             r.batch,
             r.mode,
@@ -139,7 +141,9 @@ pub fn run(args: OffloadArgs) -> Result<()> {
             opt(r.h2d_bytes_per_step.map(|b| b / 1e6), 2),
             opt(r.hidden_fraction, 2),
             r.gpu_bytes_per_seq_layer as f64 / 1e6 * r.layers as f64,
-            r.gpu_fraction_of_dense_kv
+            r.gpu_fraction_of_dense_kv,
+            r.host_launch_us_per_step,
+            opt(r.host_bookkeeping_us_per_step, 0)
         );
     }
     Ok(())
