@@ -25,7 +25,6 @@
 // otherwise idle, so each takes as many threads as a CTA can have.
 #define TOPK_THREADS 1024
 #define TOPK_WARPS (TOPK_THREADS / 32)
-#define MAX_LABEL_WORDS 16  // r <= 128 label channels
 
 // The rankable (not forced) logical blocks of a sequence of `len` tokens are
 // [first, last): after the sink, before the local window and partial block.

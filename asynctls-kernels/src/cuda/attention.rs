@@ -1,4 +1,4 @@
-//! Paged decode attention (split-K flash-decoding): GQA, where a CTA reads
+//! Paged decode attention on tensor cores (split-K flash-decoding): GQA, where a CTA reads
 //! each K/V row of a group once for all its query heads, and MLA in the
 //! absorbed form, where a CTA reads each latent row once for all heads. Dense
 //! over every token, or sparse over per-row token lists (the exact-attention

@@ -5,7 +5,7 @@
 //! - this file: loading the modules, and the elementwise ops of the model
 //!   (RMSNorm, SiLU-mul, softmax, RoPE, embedding, argmax);
 //! - [`attention`]: paged decode attention, GQA and MLA, dense or over token lists;
-//! - [`prefill`]: causal prefill attention on tensor cores (GQA);
+//! - [`prefill`]: causal prefill attention on tensor cores (GQA and absorbed MLA);
 //! - [`select`]: the two selection stages of sparse decode (block scores and
 //!   top-k_b, label scores and top-k_t);
 //! - [`kv`]: the GPU-resident paged cache and the kernels that append to it;
