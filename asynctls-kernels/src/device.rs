@@ -6,7 +6,8 @@
 //! [`Error::NoCudaDriver`], never a panic.
 
 use std::fmt;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaStream};
 
@@ -88,6 +89,47 @@ impl CudaDevice {
     /// The stream this device's ops are issued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The kernels of this device: the PTX modules are loaded once per GPU
+    /// per process and shared by every tensor op and cache on it.
+    pub fn ops(&self) -> Result<Arc<crate::cuda::CudaOps>> {
+        static LOADED: OnceLock<Mutex<HashMap<usize, Arc<crate::cuda::CudaOps>>>> = OnceLock::new();
+        let mut loaded = LOADED
+            .get_or_init(|| Mutex::new(HashMap::new()))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(ops) = loaded.get(&self.ordinal) {
+            return Ok(ops.clone());
+        }
+        let ops = Arc::new(crate::cuda::CudaOps::new(self)?);
+        loaded.insert(self.ordinal, ops.clone());
+        Ok(ops)
+    }
+
+    /// GPU 0 for a GPU test, or `None` after printing `skipped: no CUDA
+    /// device` when there is no driver or no GPU. Any other failure to open
+    /// a present device panics, so a broken GPU machine fails its tests
+    /// instead of skipping them.
+    pub fn for_tests() -> Option<CudaDevice> {
+        if !cuda_driver_present() {
+            println!("skipped: no CUDA device (no driver)");
+            return None;
+        }
+        match CudaDevice::open(0) {
+            Ok(dev) => Some(dev),
+            Err(Error::CudaOpen { source, .. })
+                if matches!(
+                    source.0,
+                    cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE
+                        | cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_DEVICE
+                ) =>
+            {
+                println!("skipped: no CUDA device ({source:?})");
+                None
+            }
+            Err(e) => panic!("a CUDA driver is present but device 0 did not open: {e:?}"),
+        }
     }
 
     /// The device's name as the driver reports it.

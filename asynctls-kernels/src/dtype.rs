@@ -9,6 +9,7 @@ pub enum DType {
     BF16,
     F16,
     I32,
+    U32,
     U8,
 }
 
@@ -16,7 +17,7 @@ impl DType {
     /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {
-            DType::F32 | DType::I32 => 4,
+            DType::F32 | DType::I32 | DType::U32 => 4,
             DType::BF16 | DType::F16 => 2,
             DType::U8 => 1,
         }
@@ -35,6 +36,7 @@ impl fmt::Display for DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::I32 => "i32",
+            DType::U32 => "u32",
             DType::U8 => "u8",
         })
     }
@@ -48,8 +50,9 @@ impl std::str::FromStr for DType {
             "bf16" => Ok(DType::BF16),
             "f16" => Ok(DType::F16),
             "i32" => Ok(DType::I32),
+            "u32" => Ok(DType::U32),
             "u8" => Ok(DType::U8),
-            other => Err(format!("unknown dtype `{other}` (expected f32, bf16, f16, i32 or u8)")),
+            other => Err(format!("unknown dtype `{other}` (expected f32, bf16, f16, i32, u32 or u8)")),
         }
     }
 }

@@ -1,12 +1,16 @@
-//! Ops on [`Tensor`]s: shape and dtype checks, then dispatch to the device.
+//! Ops on [`Tensor`]s: shape, dtype and device checks, then dispatch to the
+//! CPU reference in [`crate::cpu`] or to its CUDA twin in [`crate::cuda`] by
+//! the device the tensors live on (mixing devices is an error).
 //!
-//! Float inputs of any float dtype are computed in f32 and returned in the
-//! input's dtype. Every op here has its CPU implementation in [`crate::cpu`];
-//! the CUDA kernels arrive with the CUDA path and are tested against these.
+//! The model-forward ops keep activations in f32 on both devices: the
+//! residual stream and the logits stay f32, the GPU casts activations to
+//! bf16 only as GEMM inputs (weights are bf16 there, f32 on the CPU).
 
 use crate::cpu::{self, RopeStyle, RopeTable};
+use crate::cuda::model::GemmType;
+use crate::cuda::CudaOps;
 use crate::error::{check_shape, invalid};
-use crate::{DType, Error, Result, Storage, Tensor};
+use crate::{DType, Device, Error, Result, Storage, Tensor};
 
 fn cpu_only(op: &'static str, t: &Tensor) -> Result<()> {
     match t.storage() {
@@ -55,47 +59,321 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(out, &[m, n], a.dtype())
 }
 
-/// RMSNorm over the last dimension.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    const OP: &str = "rms_norm";
-    check_shape(OP, "x (last dim)", &[x.last_dim()], "weight", weight.shape())?;
-    x.require_float(OP)?;
-    cpu_only(OP, x)?;
-    let mut v = x.to_f32_vec()?;
-    cpu::rms_norm(&mut v, &weight.to_f32_vec()?, eps)?;
-    Tensor::from_f32(v, x.shape(), x.dtype())
+/// The kernels of the GPU a tensor is on, or `None` for a CPU tensor.
+fn cuda_ops(t: &Tensor) -> Result<Option<std::sync::Arc<CudaOps>>> {
+    match t.storage() {
+        Storage::Cpu(_) => Ok(None),
+        Storage::Cuda { device, .. } => Ok(Some(device.ops()?)),
+    }
 }
 
-/// RoPE on `x` of shape `[tokens, heads, head_dim]` at `positions` (one per token).
-pub fn rope(x: &Tensor, table: &RopeTable, positions: &[usize], style: RopeStyle) -> Result<Tensor> {
+/// All of `others` live where `t` does.
+fn same_device(op: &'static str, t: &Tensor, others: &[&Tensor]) -> Result<()> {
+    let d = t.device();
+    for o in others {
+        if !d.same_device(&o.device()) {
+            return Err(Error::DeviceMismatch {
+                lhs: format!("{op}: {d}"),
+                rhs: o.device().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn require_dtype(op: &'static str, name: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() == dtype {
+        Ok(())
+    } else {
+        Err(Error::DTypeMismatch {
+            op,
+            lhs_name: name,
+            lhs: t.dtype(),
+            rhs_name: "expected",
+            rhs: dtype,
+        })
+    }
+}
+
+/// An in-place op may only write a tensor nobody else reads.
+fn require_unique(op: &'static str, t: &mut Tensor) -> Result<()> {
+    if t.is_cuda() {
+        // The raw-pointer launches write through the address; exclusive
+        // ownership of the storage is what makes that sound.
+        t.cuda_slice_mut_any().map_err(|_| invalid(op, "the output's storage is shared or a view"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A copy of `x` on its own device (a whole buffer, even when `x` is a view).
+pub fn copy(x: &Tensor) -> Result<Tensor> {
+    match x.storage() {
+        Storage::Cpu(_) => x.to_device(&Device::Cpu),
+        Storage::Cuda { device, .. } => {
+            let out = Tensor::uninit_on(x.shape(), x.dtype(), &x.device())?;
+            let bytes = x.size_in_bytes();
+            if bytes > 0 {
+                let stream = device.stream();
+                // SAFETY: both addresses hold `bytes` bytes on this device; the
+                // copy is ordered on the device's one compute stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(out.device_ptr()?, x.device_ptr()?, bytes, stream.cu_stream())
+                }?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `x` converted to `dtype` on its device (f32 <-> bf16 on the GPU).
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    const OP: &str = "cast";
+    let Some(ops) = cuda_ops(x)? else {
+        return x.to_dtype(dtype);
+    };
+    if x.dtype() == dtype {
+        return copy(x);
+    }
+    let to_bf16 = match (x.dtype(), dtype) {
+        (DType::F32, DType::BF16) => true,
+        (DType::BF16, DType::F32) => false,
+        (from, to) => {
+            return Err(invalid(OP, format!("{from} to {to} on the GPU (have f32 <-> bf16)")));
+        }
+    };
+    let out = Tensor::uninit_on(x.shape(), dtype, &x.device())?;
+    ops.cast_raw(x.device_ptr()?, out.device_ptr()?, x.elem_count(), to_bf16)?;
+    Ok(out)
+}
+
+/// A linear layer `y = x . w^T (+ bias)`: `x` `[n, in]` f32, `w` `[out, in]`
+/// (f32 on the CPU, bf16 on the GPU), `bias` `[out]` f32; `y` `[n, out]` f32.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (n, k) = x.dims2(OP)?;
+    let (out_dim, k2) = w.dims2(OP)?;
+    if k != k2 {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs_name: "x",
+            lhs: x.shape().to_vec(),
+            rhs_name: "weight",
+            rhs: w.shape().to_vec(),
+        });
+    }
+    require_dtype(OP, "x", x, DType::F32)?;
+    if let Some(b) = bias {
+        check_shape(OP, "bias", b.shape(), "weight rows", &[out_dim])?;
+        require_dtype(OP, "bias", b, DType::F32)?;
+        same_device(OP, x, &[b])?;
+    }
+    same_device(OP, x, &[w])?;
+    match cuda_ops(x)? {
+        None => {
+            let mut y = vec![0.0; n * out_dim];
+            let weight: std::borrow::Cow<'_, [f32]> = match w.dtype() {
+                DType::F32 => w.as_slice::<f32>()?.into(),
+                _ => w.to_f32_vec()?.into(),
+            };
+            cpu::matmul_nt(x.as_slice::<f32>()?, &weight, &mut y, n, k, out_dim)?;
+            if let Some(b) = bias {
+                let b = b.as_slice::<f32>()?;
+                y.chunks_exact_mut(out_dim)
+                    .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+            }
+            Tensor::from_vec(y, &[n, out_dim])
+        }
+        Some(ops) => {
+            require_dtype(OP, "weight", w, DType::BF16)?;
+            let xb = cast(x, DType::BF16)?;
+            let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
+            ops.gemm_nt_raw(xb.device_ptr()?, w.device_ptr()?, y.device_ptr()?, n, k, out_dim, GemmType::F32)?;
+            if let Some(b) = bias {
+                ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim)?;
+            }
+            Ok(y)
+        }
+    }
+}
+
+/// RMSNorm over the last dimension of f32 `x` with an f32 `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "rms_norm";
+    let h = x.last_dim();
+    check_shape(OP, "x (last dim)", &[h], "weight", weight.shape())?;
+    require_dtype(OP, "x", x, DType::F32)?;
+    require_dtype(OP, "weight", weight, DType::F32)?;
+    same_device(OP, x, &[weight])?;
+    match cuda_ops(x)? {
+        None => {
+            let mut v = x.as_slice::<f32>()?.to_vec();
+            cpu::rms_norm(&mut v, weight.as_slice::<f32>()?, eps)?;
+            Tensor::from_vec(v, x.shape())
+        }
+        Some(ops) => {
+            let out = Tensor::uninit_on(x.shape(), DType::F32, &x.device())?;
+            let rows = x.elem_count() / h.max(1);
+            ops.rms_norm_raw(x.device_ptr()?, weight.device_ptr()?, out.device_ptr()?, rows, h, eps)?;
+            Ok(out)
+        }
+    }
+}
+
+/// A RoPE table on a device: the CPU table and, on a GPU, its cos/sin.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    table: RopeTable,
+    device_tables: Option<(Tensor, Tensor)>,
+}
+
+impl Rope {
+    pub fn new(table: RopeTable, device: &Device) -> Result<Self> {
+        let device_tables = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => {
+                let (cos, sin) = table.tables();
+                let half = table.rotary_dim() / 2;
+                let shape = [cos.len() / half.max(1), half];
+                Some((
+                    Tensor::from_vec(cos.to_vec(), &shape)?.to_device(device)?,
+                    Tensor::from_vec(sin.to_vec(), &shape)?.to_device(device)?,
+                ))
+            }
+        };
+        Ok(Rope { table, device_tables })
+    }
+
+    pub fn table(&self) -> &RopeTable {
+        &self.table
+    }
+}
+
+/// RoPE in place on f32 `x` (`[tokens, heads, head_dim]`) at `positions`
+/// (`[tokens]` i32 on x's device; checked against the table on the CPU, and
+/// by the caller that built them on the GPU).
+pub fn rope_(x: &mut Tensor, rope: &Rope, positions: &Tensor, style: RopeStyle) -> Result<()> {
     const OP: &str = "rope";
-    let [tokens, _heads, head_dim] = x.shape()[..] else {
+    let [tokens, heads, head_dim] = x.shape()[..] else {
         return Err(invalid(
             OP,
             format!("expected [tokens, heads, head_dim], got {:?}", x.shape()),
         ));
     };
-    check_shape(OP, "x tokens", &[tokens], "positions", &[positions.len()])?;
-    x.require_float(OP)?;
-    cpu_only(OP, x)?;
-    let mut v = x.to_f32_vec()?;
-    table.apply(&mut v, head_dim, positions, style)?;
-    Tensor::from_f32(v, x.shape(), x.dtype())
+    check_shape(OP, "x tokens", &[tokens], "positions", positions.shape())?;
+    require_dtype(OP, "x", x, DType::F32)?;
+    require_dtype(OP, "positions", positions, DType::I32)?;
+    same_device(OP, x, &[positions])?;
+    require_unique(OP, x)?;
+    match cuda_ops(x)? {
+        None => {
+            let pos: Vec<usize> = positions
+                .as_slice::<i32>()?
+                .iter()
+                .map(|&p| usize::try_from(p).map_err(|_| invalid(OP, format!("negative position {p}"))))
+                .collect::<Result<_>>()?;
+            rope.table.apply(x.as_slice_mut::<f32>()?, head_dim, &pos, style)
+        }
+        Some(ops) => {
+            let (cos, sin) = rope
+                .device_tables
+                .as_ref()
+                .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
+            same_device(OP, x, &[cos])?;
+            if head_dim < rope.table.rotary_dim() {
+                return Err(invalid(OP, format!("head dim {head_dim} below the rotary dim")));
+            }
+            ops.rope_raw(
+                x.device_ptr()?,
+                cos.device_ptr()?,
+                sin.device_ptr()?,
+                positions.device_ptr()?,
+                tokens,
+                heads,
+                head_dim,
+                rope.table.rotary_dim(),
+                style == RopeStyle::Interleaved,
+            )
+        }
+    }
 }
 
-/// `silu(gate) * up`.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// `gate = silu(gate) * up` in place (f32).
+pub fn silu_mul_(gate: &mut Tensor, up: &Tensor) -> Result<()> {
     const OP: &str = "silu_mul";
     gate.require_same_shape(OP, up)?;
-    same_dtype(OP, gate, up)?;
-    gate.require_float(OP)?;
-    cpu_only(OP, gate)?;
-    let mut g = gate.to_f32_vec()?;
-    cpu::silu_mul(&mut g, &up.to_f32_vec()?)?;
-    Tensor::from_f32(g, gate.shape(), gate.dtype())
+    require_dtype(OP, "gate", gate, DType::F32)?;
+    require_dtype(OP, "up", up, DType::F32)?;
+    same_device(OP, gate, &[up])?;
+    require_unique(OP, gate)?;
+    match cuda_ops(gate)? {
+        None => {
+            let up = up.as_slice::<f32>()?.to_vec();
+            cpu::silu_mul(gate.as_slice_mut::<f32>()?, &up)
+        }
+        Some(ops) => ops.silu_mul_raw(gate.device_ptr()?, up.device_ptr()?, gate.elem_count()),
+    }
 }
 
-/// Softmax over the last dimension.
+/// `silu(gate) * up` (f32).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let mut g = copy(gate)?;
+    silu_mul_(&mut g, up)?;
+    Ok(g)
+}
+
+/// `x += y` in place (f32): the residual add.
+pub fn add_(x: &mut Tensor, y: &Tensor) -> Result<()> {
+    const OP: &str = "add";
+    x.require_same_shape(OP, y)?;
+    require_dtype(OP, "x", x, DType::F32)?;
+    require_dtype(OP, "y", y, DType::F32)?;
+    same_device(OP, x, &[y])?;
+    require_unique(OP, x)?;
+    match cuda_ops(x)? {
+        None => {
+            let y = y.as_slice::<f32>()?.to_vec();
+            x.as_slice_mut::<f32>()?.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            Ok(())
+        }
+        Some(ops) => {
+            let p = x.device_ptr()?;
+            ops.add_raw(p, y.device_ptr()?, p, x.elem_count())
+        }
+    }
+}
+
+/// `x + y` (f32).
+pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let mut out = copy(x)?;
+    add_(&mut out, y)?;
+    Ok(out)
+}
+
+/// `x[r, :] += bias` in place for f32 rows of `bias.len()`.
+pub fn bias_add_(x: &mut Tensor, bias: &Tensor) -> Result<()> {
+    const OP: &str = "bias_add";
+    check_shape(OP, "x (last dim)", &[x.last_dim()], "bias", bias.shape())?;
+    require_dtype(OP, "x", x, DType::F32)?;
+    require_dtype(OP, "bias", bias, DType::F32)?;
+    same_device(OP, x, &[bias])?;
+    require_unique(OP, x)?;
+    match cuda_ops(x)? {
+        None => {
+            let b = bias.as_slice::<f32>()?.to_vec();
+            let w = b.len();
+            if w > 0 {
+                x.as_slice_mut::<f32>()?
+                    .chunks_exact_mut(w)
+                    .for_each(|row| row.iter_mut().zip(&b).for_each(|(v, b)| *v += b));
+            }
+            Ok(())
+        }
+        Some(ops) => ops.bias_add_raw(x.device_ptr()?, bias.device_ptr()?, x.elem_count(), x.last_dim()),
+    }
+}
+
+/// Softmax over the last dimension (CPU).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "softmax";
     x.require_float(OP)?;
@@ -109,7 +387,7 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The `k` largest values of each row of the last dimension, best first:
-/// `(values in x's dtype, indices as i32)`, both `[.., k]`.
+/// `(values in x's dtype, indices as i32)`, both `[.., k]` (CPU).
 pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     const OP: &str = "topk";
     x.require_float(OP)?;
@@ -137,46 +415,89 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-/// Index of the largest value in each row of the last dimension, as i32.
+/// Index of the largest value in each row of the last dimension (the first
+/// on ties), as u32 on x's device: greedy sampling.
 pub fn argmax(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "argmax";
     x.require_float(OP)?;
-    cpu_only(OP, x)?;
     let n = x.last_dim();
     if n == 0 {
         return Err(invalid(OP, "argmax of an empty row"));
     }
-    let v = x.to_f32_vec()?;
-    let out: Vec<i32> = v
-        .chunks_exact(n)
-        .map(|row| cpu::argmax(row).map_or(0, |i| i as i32))
-        .collect();
     let shape = &x.shape()[..x.shape().len().saturating_sub(1)];
-    Tensor::from_vec(out, shape)
+    let rows = x.elem_count() / n;
+    match cuda_ops(x)? {
+        None => {
+            let v = x.to_f32_vec()?;
+            let out: Vec<u32> = v.chunks_exact(n).map(|row| cpu::argmax(row).unwrap_or(0)).collect();
+            Tensor::from_vec(out, shape)
+        }
+        Some(ops) => {
+            require_dtype(OP, "x", x, DType::F32)?;
+            let out = Tensor::uninit_on(shape, DType::U32, &x.device())?;
+            ops.argmax_raw(x.device_ptr()?, rows, n, out.device_ptr()?)?;
+            Ok(out)
+        }
+    }
 }
 
-/// Rows of `table` (`[vocab, hidden]`) for the token ids in `ids` (i32).
+/// Rows of `table` (`[vocab, hidden]`; f32 on the CPU, bf16 or f32 on the
+/// GPU) for the u32 token ids in `ids`, as f32 `[ids, hidden]`. Ids at or
+/// beyond the vocabulary are an error (checked on the host for CPU ids;
+/// GPU ids come from the sampler or from a host copy checked before upload).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
-    let (_vocab, hidden) = table.dims2(OP)?;
-    if ids.dtype() != DType::I32 {
-        return Err(Error::DTypeMismatch {
-            op: OP,
-            lhs_name: "ids",
-            lhs: ids.dtype(),
-            rhs_name: "expected",
-            rhs: DType::I32,
-        });
+    let (vocab, hidden) = table.dims2(OP)?;
+    require_dtype(OP, "ids", ids, DType::U32)?;
+    same_device(OP, table, &[ids])?;
+    let count = ids.elem_count();
+    match cuda_ops(table)? {
+        None => {
+            let ids = ids.as_slice::<u32>()?;
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(invalid(OP, format!("token id {bad} is outside the vocabulary of {vocab}")));
+            }
+            let mut out = vec![0.0; count * hidden];
+            let t: std::borrow::Cow<'_, [f32]> = match table.dtype() {
+                DType::F32 => table.as_slice::<f32>()?.into(),
+                _ => table.to_f32_vec()?.into(),
+            };
+            cpu::embedding(&t, hidden, ids, &mut out)?;
+            Tensor::from_vec(out, &[count, hidden])
+        }
+        Some(ops) => {
+            let out = Tensor::uninit_on(&[count, hidden], DType::F32, &table.device())?;
+            match table.dtype() {
+                DType::BF16 => ops.embedding_bf16_raw(table.device_ptr()?, ids.device_ptr()?, out.device_ptr()?, count, hidden)?,
+                other => return Err(invalid(OP, format!("a {other} table on the GPU (weights are bf16 there)"))),
+            }
+            Ok(out)
+        }
     }
-    cpu_only(OP, table)?;
-    let ids: Vec<u32> = ids
-        .as_slice::<i32>()?
-        .iter()
-        .map(|&i| u32::try_from(i).map_err(|_| invalid(OP, format!("negative token id {i}"))))
-        .collect::<Result<_>>()?;
-    let mut out = vec![0.0; ids.len() * hidden];
-    cpu::embedding(&table.to_f32_vec()?, hidden, &ids, &mut out)?;
-    Tensor::from_f32(out, &[ids.len(), hidden], table.dtype())
+}
+
+/// A tensor of `shape` on `device` filled with `offset + scale * u_i`, `u_i`
+/// uniform in [-1, 1) from `(seed, i)` (identical bits on both devices, so a
+/// random model is the same model on the CPU and the GPU, up to the dtype).
+pub fn fill_uniform(shape: &[usize], dtype: DType, device: &Device, seed: u64, scale: f32, offset: f32) -> Result<Tensor> {
+    const OP: &str = "fill_uniform";
+    match device {
+        Device::Cpu => {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n as u64).map(|i| offset + scale * cpu::uniform_at(seed, i)).collect();
+            Tensor::from_f32(v, shape, dtype)
+        }
+        Device::Cuda(dev) => {
+            let bf16 = match dtype {
+                DType::BF16 => true,
+                DType::F32 => false,
+                other => return Err(invalid(OP, format!("{other} (have bf16 and f32)"))),
+            };
+            let out = Tensor::uninit_on(shape, dtype, device)?;
+            dev.ops()?.fill_uniform_raw(out.device_ptr()?, out.elem_count(), bf16, seed, scale, offset)?;
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -211,17 +532,17 @@ mod tests {
         let (vals, idx) = topk(&x, 1).unwrap();
         assert_eq!(idx.as_slice::<i32>().unwrap(), &[1, 1]);
         assert_eq!(vals.to_f32_vec().unwrap(), vec![2.0, 4.0]);
-        assert_eq!(argmax(&x).unwrap().as_slice::<i32>().unwrap(), &[1, 1]);
+        assert_eq!(argmax(&x).unwrap().as_slice::<u32>().unwrap(), &[1, 1]);
     }
 
     #[test]
     fn embedding_and_silu_and_softmax() {
         let table = Tensor::from_vec((0..6).map(|i| i as f32).collect(), &[3, 2]).unwrap();
-        let ids = Tensor::from_vec(vec![2i32, 0], &[2]).unwrap();
+        let ids = Tensor::from_vec(vec![2u32, 0], &[2]).unwrap();
         let e = embedding(&table, &ids).unwrap();
         assert_eq!(e.to_f32_vec().unwrap(), vec![4.0, 5.0, 0.0, 1.0]);
-        let bad = Tensor::from_vec(vec![-1i32], &[1]).unwrap();
-        assert!(embedding(&table, &bad).unwrap_err().to_string().contains("negative"));
+        let bad = Tensor::from_vec(vec![3u32], &[1]).unwrap();
+        assert!(embedding(&table, &bad).unwrap_err().to_string().contains("vocabulary"));
         let g = Tensor::from_vec(vec![0.0f32, 1.0], &[2]).unwrap();
         let u = Tensor::from_vec(vec![3.0f32, 2.0], &[2]).unwrap();
         let s = silu_mul(&g, &u).unwrap().to_f32_vec().unwrap();
@@ -233,9 +554,33 @@ mod tests {
 
     #[test]
     fn rope_checks_positions() {
-        let table = RopeTable::new(4, 10_000.0, 8).unwrap();
-        let x = Tensor::zeros(&[2, 1, 4], DType::F32);
-        let msg = rope(&x, &table, &[0], RopeStyle::Neox).unwrap_err().to_string();
+        let rope = Rope::new(RopeTable::new(4, 10_000.0, 8).unwrap(), &Device::Cpu).unwrap();
+        let mut x = Tensor::zeros(&[2, 1, 4], DType::F32);
+        let pos = Tensor::from_vec(vec![0i32], &[1]).unwrap();
+        let msg = rope_(&mut x, &rope, &pos, RopeStyle::Neox).unwrap_err().to_string();
         assert!(msg.contains("[2]") && msg.contains("[1]"), "{msg}");
+        let far = Tensor::from_vec(vec![0i32, 8], &[2]).unwrap();
+        assert!(rope_(&mut x, &rope, &far, RopeStyle::Neox).is_err());
+    }
+
+    #[test]
+    fn linear_adds_bias_and_checks_shapes() {
+        let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).unwrap();
+        let w = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
+        let b = Tensor::from_vec(vec![0.5f32, 0.0, -1.0], &[3]).unwrap();
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.to_f32_vec().unwrap(), vec![1.5, 2.0, 2.0]);
+        assert!(linear(&x, &b.reshape(&[1, 3]).unwrap(), None).is_err());
+        let mut r = y.clone();
+        assert!(add_(&mut r, &y).is_ok(), "CPU in-place ops copy on write");
+    }
+
+    #[test]
+    fn random_fill_is_a_pure_function_of_seed_and_index() {
+        let a = fill_uniform(&[4, 8], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
+        let b = fill_uniform(&[32], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
+        assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        let v = a.to_f32_vec().unwrap();
+        assert!(v.iter().all(|x| (0.5..1.5).contains(x)) && v.windows(2).any(|w| w[0] != w[1]));
     }
 }

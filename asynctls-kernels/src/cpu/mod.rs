@@ -162,6 +162,17 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) -> 
     Ok(())
 }
 
+/// Element `i` of the uniform stream `seed`, in [-1, 1): splitmix64 of
+/// `seed + (i + 1) * golden`, top 24 bits. The GPU's random fill computes
+/// the same bits, so random weights are the same on both devices.
+pub fn uniform_at(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

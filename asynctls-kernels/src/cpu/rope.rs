@@ -60,6 +60,12 @@ impl RopeTable {
         self
     }
 
+    /// The cos and sin tables, `[max_positions, rotary_dim / 2]` each (what
+    /// the GPU's RoPE kernel reads).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn rotary_dim(&self) -> usize {
         self.rotary_dim
     }

@@ -180,7 +180,7 @@ impl CudaOps {
                 // Token lists take the two-stage variant (see DecodeKernel).
                 let stages = if lists.is_some() { 2 } else { 3 };
                 let suffix = if lists.is_some() { "_s2" } else { "" };
-                let f = Self::function(&self.attention, &format!("decode_attention_d{d}_g{group}{suffix}"))?;
+                let f = self.function(&self.attention, &format!("decode_attention_d{d}_g{group}{suffix}"))?;
                 let kvh = kv.kv_heads as i32;
 
                 let mut b = stream.launch_builder(&f);
@@ -229,7 +229,7 @@ impl CudaOps {
                         ),
                     ));
                 }
-                let f = Self::function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
+                let f = self.function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
                 // Q (32 padded rows), two stages of 64 staged rows (bf16,
                 // padded by 8) and the shared scores (32 x 68 f32), as the
                 // kernel lays them out.
@@ -255,7 +255,7 @@ impl CudaOps {
                 unsafe { b.launch(cfg) }?;
             }
         }
-        let combine = Self::function(&self.attention, "decode_combine")?;
+        let combine = self.function(&self.attention, "decode_combine")?;
         let (s, dd) = (splits as i32, dv as i32);
         let mut b = stream.launch_builder(&combine);
         b.arg(&scratch.acc).arg(&scratch.ml).arg(out).arg(&s).arg(&dd);

@@ -12,7 +12,7 @@ use crate::error::invalid;
 use crate::{Error, Result};
 
 impl CudaOps {
-    fn blas(&self) -> Result<&CudaBlas> {
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
         let blas = self
             .blas
             .get_or_init(|| CudaBlas::new(self.device.stream().clone()).map_err(|e| e.to_string()));

@@ -40,7 +40,7 @@ impl CudaOps {
         if units.is_empty() {
             return Ok(());
         }
-        let f = Self::function(&self.gather, "gather_units")?;
+        let f = self.function(&self.gather, "gather_units")?;
         let vec4 = (unit_bytes / 16) as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(&src).arg(&dst).arg(units).arg(slots).arg(&vec4);
@@ -73,7 +73,7 @@ impl CudaOps {
         if index.is_empty() {
             return Ok(());
         }
-        let f = Self::function(&self.gather, "scatter_i32")?;
+        let f = self.function(&self.gather, "scatter_i32")?;
         let n = index.len() as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(table).arg(index).arg(values).arg(&n);

@@ -160,7 +160,7 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
-        let f = Self::function(&self.kv, "kv_append")?;
+        let f = self.function(&self.kv, "kv_append")?;
         let (h, d, dv, r, bs) = (
             g.kv_heads as i32,
             g.key_dim as i32,
@@ -211,7 +211,7 @@ impl CudaOps {
         if blocks.is_empty() {
             return Ok(());
         }
-        let f = Self::function(&self.kv, "kv_block_bounds")?;
+        let f = self.function(&self.kv, "kv_block_bounds")?;
         let (h, d, bs) = (g.kv_heads as i32, g.key_dim as i32, g.block_size as i32);
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);

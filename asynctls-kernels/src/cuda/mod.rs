@@ -12,7 +12,8 @@
 //! - [`blas`]: bf16 GEMM through cuBLAS;
 //! - [`gather`]: unit gathers for the offload engine (from mapped host memory).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
@@ -24,6 +25,7 @@ pub mod attention;
 pub mod blas;
 pub mod gather;
 pub mod kv;
+pub mod model;
 pub mod prefill;
 pub mod select;
 
@@ -38,6 +40,7 @@ const SPARSE_SELECT_PTX: &str = include_str!("../../ptx/sparse_select.ptx");
 const KV_CACHE_PTX: &str = include_str!("../../ptx/kv_cache.ptx");
 const GATHER_PTX: &str = include_str!("../../ptx/gather.ptx");
 const PREFILL_PTX: &str = include_str!("../../ptx/prefill_attention.ptx");
+const MODEL_PTX: &str = include_str!("../../ptx/model.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub struct CudaOps {
     kv: Arc<CudaModule>,
     gather: Arc<CudaModule>,
     prefill: Arc<CudaModule>,
+    model: Arc<CudaModule>,
+    /// Function handles by (module, name), filled on first launch.
+    functions: Arc<Mutex<HashMap<(usize, String), CudaFunction>>>,
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
 }
 
@@ -85,6 +91,8 @@ impl CudaOps {
             kv: ctx.load_module(Ptx::from_src(KV_CACHE_PTX))?,
             gather: ctx.load_module(Ptx::from_src(GATHER_PTX))?,
             prefill: ctx.load_module(Ptx::from_src(PREFILL_PTX))?,
+            model: ctx.load_module(Ptx::from_src(MODEL_PTX))?,
+            functions: Arc::new(Mutex::new(HashMap::new())),
             blas: Arc::new(std::sync::OnceLock::new()),
         })
     }
@@ -95,22 +103,27 @@ impl CudaOps {
 
     /// The kernels of GPU 0 for a GPU test, or `None` after printing
     /// `skipped: no CUDA device` (so one test binary serves CI and the H200).
+    /// Only a missing driver or a machine without a GPU skips: any other
+    /// failure to open the device or load the kernels fails the test.
     pub fn for_tests() -> Option<Self> {
-        if !crate::cuda_driver_present() {
-            println!("skipped: no CUDA device");
-            return None;
-        }
-        match CudaDevice::open(0).and_then(|dev| CudaOps::new(&dev)) {
-            Ok(ops) => Some(ops),
-            Err(e) => {
-                println!("skipped: no CUDA device ({e})");
-                None
-            }
+        let device = CudaDevice::for_tests()?;
+        match device.ops() {
+            Ok(ops) => Some((*ops).clone()),
+            Err(e) => panic!("a CUDA device is present but its kernels did not load: {e}"),
         }
     }
 
-    fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
-        Ok(module.load_function(name)?)
+    /// The kernel `name` of `module`, looked up in the driver once and then
+    /// served from the cache (a launch path never asks the driver by name).
+    pub(crate) fn function(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+        let key = (Arc::as_ptr(module) as usize, name.to_string());
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = module.load_function(name)?;
+        cache.insert(key, f.clone());
+        Ok(f)
     }
 
     /// RMSNorm of each row of `x` (`rows x h`) in place.
@@ -122,7 +135,7 @@ impl CudaOps {
                 format!("{} elements are not {rows} rows of {h}", x.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "rms_norm_f32")?;
+        let f = self.function(&self.elementwise, "rms_norm_f32")?;
         let h = h as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(x).arg(weight).arg(&h).arg(&eps);
@@ -139,7 +152,7 @@ impl CudaOps {
                 format!("gate has {} elements, up {}", gate.len(), up.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "silu_mul_f32")?;
+        let f = self.function(&self.elementwise, "silu_mul_f32")?;
         let n = gate.len() as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(gate).arg(up).arg(&n);
@@ -156,7 +169,7 @@ impl CudaOps {
                 format!("{} elements are not {rows} rows of {n}", x.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "softmax_rows_f32")?;
+        let f = self.function(&self.elementwise, "softmax_rows_f32")?;
         let n = n as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(x).arg(&n);
@@ -186,7 +199,7 @@ impl CudaOps {
                 format!("{} elements are not [{tokens}, {heads}, {head_dim}]", x.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "rope_f32")?;
+        let f = self.function(&self.elementwise, "rope_f32")?;
         let (h, d, r) = (heads as i32, head_dim as i32, rotary_dim as i32);
         let interleaved = i32::from(style == crate::cpu::RopeStyle::Interleaved);
         let mut b = self.device.stream().launch_builder(&f);
@@ -222,7 +235,7 @@ impl CudaOps {
                 format!("output of {} is not {} x {h}", out.len(), ids.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "embedding_f32")?;
+        let f = self.function(&self.elementwise, "embedding_f32")?;
         let hh = h as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(table).arg(ids).arg(out).arg(&hh);
@@ -239,7 +252,7 @@ impl CudaOps {
                 format!("{} elements are not {rows} rows of {n}", x.len()),
             ));
         }
-        let f = Self::function(&self.elementwise, "argmax_rows_f32")?;
+        let f = self.function(&self.elementwise, "argmax_rows_f32")?;
         let nn = n as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(x).arg(&nn).arg(out);

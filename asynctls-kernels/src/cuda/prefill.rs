@@ -136,7 +136,7 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
-        let f = Self::function(&self.prefill, variant.name)?;
+        let f = self.function(&self.prefill, variant.name)?;
         let shared = super::allow_dynamic_shared(&f, variant.shared_bytes())?;
         let values = kv.values.unwrap_or(kv.keys);
         let (nn, st, qh, kvh) = (n as i32, start as i32, q_heads as i32, kv.kv_heads as i32);

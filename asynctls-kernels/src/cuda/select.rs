@@ -206,7 +206,7 @@ impl CudaOps {
             2 => 2,
             _ => 9,
         };
-        let f = Self::function(&self.select, &format!("block_scores_p{pairs}"))?;
+        let f = self.function(&self.select, &format!("block_scores_p{pairs}"))?;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(&pool.bounds)
@@ -227,7 +227,7 @@ impl CudaOps {
         // SAFETY: buffers sized by `ensure` and checked above.
         unsafe { b.launch(cfg) }?;
 
-        let f = Self::function(&self.select, "select_blocks")?;
+        let f = self.function(&self.select, "select_blocks")?;
         let shared = super::allow_dynamic_shared(&f, max_blocks * 4)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&scratch.block_scores)
@@ -256,7 +256,7 @@ impl CudaOps {
         } else {
             format!("label_scores_w{words}")
         };
-        let f = Self::function(&self.select, &name)?;
+        let f = self.function(&self.select, &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(&pool.labels)
@@ -286,7 +286,7 @@ impl CudaOps {
         // SAFETY: as above.
         unsafe { b.launch(cfg) }?;
 
-        let f = Self::function(&self.select, "select_tokens")?;
+        let f = self.function(&self.select, "select_tokens")?;
         let shared = super::allow_dynamic_shared(&f, params.block_topk * g.block_size * 4)?;
         let mt = scratch.max_tokens as i32;
         let mut b = stream.launch_builder(&f);

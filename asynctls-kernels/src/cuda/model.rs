@@ -1,0 +1,235 @@
+//! Launches of the per-token model ops (`cuda/model.cu`) and the mixed
+//! precision GEMM of a linear layer, over raw device addresses so that
+//! tensor views (a row window of a larger buffer) need no copy. The
+//! tensor-level checks (shapes, dtypes, devices) are in [`crate::ops`]; these
+//! functions trust them.
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::CudaOps;
+
+/// A kernel argument passed by value (addresses as u64, sizes, scalars).
+trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: cudarc::driver::DeviceRepr> Arg for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+use crate::{Error, Result};
+
+/// Threads of the grid-stride kernels, and the most blocks one launch uses.
+const THREADS: u32 = 256;
+const MAX_BLOCKS: u64 = 132 * 16;
+
+fn elementwise_config(n: usize) -> LaunchConfig {
+    let blocks = (n as u64).div_ceil(THREADS as u64).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A GEMM input or output type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmType {
+    Bf16,
+    F32,
+}
+
+impl GemmType {
+    fn cuda(self) -> cudaDataType {
+        match self {
+            GemmType::Bf16 => cudaDataType::CUDA_R_16BF,
+            GemmType::F32 => cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+impl CudaOps {
+    fn launch_grid_stride(&self, name: &str, n: usize, args: &[&dyn Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, name)?;
+        let stream = self.device.stream();
+        let mut b = stream.launch_builder(&f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every caller passes addresses of buffers holding the n
+        // elements (checked by the tensor ops) in the kernel's argument order.
+        unsafe { b.launch(elementwise_config(n)) }?;
+        Ok(())
+    }
+
+    /// `y[i] = bf16(x[i])` (`to_bf16`) or `y[i] = f32(x[i])`.
+    pub fn cast_raw(&self, x: u64, y: u64, n: usize, to_bf16: bool) -> Result<()> {
+        let name = if to_bf16 { "cast_f32_bf16" } else { "cast_bf16_f32" };
+        let n64 = n as i64;
+        self.launch_grid_stride(name, n, &[&x, &y, &n64])
+    }
+
+    /// `out = a + b` over `n` f32 (out may be a).
+    pub fn add_raw(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
+        let n64 = n as i64;
+        self.launch_grid_stride("add_f32", n, &[&a, &b, &out, &n64])
+    }
+
+    /// `x[r, j] += bias[j]` for `n` f32 in rows of `width`.
+    pub fn bias_add_raw(&self, x: u64, bias: u64, n: usize, width: usize) -> Result<()> {
+        let (n64, w) = (n as i64, width as i32);
+        self.launch_grid_stride("bias_add_f32", n, &[&x, &bias, &n64, &w])
+    }
+
+    /// Fills `n` elements (bf16 or f32) with `offset + scale * u_i`, `u_i`
+    /// uniform in [-1, 1) from (seed, i) as [`crate::cpu::uniform_at`].
+    pub fn fill_uniform_raw(&self, y: u64, n: usize, bf16: bool, seed: u64, scale: f32, offset: f32) -> Result<()> {
+        let name = if bf16 { "fill_uniform_bf16" } else { "fill_uniform_f32" };
+        let n64 = n as i64;
+        self.launch_grid_stride(name, n, &[&y, &n64, &seed, &scale, &offset])
+    }
+
+    /// Rows of a bf16 `table` (`[vocab, h]`) for `count` u32 ids into f32 `out`.
+    pub fn embedding_bf16_raw(&self, table: u64, ids: u64, out: u64, count: usize, h: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, "embedding_bf16_f32")?;
+        let hh = h as i32;
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&table).arg(&ids).arg(&out).arg(&hh);
+        let cfg = LaunchConfig {
+            grid_dim: (count as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ids were checked against the vocabulary on the host or come
+        // from the sampler (always below the vocabulary); out holds count x h.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[r] = x[r] * w / rms(x[r])` for `rows` rows of `h` f32.
+    pub fn rms_norm_raw(&self, x: u64, w: u64, out: u64, rows: usize, h: usize, eps: f32) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, "rms_norm_out_f32")?;
+        let hh = h as i32;
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&out).arg(&hh).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x and out hold rows x h, w holds h.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `gate = silu(gate) * up` over `n` f32.
+    pub fn silu_mul_raw(&self, gate: u64, up: u64, n: usize) -> Result<()> {
+        let f = self.function(&self.elementwise, "silu_mul_f32")?;
+        let nn = n as i32;
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&gate).arg(&up).arg(&nn);
+        // SAFETY: both hold n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+        Ok(())
+    }
+
+    /// RoPE in place on `x` (`[tokens, heads, head_dim]` f32) at the i32
+    /// `positions` (`[tokens]`), tables `[max_pos, rotary_dim / 2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_raw(
+        &self,
+        x: u64,
+        cos: u64,
+        sin: u64,
+        positions: u64,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        interleaved: bool,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.elementwise, "rope_f32")?;
+        let (h, d, r, i) = (heads as i32, head_dim as i32, rotary_dim as i32, i32::from(interleaved));
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&x).arg(&cos).arg(&sin).arg(&positions).arg(&h).arg(&d).arg(&r).arg(&i);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, heads as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: shapes checked by the tensor op; positions are below the table's length.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Index of the largest value of each of `rows` rows of `n` f32, as u32.
+    pub fn argmax_raw(&self, x: u64, rows: usize, n: usize, out: u64) -> Result<()> {
+        let f = self.function(&self.elementwise, "argmax_rows_f32")?;
+        let nn = n as i32;
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&x).arg(&nn).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds rows x n, out holds rows.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `c[m, n] = a[m, k] . b[n, k]^T` with f32 accumulation: `a` and `b`
+    /// bf16 (activations cast, weights as stored), `c` of `c_type` (f32
+    /// keeps the residual stream and the logits in f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt_raw(&self, a: u64, b: u64, c: u64, m: usize, k: usize, n: usize, c_type: GemmType) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas()?;
+        // Row-major C[m, n] is column-major C^T[n, m] = B . A^T: cuBLAS sees
+        // b as a column-major [k, n] to transpose and a as [k, m].
+        // SAFETY: the three addresses hold m x k, n x k and m x n elements of
+        // the stated types (the tensor op checked them), on this stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b as *const _,
+                GemmType::Bf16.cuda(),
+                k as i32,
+                a as *const _,
+                GemmType::Bf16.cuda(),
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                c_type.cuda(),
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_ex: {e}")))?;
+        Ok(())
+    }
+}

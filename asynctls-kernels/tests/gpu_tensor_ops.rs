@@ -1,0 +1,144 @@
+//! The tensor ops of a model forward (`ops::*`) on the GPU against the same
+//! ops on CPU tensors, on fresh random inputs (seed printed). f32 ops:
+//! relative L2 error <= 1e-5; ops that round to bf16 on the GPU (casts, the
+//! linear layer's GEMM inputs, bf16 tables) are compared with the CPU fed the
+//! same bf16-rounded values: <= 1e-5 for exact widenings, <= 2e-3 for GEMMs
+//! (f32 accumulation in another order). Without a GPU every test prints
+//! `skipped: no CUDA device` and passes.
+
+use asynctls_kernels::cpu::{RopeStyle, RopeTable};
+use asynctls_kernels::ops::{self, Rope};
+use asynctls_kernels::{CudaDevice, DType, Device, Tensor};
+use half::bf16;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn gpu() -> Option<Device> {
+    CudaDevice::for_tests().map(Device::Cuda)
+}
+
+fn rng() -> StdRng {
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>(), shape).unwrap()
+}
+
+/// `t` with every value rounded through bf16 (what the GPU computes from).
+fn bf16_rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+    assert!(g.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    let diff = g.iter().zip(&w).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+    println!("{what}: rel err {:.2e}", diff / norm);
+    assert!(diff / norm <= rel, "{what}: relative error {} > {rel}", diff / norm);
+}
+
+#[test]
+fn elementwise_tensor_ops_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = rng();
+    for &(rows, h) in &[(1usize, 64usize), (7, 896), (33, 4096)] {
+        let x = random(&mut rng, &[rows, h], 3.0);
+        let y = random(&mut rng, &[rows, h], 2.0);
+        let w = random(&mut rng, &[h], 1.5);
+        let (gx, gy, gw) = (x.to_device(&dev).unwrap(), y.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
+
+        let want = ops::rms_norm(&x, &w, 1e-6).unwrap();
+        assert_close(&ops::rms_norm(&gx, &gw, 1e-6).unwrap(), &want, 1e-5, "rms_norm");
+        assert_close(&ops::add(&gx, &gy).unwrap(), &ops::add(&x, &y).unwrap(), 1e-6, "add");
+        assert_close(&ops::silu_mul(&gx, &gy).unwrap(), &ops::silu_mul(&x, &y).unwrap(), 1e-5, "silu_mul");
+        let mut gb = ops::copy(&gx).unwrap();
+        ops::bias_add_(&mut gb, &gw).unwrap();
+        let mut cb = x.clone();
+        ops::bias_add_(&mut cb, &w).unwrap();
+        assert_close(&gb, &cb, 1e-6, "bias_add");
+
+        // Casts: f32 -> bf16 rounds to nearest even on both sides, exactly.
+        let g16 = ops::cast(&gx, DType::BF16).unwrap();
+        assert_eq!(g16.to_vec::<bf16>().unwrap(), x.to_dtype(DType::BF16).unwrap().to_vec::<bf16>().unwrap());
+        assert_close(&ops::cast(&g16, DType::F32).unwrap(), &bf16_rounded(&x), 0.0, "cast bf16 -> f32");
+
+        // Argmax over views: the last rows of a larger buffer.
+        let view = gx.narrow_rows(rows / 2, rows - rows / 2).unwrap();
+        let want = ops::argmax(&x.narrow_rows(rows / 2, rows - rows / 2).unwrap()).unwrap();
+        assert_eq!(ops::argmax(&view).unwrap().to_vec::<u32>().unwrap(), want.to_vec::<u32>().unwrap());
+    }
+}
+
+#[test]
+fn in_place_ops_refuse_shared_storage() {
+    let Some(dev) = gpu() else { return };
+    let mut a = Tensor::zeros_on(&[4], DType::F32, &dev).unwrap();
+    let b = a.clone();
+    let err = ops::add_(&mut a, &b).unwrap_err().to_string();
+    assert!(err.contains("shared"), "{err}");
+    let cpu = Tensor::zeros(&[4], DType::F32);
+    let err = ops::add(&b, &cpu).unwrap_err().to_string();
+    assert!(err.contains("cpu") && err.contains("cuda"), "{err}");
+}
+
+#[test]
+fn linear_embedding_and_rope_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = rng();
+    for &(n, k, out) in &[(1usize, 896usize, 4864usize), (5, 4096, 1024), (64, 576, 1536)] {
+        let x = random(&mut rng, &[n, k], 2.0);
+        let w = random(&mut rng, &[out, k], 0.05);
+        let b = random(&mut rng, &[out], 0.1);
+        let want = ops::linear(&bf16_rounded(&x), &bf16_rounded(&w), Some(&b)).unwrap();
+        let got = ops::linear(
+            &x.to_device(&dev).unwrap(),
+            &w.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap(),
+            Some(&b.to_device(&dev).unwrap()),
+        )
+        .unwrap();
+        assert_close(&got, &want, 2e-3, &format!("linear {n}x{k}x{out}"));
+    }
+
+    let (vocab, h) = (1000usize, 896usize);
+    let table = random(&mut rng, &[vocab, h], 1.0);
+    let ids: Vec<u32> = (0..37).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let ids = Tensor::from_vec(ids, &[37]).unwrap();
+    let want = ops::embedding(&bf16_rounded(&table), &ids).unwrap();
+    let got = ops::embedding(
+        &table.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap(),
+        &ids.to_device(&dev).unwrap(),
+    )
+    .unwrap();
+    assert_close(&got, &want, 0.0, "embedding bf16");
+
+    for &(style, heads, d) in &[(RopeStyle::Neox, 8usize, 128usize), (RopeStyle::Interleaved, 1, 64)] {
+        let table = RopeTable::new(d, 1e6, 4096).unwrap();
+        let (cpu_rope, gpu_rope) = (Rope::new(table.clone(), &Device::Cpu).unwrap(), Rope::new(table, &dev).unwrap());
+        let tokens = 19;
+        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
+        let pos = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let x = random(&mut rng, &[tokens, heads, d], 2.0);
+        let mut want = x.clone();
+        ops::rope_(&mut want, &cpu_rope, &pos, style).unwrap();
+        let mut got = x.to_device(&dev).unwrap();
+        ops::rope_(&mut got, &gpu_rope, &pos.to_device(&dev).unwrap(), style).unwrap();
+        assert_close(&got, &want, 1e-5, &format!("rope {style:?}"));
+    }
+}
+
+#[test]
+fn random_fill_matches_cpu_bits() {
+    let Some(dev) = gpu() else { return };
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    for dtype in [DType::F32, DType::BF16] {
+        let want = ops::fill_uniform(&[3, 1001], dtype, &Device::Cpu, seed, 0.02, 0.0).unwrap();
+        let got = ops::fill_uniform(&[3, 1001], dtype, &dev, seed, 0.02, 0.0).unwrap();
+        assert_eq!(got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap(), "{dtype}");
+    }
+}
