@@ -29,7 +29,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod backend;
 pub mod calibrate;
+mod cuda_backend;
 mod config;
 mod decode;
 mod error;
@@ -38,6 +40,8 @@ mod prefill;
 pub mod select;
 mod shape;
 
+pub use backend::{reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Step, StepKind};
+pub use cuda_backend::CudaAttention;
 pub use config::{GroupReduce, Policy, SparseConfig};
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};

@@ -379,6 +379,24 @@ impl Tensor {
         })
     }
 
+    /// [`reshape`](Self::reshape) that consumes `self`, so a tensor that
+    /// owned its storage still does (in-place ops need that).
+    pub fn reshaped(self, shape: &[usize]) -> Result<Tensor> {
+        if element_count("reshape", shape)? != self.elem_count() {
+            return Err(Error::ShapeMismatch {
+                op: "reshape",
+                lhs_name: "tensor",
+                lhs: self.shape,
+                rhs_name: "new shape",
+                rhs: shape.to_vec(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self
+        })
+    }
+
     /// Rows `start..start + n` of the first dimension (a view).
     pub fn narrow_rows(&self, start: usize, n: usize) -> Result<Tensor> {
         let rows = self.rows();

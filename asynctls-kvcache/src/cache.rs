@@ -214,6 +214,31 @@ impl<S: KvStorage> PagedKvCache<S> {
         Ok(())
     }
 
+    /// Records that tokens `start..start + n` of `layer` were stored by a
+    /// batched write that went to the storage directly (the GPU cache writes
+    /// a whole step's rows in one launch). The same order rules as
+    /// [`write`](Self::write) apply, checked before the caller writes.
+    pub fn mark_written(&mut self, seq: SeqId, layer: usize, start: usize, n: usize) -> Result<()> {
+        if layer >= self.config.num_layers {
+            return Err(CacheError::LayerOutOfRange {
+                layer,
+                num_layers: self.config.num_layers,
+            });
+        }
+        let table = self.tables.get_mut(&seq).ok_or(CacheError::UnknownSequence(seq.0))?;
+        if start != table.written[layer] || start + n > table.len {
+            return Err(CacheError::OutOfOrderWrite {
+                seq: seq.0,
+                layer,
+                expected: table.written[layer],
+                got: start,
+                len: table.len,
+            });
+        }
+        table.written[layer] += n;
+        Ok(())
+    }
+
     /// Reserves and writes `n` tokens in every layer at once
     /// (`keys[layer]`, `values[layer]` as in [`write`](Self::write)).
     pub fn append(&mut self, seq: SeqId, keys: &[&[f32]], values: &[&[f32]]) -> Result<Range<usize>> {

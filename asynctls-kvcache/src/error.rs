@@ -42,6 +42,18 @@ pub enum CacheError {
     },
     #[error("storage does not support {0}")]
     StorageUnsupported(&'static str),
+    #[error(
+        "the GPU cache does not fit: {blocks} blocks of {layers} layers need {need_gib:.2} GiB, \
+         {free_gib:.2} GiB of GPU memory are free"
+    )]
+    GpuMemory {
+        blocks: usize,
+        layers: usize,
+        need_gib: f64,
+        free_gib: f64,
+    },
+    #[error(transparent)]
+    Kernel(#[from] asynctls_kernels::Error),
 }
 
 /// Result alias of this crate.

@@ -28,6 +28,7 @@ mod allocator;
 mod cache;
 mod config;
 mod error;
+mod gpu;
 pub mod label;
 mod storage;
 
@@ -35,4 +36,5 @@ pub use allocator::{BlockAllocator, BlockId};
 pub use cache::{BlockTable, MemoryReport, PagedKvCache, SeqId};
 pub use config::{CacheConfig, KvDType, LabelChannels, ValueLayout};
 pub use error::{CacheError, Result};
+pub use gpu::GpuKvStorage;
 pub use storage::{HostKvStorage, HostReadable, KvSlice, KvStorage, Rows};

@@ -40,6 +40,12 @@ pub trait KvStorage: Send + Sync {
 
     /// Bytes of memory this storage holds for the pool.
     fn allocated_bytes(&self) -> usize;
+
+    /// Reads served from resident slots and from the host tier since the
+    /// last call, for storage with a host tier (None otherwise).
+    fn take_offload_reads(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Storage whose blocks can be read in place from the CPU.

@@ -179,7 +179,9 @@ impl GqaConfig {
             rms_norm_eps: 1e-6,
             rope_theta: 1e6,
             rope_scaling: RopeScaling::Default,
-            max_position_embeddings: 40_960,
+            // 40960 natively; the model cards extend it to 131072 with YaRN,
+            // which the long-context measurements (96k) need.
+            max_position_embeddings: 131_072,
             tie_word_embeddings: false,
             qkv_bias: false,
             qk_norm: true,

@@ -16,6 +16,8 @@ pub enum ModelError {
     Config { path: PathBuf, what: String },
     #[error("unsupported model type `{0}` (supported: qwen3, qwen2, llama)")]
     UnsupportedModel(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("{0}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
     NoWeights(PathBuf),
     #[error("{path}: invalid safetensors file: {what}")]

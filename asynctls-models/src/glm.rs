@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
 use crate::error::io_err;
-use crate::gqa::{AttentionPlan, AttentionStats};
+use asynctls_attn::{AttentionPlan, AttentionStats};
 use crate::layers::{add_residual, check_positions, prefill_with, reserve_next_tokens, Linear, Mlp, TokenIo};
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};

@@ -21,6 +21,7 @@
 //! ```
 
 mod config;
+mod decoder;
 mod error;
 mod geometry;
 pub mod gguf;
@@ -35,7 +36,9 @@ pub use config::{Family, GqaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
-pub use gqa::{load_gqa, AttentionPlan, AttentionStats, GqaModel};
-pub use model::{load_model, CausalLm};
+pub use asynctls_attn::{AttentionBackend, AttentionPlan, AttentionStats};
+pub use decoder::DEFAULT_PREFILL_CHUNK;
+pub use gqa::{load_gqa, GqaModel};
+pub use model::{load_model, load_model_on, CausalLm};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

@@ -3,53 +3,61 @@
 
 use std::path::Path;
 
-use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, PagedKvCache, SeqId};
+use asynctls_attn::{AttentionBackend, AttentionPlan, CpuAttention};
+use asynctls_kernels::{Device, Tensor};
+use asynctls_kvcache::{CacheConfig, KvDType, PagedKvCache, SeqId};
 use asynctls_offload::KvStore;
 
 use crate::error::io_err;
 use crate::glm::{GlmConfig, GlmModel};
-use crate::gqa::{AttentionPlan, AttentionStats, GqaModel};
+use crate::gqa::GqaModel;
 use crate::weights::Weights;
 use crate::{GqaConfig, ModelError, Result};
 
-/// A causal language model over a paged KV cache whose storage is chosen by
-/// configuration (host memory, or a host tier behind the offload engine).
+/// A causal language model on one device, over the KV cache and attention
+/// of an [`AttentionBackend`] it makes for that device.
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn vocab_size(&self) -> usize;
     /// Positions the model can attend over.
     fn max_positions(&self) -> usize;
     fn eos_token_ids(&self) -> Vec<u32>;
+    /// Where the weights are and the forward runs.
+    fn device(&self) -> &Device;
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig;
-    /// The host storage of a cache of `num_blocks`, with the model's label channels.
-    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage>;
-    /// A cache of `num_blocks`; `resident_slots` puts the offload engine in
-    /// front of the host storage with that many resident units per layer.
-    fn new_cache(
+    /// Bytes of weights one decode step reads (every matrix once, the LM
+    /// head included), in the dtype they are stored in on the model's device;
+    /// 0 when not known. The bytes floor of a step is this plus its KV reads.
+    fn weight_bytes_per_step(&self) -> usize {
+        0
+    }
+    /// A cache of `num_blocks` and the attention over it on the model's
+    /// device; `resident_slots` puts the offload engine in front of the host
+    /// storage with that many resident units per layer (CPU).
+    fn new_backend(
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
-    ) -> Result<PagedKvCache<KvStore>> {
-        let host = self.host_storage(num_blocks, kv_dtype)?;
-        Ok(PagedKvCache::new(KvStore::new(host, resident_slots))?)
-    }
-    /// Runs a sequence's next tokens, densely; logits of the last or of all.
+    ) -> Result<Box<dyn AttentionBackend>>;
+    /// Runs a sequence's next tokens, densely, in chunks of `chunk` tokens;
+    /// logits (f32, on the model's device) of the last token or of all.
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<Vec<f32>>;
-    /// One token for each sequence of a batch; logits `[batch, vocab]`.
+        chunk: usize,
+    ) -> Result<Tensor>;
+    /// One token for each sequence of a batch (`ids`: u32 `[batch]` on the
+    /// model's device); logits `[batch, vocab]` on the model's device.
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seqs: &[SeqId],
-        tokens: &[u32],
+        ids: &Tensor,
         plan: &AttentionPlan,
-        stats: Option<&mut AttentionStats>,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<Tensor>;
 }
 
 impl CausalLm for GqaModel {
@@ -62,31 +70,56 @@ impl CausalLm for GqaModel {
     fn eos_token_ids(&self) -> Vec<u32> {
         self.config().eos_token_ids.clone()
     }
+    fn device(&self) -> &Device {
+        GqaModel::device(self)
+    }
+    fn weight_bytes_per_step(&self) -> usize {
+        let c = self.config();
+        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let attn = h * (c.num_attention_heads * d + 2 * c.num_key_value_heads * d) + c.num_attention_heads * d * h;
+        let params = c.num_hidden_layers * (attn + 3 * h * i) + c.vocab_size * h;
+        params * if self.device().is_cuda() { 2 } else { 4 }
+    }
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GqaModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
-        GqaModel::host_storage(self, num_blocks, kv_dtype)
+    fn new_backend(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        GqaModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
     }
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        GqaModel::prefill(self, cache, seq, tokens, all_logits)
+        chunk: usize,
+    ) -> Result<Tensor> {
+        GqaModel::prefill(self, backend, seq, tokens, all_logits, chunk)
     }
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seqs: &[SeqId],
-        tokens: &[u32],
+        ids: &Tensor,
         plan: &AttentionPlan,
-        stats: Option<&mut AttentionStats>,
-    ) -> Result<Vec<f32>> {
-        GqaModel::decode_step(self, cache, seqs, tokens, plan, stats)
+    ) -> Result<Tensor> {
+        GqaModel::decode_step(self, backend, seqs, ids, plan)
     }
+}
+
+/// GLM still computes on host slices over its own loops (moving it onto
+/// the shared decoder loop and the GPU is its own issue): its backend is the
+/// host reference, reached by downcast.
+fn glm_cache(backend: &mut dyn AttentionBackend) -> Result<&mut CpuAttention<KvStore>> {
+    backend
+        .as_any_mut()
+        .downcast_mut::<CpuAttention<KvStore>>()
+        .ok_or_else(|| ModelError::Unsupported("GLM-4.7-Flash runs on the CPU only for now (use --device cpu)".into()))
 }
 
 impl CausalLm for GlmModel {
@@ -99,35 +132,58 @@ impl CausalLm for GlmModel {
     fn eos_token_ids(&self) -> Vec<u32> {
         self.config().eos_token_ids.clone()
     }
+    fn device(&self) -> &Device {
+        &Device::Cpu
+    }
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)
     }
-    fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
-        GlmModel::host_storage(self, num_blocks, kv_dtype)
+    fn new_backend(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        let host = GlmModel::host_storage(self, num_blocks, kv_dtype)?;
+        Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
+            host,
+            resident_slots,
+        ))?)))
     }
     fn prefill(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        GlmModel::prefill(self, cache, seq, tokens, all_logits)
+        _chunk: usize,
+    ) -> Result<Tensor> {
+        let logits = GlmModel::prefill(self, glm_cache(backend)?.cache_mut(), seq, tokens, all_logits)?;
+        let rows = logits.len() / self.config().vocab_size.max(1);
+        Ok(Tensor::from_vec(logits, &[rows, self.config().vocab_size])?)
     }
     fn decode_step(
         &self,
-        cache: &mut PagedKvCache<KvStore>,
+        backend: &mut dyn AttentionBackend,
         seqs: &[SeqId],
-        tokens: &[u32],
+        ids: &Tensor,
         plan: &AttentionPlan,
-        stats: Option<&mut AttentionStats>,
-    ) -> Result<Vec<f32>> {
-        GlmModel::decode_step(self, cache, seqs, tokens, plan, stats)
+    ) -> Result<Tensor> {
+        let ids = ids.to_vec::<u32>()?;
+        let (cache, stats) = glm_cache(backend)?.parts_mut();
+        let logits = GlmModel::decode_step(self, cache, seqs, &ids, plan, stats)?;
+        Ok(Tensor::from_vec(logits, &[seqs.len(), self.config().vocab_size])?)
     }
 }
 
-/// Loads any supported model directory, choosing the family by `model_type`.
+/// Loads any supported model directory onto the CPU.
 pub fn load_model(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    load_model_on(dir, &Device::Cpu)
+}
+
+/// Loads any supported model directory onto `device`, choosing the family
+/// by `model_type`.
+pub fn load_model_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, "cannot read config", e))?;
     let model_type = serde_json::from_str::<serde_json::Value>(&text)
@@ -141,12 +197,17 @@ pub fn load_model(dir: &Path) -> Result<Box<dyn CausalLm>> {
     let weights = || Weights::open(dir);
     match model_type.as_deref() {
         Some("glm4_moe_lite") => {
+            if device.is_cuda() {
+                return Err(ModelError::Unsupported(
+                    "GLM-4.7-Flash on the GPU (it runs on the CPU for now: use --device cpu)".into(),
+                ));
+            }
             let config = GlmConfig::from_json(&config_path, &text)?;
             Ok(Box::new(GlmModel::load(config, &weights()?)?))
         }
         _ => {
             let config = GqaConfig::from_json(&config_path, &text)?;
-            Ok(Box::new(GqaModel::load(config, &weights()?)?))
+            Ok(Box::new(GqaModel::load_on(config, &weights()?, device)?))
         }
     }
 }

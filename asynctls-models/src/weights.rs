@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use asynctls_kernels::{DType, Device, Tensor};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -21,6 +22,22 @@ pub trait WeightSource {
     /// Alias of [`tensor`](Self::tensor) that reads like a map lookup.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.tensor(name, shape)
+    }
+
+    /// A matrix on `device` as the forward pass reads it: f32 on the CPU
+    /// (the reference computes in f32), bf16 on a GPU (checkpoints in bf16
+    /// stay exact; f32 and dequantized GGUF tensors round once).
+    fn matrix(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = Tensor::from_vec(self.get(name, shape)?, shape)?;
+        Ok(match device {
+            Device::Cpu => t,
+            Device::Cuda(_) => t.to_dtype(DType::BF16)?.to_device(device)?,
+        })
+    }
+
+    /// A small vector (norm weights, biases) on `device`, in f32 everywhere.
+    fn vector(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(self.get(name, shape)?, shape)?.to_device(device)?)
     }
 }
 
@@ -43,40 +60,52 @@ pub struct RandomWeights {
     pub std: f32,
 }
 
+impl RandomWeights {
+    /// The stream seed of tensor `name`: FNV-1a of the name mixed with the seed.
+    fn stream(&self, name: &str) -> u64 {
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
+    /// `(scale, offset)` of the uniform draw for `name`: norms `1 +- 0.1`,
+    /// biases `+- 0.01`, matrices uniform with standard deviation `std`.
+    fn law(&self, name: &str) -> (f32, f32) {
+        if name.contains("norm") {
+            (0.1, 1.0)
+        } else if name.ends_with(".bias") {
+            (0.01, 0.0)
+        } else {
+            (self.std * 3f32.sqrt(), 0.0)
+        }
+    }
+
+    fn generate(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (scale, offset) = self.law(name);
+        Ok(asynctls_kernels::ops::fill_uniform(shape, dtype, device, self.stream(name), scale, offset)?)
+    }
+}
+
 impl WeightSource for RandomWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let n: usize = shape.iter().product();
-        // FNV-1a of the name, mixed with the seed, starts a splitmix64 stream.
-        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let mut next = move || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
-        let is_norm = name.contains("norm");
-        let is_bias = name.ends_with(".bias");
-        Ok((0..n)
-            .map(|_| {
-                let u = next();
-                if is_norm {
-                    1.0 + 0.1 * u
-                } else if is_bias {
-                    0.01 * u
-                } else {
-                    // Uniform with the requested standard deviation.
-                    u * self.std * 3f32.sqrt()
-                }
-            })
-            .collect())
+        Ok(self.generate(name, shape, DType::F32, &Device::Cpu)?.to_f32_vec()?)
     }
 
     fn contains(&self, name: &str) -> bool {
         // Generated checkpoints are untied: they have every tensor.
         name == "lm_head.weight"
+    }
+
+    /// Generated where it is used: on a GPU directly in bf16, with no host copy.
+    fn matrix(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => self.generate(name, shape, DType::F32, device),
+            Device::Cuda(_) => self.generate(name, shape, DType::BF16, device),
+        }
+    }
+
+    fn vector(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.generate(name, shape, DType::F32, device)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use asynctls_attn::{Policy, SparseConfig};
-use asynctls_kernels::cpu;
+use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::KvDType;
 use asynctls_models::{load_gqa, load_model, AttentionPlan, CausalLm, ModelError, Weights};
 
@@ -64,13 +64,28 @@ fn generate(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan) -> Vec<
 }
 
 fn generate_with(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan, slots: Option<usize>) -> Vec<Vec<u32>> {
-    let mut cache = model.new_cache(64, KvDType::F32, slots).unwrap();
+    // Chunks of 5 tokens: every prompt is prefilled in several chunks.
+    generate_chunked(model, golden, plan, slots, 5)
+}
+
+fn generate_chunked(
+    model: &dyn CausalLm,
+    golden: &Golden,
+    plan: &AttentionPlan,
+    slots: Option<usize>,
+    chunk: usize,
+) -> Vec<Vec<u32>> {
+    let mut backend = model.new_backend(64, KvDType::F32, slots).unwrap();
     let vocab = model.vocab_size();
     let mut seqs = Vec::new();
     let mut next = Vec::new();
     for (prompt, want_logits) in golden.prompts.iter().zip(&golden.logits) {
-        let seq = cache.add_sequence();
-        let logits = model.prefill(&mut cache, seq, prompt, true).unwrap();
+        let seq = backend.add_sequence();
+        let logits = model
+            .prefill(backend.as_mut(), seq, prompt, true, chunk)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         assert_eq!(logits.len(), want_logits.len());
         let max_err = logits
             .iter()
@@ -84,7 +99,12 @@ fn generate_with(model: &dyn CausalLm, golden: &Golden, plan: &AttentionPlan, sl
     }
     let mut tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
     for _ in 1..golden.greedy[0].len() {
-        let logits = model.decode_step(&mut cache, &seqs, &next, plan, None).unwrap();
+        let ids = Tensor::from_vec(next.clone(), &[next.len()]).unwrap();
+        let logits = model
+            .decode_step(backend.as_mut(), &seqs, &ids, plan)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             next[i] = cpu::argmax(row).unwrap();
             tokens[i].push(next[i]);
@@ -130,16 +150,23 @@ fn matches_hf_logits_and_greedy_tokens_dense_and_tls() {
 #[test]
 fn prompt_beyond_the_context_is_a_clear_error() {
     let model = load_gqa(&fixture("qwen3-tiny")).unwrap();
-    let mut cache = model.new_cache(16, KvDType::F32).unwrap();
-    let seq = cache.add_sequence();
+    let mut backend = model.new_backend(16, KvDType::F32, None).unwrap();
+    let seq = backend.add_sequence();
     let long = vec![1u32; model.config().max_position_embeddings + 1];
-    let err = model.prefill(&mut cache, seq, &long, false).unwrap_err();
+    let err = model.prefill(backend.as_mut(), seq, &long, false, 4).unwrap_err();
     assert!(matches!(err, ModelError::ContextTooLong { .. }), "{err}");
     // Nothing is left allocated by the failed prefill.
-    assert_eq!(cache.allocator().num_used(), 0);
-    let seq = cache.add_sequence();
+    assert_eq!(backend.memory_report().blocks_used, 0);
+    // A pool too small for the prompt fails in a later chunk and frees the
+    // blocks the earlier chunks took.
+    let mut small = model.new_backend(2, KvDType::F32, None).unwrap();
+    let seq = small.add_sequence();
+    let err = model.prefill(small.as_mut(), seq, &[1u32; 200], false, 64).unwrap_err();
+    assert!(err.to_string().contains("full"), "{err}");
+    assert_eq!(small.memory_report().blocks_used, 0);
+    let seq = backend.add_sequence();
     let err = model
-        .prefill(&mut cache, seq, &[100_000], false)
+        .prefill(backend.as_mut(), seq, &[100_000], false, 4)
         .unwrap_err()
         .to_string();
     assert!(err.contains("token id 100000"), "{err}");
@@ -180,8 +207,8 @@ fn missing_weights_and_mismatched_config_are_named() {
 #[test]
 fn mla_cache_stores_only_the_latent() {
     let model = load_model(&fixture("glm-tiny-grouped")).unwrap();
-    let cache = model.new_cache(4, KvDType::BF16, None).unwrap();
-    let report = cache.memory_report();
+    let backend = model.new_backend(4, KvDType::BF16, None).unwrap();
+    let report = backend.memory_report();
     // 3 layers x (kv_lora_rank 32 + rope 16) x bf16, no separate values.
     assert_eq!(report.kv_bytes_per_token(), 3 * (32 + 16) * 2);
     assert_eq!(report.value_bytes_per_token, 0);

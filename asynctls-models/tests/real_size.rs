@@ -8,9 +8,10 @@ use asynctls_kvcache::KvDType;
 use asynctls_models::{AttentionPlan, CausalLm, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights};
 
 fn run(model: &dyn CausalLm) {
-    let mut cache = model.new_cache(4, KvDType::BF16, None).unwrap();
-    let seq = cache.add_sequence();
-    let logits = model.prefill(&mut cache, seq, &[1, 2, 3, 4], false).unwrap();
+    let mut backend = model.new_backend(4, KvDType::BF16, None).unwrap();
+    let seq = backend.add_sequence();
+    let logits = model.prefill(backend.as_mut(), seq, &[1, 2, 3, 4], false, 2).unwrap();
+    let logits = logits.to_f32_vec().unwrap();
     assert_eq!(logits.len(), model.vocab_size());
     assert!(logits.iter().all(|v| v.is_finite()));
     let plan = AttentionPlan {
@@ -21,7 +22,8 @@ fn run(model: &dyn CausalLm) {
         },
         dense_layers: 0,
     };
-    let logits = model.decode_step(&mut cache, &[seq], &[5], &plan, None).unwrap();
+    let ids = asynctls_kernels::Tensor::from_vec(vec![5u32], &[1]).unwrap();
+    let logits = model.decode_step(backend.as_mut(), &[seq], &ids, &plan).unwrap().to_f32_vec().unwrap();
     assert!(logits.iter().all(|v| v.is_finite()));
 }
 

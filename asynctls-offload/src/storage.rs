@@ -335,6 +335,9 @@ impl KvStorage for KvStore {
     fn allocated_bytes(&self) -> usize {
         delegate!(self, s => s.allocated_bytes())
     }
+    fn take_offload_reads(&self) -> Option<(usize, usize)> {
+        self.offloaded().map(|o| o.take_reads())
+    }
 }
 
 impl HostReadable for KvStore {

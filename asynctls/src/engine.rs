@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionPlan, AttentionStats, CausalLm, ModelError};
+use asynctls_kernels::{ops, Tensor};
+use asynctls_models::{AttentionPlan, CausalLm, ModelError, DEFAULT_PREFILL_CHUNK};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -79,6 +80,8 @@ pub struct Engine {
     /// Put the offload engine in front of the host cache with this many
     /// resident (block, head) units per layer; `None`: all in host memory.
     pub resident_slots: Option<usize>,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
 }
 
 impl Engine {
@@ -89,6 +92,7 @@ impl Engine {
             kv_dtype,
             measure_attention: false,
             resident_slots: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 
@@ -129,8 +133,11 @@ impl Engine {
             .iter()
             .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
             .sum();
-        let mut cache = self.model.new_cache(blocks, self.kv_dtype, self.resident_slots)?;
-        let vocab = self.model.vocab_size();
+        let mut backend = self.model.new_backend(blocks, self.kv_dtype, self.resident_slots)?;
+        if self.measure_attention {
+            backend.measure(true)?;
+        }
+        let device = self.model.device().clone();
         let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
         let mut out: Vec<Generation> = Vec::with_capacity(requests.len());
         let mut timings = BatchTimings {
@@ -143,18 +150,19 @@ impl Engine {
             offload_reads: None,
             attended_fraction: None,
         };
-        let mut stats = AttentionStats::default();
         // (request index, sequence, next token)
         let mut live: Vec<(usize, SeqId, u32)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
-            let seq = cache.add_sequence();
+            let seq = backend.add_sequence();
             let start = Instant::now();
-            let logits = self.model.prefill(&mut cache, seq, &r.prompt_ids, false)?;
+            let logits = self
+                .model
+                .prefill(backend.as_mut(), seq, &r.prompt_ids, false, self.prefill_chunk)?;
+            let first = sample(&logits, &mut samplers, &[i])?[0];
             let ms = start.elapsed().as_secs_f64() * 1e3;
             timings.prefill_ms += ms;
             timings.prefill_tokens += r.prompt_ids.len();
             on_prefill(i);
-            let first = samplers[i].sample(&logits[logits.len() - vocab..]);
             out.push(Generation {
                 prompt_ids: r.prompt_ids.clone(),
                 generated_ids: vec![],
@@ -163,7 +171,7 @@ impl Engine {
                 decode_ms: 0.0,
             });
             if r.max_new_tokens == 0 {
-                cache.free(seq)?;
+                backend.free(seq)?;
                 continue;
             }
             out[i].generated_ids.push(first);
@@ -173,7 +181,7 @@ impl Engine {
                 } else {
                     FinishReason::Length
                 };
-                cache.free(seq)?;
+                backend.free(seq)?;
             } else {
                 live.push((i, seq, first));
             }
@@ -182,36 +190,57 @@ impl Engine {
             let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
             let tokens: Vec<u32> = live.iter().map(|l| l.2).collect();
             let start = Instant::now();
-            let measured = self.measure_attention.then_some(&mut stats);
-            let logits = self
-                .model
-                .decode_step(&mut cache, &seqs, &tokens, &self.plan, measured)?;
+            let ids = Tensor::from_vec(tokens, &[seqs.len()])?.to_device(&device)?;
+            let logits = self.model.decode_step(backend.as_mut(), &seqs, &ids, &self.plan)?;
+            // The one host sync of a step: the sampled ids.
+            let rows: Vec<usize> = live.iter().map(|l| l.0).collect();
+            let sampled = sample(&logits, &mut samplers, &rows)?;
             let ms = start.elapsed().as_secs_f64() * 1e3;
             timings.decode_ms += ms;
             timings.decode_steps += 1;
             timings.decode_tokens += live.len();
             let mut still = Vec::with_capacity(live.len());
-            for (row, (i, seq, _)) in logits.chunks_exact(vocab).zip(live) {
-                let token = samplers[i].sample(row);
+            for (token, (i, seq, _)) in sampled.into_iter().zip(live) {
                 let g = &mut out[i];
                 g.decode_ms += ms;
                 g.generated_ids.push(token);
                 if requests[i].stop_ids.contains(&token) {
                     g.finish_reason = FinishReason::Stop;
-                    cache.free(seq)?;
+                    backend.free(seq)?;
                 } else if g.generated_ids.len() >= requests[i].max_new_tokens {
-                    cache.free(seq)?;
+                    backend.free(seq)?;
                 } else {
                     still.push((i, seq, token));
                 }
             }
             live = still;
         }
-        if stats.count > 0 {
+        if let Some(stats) = backend.stats().filter(|s| s.count > 0) {
             timings.recall = Some(stats.recall());
             timings.attended_fraction = Some(stats.attended_fraction());
         }
-        timings.offload_reads = cache.storage().offloaded().map(|o| o.take_reads());
+        timings.offload_reads = backend.take_offload_reads();
         Ok((out, timings))
     }
+}
+
+/// The next token of each row of `logits` (`[rows, vocab]`, on the model's
+/// device), row `r` drawn by `samplers[which[r]]`. Greedy rows are reduced
+/// on the device, so only the ids cross to the host; other rows are
+/// sampled on the host.
+pub fn sample(logits: &Tensor, samplers: &mut [Sampler], which: &[usize]) -> Result<Vec<u32>> {
+    let vocab = logits.last_dim();
+    let rows = logits.elem_count() / vocab.max(1);
+    if rows != which.len() {
+        bail!("{rows} rows of logits for {} samplers", which.len());
+    }
+    if which.iter().all(|&i| samplers[i].params().is_greedy()) {
+        return Ok(ops::argmax(logits)?.to_vec::<u32>()?);
+    }
+    let host = logits.to_f32_vec()?;
+    Ok(host
+        .chunks_exact(vocab)
+        .zip(which)
+        .map(|(row, &i)| samplers[i].sample(row))
+        .collect())
 }

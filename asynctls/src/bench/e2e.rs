@@ -1,43 +1,183 @@
 //! `asynctls bench e2e`: prefill and decode throughput of a whole model
-//! (random weights at a real model's size, or a checkpoint), with each
-//! attention policy decoding from the same prefilled context (a fork of it,
-//! so every policy sees the same KV).
+//! (random weights at a real model's size, or a checkpoint) on the CPU or a
+//! GPU, through the library's engine path (`CausalLm` over an
+//! `AttentionBackend`). Per context and batch every sequence holds `ctx`
+//! tokens of distinct K/V: on a GPU written as random rows straight into the
+//! cache (a 96k x batch 8 prefill would cost minutes and measures nothing the
+//! prefill row does not), on the CPU by a prefill. Each policy then decodes
+//! from forks of the same sequences, so every policy reads the same KV.
+//! Each row carries the bytes floor of a step (weights once + the KV the
+//! policy must read, over the HBM bandwidth), computed from the model's
+//! sizes; the HF transformers peer runs in the same call on the GPU machine
+//! (`bench/peers/hf_e2e.py`).
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use asynctls_attn::{Policy, SparseConfig};
-use asynctls_kernels::cpu;
-use asynctls_kvcache::KvDType;
+use asynctls_attn::{AttentionBackend, CudaAttention, Policy, SparseConfig};
+use asynctls_kernels::{ops, Device, Tensor};
+use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{AttentionPlan, CausalLm};
 use serde::Serialize;
+
+/// The HBM bandwidth the floor is computed with (H200 spec, bytes/s).
+pub const HBM_BYTES_PER_S: f64 = 4.8e12;
+const BLOCK: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct E2eBenchConfig {
     pub contexts: Vec<usize>,
-    pub policies: Vec<Policy>,
-    pub budget: usize,
+    pub batches: Vec<usize>,
+    /// (policy, token budget) pairs; dense ignores the budget.
+    pub policies: Vec<(Policy, usize)>,
+    pub block_topk: usize,
     pub dense_layers: usize,
     pub decode_tokens: usize,
+    /// Prompt length of the prefill measurement (0: none).
+    pub prefill_tokens: usize,
+    pub prefill_chunk: usize,
     pub kv_dtype: KvDType,
     pub seed: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct PrefillRow {
+    pub tokens: usize,
+    pub chunk: usize,
+    pub prefill_tokens_per_s: f64,
+    pub prefill_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct E2eRow {
     pub ctx: usize,
+    pub batch: usize,
     pub policy: Policy,
     pub budget: Option<usize>,
-    pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
-    pub decode_ms_per_token: f64,
+    /// Median wall time of one decode step (all layers, logits, the sampled
+    /// ids back on the host).
+    pub decode_ms_per_step: f64,
+    /// Bytes a step must read (weights once, plus the KV, bounds and labels
+    /// the policy reads) over the HBM bandwidth.
+    pub floor_ms: f64,
+    pub floor_ratio: f64,
+    /// GPU memory in use after the decode (weights, cache, scratch).
+    pub peak_gib: Option<f64>,
     /// Greedy tokens agreeing with the dense run's, position by position.
     pub agreement_with_dense: Option<f64>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eReport {
+    pub prefill: Option<PrefillRow>,
+    pub rows: Vec<E2eRow>,
+    /// Points that did not run, and why (e.g. the cache does not fit).
+    pub skipped: Vec<String>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn gpu_used_gib(device: &Device) -> Option<f64> {
+    let Device::Cuda(dev) = device else { return None };
+    dev.context().bind_to_thread().ok()?;
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some((total - free) as f64 / (1u64 << 30) as f64)
+}
+
+/// A deterministic pseudo-random prompt.
+fn prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed) >> 17) as u32 % vocab as u32)
+        .collect()
+}
+
+/// The plan of `policy` with `budget`, sparse from the first token on.
+fn plan_for(policy: Policy, budget: usize, config: &E2eBenchConfig) -> AttentionPlan {
+    let mut sparse = SparseConfig {
+        dense_below: 0,
+        ..SparseConfig::with_budget(policy, budget, BLOCK)
+    };
+    if policy == Policy::Tls {
+        sparse.block_topk = config.block_topk.max(budget.div_ceil(BLOCK));
+    }
+    AttentionPlan {
+        sparse,
+        dense_layers: config.dense_layers,
+    }
+}
+
+/// Bytes one decode step of `plan` reads at `ctx` for `batch` sequences.
+fn step_bytes(model: &dyn CausalLm, plan: &AttentionPlan, ctx: usize, batch: usize) -> usize {
+    let c = model.cache_config(1, KvDType::BF16);
+    let kv_token = c.kv_heads * c.kv_bytes_per_head();
+    let mut bytes = model.weight_bytes_per_step();
+    for layer in 0..c.num_layers {
+        let p = plan.for_layer(layer);
+        let per_seq = match p.policy {
+            Policy::Dense => ctx * kv_token,
+            _ => {
+                let blocks = ctx.div_ceil(BLOCK);
+                let forced = (p.sink_blocks + p.local_blocks + 1) * BLOCK;
+                let tokens = match p.policy {
+                    Policy::Quest => p.block_topk * BLOCK,
+                    _ => p.token_topk,
+                };
+                let bounds = blocks * c.kv_heads * 2 * c.key_dim * 4;
+                let labels = (p.block_topk * BLOCK).min(ctx) * c.kv_heads * c.label_bytes_per_head();
+                (tokens + forced).min(ctx) * kv_token + bounds + labels
+            }
+        };
+        bytes += batch * per_seq;
+    }
+    bytes
+}
+
+/// Gives `seq` `ctx` tokens of K/V: random rows on a GPU, a prefill on the CPU.
+fn fill(model: &dyn CausalLm, backend: &mut dyn AttentionBackend, seq: SeqId, ctx: usize, seed: u64, chunk: usize) -> Result<()> {
+    if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
+        gpu.fill_random(seq, ctx, seed)?;
+    } else {
+        model.prefill(backend, seq, &prompt(ctx, model.vocab_size(), seed), false, chunk)?;
+    }
+    Ok(())
+}
+
 /// Runs the sweep; `progress` is told what is running.
-pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<E2eRow>> {
-    let mut rows = Vec::new();
+pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<E2eReport> {
+    let device = model.device().clone();
+    let mut report = E2eReport {
+        prefill: None,
+        rows: Vec::new(),
+        skipped: Vec::new(),
+    };
+    if config.prefill_tokens > 0 {
+        let n = config.prefill_tokens;
+        if n > model.max_positions() {
+            bail!("a prefill of {n} tokens exceeds the model's {} positions", model.max_positions());
+        }
+        progress(&format!("prefill of {n} tokens"));
+        let mut backend = model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, None)?;
+        let p = prompt(n, model.vocab_size(), config.seed);
+        // A short warm-up (kernel loading, cuBLAS heuristics) before the timed run.
+        let warm = backend.add_sequence();
+        model.prefill(backend.as_mut(), warm, &p[..n.min(256)], false, config.prefill_chunk)?;
+        backend.free(warm)?;
+        let seq = backend.add_sequence();
+        let start = Instant::now();
+        let logits = model.prefill(backend.as_mut(), seq, &p, false, config.prefill_chunk)?;
+        let _ = logits.to_f32_vec()?; // waits for the GPU
+        let s = start.elapsed().as_secs_f64();
+        report.prefill = Some(PrefillRow {
+            tokens: n,
+            chunk: config.prefill_chunk,
+            prefill_tokens_per_s: n as f64 / s,
+            prefill_s: s,
+        });
+    }
     for &ctx in &config.contexts {
         if ctx == 0 || ctx + config.decode_tokens > model.max_positions() {
             bail!(
@@ -46,80 +186,110 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 model.max_positions()
             );
         }
-        let blocks = 2 * (ctx + config.decode_tokens).div_ceil(64) + config.policies.len() + 2;
-        let mut cache = model.new_cache(blocks, config.kv_dtype, None)?;
-        // A deterministic pseudo-random prompt.
-        let prompt: Vec<u32> = (0..ctx as u64)
-            .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ config.seed) >> 17) as u32 % model.vocab_size() as u32)
-            .collect();
-        progress(&format!("ctx {ctx}: prefill"));
-        let seq = cache.add_sequence();
-        let start = Instant::now();
-        let logits = model.prefill(&mut cache, seq, &prompt, false)?;
-        let prefill_s = start.elapsed().as_secs_f64();
-        let first = cpu::argmax(&logits).unwrap_or(0);
-        let mut dense_tokens: Option<Vec<u32>> = None;
-        for &policy in &config.policies {
-            progress(&format!("ctx {ctx}: decode {policy}"));
-            let plan = AttentionPlan {
-                sparse: SparseConfig {
-                    dense_below: 0,
-                    ..SparseConfig::with_budget(policy, config.budget, 64)
-                },
-                dense_layers: config.dense_layers,
+        for &batch in &config.batches {
+            let per_seq = (ctx + config.decode_tokens).div_ceil(BLOCK) + 1;
+            let blocks = batch * per_seq + batch * config.policies.len() + 2;
+            let mut backend = match model.new_backend(blocks, config.kv_dtype, None) {
+                Ok(b) => b,
+                Err(e) => {
+                    report.skipped.push(format!("ctx {ctx} batch {batch}: {e}"));
+                    progress(&format!("ctx {ctx} batch {batch}: skipped ({e})"));
+                    continue;
+                }
             };
-            let fork = cache.fork(seq)?;
-            let mut token = first;
-            let mut tokens = Vec::with_capacity(config.decode_tokens);
-            let start = Instant::now();
-            for _ in 0..config.decode_tokens {
-                let logits = model.decode_step(&mut cache, &[fork], &[token], &plan, None)?;
-                token = cpu::argmax(&logits).unwrap_or(0);
-                tokens.push(token);
+            progress(&format!("ctx {ctx} batch {batch}: writing the context"));
+            let mut seqs = Vec::with_capacity(batch);
+            for b in 0..batch {
+                let seq = backend.add_sequence();
+                fill(model, backend.as_mut(), seq, ctx, config.seed ^ (b as u64) << 20, config.prefill_chunk)?;
+                seqs.push(seq);
             }
-            let decode_s = start.elapsed().as_secs_f64();
-            cache.free(fork)?;
-            let agreement = dense_tokens.as_ref().map(|d: &Vec<u32>| {
-                d.iter().zip(&tokens).filter(|(a, b)| a == b).count() as f64 / d.len().max(1) as f64
-            });
-            if policy == Policy::Dense {
-                dense_tokens = Some(tokens);
+            let mut dense_tokens: Option<Vec<u32>> = None;
+            for &(policy, budget) in &config.policies {
+                progress(&format!("ctx {ctx} batch {batch}: decode {policy}"));
+                let plan = plan_for(policy, budget, config);
+                let forks = seqs
+                    .iter()
+                    .map(|&s| backend.fork(s))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let mut next: Vec<u32> = (0..batch as u32).map(|b| (b * 7919 + 1) % model.vocab_size() as u32).collect();
+                let mut generated = Vec::with_capacity(config.decode_tokens);
+                let mut times = Vec::with_capacity(config.decode_tokens);
+                // Two warm-up steps, then the timed ones.
+                for step in 0..config.decode_tokens + 2 {
+                    let start = Instant::now();
+                    let ids = Tensor::from_vec(next.clone(), &[batch])?.to_device(&device)?;
+                    let logits = model.decode_step(backend.as_mut(), &forks, &ids, &plan)?;
+                    next = ops::argmax(&logits)?.to_vec::<u32>()?;
+                    if step >= 2 {
+                        times.push(start.elapsed().as_secs_f64());
+                        generated.push(next[0]);
+                    }
+                }
+                let peak = gpu_used_gib(&device);
+                for f in forks {
+                    backend.free(f)?;
+                }
+                let agreement = dense_tokens.as_ref().map(|d: &Vec<u32>| {
+                    d.iter().zip(&generated).filter(|(a, b)| a == b).count() as f64 / d.len().max(1) as f64
+                });
+                if policy == Policy::Dense {
+                    dense_tokens = Some(generated);
+                }
+                let step_s = median(times);
+                let floor_ms = step_bytes(model, &plan, ctx, batch) as f64 / HBM_BYTES_PER_S * 1e3;
+                report.rows.push(E2eRow {
+                    ctx,
+                    batch,
+                    policy,
+                    budget: (policy != Policy::Dense).then_some(budget),
+                    decode_tokens_per_s: batch as f64 / step_s,
+                    decode_ms_per_step: step_s * 1e3,
+                    floor_ms,
+                    floor_ratio: step_s * 1e3 / floor_ms,
+                    peak_gib: peak,
+                    agreement_with_dense: agreement,
+                });
             }
-            rows.push(E2eRow {
-                ctx,
-                policy,
-                budget: (policy != Policy::Dense).then_some(config.budget),
-                prefill_tokens_per_s: ctx as f64 / prefill_s,
-                decode_tokens_per_s: config.decode_tokens as f64 / decode_s,
-                decode_ms_per_token: decode_s * 1e3 / config.decode_tokens.max(1) as f64,
-                agreement_with_dense: agreement,
-            });
         }
     }
-    Ok(rows)
+    Ok(report)
 }
 
-pub fn render_table(name: &str, rows: &[E2eRow]) -> String {
+pub fn render_table(name: &str, device: &Device, report: &E2eReport) -> String {
     use std::fmt::Write;
-    let mut s = format!("end-to-end on cpu, {name}, batch 1\n");
-    let _ = writeln!(
-        s,
-        "{:>7} {:>6} {:>6} {:>14} {:>13} {:>10} {:>10}",
-        "ctx", "policy", "budget", "prefill tok/s", "decode tok/s", "ms/token", "agree"
-    );
-    for r in rows {
+    let mut s = format!("end-to-end on {device}, {name}\n");
+    if let Some(p) = &report.prefill {
         let _ = writeln!(
             s,
-            "{:>7} {:>6} {:>6} {:>14.1} {:>13.2} {:>10.1} {:>10}",
+            "prefill of {} tokens (chunks of {}): {:.0} tokens/s ({:.2} s)",
+            p.tokens, p.chunk, p.prefill_tokens_per_s, p.prefill_s
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:>7} {:>5} {:>6} {:>6} {:>12} {:>10} {:>9} {:>7} {:>8} {:>6}",
+        "ctx", "batch", "policy", "budget", "decode tok/s", "ms/step", "floor ms", "x floor", "GPU GiB", "agree"
+    );
+    for r in &report.rows {
+        let _ = writeln!(
+            s,
+            "{:>7} {:>5} {:>6} {:>6} {:>12.1} {:>10.2} {:>9.2} {:>7.2} {:>8} {:>6}",
             r.ctx,
+            r.batch,
             r.policy.name(),
             r.budget.map_or("-".into(), |b| b.to_string()),
-            r.prefill_tokens_per_s,
             r.decode_tokens_per_s,
-            r.decode_ms_per_token,
+            r.decode_ms_per_step,
+            r.floor_ms,
+            r.floor_ratio,
+            r.peak_gib.map_or("-".into(), |g| format!("{g:.1}")),
             r.agreement_with_dense
                 .map_or("-".into(), |a| format!("{:.0}%", a * 100.0))
         );
+    }
+    for skip in &report.skipped {
+        let _ = writeln!(s, "skipped: {skip}");
     }
     s
 }

@@ -7,16 +7,18 @@ use asynctls::bench::e2e::{self, E2eBenchConfig};
 use asynctls_attn::Policy;
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model, CausalLm, GqaConfig, GqaModel, RandomWeights};
+use asynctls_models::{load_model_on, CausalLm, GqaConfig, GqaModel, RandomWeights};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
 pub struct E2eArgs {
+    /// cpu, cuda, cuda:N or auto (the GPU when one is present).
     #[arg(long, default_value = "cpu")]
     device: DeviceRequest,
     /// A built-in real-model configuration with random weights
-    /// (smollm2-135m, qwen2.5-0.5b, qwen3-8b, qwen3-14b).
+    /// (smollm2-135m, qwen2.5-0.5b, qwen3-8b, qwen3-14b); on a GPU the
+    /// weights are generated there in bf16.
     #[arg(long, default_value = "smollm2-135m", conflicts_with = "model")]
     model_shape: String,
     /// A model directory instead of a built-in shape.
@@ -24,14 +26,26 @@ pub struct E2eArgs {
     model: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "1024,8192")]
     ctx: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "dense,tls")]
     policies: Vec<Policy>,
-    #[arg(long, default_value_t = 1024)]
-    budget: usize,
+    /// Token budgets of the sparse policies (each sparse policy runs at each).
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    budget: Vec<usize>,
+    /// k_b of tls (raised to cover the budget when smaller).
+    #[arg(long, default_value_t = 128)]
+    block_topk: usize,
     #[arg(long, default_value_t = 2)]
     dense_layers: usize,
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
+    /// Prompt length of the prefill measurement (0 skips it; default: the first context).
+    #[arg(long)]
+    prefill_tokens: Option<usize>,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = asynctls_models::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON document instead of the table.
@@ -41,11 +55,11 @@ pub struct E2eArgs {
 
 pub fn run(args: E2eArgs) -> Result<()> {
     let device = Device::from_request(args.device).context("opening the device")?;
-    if device.is_cuda() {
-        bail!("bench e2e runs on the CPU for now (the CUDA model path is not built yet); use --device cpu");
+    if matches!(args.device, DeviceRequest::Auto) {
+        eprintln!("bench e2e: --device auto picked {device}");
     }
     let (name, model) = match &args.model {
-        Some(dir) => (dir.display().to_string(), load_model(dir)?),
+        Some(dir) => (dir.display().to_string(), load_model_on(dir, &device)?),
         None => {
             let config = GqaConfig::preset(&args.model_shape).with_context(|| {
                 format!(
@@ -60,29 +74,52 @@ pub fn run(args: E2eArgs) -> Result<()> {
             };
             (
                 format!("{} (random weights)", args.model_shape),
-                Box::new(GqaModel::load(config, &weights)?) as Box<dyn CausalLm>,
+                Box::new(GqaModel::load_on(config, &weights, &device)?) as Box<dyn CausalLm>,
             )
         }
     };
+    if args.prefill_chunk == 0 || args.decode_tokens == 0 || args.batch.contains(&0) {
+        bail!("--prefill-chunk, --decode-tokens and --batch must be positive");
+    }
+    let mut policies = Vec::new();
+    for &p in &args.policies {
+        if p == Policy::Dense {
+            policies.push((p, 0));
+        } else {
+            policies.extend(args.budget.iter().map(|&b| (p, b)));
+        }
+    }
     let config = E2eBenchConfig {
         contexts: args.ctx.clone(),
-        policies: args.policies.clone(),
-        budget: args.budget,
+        batches: args.batch.clone(),
+        policies,
+        block_topk: args.block_topk,
         dense_layers: args.dense_layers,
         decode_tokens: args.decode_tokens,
+        prefill_tokens: args.prefill_tokens.unwrap_or(args.ctx.first().copied().unwrap_or(0)),
+        prefill_chunk: args.prefill_chunk,
         kv_dtype: KvDType::BF16,
         seed: args.seed,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let rows = e2e::run(model.as_ref(), &config, |m| bar.set_message(m.to_string()))?;
+    let report = e2e::run(model.as_ref(), &config, |m| bar.set_message(m.to_string()))?;
     bar.finish_and_clear();
     if args.json {
-        let doc = serde_json::json!({ "bench": "e2e", "model": name, "device": device.to_string(), "rows": rows });
+        let doc = serde_json::json!({
+            "bench": "e2e",
+            "model": name,
+            "model_shape": args.model.is_none().then_some(&args.model_shape),
+            "device": device.to_string(),
+            "hbm_bytes_per_s": e2e::HBM_BYTES_PER_S,
+            "prefill": report.prefill,
+            "rows": report.rows,
+            "skipped": report.skipped,
+        });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("{}", e2e::render_table(&name, &rows));
+        println!("{}", e2e::render_table(&name, &device, &report));
     }
     Ok(())
 }

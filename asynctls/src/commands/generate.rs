@@ -9,7 +9,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{load_model_on, AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -67,9 +67,13 @@ pub struct GenerateArgs {
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
-    /// Where to run: cpu, cuda, cuda:N or auto.
+    /// Where to run: cpu, cuda, cuda:N or auto (the GPU when one is
+    /// present; the K/V is then bf16 whatever --kv-dtype says).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
+    /// Prompt tokens per prefill chunk (bounds the activations of a long prompt).
+    #[arg(long, default_value_t = asynctls_models::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -88,8 +92,8 @@ fn read_prompt_file(path: &PathBuf) -> Result<String> {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = Device::from_request(args.device).context("opening the device")?;
-    if device.is_cuda() {
-        bail!("generate runs on the CPU for now (the CUDA model path is not built yet); use --device cpu");
+    if matches!(args.device, DeviceRequest::Auto) {
+        eprintln!("generate: --device auto picked {device}");
     }
     let model_dir = asynctls::registry::resolve_model(&args.model, args.cache_dir.as_deref())?;
     let kv_dtype = match args.kv_dtype.as_str() {
@@ -106,7 +110,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let model = load_model(&model_dir).with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = load_model_on(&model_dir, &device).with_context(|| format!("loading model from {}", model_dir.display()))?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let tokenizer = if model_dir.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_dir(&model_dir)?)
@@ -160,6 +164,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut engine = Engine::new(model, plan, kv_dtype);
     engine.resident_slots = args.offload_slots;
+    engine.prefill_chunk = args.prefill_chunk;
+    if args.prefill_chunk == 0 {
+        anyhow::bail!("--prefill-chunk must be positive");
+    }
     let request = Request {
         prompt_ids,
         max_new_tokens: args.max_new_tokens,
@@ -176,7 +184,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_ref()
         .map(|t| t.decode(&generation.generated_ids))
         .transpose()?;
-    let memory = engine.model.new_cache(1, kv_dtype, None)?.memory_report();
+    let memory = engine.model.new_backend(1, kv_dtype, None)?.memory_report();
     if args.json {
         let doc = serde_json::json!({
             "prompt_ids": generation.prompt_ids,

@@ -1,0 +1,185 @@
+//! The GPU-resident storage: one [`GpuKvPool`] per layer (bf16 K/V, f32
+//! block bounds, INT4 labels), laid out as [`HostKvStorage`](crate::HostKvStorage)
+//! lays out host memory, so the block tables of [`PagedKvCache`](crate::PagedKvCache)
+//! address both. Writes are batched: [`GpuKvStorage::write_rows`] stores a
+//! whole step's rows of one layer in one launch and refreshes the bounds of
+//! the blocks it touched in another.
+
+use std::sync::Arc;
+
+use asynctls_kernels::cuda::{CudaOps, GpuKvPool, KvGeometry};
+use asynctls_kernels::CudaDevice;
+use cudarc::driver::CudaSlice;
+
+use crate::{BlockId, CacheConfig, CacheError, KvDType, KvStorage, LabelChannels, Result, ValueLayout};
+
+/// GPU memory kept free beside the cache (activations, cuBLAS workspace, scratch).
+const HEADROOM_BYTES: usize = 2 << 30;
+
+/// Every layer's K/V, bounds and labels on one GPU.
+#[derive(Debug)]
+pub struct GpuKvStorage {
+    config: CacheConfig,
+    ops: Arc<CudaOps>,
+    layers: Vec<GpuKvPool>,
+}
+
+impl GpuKvStorage {
+    /// The geometry of one layer's pool.
+    pub fn geometry(config: &CacheConfig) -> KvGeometry {
+        KvGeometry {
+            num_blocks: config.num_blocks,
+            kv_heads: config.kv_heads,
+            block_size: config.block_size,
+            key_dim: config.key_dim,
+            value_dim: config.value_dim(),
+            separate_values: matches!(config.values, ValueLayout::Separate { .. }),
+            label_channels: config.label_channels,
+        }
+    }
+
+    /// Bytes the storage of `config` takes on the GPU.
+    pub fn bytes_for(config: &CacheConfig) -> usize {
+        Self::geometry(config).bytes().saturating_mul(config.num_layers)
+    }
+
+    /// A zeroed cache on `device`. Refused before any allocation when the
+    /// GPU has less free memory than the cache and a headroom need.
+    pub fn new(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
+        config.validate()?;
+        channels.validate(config)?;
+        if config.kv_dtype != KvDType::BF16 {
+            return Err(CacheError::InvalidConfig(format!(
+                "the GPU cache stores bf16 K/V, not {:?}",
+                config.kv_dtype
+            )));
+        }
+        let need = Self::bytes_for(config);
+        device.context().bind_to_thread().map_err(asynctls_kernels::Error::from)?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().map_err(asynctls_kernels::Error::from)?;
+        if need.saturating_add(HEADROOM_BYTES) > free {
+            return Err(CacheError::GpuMemory {
+                blocks: config.num_blocks,
+                layers: config.num_layers,
+                need_gib: need as f64 / (1u64 << 30) as f64,
+                free_gib: free as f64 / (1u64 << 30) as f64,
+            });
+        }
+        let ops = device.ops()?;
+        let layers = (0..config.num_layers)
+            .map(|l| {
+                let flat: Vec<u16> = (0..config.kv_heads).flat_map(|h| channels.get(l, h).to_vec()).collect();
+                GpuKvPool::new(&ops, Self::geometry(config), &flat)
+            })
+            .collect::<asynctls_kernels::Result<Vec<_>>>()?;
+        Ok(GpuKvStorage {
+            config: config.clone(),
+            ops,
+            layers,
+        })
+    }
+
+    pub fn layer(&self, layer: usize) -> &GpuKvPool {
+        &self.layers[layer]
+    }
+
+    pub fn ops(&self) -> &Arc<CudaOps> {
+        &self.ops
+    }
+
+    /// Stores a step's rows of `layer`: `keys` `[n, kv_heads, key_dim]` f32,
+    /// `values` `[n, kv_heads, value_dim]` (None for MLA), row `i` into pool
+    /// slot `slots[i]` (block * block_size + offset), then recomputes the
+    /// bounds of `blocks` over their first `fills` tokens.
+    pub fn write_rows(
+        &mut self,
+        layer: usize,
+        keys: &CudaSlice<f32>,
+        values: Option<&CudaSlice<f32>>,
+        slots: &CudaSlice<i32>,
+        blocks: &CudaSlice<i32>,
+        fills: &CudaSlice<i32>,
+    ) -> Result<()> {
+        let num_layers = self.layers.len();
+        let pool = self
+            .layers
+            .get_mut(layer)
+            .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
+        self.ops.append(pool, keys, values, slots)?;
+        self.ops.refresh_bounds(pool, blocks, fills)?;
+        Ok(())
+    }
+}
+
+impl KvStorage for GpuKvStorage {
+    fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// One token through the batched path (a test and fallback path; the
+    /// engine writes whole steps with [`GpuKvStorage::write_rows`]).
+    fn write_token(&mut self, layer: usize, block: BlockId, slot: usize, key: &[f32], value: &[f32]) -> Result<()> {
+        let s = self.ops.device().stream().clone();
+        let keys = s.clone_htod(key).map_err(asynctls_kernels::Error::from)?;
+        let values = if value.is_empty() {
+            None
+        } else {
+            Some(s.clone_htod(value).map_err(asynctls_kernels::Error::from)?)
+        };
+        let bs = self.config.block_size;
+        let at = (block.0 as usize * bs + slot) as i32;
+        let slots = s.clone_htod(&[at]).map_err(asynctls_kernels::Error::from)?;
+        let blocks = s.clone_htod(&[block.0 as i32]).map_err(asynctls_kernels::Error::from)?;
+        let fills = s.clone_htod(&[(slot + 1) as i32]).map_err(asynctls_kernels::Error::from)?;
+        self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills)
+    }
+
+    /// Copy-on-write of a shared partial block: the block's rows, labels
+    /// and bounds in every layer, device to device.
+    fn copy_block(&mut self, src: BlockId, dst: BlockId, _tokens: usize) -> Result<()> {
+        let (s, d) = (src.0 as usize, dst.0 as usize);
+        let c = &self.config;
+        let stream = self.ops.device().stream().clone();
+        let unit = c.kv_heads * c.block_size;
+        for pool in &mut self.layers {
+            copy_range(&stream, &mut pool.keys, s, d, unit * c.key_dim)?;
+            if let Some(v) = pool.values.as_mut() {
+                copy_range(&stream, v, s, d, unit * c.value_dim())?;
+            }
+            copy_range(&stream, &mut pool.bounds, s, d, c.kv_heads * 2 * c.key_dim)?;
+            copy_range(&stream, &mut pool.labels, s, d, unit * c.label_channels / 2)?;
+            copy_range(&stream, &mut pool.label_params, s, d, unit * 2)?;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        Self::bytes_for(&self.config)
+    }
+}
+
+/// Copies block `src`'s `per_block` elements over block `dst`'s.
+fn copy_range<T: cudarc::driver::DeviceRepr>(
+    stream: &cudarc::driver::CudaStream,
+    buf: &mut CudaSlice<T>,
+    src: usize,
+    dst: usize,
+    per_block: usize,
+) -> Result<()> {
+    use cudarc::driver::DevicePtr;
+    let (base, _guard) = buf.device_ptr(stream);
+    let size = std::mem::size_of::<T>();
+    let bytes = per_block * size;
+    // SAFETY: both ranges lie inside `buf` (block ids come from the cache's
+    // allocator, below num_blocks) and do not overlap (src != dst).
+    unsafe {
+        cudarc::driver::result::memcpy_dtod_async(
+            base + (dst * bytes) as u64,
+            base + (src * bytes) as u64,
+            bytes,
+            stream.cu_stream(),
+        )
+    }
+    .map_err(asynctls_kernels::Error::from)?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! The one decoder loop of every model family, on any device: embed the
+//! step's tokens, run each layer (which projects, hands K/V and queries to
+//! the [`AttentionBackend`], and applies its MLP), then the final norm and
+//! the LM head. Prefill runs a prompt in chunks (`prefill_chunk` tokens at a
+//! time, so a 96k prompt never holds 96k x hidden activations at once);
+//! decode runs one token of each sequence of a batch.
+
+use asynctls_attn::{AttentionBackend, AttentionPlan, AttnError, Step};
+use asynctls_kernels::{ops, DType, Device, Tensor};
+use asynctls_kvcache::SeqId;
+
+use crate::weights::WeightSource;
+use crate::{ModelError, Result};
+
+/// Tokens per prefill chunk unless the caller asks otherwise.
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
+
+/// A dense layer `y = x W^T + b` with HF's `[out, in]` weight.
+#[derive(Debug)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        w: &dyn WeightSource,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: w.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim], device)?,
+            bias: if bias {
+                Some(w.vector(&format!("{prefix}.bias"), &[out_dim], device)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `x`: `[n, in]` -> `[n, out]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// The SwiGLU MLP.
+#[derive(Debug)]
+pub(crate) struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    pub(crate) fn load(w: &dyn WeightSource, prefix: &str, h: usize, i: usize, device: &Device) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, false, device)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, false, device)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, false, device)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut gate = self.gate_proj.forward(x)?;
+        ops::silu_mul_(&mut gate, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gate)
+    }
+}
+
+/// The token interface of a decoder: the embedding table in, the final norm
+/// and the LM head (tied to the embeddings or not) out.
+#[derive(Debug)]
+pub(crate) struct TokenIo {
+    embed_tokens: Tensor,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    pub(crate) vocab: usize,
+    eps: f32,
+}
+
+impl TokenIo {
+    pub(crate) fn load(
+        w: &dyn WeightSource,
+        vocab: usize,
+        hidden: usize,
+        eps: f32,
+        tied: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        // Some tied checkpoints still ship lm_head; use it when present.
+        let lm_head = if !tied || w.contains("lm_head.weight") {
+            Some(w.matrix("lm_head.weight", &[vocab, hidden], device)?)
+        } else {
+            None
+        };
+        Ok(TokenIo {
+            embed_tokens: w.matrix("model.embed_tokens.weight", &[vocab, hidden], device)?,
+            norm: w.vector("model.norm.weight", &[hidden], device)?,
+            lm_head,
+            vocab,
+            eps,
+        })
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Hidden states of `ids` (u32 on the model's device).
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(ops::embedding(&self.embed_tokens, ids)?)
+    }
+
+    /// Final norm and LM head over rows of hidden states: f32 `[rows, vocab]`.
+    pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let normed = ops::rms_norm(x, &self.norm, self.eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(ops::linear(&normed, head, None)?)
+    }
+}
+
+/// One decoder layer of a family: attention through the backend, then its MLP.
+pub(crate) trait Layer: Send + Sync {
+    /// `x` (`[tokens, hidden]` f32) through the layer for `step`.
+    fn forward(
+        &self,
+        x: Tensor,
+        step: &Step,
+        layer: usize,
+        backend: &mut dyn AttentionBackend,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor>;
+}
+
+/// The errors of the backend in the model's terms (a context overrun is a
+/// user error the CLI explains).
+pub(crate) fn attn_err(e: AttnError) -> ModelError {
+    match e {
+        AttnError::ContextTooLong { end, limit } => ModelError::ContextTooLong {
+            prompt: end,
+            new: 0,
+            context: limit,
+        },
+        other => ModelError::Attention(other),
+    }
+}
+
+/// A model as the loop sees it: token interface, layers, context limit.
+pub(crate) struct Decoder<'a, L: Layer> {
+    pub io: &'a TokenIo,
+    pub layers: &'a [L],
+    pub max_positions: usize,
+}
+
+impl<L: Layer> Decoder<'_, L> {
+    fn run(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        step: &Step,
+        ids: &Tensor,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        let mut x = self.io.embed(ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, step, l, backend, plan)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs `tokens` of one sequence through the model (dense causal
+    /// attention) in chunks, appending their K/V. Returns the logits of the
+    /// last token (`[1, vocab]`), or of every token when `all_logits`. A
+    /// failed prefill frees the sequence (a half-written sequence is unusable).
+    pub fn prefill(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seq: SeqId,
+        tokens: &[u32],
+        all_logits: bool,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.io.vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: self.io.vocab });
+        }
+        let result = self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1));
+        if result.is_err() {
+            let _ = backend.free(seq);
+        }
+        result
+    }
+
+    fn prefill_chunks(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seq: SeqId,
+        tokens: &[u32],
+        all_logits: bool,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let start = backend.seq_len(seq).map_err(attn_err)?;
+        if start + tokens.len() > self.max_positions {
+            return Err(ModelError::ContextTooLong {
+                prompt: start + tokens.len(),
+                new: 0,
+                context: self.max_positions,
+            });
+        }
+        let device = self.io.device();
+        let plan = AttentionPlan::dense();
+        let mut all: Vec<f32> = Vec::new();
+        let mut last = None;
+        for part in tokens.chunks(chunk) {
+            let step = backend
+                .begin_prefill(seq, part.len(), self.max_positions)
+                .map_err(attn_err)?;
+            let ids = Tensor::from_vec(part.to_vec(), &[part.len()])?.to_device(&device)?;
+            let x = self.run(backend, &step, &ids, &plan)?;
+            if all_logits {
+                all.extend(self.io.logits(&x)?.to_f32_vec()?);
+            } else {
+                last = Some(x.narrow_rows(part.len() - 1, 1)?);
+            }
+        }
+        match last {
+            Some(x) if !all_logits => {
+                let x = ops::copy(&x)?;
+                self.io.logits(&x)
+            }
+            _ => Ok(Tensor::from_vec(all, &[tokens.len(), self.io.vocab])?),
+        }
+    }
+
+    /// One decode step: `ids` (u32 `[batch]` on the model's device) are the
+    /// next tokens of `seqs`; appends their K/V and returns logits `[batch, vocab]`.
+    pub fn decode(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &Tensor,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        if ids.elem_count() != seqs.len() || ids.dtype() != DType::U32 {
+            return Err(ModelError::Attention(AttnError::Shape {
+                what: "decode batch",
+                expected: format!("{} u32 token ids", seqs.len()),
+                got: format!("{} {}", ids.elem_count(), ids.dtype()),
+            }));
+        }
+        let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
+        let x = self.run(backend, &step, ids, plan)?;
+        self.io.logits(&x)
+    }
+}
