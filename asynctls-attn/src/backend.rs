@@ -237,11 +237,6 @@ impl<S: HostReadable + std::fmt::Debug + 'static> CpuAttention<S> {
         &mut self.cache
     }
 
-    /// The cache and the statistics being measured (None when not), at once.
-    pub fn parts_mut(&mut self) -> (&mut PagedKvCache<S>, Option<&mut AttentionStats>) {
-        (&mut self.cache, self.stats.as_mut())
-    }
-
     /// Tells the storage which blocks this step's sparse selection read in
     /// `layer`: the one-step-lag prediction of the next step's, which an
     /// offloading storage prefetches (host storage ignores it).

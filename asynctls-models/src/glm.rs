@@ -8,16 +8,19 @@
 //! latent "head", and the value up-projection is applied to its output.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use asynctls_attn::AttnShape;
+use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, Step};
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
-use asynctls_kvcache::{CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId};
+use asynctls_kernels::{Device, Tensor};
+use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache, SeqId};
+use asynctls_offload::KvStore;
 use serde::Deserialize;
 
 use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
+use crate::decoder::{attn_err, Decoder, Layer, TokenIo};
 use crate::error::io_err;
-use asynctls_attn::{AttentionPlan, AttentionStats};
-use crate::layers::{add_residual, check_positions, prefill_with, reserve_next_tokens, Linear, Mlp, TokenIo};
+use crate::layers::{add_residual, Linear, Mlp};
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -441,21 +444,86 @@ struct GlmLayer {
     self_attn: MlaAttention,
     post_attention_layernorm: Vec<f32>,
     mlp: FeedForward,
+    config: Arc<GlmConfig>,
+    rope: Arc<RopeTable>,
+    shape: AttnShape,
+}
+
+impl GlmLayer {
+    /// `x += o_proj(attn)`, then `x += mlp(norm(x))`.
+    fn residual_mlp(&self, x: &mut [f32], attn: &[f32]) -> Result<()> {
+        let c = &*self.config;
+        add_residual(x, &self.self_attn.output(attn, c));
+        let mut normed = x.to_vec();
+        cpu::rms_norm(&mut normed, &self.post_attention_layernorm, c.rms_norm_eps as f32)?;
+        let m = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&normed),
+            FeedForward::Moe(moe) => moe.forward(&normed, c),
+        };
+        add_residual(x, &m);
+        Ok(())
+    }
+}
+
+/// GLM's layers compute on host slices (the MLA projections and the MoE
+/// have no GPU path yet); the attention goes through the backend like every
+/// family's.
+impl Layer for GlmLayer {
+    fn forward(
+        &self,
+        x: Tensor,
+        step: &Step,
+        layer: usize,
+        backend: &mut dyn AttentionBackend,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        let c = &*self.config;
+        if x.is_cuda() {
+            return Err(ModelError::Unsupported("GLM-4.7-Flash on the GPU".into()));
+        }
+        let n = step.tokens();
+        let mut h = x.as_slice::<f32>()?.to_vec();
+        let mut normed = h.clone();
+        cpu::rms_norm(&mut normed, &self.input_layernorm, c.rms_norm_eps as f32)?;
+        let (q, keys) = self.self_attn.project(&normed, &step.positions, &self.rope, c)?;
+        let width = c.kv_lora_rank + c.qk_rope_head_dim;
+        let keys = Tensor::from_vec(keys, &[n, width])?;
+        let no_values = Tensor::from_vec(Vec::<f32>::new(), &[n, 0])?;
+        backend.write_kv(step, layer, &keys, &no_values).map_err(attn_err)?;
+        let q = Tensor::from_vec(q, &[n, self.shape.q_heads * self.shape.key_dim])?;
+        let out = backend
+            .attend(step, layer, &q, &self.shape, &plan.for_layer(layer))
+            .map_err(attn_err)?;
+        self.residual_mlp(&mut h, out.as_slice::<f32>()?)?;
+        Ok(Tensor::from_vec(h, &[n, c.hidden_size])?)
+    }
 }
 
 /// GLM-4.7-Flash as a causal language model over a latent KV cache.
 #[derive(Debug)]
 pub struct GlmModel {
-    config: GlmConfig,
+    config: Arc<GlmConfig>,
     io: TokenIo,
     layers: Vec<GlmLayer>,
-    rope: RopeTable,
+    rope: Arc<RopeTable>,
 }
 
 impl GlmModel {
     pub fn load(config: GlmConfig, w: &dyn WeightSource) -> Result<Self> {
-        let c = &config;
+        let config = Arc::new(config);
+        let c = &*config;
         let h = c.hidden_size;
+        let (inv, factor) = rope_inv_freq(&c.rope_scaling, c.qk_rope_head_dim, c.rope_theta);
+        let rope = Arc::new(
+            RopeTable::from_inv_freq(c.qk_rope_head_dim, &inv, c.max_position_embeddings.min(1 << 20))?
+                .with_attention_scale(factor),
+        );
+        let shape = AttnShape::mla(
+            c.num_attention_heads,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            1.0 / (c.qk_head_dim() as f32).sqrt(),
+        );
         let layers = (0..c.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
@@ -468,14 +536,15 @@ impl GlmModel {
                     } else {
                         FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size)?)
                     },
+                    config: config.clone(),
+                    rope: rope.clone(),
+                    shape,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (inv, factor) = rope_inv_freq(&c.rope_scaling, c.qk_rope_head_dim, c.rope_theta);
-        let rope = RopeTable::from_inv_freq(c.qk_rope_head_dim, &inv, c.max_position_embeddings.min(1 << 20))?
-            .with_attention_scale(factor);
+        let io = TokenIo::load(w, c.vocab_size, h, c.rms_norm_eps as f32, c.tie_word_embeddings, &Device::Cpu)?;
         Ok(GlmModel {
-            io: TokenIo::load(w, c.vocab_size, h, c.rms_norm_eps as f32, c.tie_word_embeddings)?,
+            io,
             layers,
             rope,
             config,
@@ -487,13 +556,7 @@ impl GlmModel {
     }
 
     pub fn attention_shape(&self) -> AttnShape {
-        let c = &self.config;
-        AttnShape::mla(
-            c.num_attention_heads,
-            c.kv_lora_rank,
-            c.qk_rope_head_dim,
-            1.0 / (c.qk_head_dim() as f32).sqrt(),
-        )
+        self.layers[0].shape
     }
 
     pub fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
@@ -522,97 +585,55 @@ impl GlmModel {
         Ok(HostKvStorage::new(&config, channels)?)
     }
 
-    fn residual_mlp(&self, layer: &GlmLayer, x: &mut [f32], attn: &[f32]) -> Result<()> {
-        let c = &self.config;
-        add_residual(x, &layer.self_attn.output(attn, c));
-        let mut normed = x.to_vec();
-        cpu::rms_norm(&mut normed, &layer.post_attention_layernorm, c.rms_norm_eps as f32)?;
-        let m = match &layer.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&normed),
-            FeedForward::Moe(moe) => moe.forward(&normed, c),
-        };
-        add_residual(x, &m);
-        Ok(())
-    }
-
     /// Positions the model can attend over (the RoPE table bounds them too).
     fn position_limit(&self) -> usize {
         self.config.max_position_embeddings.min(self.rope.max_positions())
     }
 
-    /// As [`GqaModel::prefill`](crate::GqaModel::prefill).
-    pub fn prefill<S: HostReadable>(
+    /// The host reference backend (GLM has no GPU path yet), optionally
+    /// behind the offload engine.
+    pub fn new_backend(
         &self,
-        cache: &mut PagedKvCache<S>,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        let host = self.host_storage(num_blocks, kv_dtype)?;
+        Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
+            host,
+            resident_slots,
+        ))?)))
+    }
+
+    fn decoder(&self) -> Decoder<'_, GlmLayer> {
+        Decoder {
+            io: &self.io,
+            layers: &self.layers,
+            max_positions: self.position_limit(),
+        }
+    }
+
+    /// As [`GqaModel::prefill`](crate::GqaModel::prefill).
+    pub fn prefill(
+        &self,
+        backend: &mut dyn AttentionBackend,
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        prefill_with(cache, seq, tokens, all_logits, &self.io, |cache, start| {
-            self.prefill_layers(cache, seq, tokens, start)
-        })
+        chunk: usize,
+    ) -> Result<Tensor> {
+        self.decoder().prefill(backend, seq, tokens, all_logits, chunk)
     }
 
-    fn prefill_layers<S: HostReadable>(
+    /// As [`GqaModel::decode_step`](crate::GqaModel::decode_step).
+    pub fn decode_step(
         &self,
-        cache: &mut PagedKvCache<S>,
-        seq: SeqId,
-        tokens: &[u32],
-        start: usize,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        check_positions(start + tokens.len(), self.position_limit())?;
-        let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let shape = self.attention_shape();
-        let mut x = self.io.embed(tokens)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut normed = x.clone();
-            cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
-            let (q, keys) = layer.self_attn.project(&normed, &positions, &self.rope, c)?;
-            cache.write(seq, l, start, &keys, &[])?;
-            let mut out = vec![0.0; tokens.len() * shape.q_heads * shape.value_dim];
-            asynctls_attn::prefill(cache.storage(), cache.table(seq)?, l, start, &q, &shape, &mut out)?;
-            self.residual_mlp(layer, &mut x, &out)?;
-        }
-        Ok(x)
-    }
-
-    /// As [`GqaModel::decode_step`](crate::GqaModel::decode_step), measuring
-    /// attention when `stats` is given.
-    pub fn decode_step<S: HostReadable>(
-        &self,
-        cache: &mut PagedKvCache<S>,
+        backend: &mut dyn AttentionBackend,
         seqs: &[SeqId],
-        tokens: &[u32],
+        ids: &Tensor,
         plan: &AttentionPlan,
-        mut stats: Option<&mut AttentionStats>,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let positions = reserve_next_tokens(cache, seqs, tokens, self.position_limit())?;
-        let shape = self.attention_shape();
-        let width = c.kv_lora_rank + c.qk_rope_head_dim;
-        let mut x = self.io.embed(tokens)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut normed = x.clone();
-            cpu::rms_norm(&mut normed, &layer.input_layernorm, c.rms_norm_eps as f32)?;
-            let (q, keys) = layer.self_attn.project(&normed, &positions, &self.rope, c)?;
-            for (i, &s) in seqs.iter().enumerate() {
-                cache.write(s, l, positions[i], &keys[i * width..(i + 1) * width], &[])?;
-            }
-            let tables = seqs
-                .iter()
-                .map(|&s| cache.table(s))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let mut out = vec![0.0; seqs.len() * shape.q_heads * shape.value_dim];
-            let report = asynctls_attn::decode(cache.storage(), &tables, l, &q, &shape, &plan.for_layer(l), &mut out)?;
-            if let Some(stats) = stats.as_deref_mut() {
-                stats.record(cache.storage(), &tables, l, &q, &shape, &report);
-            }
-            drop(tables);
-            crate::layers::hint_next_step(cache, seqs, l, &report, shape.kv_heads)?;
-            self.residual_mlp(layer, &mut x, &out)?;
-        }
-        self.io.logits(x)
+    ) -> Result<Tensor> {
+        self.decoder().decode(backend, seqs, ids, plan)
     }
 }
 

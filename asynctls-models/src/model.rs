@@ -3,10 +3,9 @@
 
 use std::path::Path;
 
-use asynctls_attn::{AttentionBackend, AttentionPlan, CpuAttention};
+use asynctls_attn::{AttentionBackend, AttentionPlan};
 use asynctls_kernels::{Device, Tensor};
-use asynctls_kvcache::{CacheConfig, KvDType, PagedKvCache, SeqId};
-use asynctls_offload::KvStore;
+use asynctls_kvcache::{CacheConfig, KvDType, SeqId};
 
 use crate::error::io_err;
 use crate::glm::{GlmConfig, GlmModel};
@@ -112,16 +111,6 @@ impl CausalLm for GqaModel {
     }
 }
 
-/// GLM still computes on host slices over its own loops (moving it onto
-/// the shared decoder loop and the GPU is its own issue): its backend is the
-/// host reference, reached by downcast.
-fn glm_cache(backend: &mut dyn AttentionBackend) -> Result<&mut CpuAttention<KvStore>> {
-    backend
-        .as_any_mut()
-        .downcast_mut::<CpuAttention<KvStore>>()
-        .ok_or_else(|| ModelError::Unsupported("GLM-4.7-Flash runs on the CPU only for now (use --device cpu)".into()))
-}
-
 impl CausalLm for GlmModel {
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
@@ -144,11 +133,7 @@ impl CausalLm for GlmModel {
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        let host = GlmModel::host_storage(self, num_blocks, kv_dtype)?;
-        Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
-            host,
-            resident_slots,
-        ))?)))
+        GlmModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
     }
     fn prefill(
         &self,
@@ -156,11 +141,9 @@ impl CausalLm for GlmModel {
         seq: SeqId,
         tokens: &[u32],
         all_logits: bool,
-        _chunk: usize,
+        chunk: usize,
     ) -> Result<Tensor> {
-        let logits = GlmModel::prefill(self, glm_cache(backend)?.cache_mut(), seq, tokens, all_logits)?;
-        let rows = logits.len() / self.config().vocab_size.max(1);
-        Ok(Tensor::from_vec(logits, &[rows, self.config().vocab_size])?)
+        GlmModel::prefill(self, backend, seq, tokens, all_logits, chunk)
     }
     fn decode_step(
         &self,
@@ -169,10 +152,7 @@ impl CausalLm for GlmModel {
         ids: &Tensor,
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
-        let ids = ids.to_vec::<u32>()?;
-        let (cache, stats) = glm_cache(backend)?.parts_mut();
-        let logits = GlmModel::decode_step(self, cache, seqs, &ids, plan, stats)?;
-        Ok(Tensor::from_vec(logits, &[seqs.len(), self.config().vocab_size])?)
+        GlmModel::decode_step(self, backend, seqs, ids, plan)
     }
 }
 

@@ -7,13 +7,35 @@ use std::process::Command;
 
 use crate::{run, Result};
 
-/// (package, integration test) pairs whose tests need a GPU.
-const GPU_TESTS: &[(&str, &str)] = &[
-    ("asynctls-kernels", "gpu_ops"),
-    ("asynctls-attn", "gpu_decode"),
-    ("asynctls-attn", "gpu_sparse"),
-    ("asynctls-offload", "gpu_offload"),
-];
+/// Every (package, integration test) whose file is `<crate>/tests/gpu_*.rs`:
+/// found by name, so a new GPU test cannot be left out of the pack.
+fn gpu_tests(root: &Path) -> Result<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(root).map_err(|e| e.to_string())?;
+    for entry in entries.flatten() {
+        let crate_dir = entry.path();
+        let manifest = crate_dir.join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        let Some(package) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"').map(String::from))
+        else {
+            continue;
+        };
+        let Ok(tests) = std::fs::read_dir(crate_dir.join("tests")) else { continue };
+        for t in tests.flatten() {
+            let name = t.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_prefix("gpu_").and_then(|n| n.strip_suffix(".rs")) {
+                found.push((package.clone(), format!("gpu_{stem}")));
+            }
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        return Err("no tests/gpu_*.rs found in the workspace".into());
+    }
+    Ok(found)
+}
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs every GPU test binary in this folder; the last line is the summary.
@@ -38,7 +60,7 @@ done
 # attn: decode attention, GQA (Qwen3-8B) and MLA (GLM-4.7-Flash), with the
 # torch SDPA peer in the same run; offload: GPU-resident vs offloaded decode.
 out_dir="${OUT:-/tmp}"
-BENCH="${BENCH:-attn offload prefill}"
+BENCH="${BENCH:-attn offload prefill e2e}"
 if [ -x ./asynctls ] && [[ " $BENCH " == *" prefill "* ]]; then
     ./asynctls bench prefill --device cuda --ctx "${PREFILL_CTX:-8192,32768}" --json > "$out_dir/prefill.json" \
         && python3 peers/torch_sdpa.py --prefill --ctx "${PREFILL_CTX:-8192,32768}" --ours "$out_dir/prefill.json" \
@@ -64,6 +86,18 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" attn "* ]]; then
         && python3 peers/torch_sdpa.py --mla --q-heads 20 --ctx "$CTX" --batch "$BATCH" --ours "$out_dir/attn_mla.json" \
             --out "$out_dir/mla_vs_sdpa.json" | tee "$out_dir/mla_vs_sdpa.txt"
 fi
+# e2e: the whole model at real size (random bf16 weights generated on the
+# GPU) beside HF transformers on the same config in the same call.
+if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e "* ]]; then
+    E2E_SHAPE="${E2E_SHAPE:-qwen3-8b}"; E2E_CTX="${E2E_CTX:-32768,65536,98304}"; E2E_BATCH="${E2E_BATCH:-1,4,8}"
+    ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
+        --policies dense,tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" \
+        --prefill-tokens "${E2E_PREFILL:-32768}" --json > "$out_dir/e2e_ours.json" \
+        && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['prefill']); [print(r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_ours.json"
+    PYTHONUNBUFFERED=1 python3 peers/hf_e2e.py --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
+        --decode-steps "${E2E_STEPS:-8}" --time-budget-s "${HF_BUDGET:-200}" ${HF_COMPILE:+--compile} \
+        --ours "$out_dir/e2e_ours.json" --out "$out_dir/e2e_vs_hf.json" | tee "$out_dir/e2e_vs_hf.txt"
+fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]
 "#;
@@ -72,7 +106,8 @@ pub fn gpu_pack(root: &Path) -> Result<()> {
     let out = root.join(".gpu");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(out.join("tests")).map_err(|e| e.to_string())?;
-    for (package, test) in GPU_TESTS {
+    let tests = gpu_tests(root)?;
+    for (package, test) in &tests {
         let output = Command::new(env!("CARGO"))
             .current_dir(root)
             .args([
@@ -81,9 +116,9 @@ pub fn gpu_pack(root: &Path) -> Result<()> {
                 "--no-run",
                 "--message-format=json",
                 "-p",
-                package,
+                package.as_str(),
                 "--test",
-                test,
+                test.as_str(),
             ])
             .output()
             .map_err(|e| format!("running cargo: {e}"))?;
@@ -110,12 +145,13 @@ pub fn gpu_pack(root: &Path) -> Result<()> {
     std::fs::copy(root.join("target/release/asynctls"), &bin).map_err(|e| format!("copying asynctls: {e}"))?;
     run(Command::new("strip").arg(&bin))?;
     std::fs::create_dir_all(out.join("peers")).map_err(|e| e.to_string())?;
-    std::fs::copy(root.join("bench/peers/torch_sdpa.py"), out.join("peers/torch_sdpa.py"))
-        .map_err(|e| e.to_string())?;
+    for peer in ["torch_sdpa.py", "hf_e2e.py"] {
+        std::fs::copy(root.join("bench/peers").join(peer), out.join("peers").join(peer)).map_err(|e| e.to_string())?;
+    }
     std::fs::write(out.join("run.sh"), RUN_SH).map_err(|e| e.to_string())?;
     println!(
         "gpu-pack: {} test binaries and run.sh in {}",
-        GPU_TESTS.len(),
+        tests.len(),
         out.display()
     );
     Ok(())
