@@ -498,8 +498,12 @@ impl Tensor {
             .ok_or_else(|| invalid("in-place op", "the tensor's storage is shared"))
     }
 
-    /// Mutable elements of a CPU tensor nobody else shares.
+    /// Mutable elements of a CPU tensor; a tensor that shares its storage
+    /// (a clone, a view) gets a copy of its own first (copy on write).
     pub fn as_slice_mut<T: WithDType>(&mut self) -> Result<&mut [T]> {
+        if Arc::get_mut(&mut self.storage).is_none() && !self.is_cuda() {
+            *self = self.to_device(&Device::Cpu)?;
+        }
         let range = self.range();
         let dtype = self.dtype;
         let storage = Arc::get_mut(&mut self.storage)
@@ -682,6 +686,8 @@ mod tests {
         owned.as_slice_mut::<f32>().unwrap()[0] = 5.0;
         let shared = owned.clone();
         assert_eq!(shared.as_slice::<f32>().unwrap(), &[5.0, 2.0]);
-        assert!(owned.as_slice_mut::<f32>().is_err(), "shared storage is not mutable");
+        owned.as_slice_mut::<f32>().unwrap()[1] = 7.0;
+        assert_eq!(shared.as_slice::<f32>().unwrap(), &[5.0, 2.0], "copy on write");
+        assert_eq!(owned.as_slice::<f32>().unwrap(), &[5.0, 7.0]);
     }
 }

@@ -225,9 +225,8 @@ impl Engine {
 }
 
 /// The next token of each row of `logits` (`[rows, vocab]`, on the model's
-/// device), row `r` drawn by `samplers[which[r]]`. Greedy rows are reduced
-/// on the device, so only the ids cross to the host; other rows are
-/// sampled on the host.
+/// device), row `r` drawn by `samplers[which[r]]`, on the logits' device:
+/// only the ids cross to the host.
 pub fn sample(logits: &Tensor, samplers: &mut [Sampler], which: &[usize]) -> Result<Vec<u32>> {
     let vocab = logits.last_dim();
     let rows = logits.elem_count() / vocab.max(1);
@@ -237,10 +236,11 @@ pub fn sample(logits: &Tensor, samplers: &mut [Sampler], which: &[usize]) -> Res
     if which.iter().all(|&i| samplers[i].params().is_greedy()) {
         return Ok(ops::argmax(logits)?.to_vec::<u32>()?);
     }
-    let host = logits.to_f32_vec()?;
-    Ok(host
-        .chunks_exact(vocab)
-        .zip(which)
-        .map(|(row, &i)| samplers[i].sample(row))
-        .collect())
+    let params: Vec<_> = which.iter().map(|&i| samplers[i].params().kernel_params()).collect();
+    let steps: Vec<u64> = which.iter().map(|&i| samplers[i].step()).collect();
+    let ids = ops::sample(logits, &params, &steps)?.to_vec::<u32>()?;
+    for &i in which {
+        samplers[i].advance();
+    }
+    Ok(ids)
 }

@@ -1,7 +1,7 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k
 //! and top-p, from a seeded generator so that runs repeat.
 
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use asynctls_kernels::cpu::sampling::SamplingParams as KernelParams;
 use serde::Serialize;
 
 /// How tokens are drawn.
@@ -31,61 +31,53 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random stream.
-#[derive(Debug)]
+impl SamplingParams {
+    /// The kernels' form of these knobs (the CPU twin and the GPU sampler
+    /// take the same struct and draw the same token for the same step).
+    pub fn kernel_params(&self) -> KernelParams {
+        KernelParams {
+            temperature: self.temperature,
+            top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A request's sampler: its knobs and how many tokens it has drawn (the
+/// draw of a step is a pure function of seed and step, so a request samples
+/// the same tokens on the CPU and the GPU and in any batch slot).
+#[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    step: u64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Sampler {
-            rng: StdRng::seed_from_u64(params.seed),
-            params,
-        }
+        Sampler { params, step: 0 }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// The next token for one row of logits.
+    /// The step of the next draw.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Counts one draw made elsewhere (on the GPU) for this sampler.
+    pub fn advance(&mut self) {
+        self.step += 1;
+    }
+
+    /// The next token for one row of logits, on the host.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = self.params;
-        if p.is_greedy() {
-            return asynctls_kernels::cpu::argmax(logits).unwrap_or(0);
-        }
-        let k = if p.top_k == 0 {
-            logits.len()
-        } else {
-            p.top_k.min(logits.len())
-        };
-        let order = asynctls_kernels::cpu::topk_indices(logits, k);
-        let mut probs: Vec<f32> = order.iter().map(|&i| logits[i as usize] / p.temperature).collect();
-        asynctls_kernels::cpu::softmax_in_place(&mut probs);
-        // Top-p over the sorted candidates: keep up to and including the
-        // token that brings the mass to top_p.
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut mass = 0.0;
-            for (i, &q) in probs.iter().enumerate() {
-                mass += q;
-                if mass >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut draw = self.rng.random_range(0.0..total.max(f32::MIN_POSITIVE));
-        for (i, &q) in probs[..keep].iter().enumerate() {
-            if draw < q {
-                return order[i];
-            }
-            draw -= q;
-        }
-        order[keep - 1]
+        let token = asynctls_kernels::cpu::sampling::sample_row(logits, &self.params.kernel_params(), self.step)
+            .unwrap_or_else(|_| asynctls_kernels::cpu::argmax(logits).unwrap_or(0));
+        self.step += 1;
+        token
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod matmul;
 mod rope;
+pub mod sampling;
 
 pub use matmul::{matmul, matmul_nt};
 pub use rope::{RopeStyle, RopeTable};

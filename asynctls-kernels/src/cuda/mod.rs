@@ -27,6 +27,7 @@ pub mod gather;
 pub mod kv;
 pub mod model;
 pub mod prefill;
+pub mod sampling;
 pub mod select;
 
 pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
@@ -41,6 +42,7 @@ const KV_CACHE_PTX: &str = include_str!("../../ptx/kv_cache.ptx");
 const GATHER_PTX: &str = include_str!("../../ptx/gather.ptx");
 const PREFILL_PTX: &str = include_str!("../../ptx/prefill_attention.ptx");
 const MODEL_PTX: &str = include_str!("../../ptx/model.ptx");
+const SAMPLING_PTX: &str = include_str!("../../ptx/sampling.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ pub struct CudaOps {
     gather: Arc<CudaModule>,
     prefill: Arc<CudaModule>,
     model: Arc<CudaModule>,
+    sampling: Arc<CudaModule>,
     /// Function handles by (module, name), filled on first launch.
     functions: Arc<Mutex<HashMap<(usize, String), CudaFunction>>>,
     blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
@@ -92,6 +95,7 @@ impl CudaOps {
             gather: ctx.load_module(Ptx::from_src(GATHER_PTX))?,
             prefill: ctx.load_module(Ptx::from_src(PREFILL_PTX))?,
             model: ctx.load_module(Ptx::from_src(MODEL_PTX))?,
+            sampling: ctx.load_module(Ptx::from_src(SAMPLING_PTX))?,
             functions: Arc::new(Mutex::new(HashMap::new())),
             blas: Arc::new(std::sync::OnceLock::new()),
         })
