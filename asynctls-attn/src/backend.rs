@@ -162,6 +162,13 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
         None
     }
+    /// Switches decode steps to persistent metadata so that they can be
+    /// captured and replayed as CUDA graphs; `max_blocks` bounds the blocks
+    /// a sequence may hold while graphs are used. Backends without graphs
+    /// (the CPU) refuse.
+    fn enable_graphs(&mut self, _max_blocks: usize) -> Result<()> {
+        Err(AttnError::Config(format!("CUDA graphs on {}", self.device())))
+    }
     /// For code that still needs the concrete backend (GLM's host loops).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -317,7 +324,8 @@ impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttent
                 let (kw, vw) = (k.len() / n, v.len() / n);
                 for (i, &s) in step.seqs.iter().enumerate() {
                     let value = if vw == 0 { &[][..] } else { &v[i * vw..(i + 1) * vw] };
-                    self.cache.write(s, layer, step.positions[i], &k[i * kw..(i + 1) * kw], value)?;
+                    self.cache
+                        .write(s, layer, step.positions[i], &k[i * kw..(i + 1) * kw], value)?;
                 }
             }
         }
@@ -337,7 +345,15 @@ impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttent
         let mut out = vec![0.0; n * shape.q_heads * shape.value_dim];
         match step.kind {
             StepKind::Prefill { seq, start } => {
-                crate::prefill(self.cache.storage(), self.cache.table(seq)?, layer, start, q, shape, &mut out)?;
+                crate::prefill(
+                    self.cache.storage(),
+                    self.cache.table(seq)?,
+                    layer,
+                    start,
+                    q,
+                    shape,
+                    &mut out,
+                )?;
             }
             StepKind::Decode => {
                 let tables = step

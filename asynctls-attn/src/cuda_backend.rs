@@ -52,6 +52,19 @@ struct StepMeta {
     min_len: usize,
 }
 
+/// [`StepMeta`] before upload.
+#[derive(Debug)]
+struct HostMeta {
+    slots: Vec<i32>,
+    blocks: Vec<i32>,
+    fills: Vec<i32>,
+    table: Vec<i32>,
+    lens: Vec<i32>,
+    max_blocks: usize,
+    max_len: usize,
+    min_len: usize,
+}
+
 /// A GPU-resident KV cache and the kernels that attend over it.
 #[derive(Debug)]
 pub struct CudaAttention {
@@ -62,6 +75,14 @@ pub struct CudaAttention {
     decode_scratch: DecodeScratch,
     select_scratch: SelectScratch,
     meta: Option<StepMeta>,
+    /// The batch size whose persistent metadata the current step uses
+    /// (instead of `meta`).
+    active_persistent: Option<usize>,
+    /// Set for CUDA graph replay: decode metadata then lives in persistent
+    /// buffers per batch size (fixed addresses), with block tables
+    /// `graph_capacity` blocks wide.
+    graph_capacity: Option<usize>,
+    persistent: std::collections::HashMap<usize, (StepMeta, Tensor)>,
 }
 
 impl CudaAttention {
@@ -82,6 +103,9 @@ impl CudaAttention {
             ops,
             sms,
             meta: None,
+            active_persistent: None,
+            graph_capacity: None,
+            persistent: std::collections::HashMap::new(),
         })
     }
 
@@ -102,11 +126,18 @@ impl CudaAttention {
             let n = CHUNK.min(start + len - at);
             let positions: Vec<usize> = (at..at + n).collect();
             self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
+            self.active_persistent = None;
             for layer in 0..c.num_layers {
                 let salt = seed ^ ((layer as u64) << 40) ^ at as u64;
                 let keys = asynctls_kernels::ops::fill_uniform(&[n, kw], DType::F32, &self.device, salt, 1.0, 0.0)?;
-                let values = asynctls_kernels::ops::fill_uniform(&[n, vw.max(1)], DType::F32, &self.device, !salt, 1.0, 0.0)?;
-                let step = make_step(StepKind::Prefill { seq, start: at }, vec![seq], positions.clone(), &Device::Cpu)?;
+                let values =
+                    asynctls_kernels::ops::fill_uniform(&[n, vw.max(1)], DType::F32, &self.device, !salt, 1.0, 0.0)?;
+                let step = make_step(
+                    StepKind::Prefill { seq, start: at },
+                    vec![seq],
+                    positions.clone(),
+                    &Device::Cpu,
+                )?;
                 self.write_kv(&step, layer, &keys, &values)?;
             }
         }
@@ -135,6 +166,28 @@ impl CudaAttention {
     /// Builds and uploads the metadata of a step over `seqs` whose tokens
     /// are at `positions` (one sequence repeated for a prefill chunk).
     fn build_meta(&self, seqs: &[SeqId], token_seqs: &[SeqId], positions: &[usize]) -> Result<StepMeta> {
+        let host = self.host_meta(seqs, token_seqs, positions, None)?;
+        Ok(StepMeta {
+            slots: self.upload(&host.slots)?,
+            blocks: self.upload(&host.blocks)?,
+            fills: self.upload(&host.fills)?,
+            table: self.upload(&host.table)?,
+            lens: self.upload(&host.lens)?,
+            max_blocks: host.max_blocks,
+            max_len: host.max_len,
+            min_len: host.min_len,
+        })
+    }
+
+    /// The metadata of a step on the host; `width` fixes the block table's
+    /// width (graph mode), else it is the longest sequence's.
+    fn host_meta(
+        &self,
+        seqs: &[SeqId],
+        token_seqs: &[SeqId],
+        positions: &[usize],
+        width: Option<usize>,
+    ) -> Result<HostMeta> {
         let bs = self.cache.config().block_size;
         let mut slots = Vec::with_capacity(positions.len());
         let mut touched: Vec<(i32, i32)> = Vec::new();
@@ -152,7 +205,16 @@ impl CudaAttention {
             .iter()
             .map(|&s| self.cache.table(s))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let max_blocks = tables.iter().map(|t| t.blocks().len()).max().unwrap_or(1).max(1);
+        let longest = tables.iter().map(|t| t.blocks().len()).max().unwrap_or(1).max(1);
+        let max_blocks = match width {
+            Some(w) if longest > w => {
+                return Err(AttnError::Config(format!(
+                    "a sequence of {longest} blocks outgrew the CUDA graphs' block tables of {w}"
+                )))
+            }
+            Some(w) => w,
+            None => longest,
+        };
         let mut table = vec![0i32; seqs.len() * max_blocks];
         for (i, t) in tables.iter().enumerate() {
             for (j, b) in t.blocks().iter().enumerate() {
@@ -161,18 +223,77 @@ impl CudaAttention {
         }
         let lens: Vec<i32> = tables.iter().map(|t| t.len() as i32).collect();
         let (blocks, fills): (Vec<i32>, Vec<i32>) = touched.into_iter().unzip();
-        Ok(StepMeta {
-            slots: self.upload(&slots)?,
-            blocks: self.upload(&blocks)?,
-            fills: self.upload(&fills)?,
-            table: self.upload(&table)?,
-            lens: self.upload(&lens)?,
+        Ok(HostMeta {
+            slots,
+            blocks,
+            fills,
+            table,
+            lens,
             max_blocks,
             max_len: tables.iter().map(|t| t.len()).max().unwrap_or(0),
             min_len: tables.iter().map(|t| t.len()).min().unwrap_or(0),
         })
     }
 
+    /// Decode metadata for graph replay: written into the batch size's
+    /// persistent buffers (allocated on first use), so a graph captured on
+    /// an earlier step reads this step's values at the same addresses.
+    fn persistent_meta(&mut self, seqs: &[SeqId], positions: &[usize], width: usize) -> Result<Tensor> {
+        let host = self.host_meta(seqs, seqs, positions, Some(width))?;
+        let b = seqs.len();
+        if host.blocks.len() != b {
+            return Err(AttnError::Config(
+                "a decode step must touch one block per sequence".into(),
+            ));
+        }
+        let (mut meta, mut pos) = match self.persistent.remove(&b) {
+            Some(found) if found.0.max_blocks == width => found,
+            _ => {
+                let s = self.ops.device().stream();
+                let zeros = |n: usize| -> Result<CudaSlice<i32>> {
+                    Ok(s.alloc_zeros::<i32>(n).map_err(asynctls_kernels::Error::from)?)
+                };
+                (
+                    StepMeta {
+                        slots: zeros(b)?,
+                        blocks: zeros(b)?,
+                        fills: zeros(b)?,
+                        table: zeros(b * width)?,
+                        lens: zeros(b)?,
+                        max_blocks: width,
+                        max_len: 0,
+                        min_len: 0,
+                    },
+                    Tensor::zeros_on(&[b], DType::I32, &self.device)?,
+                )
+            }
+        };
+        let s = self.ops.device().stream().clone();
+        let copy = |src: &[i32], dst: &mut CudaSlice<i32>| -> Result<()> {
+            Ok(s.memcpy_htod(src, dst).map_err(asynctls_kernels::Error::from)?)
+        };
+        copy(&host.slots, &mut meta.slots)?;
+        copy(&host.blocks, &mut meta.blocks)?;
+        copy(&host.fills, &mut meta.fills)?;
+        copy(&host.table, &mut meta.table)?;
+        copy(&host.lens, &mut meta.lens)?;
+        meta.max_len = host.max_len;
+        meta.min_len = host.min_len;
+        let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        pos.write_from_host(&p)?;
+        let handle = pos.clone();
+        self.persistent.insert(b, (meta, pos));
+        Ok(handle)
+    }
+
+    /// Replays of decode steps read persistent metadata: `max_blocks` is the
+    /// width of their block tables (the most blocks a sequence may reach
+    /// while the graphs live). Until this is called, steps upload fresh
+    /// metadata (eager launches only).
+    pub fn enable_graphs(&mut self, max_blocks: usize) {
+        self.graph_capacity = Some(max_blocks.max(1));
+        self.persistent.clear();
+    }
 }
 
 fn gpu_err(what: &'static str) -> AttnError {
@@ -210,25 +331,46 @@ impl AttentionBackend for CudaAttention {
         let range = self.cache.reserve(seq, n)?;
         let positions: Vec<usize> = range.collect();
         self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
+        self.active_persistent = None;
         make_step(StepKind::Prefill { seq, start }, vec![seq], positions, &self.device)
     }
 
+    /// A decode step's rows are recorded as written in every layer here,
+    /// before the forward: a replayed graph writes them without calling back
+    /// into the host. A step that fails part-way leaves its sequences
+    /// unusable; the engine frees them.
     fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {
         let positions = reserve_decode(&mut self.cache, seqs, limit)?;
-        self.meta = Some(self.build_meta(seqs, seqs, &positions)?);
-        make_step(StepKind::Decode, seqs.to_vec(), positions, &self.device)
+        for layer in 0..self.cache.config().num_layers {
+            for (&s, &p) in seqs.iter().zip(&positions) {
+                self.cache.mark_written(s, layer, p, 1)?;
+            }
+        }
+        match self.graph_capacity {
+            None => {
+                self.meta = Some(self.build_meta(seqs, seqs, &positions)?);
+                self.active_persistent = None;
+                make_step(StepKind::Decode, seqs.to_vec(), positions, &self.device)
+            }
+            Some(width) => {
+                let positions_tensor = self.persistent_meta(seqs, &positions, width)?;
+                self.active_persistent = Some(seqs.len());
+                Ok(Step {
+                    kind: StepKind::Decode,
+                    seqs: seqs.to_vec(),
+                    positions,
+                    positions_tensor,
+                })
+            }
+        }
     }
 
     fn write_kv(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
         // Order is checked (and recorded) before the write is issued, so a
-        // refused write leaves the cache as it was.
-        match step.kind {
-            StepKind::Prefill { seq, start } => self.cache.mark_written(seq, layer, start, step.tokens())?,
-            StepKind::Decode => {
-                for (&s, &p) in step.seqs.iter().zip(&step.positions) {
-                    self.cache.mark_written(s, layer, p, 1)?;
-                }
-            }
+        // refused write leaves the cache as it was; decode rows were
+        // recorded by `begin_decode`.
+        if let StepKind::Prefill { seq, start } = step.kind {
+            self.cache.mark_written(seq, layer, start, step.tokens())?;
         }
         let k = keys.cuda_slice::<f32>().map_err(|_| gpu_err("keys"))?;
         let separate = self.cache.storage().layer(layer).geometry.separate_values;
@@ -237,14 +379,15 @@ impl AttentionBackend for CudaAttention {
         } else {
             None
         };
-        let meta = self.meta.take().ok_or_else(|| AttnError::Config("write_kv outside a step".into()));
-        let meta = meta?;
-        let result = self
+        let meta = match self.active_persistent {
+            Some(b) => self.persistent.get(&b).map(|m| &m.0),
+            None => self.meta.as_ref(),
+        }
+        .ok_or_else(|| AttnError::Config("write_kv outside a step (call begin_prefill or begin_decode)".into()))?;
+        Ok(self
             .cache
             .storage_mut()
-            .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills);
-        self.meta = Some(meta);
-        Ok(result?)
+            .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills)?)
     }
 
     fn attend(
@@ -258,16 +401,18 @@ impl AttentionBackend for CudaAttention {
         let n = step.tokens();
         let qs = q.cuda_slice::<f32>().map_err(|_| gpu_err("queries"))?;
         let mut out = Tensor::zeros_on(&[n, shape.q_heads * shape.value_dim], DType::F32, &self.device)?;
-        let meta = self
-            .meta
-            .as_ref()
-            .ok_or_else(|| AttnError::Config("attend outside a step (call begin_prefill or begin_decode)".into()))?;
+        let meta = match self.active_persistent {
+            Some(b) => self.persistent.get(&b).map(|m| &m.0),
+            None => self.meta.as_ref(),
+        }
+        .ok_or_else(|| AttnError::Config("attend outside a step (call begin_prefill or begin_decode)".into()))?;
         let pool = self.cache.storage().layer(layer);
         let view = pool.view(&meta.table, meta.max_blocks, &meta.lens);
         match step.kind {
             StepKind::Prefill { start, .. } => {
                 let o = out.cuda_slice_mut::<f32>()?;
-                self.ops.prefill_attention(qs, &view, start, shape.q_heads, shape.scale, o)?;
+                self.ops
+                    .prefill_attention(qs, &view, start, shape.q_heads, shape.scale, o)?;
             }
             StepKind::Decode => {
                 let bs = self.cache.config().block_size;
@@ -280,13 +425,23 @@ impl AttentionBackend for CudaAttention {
                     select_params(sparse, bs)?
                 };
                 let mla = pool.values.is_none();
-                let ctas = if mla { step.seqs.len() } else { step.seqs.len() * shape.kv_heads };
+                let ctas = if mla {
+                    step.seqs.len()
+                } else {
+                    step.seqs.len() * shape.kv_heads
+                };
+                // A replayed graph keeps this split count while contexts grow:
+                // size it for the longest context the tables can hold.
+                let longest = match self.graph_capacity {
+                    Some(w) => w * bs,
+                    None => meta.max_len,
+                };
                 let (kernel, attended) = match (&params, mla) {
-                    (_, true) => (DecodeKernel::Mla, meta.max_len),
-                    (None, false) => (DecodeKernel::GqaDense, meta.max_len),
+                    (_, true) => (DecodeKernel::Mla, longest),
+                    (None, false) => (DecodeKernel::GqaDense, longest),
                     (Some(p), false) => (
                         DecodeKernel::GqaSparse,
-                        (p.token_topk + (p.sink_blocks + p.local_blocks + 1) * bs).min(meta.max_len),
+                        (p.token_topk + (p.sink_blocks + p.local_blocks + 1) * bs).min(longest),
                     ),
                 };
                 let _ = meta.min_len;
@@ -330,6 +485,11 @@ impl AttentionBackend for CudaAttention {
             }
         }
         Ok(out)
+    }
+
+    fn enable_graphs(&mut self, max_blocks: usize) -> Result<()> {
+        CudaAttention::enable_graphs(self, max_blocks);
+        Ok(())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

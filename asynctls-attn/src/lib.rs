@@ -31,8 +31,8 @@
 
 mod backend;
 pub mod calibrate;
-mod cuda_backend;
 mod config;
+mod cuda_backend;
 mod decode;
 mod error;
 pub mod metrics;
@@ -41,8 +41,8 @@ pub mod select;
 mod shape;
 
 pub use backend::{reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Step, StepKind};
-pub use cuda_backend::CudaAttention;
 pub use config::{GroupReduce, Policy, SparseConfig};
+pub use cuda_backend::CudaAttention;
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};
 pub use prefill::prefill;

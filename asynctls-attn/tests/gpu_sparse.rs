@@ -141,7 +141,9 @@ fn fixture(ops: &CudaOps, shape: &AttnShape, lens: &[usize], rng: &mut StdRng) -
 fn shapes() -> Vec<(AttnShape, Vec<usize>)> {
     vec![
         (AttnShape::gqa(32, 8, 128), vec![9000, 4100, 70]),
-        (AttnShape::gqa(14, 2, 64), vec![5000, 64]),
+        // 21 and 64: sequences within the sink block (no local window beyond it).
+        (AttnShape::gqa(14, 2, 64), vec![5000, 64, 21]),
+        (AttnShape::gqa(2, 2, 64), vec![21, 130]),
         (AttnShape::mla(20, 512, 64, 0.07), vec![7000, 3000]),
         (AttnShape::mla(16, 512, 64, 0.1), vec![2500]),
     ]

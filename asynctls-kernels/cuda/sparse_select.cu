@@ -418,7 +418,8 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
                                      out[sink_tokens + rank] =
                                          row_candidates[i / block_size] * block_size + i % block_size;
                                  });
-    const int local_start = last * block_size;
+    // A sequence within its sink block has no local window beyond it.
+    const int local_start = min(max(last * block_size, sink_tokens), len);
     for (int t = local_start + threadIdx.x; t < len; t += TOPK_THREADS) out[sink_tokens + n + t - local_start] = t;
     if (threadIdx.x == 0) token_counts[row] = sink_tokens + n + (len - local_start);
 }

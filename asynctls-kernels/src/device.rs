@@ -5,8 +5,8 @@
 //! links libcuda, and asking for CUDA where no driver can be loaded is an
 //! [`Error::NoCudaDriver`], never a panic.
 
-use std::fmt;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaStream};
@@ -52,11 +52,28 @@ impl fmt::Debug for CudaDevice {
 }
 
 impl CudaDevice {
-    /// Opens CUDA device `ordinal`. Fails cleanly when no driver is installed.
+    /// Opens CUDA device `ordinal`: one per GPU per process (later calls
+    /// return the same device), so every tensor, kernel and cache on a GPU
+    /// shares its one compute stream and stream order is all the ordering
+    /// they need. Fails cleanly when no driver is installed.
     pub fn open(ordinal: usize) -> Result<Self> {
         if !cuda_driver_present() {
             return Err(Error::NoCudaDriver);
         }
+        static OPENED: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
+        let mut opened = OPENED
+            .get_or_init(|| Mutex::new(HashMap::new()))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(dev) = opened.get(&ordinal) {
+            return Ok(dev.clone());
+        }
+        let dev = Self::open_new(ordinal)?;
+        opened.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    fn open_new(ordinal: usize) -> Result<Self> {
         let context = CudaContext::new(ordinal).map_err(|source| Error::CudaOpen { ordinal, source })?;
         // Every kernel runs on the one compute stream, and the copy streams of
         // the offload engine order themselves with explicit events, so
@@ -130,6 +147,28 @@ impl CudaDevice {
             }
             Err(e) => panic!("a CUDA driver is present but device 0 did not open: {e:?}"),
         }
+    }
+
+    /// Returns the memory the stream-ordered allocator keeps cached after
+    /// frees to the driver (after waiting for the stream), so that free
+    /// memory reports what a new allocation can get.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        self.context.bind_to_thread()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: plain driver queries on this context's device; the pool
+        // handle is the device's default pool, owned by the driver.
+        unsafe {
+            cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, self.context.cu_device()).result()?;
+            cudarc::driver::sys::cuMemPoolTrimTo(pool, 0).result()?;
+        }
+        Ok(())
+    }
+
+    /// Free and total bytes of GPU memory, after returning cached memory.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.release_cached_memory()?;
+        Ok(cudarc::driver::result::mem_get_info()?)
     }
 
     /// The device's name as the driver reports it.

@@ -52,7 +52,9 @@ impl std::str::FromStr for DType {
             "i32" => Ok(DType::I32),
             "u32" => Ok(DType::U32),
             "u8" => Ok(DType::U8),
-            other => Err(format!("unknown dtype `{other}` (expected f32, bf16, f16, i32, u32 or u8)")),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, bf16, f16, i32, u32 or u8)"
+            )),
         }
     }
 }

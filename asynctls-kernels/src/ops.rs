@@ -100,7 +100,8 @@ fn require_unique(op: &'static str, t: &mut Tensor) -> Result<()> {
     if t.is_cuda() {
         // The raw-pointer launches write through the address; exclusive
         // ownership of the storage is what makes that sound.
-        t.cuda_slice_mut_any().map_err(|_| invalid(op, "the output's storage is shared or a view"))
+        t.cuda_slice_mut_any()
+            .map_err(|_| invalid(op, "the output's storage is shared or a view"))
     } else {
         Ok(())
     }
@@ -118,10 +119,51 @@ pub fn copy(x: &Tensor) -> Result<Tensor> {
                 // SAFETY: both addresses hold `bytes` bytes on this device; the
                 // copy is ordered on the device's one compute stream.
                 unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(out.device_ptr()?, x.device_ptr()?, bytes, stream.cu_stream())
+                    cudarc::driver::result::memcpy_dtod_async(
+                        out.device_ptr()?,
+                        x.device_ptr()?,
+                        bytes,
+                        stream.cu_stream(),
+                    )
                 }?;
             }
             Ok(out)
+        }
+    }
+}
+
+/// Copies `src` over `dst` in place (same shape and dtype, same device):
+/// `dst` keeps its address, as a buffer a CUDA graph reads must.
+pub fn copy_into(dst: &mut Tensor, src: &Tensor) -> Result<()> {
+    const OP: &str = "copy_into";
+    dst.require_same_shape(OP, src)?;
+    require_dtype(OP, "src", src, dst.dtype())?;
+    same_device(OP, dst, &[src])?;
+    match src.storage() {
+        Storage::Cpu(_) => {
+            let v = src.to_device(&Device::Cpu)?;
+            match dst.dtype() {
+                DType::U32 => dst.as_slice_mut::<u32>()?.copy_from_slice(v.as_slice::<u32>()?),
+                DType::I32 => dst.as_slice_mut::<i32>()?.copy_from_slice(v.as_slice::<i32>()?),
+                DType::F32 => dst.as_slice_mut::<f32>()?.copy_from_slice(v.as_slice::<f32>()?),
+                other => return Err(invalid(OP, format!("{other} on the CPU"))),
+            }
+            Ok(())
+        }
+        Storage::Cuda { device, .. } => {
+            let bytes = src.size_in_bytes();
+            if bytes > 0 {
+                // SAFETY: both windows hold `bytes` bytes on this device, ordered on its stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst.device_ptr()?,
+                        src.device_ptr()?,
+                        bytes,
+                        device.stream().cu_stream(),
+                    )
+                }?;
+            }
+            Ok(())
         }
     }
 }
@@ -147,8 +189,10 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(out)
 }
 
-/// A linear layer `y = x . w^T (+ bias)`: `x` `[n, in]` f32, `w` `[out, in]`
-/// (f32 on the CPU, bf16 on the GPU), `bias` `[out]` f32; `y` `[n, out]` f32.
+/// A linear layer `y = x . w^T (+ bias)`: `x` `[n, in]` f32 (on the GPU also
+/// bf16, already cast: layers that feed one input to several projections
+/// cast it once), `w` `[out, in]` (f32 on the CPU, bf16 on the GPU), `bias`
+/// `[out]` f32; `y` `[n, out]` f32.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "linear";
     let (n, k) = x.dims2(OP)?;
@@ -162,7 +206,9 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             rhs: w.shape().to_vec(),
         });
     }
-    require_dtype(OP, "x", x, DType::F32)?;
+    if !(x.dtype() == DType::F32 || x.dtype() == DType::BF16 && x.is_cuda()) {
+        require_dtype(OP, "x", x, DType::F32)?;
+    }
     if let Some(b) = bias {
         check_shape(OP, "bias", b.shape(), "weight rows", &[out_dim])?;
         require_dtype(OP, "bias", b, DType::F32)?;
@@ -186,14 +232,36 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
         Some(ops) => {
             require_dtype(OP, "weight", w, DType::BF16)?;
-            let xb = cast(x, DType::BF16)?;
+            let xb = if x.dtype() == DType::BF16 {
+                x.clone()
+            } else {
+                cast(x, DType::BF16)?
+            };
             let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
-            ops.gemm_nt_raw(xb.device_ptr()?, w.device_ptr()?, y.device_ptr()?, n, k, out_dim, GemmType::F32)?;
+            ops.gemm_nt_raw(
+                xb.device_ptr()?,
+                w.device_ptr()?,
+                y.device_ptr()?,
+                n,
+                k,
+                out_dim,
+                GemmType::F32,
+            )?;
             if let Some(b) = bias {
                 ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim)?;
             }
             Ok(y)
         }
+    }
+}
+
+/// `x` as a linear layer's input on its device: cast to bf16 once on a GPU
+/// (so several projections of the same input share the cast), as is on the CPU.
+pub fn gemm_input(x: &Tensor) -> Result<Tensor> {
+    if x.is_cuda() && x.dtype() == DType::F32 {
+        cast(x, DType::BF16)
+    } else {
+        Ok(x.clone())
     }
 }
 
@@ -451,7 +519,10 @@ pub fn sample(logits: &Tensor, params: &[cpu::sampling::SamplingParams], steps: 
     let vocab = logits.last_dim();
     let rows = logits.elem_count() / vocab.max(1);
     if params.len() != rows || steps.len() != rows {
-        return Err(invalid(OP, format!("{} params and {} steps for {rows} rows", params.len(), steps.len())));
+        return Err(invalid(
+            OP,
+            format!("{} params and {} steps for {rows} rows", params.len(), steps.len()),
+        ));
     }
     match cuda_ops(logits)? {
         None => {
@@ -460,16 +531,28 @@ pub fn sample(logits: &Tensor, params: &[cpu::sampling::SamplingParams], steps: 
         }
         Some(ops) => {
             let device = logits.device();
-            let Device::Cuda(dev) = &device else { unreachable!("a CUDA tensor") };
+            let Device::Cuda(dev) = &device else {
+                unreachable!("a CUDA tensor")
+            };
             let rows_params = params
                 .iter()
                 .zip(steps)
                 .map(|(p, &s)| crate::cuda::sampling::SamplingRow::new(p, s))
                 .collect::<Result<Vec<_>>>()?;
             let mut params_dev = dev.stream().clone_htod(&rows_params)?;
-            let whole = if logits.is_whole() { logits.clone() } else { copy(logits)? };
+            let whole = if logits.is_whole() {
+                logits.clone()
+            } else {
+                copy(logits)?
+            };
             let mut out = Tensor::uninit_on(&[rows], DType::U32, &device)?;
-            ops.sample_rows(whole.cuda_slice::<f32>()?, rows, vocab, &mut params_dev, out.cuda_slice_mut::<u32>()?)?;
+            ops.sample_rows(
+                whole.cuda_slice::<f32>()?,
+                rows,
+                vocab,
+                &mut params_dev,
+                out.cuda_slice_mut::<u32>()?,
+            )?;
             Ok(out)
         }
     }
@@ -489,7 +572,10 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         None => {
             let ids = ids.as_slice::<u32>()?;
             if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(invalid(OP, format!("token id {bad} is outside the vocabulary of {vocab}")));
+                return Err(invalid(
+                    OP,
+                    format!("token id {bad} is outside the vocabulary of {vocab}"),
+                ));
             }
             let mut out = vec![0.0; count * hidden];
             let t: std::borrow::Cow<'_, [f32]> = match table.dtype() {
@@ -502,8 +588,15 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         Some(ops) => {
             let out = Tensor::uninit_on(&[count, hidden], DType::F32, &table.device())?;
             match table.dtype() {
-                DType::BF16 => ops.embedding_bf16_raw(table.device_ptr()?, ids.device_ptr()?, out.device_ptr()?, count, hidden)?,
-                other => return Err(invalid(OP, format!("a {other} table on the GPU (weights are bf16 there)"))),
+                DType::BF16 => {
+                    ops.embedding_bf16_raw(table.device_ptr()?, ids.device_ptr()?, out.device_ptr()?, count, hidden)?
+                }
+                other => {
+                    return Err(invalid(
+                        OP,
+                        format!("a {other} table on the GPU (weights are bf16 there)"),
+                    ))
+                }
             }
             Ok(out)
         }
@@ -513,12 +606,21 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// A tensor of `shape` on `device` filled with `offset + scale * u_i`, `u_i`
 /// uniform in [-1, 1) from `(seed, i)` (identical bits on both devices, so a
 /// random model is the same model on the CPU and the GPU, up to the dtype).
-pub fn fill_uniform(shape: &[usize], dtype: DType, device: &Device, seed: u64, scale: f32, offset: f32) -> Result<Tensor> {
+pub fn fill_uniform(
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    scale: f32,
+    offset: f32,
+) -> Result<Tensor> {
     const OP: &str = "fill_uniform";
     match device {
         Device::Cpu => {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n as u64).map(|i| offset + scale * cpu::uniform_at(seed, i)).collect();
+            let v: Vec<f32> = (0..n as u64)
+                .map(|i| offset + scale * cpu::uniform_at(seed, i))
+                .collect();
             Tensor::from_f32(v, shape, dtype)
         }
         Device::Cuda(dev) => {
@@ -528,7 +630,8 @@ pub fn fill_uniform(shape: &[usize], dtype: DType, device: &Device, seed: u64, s
                 other => return Err(invalid(OP, format!("{other} (have bf16 and f32)"))),
             };
             let out = Tensor::uninit_on(shape, dtype, device)?;
-            dev.ops()?.fill_uniform_raw(out.device_ptr()?, out.elem_count(), bf16, seed, scale, offset)?;
+            dev.ops()?
+                .fill_uniform_raw(out.device_ptr()?, out.elem_count(), bf16, seed, scale, offset)?;
             Ok(out)
         }
     }
@@ -610,7 +713,11 @@ mod tests {
         let mut r = y.clone();
         add_(&mut r, &y).unwrap();
         assert_eq!(r.to_f32_vec().unwrap(), vec![3.0, 4.0, 4.0]);
-        assert_eq!(y.to_f32_vec().unwrap(), vec![1.5, 2.0, 2.0], "CPU in-place ops copy on write");
+        assert_eq!(
+            y.to_f32_vec().unwrap(),
+            vec![1.5, 2.0, 2.0],
+            "CPU in-place ops copy on write"
+        );
     }
 
     #[test]

@@ -135,7 +135,9 @@ impl CudaStorage {
 }
 
 /// Rust element types that map to a [`DType`].
-pub trait WithDType: Copy + Send + Sync + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static {
+pub trait WithDType:
+    Copy + Send + Sync + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static
+{
     const DTYPE: DType;
     fn into_storage(data: Vec<Self>) -> CpuStorage;
     fn slice(storage: &CpuStorage) -> Option<&[Self]>;
@@ -212,7 +214,11 @@ impl Tensor {
                 rhs: shape.to_vec(),
             });
         }
-        Ok(Tensor::from_storage(Storage::Cpu(T::into_storage(data)), shape, T::DTYPE))
+        Ok(Tensor::from_storage(
+            Storage::Cpu(T::into_storage(data)),
+            shape,
+            T::DTYPE,
+        ))
     }
 
     /// A device tensor that takes ownership of `data` (`shape` must cover it exactly).
@@ -403,7 +409,11 @@ impl Tensor {
         if start.checked_add(n).is_none_or(|end| end > rows) || self.shape.is_empty() {
             return Err(invalid(
                 "narrow_rows",
-                format!("rows {start}..{} of a tensor of shape {:?}", start.saturating_add(n), self.shape),
+                format!(
+                    "rows {start}..{} of a tensor of shape {:?}",
+                    start.saturating_add(n),
+                    self.shape
+                ),
             ));
         }
         let row = self.elem_count() / rows.max(1);
@@ -506,8 +516,8 @@ impl Tensor {
         }
         let range = self.range();
         let dtype = self.dtype;
-        let storage = Arc::get_mut(&mut self.storage)
-            .ok_or_else(|| invalid("as_slice_mut", "the tensor's storage is shared"))?;
+        let storage =
+            Arc::get_mut(&mut self.storage).ok_or_else(|| invalid("as_slice_mut", "the tensor's storage is shared"))?;
         let Storage::Cpu(s) = storage else {
             return Err(invalid("as_slice_mut", "the tensor is on a GPU"));
         };
@@ -519,6 +529,40 @@ impl Tensor {
             rhs: T::DTYPE,
         })?;
         Ok(&mut all[range])
+    }
+
+    /// Overwrites the elements with `data` (same count and dtype), in place:
+    /// the address stays, so a captured CUDA graph reading it sees the new
+    /// values. On the GPU the copy is ordered on the device's stream.
+    pub fn write_from_host<T: WithDType>(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.elem_count() || T::DTYPE != self.dtype {
+            return Err(invalid(
+                "write_from_host",
+                format!(
+                    "{} {} values into a {} tensor of {:?}",
+                    data.len(),
+                    T::DTYPE,
+                    self.dtype,
+                    self.shape
+                ),
+            ));
+        }
+        if !self.is_cuda() {
+            self.as_slice_mut::<T>()?.copy_from_slice(data);
+            return Ok(());
+        }
+        let Storage::Cuda { device, .. } = &*self.storage else {
+            unreachable!("checked")
+        };
+        let stream = device.stream().clone();
+        let dst = self.device_ptr()?;
+        // SAFETY: dst holds data.len() elements of T on this device; the
+        // host slice outlives the call, which waits for the copy (pageable
+        // memory: the driver stages it before returning).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst, data, stream.cu_stream())?;
+        }
+        Ok(())
     }
 
     /// The device address of the first element of a GPU tensor (views

@@ -24,7 +24,11 @@ fn rng() -> StdRng {
 
 fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
     let n = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>(), shape).unwrap()
+    Tensor::from_vec(
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>(),
+        shape,
+    )
+    .unwrap()
 }
 
 /// `t` with every value rounded through bf16 (what the GPU computes from).
@@ -50,12 +54,21 @@ fn elementwise_tensor_ops_match_cpu() {
         let x = random(&mut rng, &[rows, h], 3.0);
         let y = random(&mut rng, &[rows, h], 2.0);
         let w = random(&mut rng, &[h], 1.5);
-        let (gx, gy, gw) = (x.to_device(&dev).unwrap(), y.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
+        let (gx, gy, gw) = (
+            x.to_device(&dev).unwrap(),
+            y.to_device(&dev).unwrap(),
+            w.to_device(&dev).unwrap(),
+        );
 
         let want = ops::rms_norm(&x, &w, 1e-6).unwrap();
         assert_close(&ops::rms_norm(&gx, &gw, 1e-6).unwrap(), &want, 1e-5, "rms_norm");
         assert_close(&ops::add(&gx, &gy).unwrap(), &ops::add(&x, &y).unwrap(), 1e-6, "add");
-        assert_close(&ops::silu_mul(&gx, &gy).unwrap(), &ops::silu_mul(&x, &y).unwrap(), 1e-5, "silu_mul");
+        assert_close(
+            &ops::silu_mul(&gx, &gy).unwrap(),
+            &ops::silu_mul(&x, &y).unwrap(),
+            1e-5,
+            "silu_mul",
+        );
         let mut gb = ops::copy(&gx).unwrap();
         ops::bias_add_(&mut gb, &gw).unwrap();
         let mut cb = x.clone();
@@ -64,13 +77,24 @@ fn elementwise_tensor_ops_match_cpu() {
 
         // Casts: f32 -> bf16 rounds to nearest even on both sides, exactly.
         let g16 = ops::cast(&gx, DType::BF16).unwrap();
-        assert_eq!(g16.to_vec::<bf16>().unwrap(), x.to_dtype(DType::BF16).unwrap().to_vec::<bf16>().unwrap());
-        assert_close(&ops::cast(&g16, DType::F32).unwrap(), &bf16_rounded(&x), 0.0, "cast bf16 -> f32");
+        assert_eq!(
+            g16.to_vec::<bf16>().unwrap(),
+            x.to_dtype(DType::BF16).unwrap().to_vec::<bf16>().unwrap()
+        );
+        assert_close(
+            &ops::cast(&g16, DType::F32).unwrap(),
+            &bf16_rounded(&x),
+            0.0,
+            "cast bf16 -> f32",
+        );
 
         // Argmax over views: the last rows of a larger buffer.
         let view = gx.narrow_rows(rows / 2, rows - rows / 2).unwrap();
         let want = ops::argmax(&x.narrow_rows(rows / 2, rows - rows / 2).unwrap()).unwrap();
-        assert_eq!(ops::argmax(&view).unwrap().to_vec::<u32>().unwrap(), want.to_vec::<u32>().unwrap());
+        assert_eq!(
+            ops::argmax(&view).unwrap().to_vec::<u32>().unwrap(),
+            want.to_vec::<u32>().unwrap()
+        );
     }
 }
 
@@ -118,7 +142,10 @@ fn linear_embedding_and_rope_match_cpu() {
 
     for &(style, heads, d) in &[(RopeStyle::Neox, 8usize, 128usize), (RopeStyle::Interleaved, 1, 64)] {
         let table = RopeTable::new(d, 1e6, 4096).unwrap();
-        let (cpu_rope, gpu_rope) = (Rope::new(table.clone(), &Device::Cpu).unwrap(), Rope::new(table, &dev).unwrap());
+        let (cpu_rope, gpu_rope) = (
+            Rope::new(table.clone(), &Device::Cpu).unwrap(),
+            Rope::new(table, &dev).unwrap(),
+        );
         let tokens = 19;
         let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
         let pos = Tensor::from_vec(pos, &[tokens]).unwrap();

@@ -55,8 +55,7 @@ impl GpuKvStorage {
             )));
         }
         let need = Self::bytes_for(config);
-        device.context().bind_to_thread().map_err(asynctls_kernels::Error::from)?;
-        let (free, _total) = cudarc::driver::result::mem_get_info().map_err(asynctls_kernels::Error::from)?;
+        let (free, _total) = device.memory_info()?;
         if need.saturating_add(HEADROOM_BYTES) > free {
             return Err(CacheError::GpuMemory {
                 blocks: config.num_blocks,
@@ -130,7 +129,9 @@ impl KvStorage for GpuKvStorage {
         let at = (block.0 as usize * bs + slot) as i32;
         let slots = s.clone_htod(&[at]).map_err(asynctls_kernels::Error::from)?;
         let blocks = s.clone_htod(&[block.0 as i32]).map_err(asynctls_kernels::Error::from)?;
-        let fills = s.clone_htod(&[(slot + 1) as i32]).map_err(asynctls_kernels::Error::from)?;
+        let fills = s
+            .clone_htod(&[(slot + 1) as i32])
+            .map_err(asynctls_kernels::Error::from)?;
         self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills)
     }
 

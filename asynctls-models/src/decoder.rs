@@ -6,6 +6,9 @@
 //! decode runs one token of each sequence of a batch.
 
 use asynctls_attn::{AttentionBackend, AttentionPlan, AttnError, Step};
+use std::collections::HashMap;
+
+use asynctls_kernels::cuda::graph::StepGraph;
 use asynctls_kernels::{ops, DType, Device, Tensor};
 use asynctls_kvcache::SeqId;
 
@@ -65,8 +68,9 @@ impl Mlp {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut gate = self.gate_proj.forward(x)?;
-        ops::silu_mul_(&mut gate, &self.up_proj.forward(x)?)?;
+        let x = ops::gemm_input(x)?;
+        let mut gate = self.gate_proj.forward(&x)?;
+        ops::silu_mul_(&mut gate, &self.up_proj.forward(&x)?)?;
         self.down_proj.forward(&gate)
     }
 }
@@ -120,6 +124,47 @@ impl TokenIo {
         let normed = ops::rms_norm(x, &self.norm, self.eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Ok(ops::linear(&normed, head, None)?)
+    }
+}
+
+/// Greedy decode steps replayed from CUDA graphs: one graph per (batch size,
+/// dense or sparse step), captured on the second step of its kind (the
+/// first runs eagerly and sizes every scratch buffer) and replayed after,
+/// so a step costs one launch and one host sync (the sampled ids). On the
+/// CPU, or once a capture failed, steps run eagerly.
+#[derive(Debug)]
+pub struct DecodeGraphs {
+    max_blocks: usize,
+    entries: HashMap<(usize, bool), GraphEntry>,
+    enabled: bool,
+    /// Why graphs were turned off, if they were.
+    pub disabled: Option<String>,
+    pub eager_steps: usize,
+    pub captures: usize,
+    pub replays: usize,
+}
+
+#[derive(Debug)]
+struct GraphEntry {
+    ids: Tensor,
+    out: Tensor,
+    graph: Option<StepGraph>,
+    warmed: bool,
+}
+
+impl DecodeGraphs {
+    /// Graphs for sequences of at most `max_blocks` blocks (prompt plus new
+    /// tokens); `enabled: false` runs every step eagerly.
+    pub fn new(max_blocks: usize, enabled: bool) -> Self {
+        DecodeGraphs {
+            max_blocks,
+            entries: HashMap::new(),
+            enabled,
+            disabled: None,
+            eager_steps: 0,
+            captures: 0,
+            replays: 0,
+        }
     }
 }
 
@@ -187,7 +232,10 @@ impl<L: Layer> Decoder<'_, L> {
             return Err(ModelError::EmptyPrompt);
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.io.vocab) {
-            return Err(ModelError::TokenOutOfRange { id, vocab: self.io.vocab });
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab: self.io.vocab,
+            });
         }
         let result = self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1));
         if result.is_err() {
@@ -235,6 +283,101 @@ impl<L: Layer> Decoder<'_, L> {
             }
             _ => Ok(Tensor::from_vec(all, &[tokens.len(), self.io.vocab])?),
         }
+    }
+
+    /// The layers, head and argmax of a begun decode step: the ids on the device.
+    fn greedy_ids(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        step: &Step,
+        ids: &Tensor,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        let x = self.run(backend, step, ids, plan)?;
+        Ok(ops::argmax(&self.io.logits(&x)?)?)
+    }
+
+    /// One greedy decode step of `seqs` whose last tokens are `ids`; the
+    /// next ids on the host. On a GPU the step is replayed from a CUDA graph
+    /// when `graphs` has one for its batch size (see [`DecodeGraphs`]).
+    pub fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        let device = self.io.device();
+        let gpu = match &device {
+            Device::Cuda(dev) if graphs.enabled && graphs.disabled.is_none() => dev.clone(),
+            _ => {
+                graphs.eager_steps += 1;
+                let t = Tensor::from_vec(ids.to_vec(), &[ids.len()])?.to_device(&device)?;
+                return Ok(ops::argmax(&self.decode(backend, seqs, &t, plan)?)?.to_vec::<u32>()?);
+            }
+        };
+        if ids.len() != seqs.len() {
+            return Err(ModelError::Attention(AttnError::Shape {
+                what: "decode batch",
+                expected: format!("{} token ids", seqs.len()),
+                got: ids.len().to_string(),
+            }));
+        }
+        if graphs.entries.is_empty() {
+            backend.enable_graphs(graphs.max_blocks).map_err(attn_err)?;
+        }
+        let mut longest = 0;
+        for &s in seqs {
+            longest = longest.max(backend.seq_len(s).map_err(attn_err)? + 1);
+        }
+        let sparse = plan.sparse.policy != asynctls_attn::Policy::Dense && longest >= plan.sparse.dense_below;
+        let key = (seqs.len(), sparse);
+        let entry = match graphs.entries.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let b = seqs.len();
+                e.insert(GraphEntry {
+                    ids: Tensor::zeros_on(&[b], DType::U32, &device)?,
+                    out: Tensor::zeros_on(&[b], DType::U32, &device)?,
+                    graph: None,
+                    warmed: false,
+                })
+            }
+        };
+        entry.ids.write_from_host(ids)?;
+        let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
+        if let Some(graph) = &entry.graph {
+            graph.launch()?;
+            graphs.replays += 1;
+        } else if !entry.warmed {
+            let next = self.greedy_ids(backend, &step, &entry.ids, plan)?;
+            ops::copy_into(&mut entry.out, &next)?;
+            entry.warmed = true;
+            graphs.eager_steps += 1;
+        } else {
+            let (ids_in, out) = (&entry.ids, &mut entry.out);
+            let captured = gpu.capture(|| -> Result<()> {
+                let next = self.greedy_ids(backend, &step, ids_in, plan)?;
+                ops::copy_into(out, &next)?;
+                Ok(())
+            });
+            match captured {
+                Ok((graph, ())) => {
+                    graph.launch()?;
+                    entry.graph = Some(graph);
+                    graphs.captures += 1;
+                }
+                Err(e) => {
+                    // Nothing of the step ran: run it eagerly, and stay eager.
+                    graphs.disabled = Some(e.to_string());
+                    let next = self.greedy_ids(backend, &step, &entry.ids, plan)?;
+                    ops::copy_into(&mut entry.out, &next)?;
+                    graphs.eager_steps += 1;
+                }
+            }
+        }
+        Ok(entry.out.to_vec::<u32>()?)
     }
 
     /// One decode step: `ids` (u32 `[batch]` on the model's device) are the

@@ -542,7 +542,14 @@ impl GlmModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let io = TokenIo::load(w, c.vocab_size, h, c.rms_norm_eps as f32, c.tie_word_embeddings, &Device::Cpu)?;
+        let io = TokenIo::load(
+            w,
+            c.vocab_size,
+            h,
+            c.rms_norm_eps as f32,
+            c.tie_word_embeddings,
+            &Device::Cpu,
+        )?;
         Ok(GlmModel {
             io,
             layers,
@@ -634,6 +641,19 @@ impl GlmModel {
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         self.decoder().decode(backend, seqs, ids, plan)
+    }
+
+    /// One greedy decode step, replayed from a CUDA graph on a GPU where
+    /// `graphs` holds one ([`DecodeGraphs`](crate::DecodeGraphs)).
+    pub fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut crate::DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
     }
 }
 

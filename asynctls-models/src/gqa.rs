@@ -55,9 +55,10 @@ impl Attention {
         let n = x.rows();
         let d = self.shape.key_dim;
         let (qh, kvh) = (self.shape.q_heads, self.shape.kv_heads);
-        let mut q = self.q_proj.forward(x)?;
-        let mut k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let x = ops::gemm_input(x)?;
+        let mut q = self.q_proj.forward(&x)?;
+        let mut k = self.k_proj.forward(&x)?;
+        let v = self.v_proj.forward(&x)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = ops::rms_norm(&q.reshaped(&[n * qh, d])?, qn, self.eps)?;
             k = ops::rms_norm(&k.reshaped(&[n * kvh, d])?, kn, self.eps)?;
@@ -86,7 +87,11 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             input_layernorm: w.vector(&format!("{p}.input_layernorm.weight"), &[c.hidden_size], device)?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), c, device)?,
-            post_attention_layernorm: w.vector(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden_size], device)?,
+            post_attention_layernorm: w.vector(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[c.hidden_size],
+                device,
+            )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), c.hidden_size, c.intermediate_size, device)?,
             rope: rope.clone(),
             eps: c.rms_norm_eps as f32,
@@ -211,7 +216,10 @@ impl GqaModel {
         match &self.device {
             Device::Cpu => {
                 let host = self.host_storage(num_blocks, kv_dtype)?;
-                Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(host, resident_slots))?)))
+                Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
+                    host,
+                    resident_slots,
+                ))?)))
             }
             Device::Cuda(dev) => {
                 if resident_slots.is_some() {
@@ -257,6 +265,19 @@ impl GqaModel {
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         self.decoder().decode(backend, seqs, ids, plan)
+    }
+
+    /// One greedy decode step, replayed from a CUDA graph on a GPU where
+    /// `graphs` holds one ([`DecodeGraphs`](crate::DecodeGraphs)).
+    pub fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut crate::DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
     }
 }
 

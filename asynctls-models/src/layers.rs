@@ -71,4 +71,3 @@ impl Mlp {
 pub(crate) fn add_residual(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
-

@@ -32,12 +32,12 @@ mod model;
 mod tokenizer;
 mod weights;
 
+pub use asynctls_attn::{AttentionBackend, AttentionPlan, AttentionStats};
 pub use config::{Family, GqaConfig, RopeScaling};
+pub use decoder::{DecodeGraphs, DEFAULT_PREFILL_CHUNK};
 pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
-pub use asynctls_attn::{AttentionBackend, AttentionPlan, AttentionStats};
-pub use decoder::DEFAULT_PREFILL_CHUNK;
 pub use gqa::{load_gqa, GqaModel};
 pub use model::{load_model, load_model_on, CausalLm};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -7,6 +7,7 @@ use asynctls_attn::{AttentionBackend, AttentionPlan};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, KvDType, SeqId};
 
+use crate::decoder::DecodeGraphs;
 use crate::error::io_err;
 use crate::glm::{GlmConfig, GlmModel};
 use crate::gqa::GqaModel;
@@ -57,6 +58,16 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         ids: &Tensor,
         plan: &AttentionPlan,
     ) -> Result<Tensor>;
+    /// One greedy step (`ids` the last tokens, on the host); the next ids on
+    /// the host. On a GPU, replayed from a CUDA graph where `graphs` holds one.
+    fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut DecodeGraphs,
+    ) -> Result<Vec<u32>>;
 }
 
 impl CausalLm for GqaModel {
@@ -109,6 +120,16 @@ impl CausalLm for GqaModel {
     ) -> Result<Tensor> {
         GqaModel::decode_step(self, backend, seqs, ids, plan)
     }
+    fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        Self::decode_greedy(self, backend, seqs, ids, plan, graphs)
+    }
 }
 
 impl CausalLm for GlmModel {
@@ -153,6 +174,16 @@ impl CausalLm for GlmModel {
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         GlmModel::decode_step(self, backend, seqs, ids, plan)
+    }
+    fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        graphs: &mut DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        Self::decode_greedy(self, backend, seqs, ids, plan, graphs)
     }
 }
 

@@ -82,7 +82,14 @@ impl RandomWeights {
 
     fn generate(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let (scale, offset) = self.law(name);
-        Ok(asynctls_kernels::ops::fill_uniform(shape, dtype, device, self.stream(name), scale, offset)?)
+        Ok(asynctls_kernels::ops::fill_uniform(
+            shape,
+            dtype,
+            device,
+            self.stream(name),
+            scale,
+            offset,
+        )?)
     }
 }
 

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{cpu, CudaDevice, Device, Tensor};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model_on, AttentionPlan, CausalLm, GqaConfig, GqaModel, RandomWeights, Weights};
+use asynctls_models::{
+    load_model_on, AttentionPlan, CausalLm, DecodeGraphs, GqaConfig, GqaModel, RandomWeights, Weights,
+};
 
 fn gpu() -> Option<Device> {
     CudaDevice::for_tests().map(Device::Cuda)
@@ -30,27 +32,71 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// Prefills `prompts` (all logits) and decodes `steps` greedy tokens as one batch.
-fn run(model: &dyn CausalLm, prompts: &[Vec<u32>], steps: usize, plan: &AttentionPlan) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+fn run(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    plan: &AttentionPlan,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
     let mut backend = model.new_backend(64, KvDType::BF16, None).unwrap();
     let vocab = model.vocab_size();
     let (mut seqs, mut next, mut all) = (vec![], vec![], vec![]);
     for p in prompts {
         let seq = backend.add_sequence();
-        let logits = model.prefill(backend.as_mut(), seq, p, true, 7).unwrap().to_f32_vec().unwrap();
+        let logits = model
+            .prefill(backend.as_mut(), seq, p, true, 7)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         next.push(cpu::argmax(&logits[logits.len() - vocab..]).unwrap());
         all.push(logits);
         seqs.push(seq);
     }
     let mut tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
     for _ in 1..steps {
-        let ids = Tensor::from_vec(next.clone(), &[next.len()]).unwrap().to_device(model.device()).unwrap();
-        let logits = model.decode_step(backend.as_mut(), &seqs, &ids, plan).unwrap().to_f32_vec().unwrap();
+        let ids = Tensor::from_vec(next.clone(), &[next.len()])
+            .unwrap()
+            .to_device(model.device())
+            .unwrap();
+        let logits = model
+            .decode_step(backend.as_mut(), &seqs, &ids, plan)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             next[i] = cpu::argmax(row).unwrap();
             tokens[i].push(next[i]);
         }
     }
     (all, tokens)
+}
+
+/// Decode logits of every step with the tokens given (teacher forcing), so
+/// two plans can be compared step by step on the same inputs.
+fn forced_logits(model: &dyn CausalLm, prompts: &[Vec<u32>], tokens: &[Vec<u32>], plan: &AttentionPlan) -> Vec<f32> {
+    let mut backend = model.new_backend(64, KvDType::BF16, None).unwrap();
+    let mut seqs = vec![];
+    for p in prompts {
+        let seq = backend.add_sequence();
+        model.prefill(backend.as_mut(), seq, p, false, 64).unwrap();
+        seqs.push(seq);
+    }
+    let mut all = vec![];
+    for step in 0..tokens[0].len() - 1 {
+        let ids: Vec<u32> = tokens.iter().map(|t| t[step]).collect();
+        let ids = Tensor::from_vec(ids, &[seqs.len()])
+            .unwrap()
+            .to_device(model.device())
+            .unwrap();
+        all.extend(
+            model
+                .decode_step(backend.as_mut(), &seqs, &ids, plan)
+                .unwrap()
+                .to_f32_vec()
+                .unwrap(),
+        );
+    }
+    all
 }
 
 fn covering_tls() -> AttentionPlan {
@@ -71,7 +117,13 @@ fn hf_golden_greedy_tokens_on_the_gpu() {
     for name in ["llama-mha"] {
         let dir = fixture(name);
         let g = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
-        let ints = |n: String| g.get_ints(&n).unwrap().into_iter().map(|x| x as u32).collect::<Vec<_>>();
+        let ints = |n: String| {
+            g.get_ints(&n)
+                .unwrap()
+                .into_iter()
+                .map(|x| x as u32)
+                .collect::<Vec<_>>()
+        };
         let prompts: Vec<Vec<u32>> = (0..2).map(|i| ints(format!("input_ids_{i}"))).collect();
         let greedy: Vec<Vec<u32>> = (0..2).map(|i| ints(format!("greedy_{i}"))).collect();
         let want: Vec<Vec<f32>> = (0..2)
@@ -81,15 +133,31 @@ fn hf_golden_greedy_tokens_on_the_gpu() {
             })
             .collect();
         let model = load_model_on(&dir, &dev).unwrap();
-        for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", covering_tls())] {
-            let (logits, tokens) = run(model.as_ref(), &prompts, greedy[0].len(), &plan);
-            for (got, want) in logits.iter().zip(&want) {
-                let e = rel_err(got, want);
-                println!("{name} {label}: prefill logits rel err vs HF {e:.2e}");
-                assert!(e <= 3e-2, "{name}: logits rel err {e}");
-            }
-            assert_eq!(tokens, greedy, "{name} {label}: greedy tokens on the GPU");
+        let (logits, tokens) = run(model.as_ref(), &prompts, greedy[0].len(), &AttentionPlan::dense());
+        for (got, want) in logits.iter().zip(&want) {
+            let e = rel_err(got, want);
+            println!("{name} dense: prefill logits rel err vs HF {e:.2e}");
+            assert!(e <= 3e-2, "{name}: logits rel err {e}");
         }
+        assert_eq!(tokens, greedy, "{name} dense: greedy tokens on the GPU");
+        // tls with budgets covering the context attends the same tokens as
+        // dense through the selection kernels: fed the same tokens, its
+        // decode logits must match dense's to f32 rounding.
+        let dense_steps = forced_logits(model.as_ref(), &prompts, &greedy, &AttentionPlan::dense());
+        let tls_steps = forced_logits(model.as_ref(), &prompts, &greedy, &covering_tls());
+        let e = rel_err(&tls_steps, &dense_steps);
+        let tls_tokens = run(model.as_ref(), &prompts, greedy[0].len(), &covering_tls()).1;
+        let agree = tls_tokens
+            .iter()
+            .flatten()
+            .zip(greedy.iter().flatten())
+            .filter(|(a, b)| a == b)
+            .count();
+        println!(
+            "{name} tls (budget covers the context): decode logits rel err vs GPU dense {e:.2e}; greedy tokens equal to HF's {agree}/{}",
+            greedy.iter().flatten().count()
+        );
+        assert!(e <= 1e-3, "{name}: tls decode logits differ from dense by {e}");
     }
     // The other fixtures have head dims the GPU kernels are not built for.
     let dir = fixture("qwen3-tiny");
@@ -97,7 +165,10 @@ fn hf_golden_greedy_tokens_on_the_gpu() {
         let model = load_model_on(&dir, &dev).unwrap();
         let mut b = model.new_backend(8, KvDType::BF16, None).unwrap();
         let seq = b.add_sequence();
-        model.prefill(b.as_mut(), seq, &[1, 2, 3], false, 8).unwrap_err().to_string()
+        model
+            .prefill(b.as_mut(), seq, &[1, 2, 3], false, 8)
+            .unwrap_err()
+            .to_string()
     };
     println!("qwen3-tiny (head dim 32) on the GPU: {err}");
     assert!(err.contains("head dim") || err.contains("key dim"), "{err}");
@@ -115,7 +186,10 @@ fn gpu_logits_match_the_cpu_at_real_head_shapes() {
         };
         let cpu_model = GqaModel::load(config.clone(), &weights).unwrap();
         let gpu_model = GqaModel::load_on(config, &weights, &dev).unwrap();
-        let prompts: Vec<Vec<u32>> = vec![(0..150).map(|i| (i * 37 % 2048) as u32).collect(), (0..97).map(|i| (i * 11 + 5) as u32).collect()];
+        let prompts: Vec<Vec<u32>> = vec![
+            (0..150).map(|i| (i * 37 % 2048) as u32).collect(),
+            (0..97).map(|i| (i * 11 + 5) as u32).collect(),
+        ];
         for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", covering_tls())] {
             let (cl, ct) = run(&cpu_model, &prompts, 6, &plan);
             let (gl, gt) = run(&gpu_model, &prompts, 6, &plan);
@@ -124,8 +198,72 @@ fn gpu_logits_match_the_cpu_at_real_head_shapes() {
                 println!("{shape} {label}: prefill logits (every position) rel err GPU vs CPU {e:.2e}");
                 assert!(e <= 3e-2, "{shape}: rel err {e}");
             }
-            let agree = ct.iter().flatten().zip(gt.iter().flatten()).filter(|(a, b)| a == b).count();
-            println!("{shape} {label}: greedy tokens agree {agree}/{}", ct.iter().flatten().count());
+            let agree = ct
+                .iter()
+                .flatten()
+                .zip(gt.iter().flatten())
+                .filter(|(a, b)| a == b)
+                .count();
+            println!(
+                "{shape} {label}: greedy tokens agree {agree}/{}",
+                ct.iter().flatten().count()
+            );
         }
+    }
+}
+
+#[test]
+fn cuda_graph_replays_give_the_eager_tokens() {
+    let Some(dev) = gpu() else { return };
+    let weights = RandomWeights { seed: 5, std: 0.02 };
+    let config = GqaConfig {
+        num_hidden_layers: 2,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..700).map(|i| (i * 37 % 4096) as u32).collect(),
+        (0..450).map(|i| (i * 11 + 5) as u32).collect(),
+    ];
+    // Sparse with budgets below the context: real selections inside the graph.
+    let tls = AttentionPlan {
+        sparse: SparseConfig {
+            policy: Policy::Tls,
+            block_topk: 4,
+            token_topk: 128,
+            dense_below: 0,
+            ..SparseConfig::default()
+        },
+        dense_layers: 1,
+    };
+    for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
+        let mut per_mode = vec![];
+        for graphed in [false, true] {
+            let mut backend = model.new_backend(64, KvDType::BF16, None).unwrap();
+            let mut seqs = vec![];
+            let mut next = vec![];
+            for p in &prompts {
+                let seq = backend.add_sequence();
+                let logits = model.prefill(backend.as_mut(), seq, p, false, 256).unwrap();
+                next.push(asynctls_kernels::ops::argmax(&logits).unwrap().to_vec::<u32>().unwrap()[0]);
+                seqs.push(seq);
+            }
+            let mut graphs = DecodeGraphs::new(32, graphed);
+            let mut tokens = vec![];
+            for _ in 0..10 {
+                next = model
+                    .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
+                    .unwrap();
+                tokens.push(next.clone());
+            }
+            if graphed {
+                assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
+                assert!(graphs.replays >= 7, "{} replays", graphs.replays);
+            }
+            per_mode.push(tokens);
+        }
+        println!("{label}: eager and graph-replayed greedy tokens: {:?}", per_mode[1]);
+        assert_eq!(per_mode[0], per_mode[1], "{label}: replayed tokens differ from eager");
     }
 }

@@ -23,7 +23,11 @@ fn run(model: &dyn CausalLm) {
         dense_layers: 0,
     };
     let ids = asynctls_kernels::Tensor::from_vec(vec![5u32], &[1]).unwrap();
-    let logits = model.decode_step(backend.as_mut(), &[seq], &ids, &plan).unwrap().to_f32_vec().unwrap();
+    let logits = model
+        .decode_step(backend.as_mut(), &[seq], &ids, &plan)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
     assert!(logits.iter().all(|v| v.is_finite()));
 }
 

@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_kernels::{ops, Tensor};
-use asynctls_models::{AttentionPlan, CausalLm, ModelError, DEFAULT_PREFILL_CHUNK};
+use asynctls_kvcache::{KvDType, SeqId};
+use asynctls_models::{AttentionPlan, CausalLm, DecodeGraphs, ModelError, DEFAULT_PREFILL_CHUNK};
 use serde::Serialize;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -82,6 +82,8 @@ pub struct Engine {
     pub resident_slots: Option<usize>,
     /// Prompt tokens per prefill chunk.
     pub prefill_chunk: usize,
+    /// Replay greedy decode steps from CUDA graphs on a GPU.
+    pub cuda_graphs: bool,
 }
 
 impl Engine {
@@ -93,6 +95,7 @@ impl Engine {
             measure_attention: false,
             resident_slots: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            cuda_graphs: true,
         }
     }
 
@@ -186,15 +189,29 @@ impl Engine {
                 live.push((i, seq, first));
             }
         }
+        // Greedy batches on a GPU replay their decode steps from CUDA graphs
+        // (statistics need the host path's dense passes, so they stay eager).
+        let all_greedy = requests.iter().all(|r| r.sampling.is_greedy());
+        let max_blocks = requests
+            .iter()
+            .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
+            .max()
+            .unwrap_or(1);
+        let mut graphs = DecodeGraphs::new(max_blocks, self.cuda_graphs && !self.measure_attention);
         while !live.is_empty() {
             let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
             let tokens: Vec<u32> = live.iter().map(|l| l.2).collect();
             let start = Instant::now();
-            let ids = Tensor::from_vec(tokens, &[seqs.len()])?.to_device(&device)?;
-            let logits = self.model.decode_step(backend.as_mut(), &seqs, &ids, &self.plan)?;
             // The one host sync of a step: the sampled ids.
-            let rows: Vec<usize> = live.iter().map(|l| l.0).collect();
-            let sampled = sample(&logits, &mut samplers, &rows)?;
+            let sampled = if all_greedy {
+                self.model
+                    .decode_greedy(backend.as_mut(), &seqs, &tokens, &self.plan, &mut graphs)?
+            } else {
+                let ids = Tensor::from_vec(tokens, &[seqs.len()])?.to_device(&device)?;
+                let logits = self.model.decode_step(backend.as_mut(), &seqs, &ids, &self.plan)?;
+                let rows: Vec<usize> = live.iter().map(|l| l.0).collect();
+                sample(&logits, &mut samplers, &rows)?
+            };
             let ms = start.elapsed().as_secs_f64() * 1e3;
             timings.decode_ms += ms;
             timings.decode_steps += 1;

@@ -11,12 +11,38 @@ use super::CudaOps;
 use crate::error::invalid;
 use crate::{Error, Result};
 
+/// Bytes of the workspace cuBLAS is given (what it would otherwise
+/// allocate on its own, which a CUDA graph capture does not allow).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The cuBLAS handle and the workspace it owns for the process.
+#[derive(Debug)]
+pub(crate) struct Blas {
+    handle: CudaBlas,
+    _workspace: CudaSlice<u8>,
+}
+
 impl CudaOps {
     pub(crate) fn blas(&self) -> Result<&CudaBlas> {
-        let blas = self
-            .blas
-            .get_or_init(|| CudaBlas::new(self.device.stream().clone()).map_err(|e| e.to_string()));
-        blas.as_ref().map_err(|e| Error::CudaLibrary(format!("cuBLAS: {e}")))
+        let blas = self.blas.get_or_init(|| {
+            let stream = self.device.stream().clone();
+            let handle = CudaBlas::new(stream.clone()).map_err(|e| e.to_string())?;
+            let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| e.to_string())?;
+            let ptr = cudarc::driver::DevicePtr::device_ptr(&workspace, &stream).0;
+            // SAFETY: the workspace lives as long as the handle (both in `Blas`).
+            let status =
+                unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*handle.handle(), ptr as *mut _, WORKSPACE_BYTES) };
+            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(format!("cublasSetWorkspace: {status:?}"));
+            }
+            Ok(Blas {
+                handle,
+                _workspace: workspace,
+            })
+        });
+        blas.as_ref()
+            .map(|b| &b.handle)
+            .map_err(|e| Error::CudaLibrary(format!("cuBLAS: {e}")))
     }
 
     /// `c = a . b^T` for row-major `a` `[m, k]`, `b` `[n, k]`, `c` `[m, n]`

@@ -24,6 +24,7 @@ use crate::{CudaDevice, Result};
 pub mod attention;
 pub mod blas;
 pub mod gather;
+pub mod graph;
 pub mod kv;
 pub mod model;
 pub mod prefill;
@@ -59,7 +60,7 @@ pub struct CudaOps {
     sampling: Arc<CudaModule>,
     /// Function handles by (module, name), filled on first launch.
     functions: Arc<Mutex<HashMap<(usize, String), CudaFunction>>>,
-    blas: Arc<std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>>,
+    blas: Arc<std::sync::OnceLock<std::result::Result<blas::Blas, String>>>,
 }
 
 /// Lets `f` use `bytes` of dynamic shared memory (when that and the

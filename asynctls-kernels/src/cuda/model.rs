@@ -165,7 +165,14 @@ impl CudaOps {
         let f = self.function(&self.elementwise, "rope_f32")?;
         let (h, d, r, i) = (heads as i32, head_dim as i32, rotary_dim as i32, i32::from(interleaved));
         let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&x).arg(&cos).arg(&sin).arg(&positions).arg(&h).arg(&d).arg(&r).arg(&i);
+        b.arg(&x)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&positions)
+            .arg(&h)
+            .arg(&d)
+            .arg(&r)
+            .arg(&i);
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, heads as u32, 1),
             block_dim: (64, 1, 1),

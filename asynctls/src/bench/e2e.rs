@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use asynctls_attn::{AttentionBackend, CudaAttention, Policy, SparseConfig};
-use asynctls_kernels::{ops, Device, Tensor};
+use asynctls_kernels::Device;
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionPlan, CausalLm};
+use asynctls_models::{AttentionPlan, CausalLm, DecodeGraphs};
 use serde::Serialize;
 
 /// The HBM bandwidth the floor is computed with (H200 spec, bytes/s).
@@ -38,6 +38,8 @@ pub struct E2eBenchConfig {
     pub prefill_chunk: usize,
     pub kv_dtype: KvDType,
     pub seed: u64,
+    /// Replay decode steps from CUDA graphs (GPU).
+    pub cuda_graphs: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +68,8 @@ pub struct E2eRow {
     pub peak_gib: Option<f64>,
     /// Greedy tokens agreeing with the dense run's, position by position.
     pub agreement_with_dense: Option<f64>,
+    /// Whether the timed steps were replayed from CUDA graphs.
+    pub cuda_graphs: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,8 +87,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn gpu_used_gib(device: &Device) -> Option<f64> {
     let Device::Cuda(dev) = device else { return None };
-    dev.context().bind_to_thread().ok()?;
-    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    let (free, total) = dev.memory_info().ok()?;
     Some((total - free) as f64 / (1u64 << 30) as f64)
 }
 
@@ -137,7 +140,14 @@ fn step_bytes(model: &dyn CausalLm, plan: &AttentionPlan, ctx: usize, batch: usi
 }
 
 /// Gives `seq` `ctx` tokens of K/V: random rows on a GPU, a prefill on the CPU.
-fn fill(model: &dyn CausalLm, backend: &mut dyn AttentionBackend, seq: SeqId, ctx: usize, seed: u64, chunk: usize) -> Result<()> {
+fn fill(
+    model: &dyn CausalLm,
+    backend: &mut dyn AttentionBackend,
+    seq: SeqId,
+    ctx: usize,
+    seed: u64,
+    chunk: usize,
+) -> Result<()> {
     if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
         gpu.fill_random(seq, ctx, seed)?;
     } else {
@@ -157,7 +167,10 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
     if config.prefill_tokens > 0 {
         let n = config.prefill_tokens;
         if n > model.max_positions() {
-            bail!("a prefill of {n} tokens exceeds the model's {} positions", model.max_positions());
+            bail!(
+                "a prefill of {n} tokens exceeds the model's {} positions",
+                model.max_positions()
+            );
         }
         progress(&format!("prefill of {n} tokens"));
         let mut backend = model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, None)?;
@@ -201,7 +214,14 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             let mut seqs = Vec::with_capacity(batch);
             for b in 0..batch {
                 let seq = backend.add_sequence();
-                fill(model, backend.as_mut(), seq, ctx, config.seed ^ (b as u64) << 20, config.prefill_chunk)?;
+                fill(
+                    model,
+                    backend.as_mut(),
+                    seq,
+                    ctx,
+                    config.seed ^ (b as u64) << 20,
+                    config.prefill_chunk,
+                )?;
                 seqs.push(seq);
             }
             let mut dense_tokens: Option<Vec<u32>> = None;
@@ -212,20 +232,30 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     .iter()
                     .map(|&s| backend.fork(s))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
-                let mut next: Vec<u32> = (0..batch as u32).map(|b| (b * 7919 + 1) % model.vocab_size() as u32).collect();
+                let mut next: Vec<u32> = (0..batch as u32)
+                    .map(|b| (b * 7919 + 1) % model.vocab_size() as u32)
+                    .collect();
                 let mut generated = Vec::with_capacity(config.decode_tokens);
                 let mut times = Vec::with_capacity(config.decode_tokens);
-                // Two warm-up steps, then the timed ones.
-                for step in 0..config.decode_tokens + 2 {
+                let mut graphs = DecodeGraphs::new(per_seq, config.cuda_graphs);
+                // Warm-up steps (the first runs eagerly, the second is
+                // captured as a CUDA graph), then the timed ones.
+                const WARMUP: usize = 3;
+                for step in 0..config.decode_tokens + WARMUP {
                     let start = Instant::now();
-                    let ids = Tensor::from_vec(next.clone(), &[batch])?.to_device(&device)?;
-                    let logits = model.decode_step(backend.as_mut(), &forks, &ids, &plan)?;
-                    next = ops::argmax(&logits)?.to_vec::<u32>()?;
-                    if step >= 2 {
+                    next = model.decode_greedy(backend.as_mut(), &forks, &next, &plan, &mut graphs)?;
+                    if step >= WARMUP {
                         times.push(start.elapsed().as_secs_f64());
                         generated.push(next[0]);
                     }
                 }
+                if let Some(why) = &graphs.disabled {
+                    report
+                        .skipped
+                        .push(format!("ctx {ctx} batch {batch} {policy}: CUDA graphs off ({why})"));
+                }
+                let graphed = graphs.replays > 0;
+                drop(graphs);
                 let peak = gpu_used_gib(&device);
                 for f in forks {
                     backend.free(f)?;
@@ -249,6 +279,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     floor_ratio: step_s * 1e3 / floor_ms,
                     peak_gib: peak,
                     agreement_with_dense: agreement,
+                    cuda_graphs: graphed,
                 });
             }
         }
@@ -270,6 +301,11 @@ pub fn render_table(name: &str, device: &Device, report: &E2eReport) -> String {
         s,
         "{:>7} {:>5} {:>6} {:>6} {:>12} {:>10} {:>9} {:>7} {:>8} {:>6}",
         "ctx", "batch", "policy", "budget", "decode tok/s", "ms/step", "floor ms", "x floor", "GPU GiB", "agree"
+    );
+    let _ = writeln!(
+        s,
+        "(steps replayed from CUDA graphs: {})",
+        report.rows.iter().any(|r| r.cuda_graphs)
     );
     for r in &report.rows {
         let _ = writeln!(

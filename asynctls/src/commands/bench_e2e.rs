@@ -48,6 +48,9 @@ pub struct E2eArgs {
     prefill_chunk: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run every decode step eagerly instead of replaying CUDA graphs.
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -100,6 +103,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         prefill_chunk: args.prefill_chunk,
         kv_dtype: KvDType::BF16,
         seed: args.seed,
+        cuda_graphs: !args.no_cuda_graphs,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));
