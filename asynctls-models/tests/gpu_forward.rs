@@ -224,7 +224,7 @@ fn cuda_graph_replays_give_the_eager_tokens() {
     let model = GqaModel::load_on(config, &weights, &dev).unwrap();
     let prompts: Vec<Vec<u32>> = vec![
         (0..700).map(|i| (i * 37 % 4096) as u32).collect(),
-        (0..450).map(|i| (i * 11 + 5) as u32).collect(),
+        (0..450).map(|i| ((i * 11 + 5) % 4096) as u32).collect(),
     ];
     // Sparse with budgets below the context: real selections inside the graph.
     let tls = AttentionPlan {

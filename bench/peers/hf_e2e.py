@@ -634,6 +634,10 @@ def print_side_by_side(rows, ours, prefill):
         o = o or next((r for r in mine if r.get("ctx") == p_ctx and r.get("batch", 1) == 1
                        and r.get("prefill_tokens_per_s")), None)
         o_tps = o.get("prefill_tokens_per_s") if o else None
+        # `asynctls bench e2e --json` reports its prefill at the top level.
+        top = (ours or {}).get("prefill") if isinstance(ours, dict) else None
+        if o_tps is None and top and top.get("tokens") == p_ctx:
+            o_tps = top.get("prefill_tokens_per_s")
         h_tps = "oom" if prefill.get("oom") else prefill.get("prefill_tokens_per_s")
         print(f"\nprefill at ctx {p_ctx}, batch 1: ours {fmt(o_tps, '.0f')} tok/s, HF eager {fmt(h_tps, '.0f')} tok/s, "
               f"ours/HF {fmt(ratio(o_tps, h_tps))}")

@@ -15,14 +15,18 @@ fn gpu_tests(root: &Path) -> Result<Vec<(String, String)>> {
     for entry in entries.flatten() {
         let crate_dir = entry.path();
         let manifest = crate_dir.join("Cargo.toml");
-        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
         let Some(package) = text
             .lines()
             .find_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"').map(String::from))
         else {
             continue;
         };
-        let Ok(tests) = std::fs::read_dir(crate_dir.join("tests")) else { continue };
+        let Ok(tests) = std::fs::read_dir(crate_dir.join("tests")) else {
+            continue;
+        };
         for t in tests.flatten() {
             let name = t.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_prefix("gpu_").and_then(|n| n.strip_suffix(".rs")) {

@@ -10,7 +10,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{load_model_on, AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -44,8 +44,8 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let device = Device::from_request(args.device).context("opening the device")?;
-    if device.is_cuda() {
-        eprintln!("note: a GPU is present, but the model path runs on the CPU until the CUDA model path lands");
+    if matches!(args.device, DeviceRequest::Auto) && !args.json {
+        eprintln!("demo: --device auto picked {device}");
     }
     let dir = if std::path::Path::new(&args.model).is_dir() {
         PathBuf::from(&args.model)
@@ -60,7 +60,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", dir.display()));
-    let model = load_model(&dir)?;
+    let model = load_model_on(&dir, &device)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
