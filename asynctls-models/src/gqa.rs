@@ -141,6 +141,18 @@ impl GqaModel {
     /// Loads the model onto `device` (bf16 weights on a GPU).
     pub fn load_on(config: GqaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
         let c = &config;
+        if let Device::Cuda(dev) = device {
+            // Refused before any weight is allocated.
+            let need = gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
+            let (free, _) = dev.memory_info()?;
+            if need > free {
+                return Err(ModelError::WeightsDoNotFit {
+                    device: device.to_string(),
+                    need_gib: need as f64 / (1u64 << 30) as f64,
+                    free_gib: free as f64 / (1u64 << 30) as f64,
+                });
+            }
+        }
         let io = TokenIo::load(
             weights,
             c.vocab_size,
@@ -279,6 +291,19 @@ impl GqaModel {
     ) -> Result<Vec<u32>> {
         self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
     }
+}
+
+/// Bytes of a GQA model's matrices (every layer's projections and the LM
+/// head, at `elem` bytes each): what one decode step reads.
+pub(crate) fn gqa_weight_bytes(c: &GqaConfig, elem: usize) -> usize {
+    // Saturating: the sizes come from a config file and only size a check.
+    let m = |a: usize, b: usize| a.saturating_mul(b);
+    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let heads = m(c.num_attention_heads, d);
+    let attn = m(h, heads.saturating_add(m(2, m(c.num_key_value_heads, d)))).saturating_add(m(heads, h));
+    let layer = attn.saturating_add(m(3, m(h, i)));
+    let params = m(c.num_hidden_layers, layer).saturating_add(m(c.vocab_size, h));
+    m(params, elem)
 }
 
 /// Loads a model directory's config and weights onto the CPU.

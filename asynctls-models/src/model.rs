@@ -84,11 +84,7 @@ impl CausalLm for GqaModel {
         GqaModel::device(self)
     }
     fn weight_bytes_per_step(&self) -> usize {
-        let c = self.config();
-        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let attn = h * (c.num_attention_heads * d + 2 * c.num_key_value_heads * d) + c.num_attention_heads * d * h;
-        let params = c.num_hidden_layers * (attn + 3 * h * i) + c.vocab_size * h;
-        params * if self.device().is_cuda() { 2 } else { 4 }
+        crate::gqa::gqa_weight_bytes(self.config(), if self.device().is_cuda() { 2 } else { 4 })
     }
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GqaModel::cache_config(self, num_blocks, kv_dtype)
