@@ -120,14 +120,27 @@ impl Step {
 /// A KV cache and the attention over it, on one device.
 pub trait AttentionBackend: Send + std::fmt::Debug {
     fn device(&self) -> &Device;
-    fn add_sequence(&mut self) -> SeqId;
+    /// The cache's sequence bookkeeping (the same for every backend).
+    fn sequences(&self) -> &dyn Sequences;
+    fn sequences_mut(&mut self) -> &mut dyn Sequences;
+    fn add_sequence(&mut self) -> SeqId {
+        self.sequences_mut().add_sequence()
+    }
     /// Drops a sequence and returns its blocks; the number freed.
-    fn free(&mut self, seq: SeqId) -> Result<usize>;
+    fn free(&mut self, seq: SeqId) -> Result<usize> {
+        self.sequences_mut().free(seq)
+    }
     /// A new sequence sharing every block of `seq`.
-    fn fork(&mut self, seq: SeqId) -> Result<SeqId>;
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        self.sequences_mut().fork(seq)
+    }
     /// Tokens reserved for `seq`.
-    fn seq_len(&self, seq: SeqId) -> Result<usize>;
-    fn memory_report(&self) -> MemoryReport;
+    fn seq_len(&self, seq: SeqId) -> Result<usize> {
+        self.sequences().seq_len(seq)
+    }
+    fn memory_report(&self) -> MemoryReport {
+        self.sequences().memory_report()
+    }
     /// Reserves `n` more positions of `seq` (a prefill chunk), below `limit`.
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step>;
     /// Reserves one more position of every sequence, all or nothing.
@@ -171,6 +184,41 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     }
     /// For code that still needs the concrete backend (GLM's host loops).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// What a backend's paged cache does for sequences, whatever its storage.
+pub trait Sequences {
+    fn add_sequence(&mut self) -> SeqId;
+    fn free(&mut self, seq: SeqId) -> Result<usize>;
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId>;
+    fn seq_len(&self, seq: SeqId) -> Result<usize>;
+    fn memory_report(&self) -> MemoryReport;
+    /// Reserves a prefill chunk of `n` positions below `limit`, all or
+    /// nothing; its first position and all of them.
+    fn reserve_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<(usize, Vec<usize>)>;
+}
+
+impl<S: KvStorage> Sequences for PagedKvCache<S> {
+    fn add_sequence(&mut self) -> SeqId {
+        PagedKvCache::add_sequence(self)
+    }
+    fn free(&mut self, seq: SeqId) -> Result<usize> {
+        Ok(PagedKvCache::free(self, seq)?)
+    }
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        Ok(PagedKvCache::fork(self, seq)?)
+    }
+    fn seq_len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.table(seq)?.len())
+    }
+    fn memory_report(&self) -> MemoryReport {
+        PagedKvCache::memory_report(self)
+    }
+    fn reserve_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<(usize, Vec<usize>)> {
+        let start = self.table(seq)?.len();
+        check_positions(start + n, limit)?;
+        Ok((start, self.reserve(seq, n)?.collect()))
+    }
 }
 
 /// Positions `start..start + n` must fit the model's `limit`.
@@ -278,36 +326,17 @@ impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttent
         &self.device
     }
 
-    fn add_sequence(&mut self) -> SeqId {
-        self.cache.add_sequence()
+    fn sequences(&self) -> &dyn Sequences {
+        &self.cache
     }
 
-    fn free(&mut self, seq: SeqId) -> Result<usize> {
-        Ok(self.cache.free(seq)?)
-    }
-
-    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        Ok(self.cache.fork(seq)?)
-    }
-
-    fn seq_len(&self, seq: SeqId) -> Result<usize> {
-        Ok(self.cache.table(seq)?.len())
-    }
-
-    fn memory_report(&self) -> MemoryReport {
-        self.cache.memory_report()
+    fn sequences_mut(&mut self) -> &mut dyn Sequences {
+        &mut self.cache
     }
 
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
-        let start = self.cache.table(seq)?.len();
-        check_positions(start + n, limit)?;
-        let range = self.cache.reserve(seq, n)?;
-        make_step(
-            StepKind::Prefill { seq, start },
-            vec![seq],
-            range.collect(),
-            &self.device,
-        )
+        let (start, positions) = self.cache.reserve_prefill(seq, n, limit)?;
+        make_step(StepKind::Prefill { seq, start }, vec![seq], positions, &self.device)
     }
 
     fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {

@@ -10,10 +10,10 @@ use std::any::Any;
 use asynctls_kernels::cuda::attention::{decode_splits, DecodeKernel};
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, SelectParams, SelectScratch};
 use asynctls_kernels::{CudaDevice, DType, Device, Tensor};
-use asynctls_kvcache::{CacheConfig, GpuKvStorage, LabelChannels, MemoryReport, PagedKvCache, SeqId};
+use asynctls_kvcache::{CacheConfig, GpuKvStorage, LabelChannels, PagedKvCache, SeqId};
 use cudarc::driver::CudaSlice;
 
-use crate::backend::{check_positions, make_step, reserve_decode};
+use crate::backend::{make_step, reserve_decode, Sequences};
 use crate::{AttentionBackend, AttnError, AttnShape, Policy, Result, SparseConfig, Step, StepKind};
 
 /// The selection parameters of `config` on the GPU, or why it has none.
@@ -305,31 +305,16 @@ impl AttentionBackend for CudaAttention {
         &self.device
     }
 
-    fn add_sequence(&mut self) -> SeqId {
-        self.cache.add_sequence()
+    fn sequences(&self) -> &dyn Sequences {
+        &self.cache
     }
 
-    fn free(&mut self, seq: SeqId) -> Result<usize> {
-        Ok(self.cache.free(seq)?)
-    }
-
-    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        Ok(self.cache.fork(seq)?)
-    }
-
-    fn seq_len(&self, seq: SeqId) -> Result<usize> {
-        Ok(self.cache.table(seq)?.len())
-    }
-
-    fn memory_report(&self) -> MemoryReport {
-        self.cache.memory_report()
+    fn sequences_mut(&mut self) -> &mut dyn Sequences {
+        &mut self.cache
     }
 
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
-        let start = self.cache.table(seq)?.len();
-        check_positions(start + n, limit)?;
-        let range = self.cache.reserve(seq, n)?;
-        let positions: Vec<usize> = range.collect();
+        let (start, positions) = self.cache.reserve_prefill(seq, n, limit)?;
         self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
         self.active_persistent = None;
         make_step(StepKind::Prefill { seq, start }, vec![seq], positions, &self.device)

@@ -40,7 +40,9 @@ mod prefill;
 pub mod select;
 mod shape;
 
-pub use backend::{reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Step, StepKind};
+pub use backend::{
+    reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Sequences, Step, StepKind,
+};
 pub use config::{GroupReduce, Policy, SparseConfig};
 pub use cuda_backend::CudaAttention;
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};

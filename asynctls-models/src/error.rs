@@ -19,7 +19,11 @@ pub enum ModelError {
     #[error("not supported: {0}")]
     Unsupported(String),
     #[error("the model's weights need {need_gib:.2} GiB on {device}, {free_gib:.2} GiB are free")]
-    WeightsDoNotFit { device: String, need_gib: f64, free_gib: f64 },
+    WeightsDoNotFit {
+        device: String,
+        need_gib: f64,
+        free_gib: f64,
+    },
     #[error("{0}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
     NoWeights(PathBuf),
     #[error("{path}: invalid safetensors file: {what}")]

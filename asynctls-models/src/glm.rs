@@ -13,7 +13,7 @@ use std::sync::Arc;
 use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, Step};
 use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
 use asynctls_kernels::{Device, Tensor};
-use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache, SeqId};
+use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
 use asynctls_offload::KvStore;
 use serde::Deserialize;
 
@@ -439,7 +439,7 @@ impl MlaAttention {
 }
 
 #[derive(Debug)]
-struct GlmLayer {
+pub(crate) struct GlmLayer {
     input_layernorm: Vec<f32>,
     self_attn: MlaAttention,
     post_attention_layernorm: Vec<f32>,
@@ -612,48 +612,12 @@ impl GlmModel {
         ))?)))
     }
 
-    fn decoder(&self) -> Decoder<'_, GlmLayer> {
+    pub(crate) fn decoder(&self) -> Decoder<'_, GlmLayer> {
         Decoder {
             io: &self.io,
             layers: &self.layers,
             max_positions: self.position_limit(),
         }
-    }
-
-    /// As [`GqaModel::prefill`](crate::GqaModel::prefill).
-    pub fn prefill(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seq: SeqId,
-        tokens: &[u32],
-        all_logits: bool,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        self.decoder().prefill(backend, seq, tokens, all_logits, chunk)
-    }
-
-    /// As [`GqaModel::decode_step`](crate::GqaModel::decode_step).
-    pub fn decode_step(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &Tensor,
-        plan: &AttentionPlan,
-    ) -> Result<Tensor> {
-        self.decoder().decode(backend, seqs, ids, plan)
-    }
-
-    /// One greedy decode step, replayed from a CUDA graph on a GPU where
-    /// `graphs` holds one ([`DecodeGraphs`](crate::DecodeGraphs)).
-    pub fn decode_greedy(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &[u32],
-        plan: &AttentionPlan,
-        graphs: &mut crate::DecodeGraphs,
-    ) -> Result<Vec<u32>> {
-        self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
     }
 }
 

@@ -7,7 +7,7 @@ use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, Cu
 use asynctls_kernels::cpu::{RopeStyle, RopeTable};
 use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
-use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache, SeqId};
+use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
 use asynctls_offload::KvStore;
 
 use crate::decoder::{attn_err, Decoder, Layer, Linear, Mlp, TokenIo};
@@ -72,7 +72,7 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: Tensor,
     self_attn: Attention,
     post_attention_layernorm: Tensor,
@@ -143,7 +143,8 @@ impl GqaModel {
         let c = &config;
         if let Device::Cuda(dev) = device {
             // Refused before any weight is allocated.
-            let need = gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
+            let need =
+                gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
             let (free, _) = dev.memory_info()?;
             if need > free {
                 return Err(ModelError::WeightsDoNotFit {
@@ -246,50 +247,12 @@ impl GqaModel {
         }
     }
 
-    fn decoder(&self) -> Decoder<'_, DecoderLayer> {
+    pub(crate) fn decoder(&self) -> Decoder<'_, DecoderLayer> {
         Decoder {
             io: &self.io,
             layers: &self.layers,
             max_positions: self.config.max_position_embeddings,
         }
-    }
-
-    /// Runs `tokens` of one sequence through the model in chunks of
-    /// `chunk`; logits of the last token or of all.
-    pub fn prefill(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seq: SeqId,
-        tokens: &[u32],
-        all_logits: bool,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        self.decoder().prefill(backend, seq, tokens, all_logits, chunk)
-    }
-
-    /// One decode step for a batch: `ids[i]` (u32 on the model's device) is
-    /// the next token of `seqs[i]`; logits `[batch, vocab]`.
-    pub fn decode_step(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &Tensor,
-        plan: &AttentionPlan,
-    ) -> Result<Tensor> {
-        self.decoder().decode(backend, seqs, ids, plan)
-    }
-
-    /// One greedy decode step, replayed from a CUDA graph on a GPU where
-    /// `graphs` holds one ([`DecodeGraphs`](crate::DecodeGraphs)).
-    pub fn decode_greedy(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &[u32],
-        plan: &AttentionPlan,
-        graphs: &mut crate::DecodeGraphs,
-    ) -> Result<Vec<u32>> {
-        self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
     }
 }
 

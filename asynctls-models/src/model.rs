@@ -70,6 +70,41 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<u32>>;
 }
 
+/// The forward methods of a family whose `decoder()` is the shared loop.
+macro_rules! forward_through_the_decoder {
+    () => {
+        fn prefill(
+            &self,
+            backend: &mut dyn AttentionBackend,
+            seq: SeqId,
+            tokens: &[u32],
+            all_logits: bool,
+            chunk: usize,
+        ) -> Result<Tensor> {
+            self.decoder().prefill(backend, seq, tokens, all_logits, chunk)
+        }
+        fn decode_step(
+            &self,
+            backend: &mut dyn AttentionBackend,
+            seqs: &[SeqId],
+            ids: &Tensor,
+            plan: &AttentionPlan,
+        ) -> Result<Tensor> {
+            self.decoder().decode(backend, seqs, ids, plan)
+        }
+        fn decode_greedy(
+            &self,
+            backend: &mut dyn AttentionBackend,
+            seqs: &[SeqId],
+            ids: &[u32],
+            plan: &AttentionPlan,
+            graphs: &mut DecodeGraphs,
+        ) -> Result<Vec<u32>> {
+            self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
+        }
+    };
+}
+
 impl CausalLm for GqaModel {
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
@@ -97,35 +132,7 @@ impl CausalLm for GqaModel {
     ) -> Result<Box<dyn AttentionBackend>> {
         GqaModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
     }
-    fn prefill(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seq: SeqId,
-        tokens: &[u32],
-        all_logits: bool,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        GqaModel::prefill(self, backend, seq, tokens, all_logits, chunk)
-    }
-    fn decode_step(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &Tensor,
-        plan: &AttentionPlan,
-    ) -> Result<Tensor> {
-        GqaModel::decode_step(self, backend, seqs, ids, plan)
-    }
-    fn decode_greedy(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &[u32],
-        plan: &AttentionPlan,
-        graphs: &mut DecodeGraphs,
-    ) -> Result<Vec<u32>> {
-        Self::decode_greedy(self, backend, seqs, ids, plan, graphs)
-    }
+    forward_through_the_decoder!();
 }
 
 impl CausalLm for GlmModel {
@@ -152,35 +159,7 @@ impl CausalLm for GlmModel {
     ) -> Result<Box<dyn AttentionBackend>> {
         GlmModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
     }
-    fn prefill(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seq: SeqId,
-        tokens: &[u32],
-        all_logits: bool,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        GlmModel::prefill(self, backend, seq, tokens, all_logits, chunk)
-    }
-    fn decode_step(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &Tensor,
-        plan: &AttentionPlan,
-    ) -> Result<Tensor> {
-        GlmModel::decode_step(self, backend, seqs, ids, plan)
-    }
-    fn decode_greedy(
-        &self,
-        backend: &mut dyn AttentionBackend,
-        seqs: &[SeqId],
-        ids: &[u32],
-        plan: &AttentionPlan,
-        graphs: &mut DecodeGraphs,
-    ) -> Result<Vec<u32>> {
-        Self::decode_greedy(self, backend, seqs, ids, plan, graphs)
-    }
+    forward_through_the_decoder!();
 }
 
 /// Loads any supported model directory onto the CPU.
