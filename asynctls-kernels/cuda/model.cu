@@ -79,3 +79,66 @@ extern "C" __global__ void fill_uniform_bf16(__nv_bfloat16* y, long long n, unsi
 extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned long long seed, float scale, float offset) {
     FOR_EACH(i, n) y[i] = offset + scale * uniform_at(seed, (unsigned long long)i);
 }
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for few rows m (a decode batch, M <= 8):
+// a GEMV that streams the bf16 weight once at the HBM rate, where a GEMM
+// library's one-row tiles leave bandwidth unused. One warp per output
+// column n; each lane loads 16-byte chunks of w's row and of every x row
+// (x is small and stays in L1/L2), accumulates in f32, then the warp sums.
+// Needs k % 8 == 0 and 16-byte aligned rows (checked by the caller).
+#define GEMV_MAX_ROWS 8
+#define GEMV_WARPS 8
+#define GEMV_UNROLL 4
+__device__ __forceinline__ void bf16x8_to_f32(const uint4& v, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 p = __bfloat1622float2(h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_f32(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y,
+                  int m_rows, int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)col * k);
+    const int chunks = k >> 3;
+    float acc[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_ROWS; m++) acc[m] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + u * 32;
+            wv[u] = c < chunks ? __ldg(wrow + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + u * 32;
+            if (c >= chunks) break;
+            float wf[8];
+            bf16x8_to_f32(wv[u], wf);
+#pragma unroll
+            for (int m = 0; m < GEMV_MAX_ROWS; m++) {
+                if (m >= m_rows) break;
+                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k) + c);
+                float xf[8];
+                bf16x8_to_f32(xv, xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[m] = fmaf(xf[i], wf[i], acc[m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_ROWS; m++) {
+        if (m >= m_rows) break;
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (lane == 0) y[(size_t)m * n + col] = v;
+    }
+}

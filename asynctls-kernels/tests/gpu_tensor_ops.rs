@@ -114,7 +114,14 @@ fn in_place_ops_refuse_shared_storage() {
 fn linear_embedding_and_rope_match_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    for &(n, k, out) in &[(1usize, 896usize, 4864usize), (5, 4096, 1024), (64, 576, 1536)] {
+    // Rows 1-8 take the GEMV, 64 rows cuBLAS.
+    for &(n, k, out) in &[
+        (1usize, 896usize, 4864usize),
+        (5, 4096, 1024),
+        (8, 1536, 2048),
+        (2, 12288, 1024),
+        (64, 576, 1536),
+    ] {
         let x = random(&mut rng, &[n, k], 2.0);
         let w = random(&mut rng, &[out, k], 0.05);
         let b = random(&mut rng, &[out], 0.1);

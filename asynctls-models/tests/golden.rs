@@ -12,8 +12,10 @@ use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::KvDType;
 use asynctls_models::{load_gqa, load_model, AttentionPlan, CausalLm, ModelError, Weights};
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 8] = [
     "qwen3-tiny",
+    "qwen3-gpu",
+    "qwen2-gpu",
     "qwen3-yarn-tied",
     "qwen2-bias",
     "llama-mha",

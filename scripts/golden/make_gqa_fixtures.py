@@ -2,7 +2,9 @@
 
 Run on the GPU machine (it has torch and transformers 5.17):
 
-    python3 scripts/golden/make_gqa_fixtures.py OUT_DIR
+    python3 scripts/golden/make_gqa_fixtures.py OUT_DIR [NAME ...]
+
+(NAMEs pick cases; all by default.)
 
 For each tiny random model it writes OUT_DIR/<name>/ with config.json and
 model.safetensors (save_pretrained, fp32) and golden.safetensors holding, for
@@ -40,6 +42,19 @@ CASES = {
     "qwen2-bias": dict(
         model_type="qwen2", hidden_size=96, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=2, vocab_size=200,
+        max_position_embeddings=256, tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    ),
+    # Shapes the GPU kernels are built for (head dim 128 with a group of 2;
+    # head dim 64 with a group of 2), so the GPU forward is checked against
+    # HF too: Qwen3 with q/k norm, Qwen2 with qkv bias.
+    "qwen3-gpu": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128, vocab_size=256,
+        max_position_embeddings=256, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6,
+    ),
+    "qwen2-gpu": dict(
+        model_type="qwen2", hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, vocab_size=200,
         max_position_embeddings=256, tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6,
     ),
     # Llama: plain MHA (kv = q heads), tied embeddings, head_dim 64.
@@ -90,7 +105,10 @@ def greedy(model, ids):
 
 def main():
     out_root = sys.argv[1]
+    only = set(sys.argv[2:])
     for name, spec in CASES.items():
+        if only and name not in only:
+            continue
         for seed in range(100):
             model = build(name, spec, seed)
             gen = torch.Generator().manual_seed(1000 + seed)

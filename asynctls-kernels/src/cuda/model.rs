@@ -199,6 +199,34 @@ impl CudaOps {
         Ok(())
     }
 
+    /// Rows a GEMV launch takes (a decode batch); more go to cuBLAS.
+    pub const GEMV_MAX_ROWS: usize = 8;
+
+    /// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= GEMV_MAX_ROWS` rows, bf16
+    /// inputs, f32 output: streams `w` once (a decode step's projections).
+    /// `k % 8 == 0` and 16-byte aligned rows, else an error.
+    pub fn gemv_raw(&self, x: u64, w: u64, y: u64, m: usize, k: usize, n: usize) -> Result<()> {
+        if m == 0 || m > Self::GEMV_MAX_ROWS || k % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
+            return Err(crate::error::invalid(
+                "gemv",
+                format!("{m} rows of {k} (need 1..=8 rows, k a multiple of 8, 16-byte aligned)"),
+            ));
+        }
+        let f = self.function(&self.model, "gemv_bf16_f32")?;
+        let (mm, nn, kk) = (m as i32, n as i32, k as i32);
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&y).arg(&mm).arg(&nn).arg(&kk);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds m x k and w n x k bf16, y m x n f32 (checked by the
+        // tensor op); alignment and k checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// `c[m, n] = a[m, k] . b[n, k]^T` with f32 accumulation: `a` and `b`
     /// bf16 (activations cast, weights as stored), `c` of `c_type` (f32
     /// keeps the residual stream and the logits in f32).
