@@ -148,10 +148,49 @@ fn tokenizer_files(g: &Gguf) -> Result<(serde_json::Value, serde_json::Value), G
     Ok((tokenizer, config))
 }
 
-/// Writes the HF directory for `gguf` into `out_dir` (created if needed).
-/// Files are written under temporary names and renamed at the end, so an
-/// interrupted import leaves no directory that looks complete.
-pub fn import_gguf(
+/// Writes the HF directory for `gguf` into `out_dir`. Everything is written
+/// into a staging directory beside it first and moved into place only when
+/// complete: a failed import leaves nothing behind (no empty or half-written
+/// `out_dir`), and an existing `out_dir` keeps its other files.
+pub fn import_gguf(gguf: &Gguf, out_dir: &Path, progress: impl FnMut(usize, usize)) -> Result<ImportReport, GgufError> {
+    let io = |what, source| GgufError::Io {
+        path: out_dir.to_path_buf(),
+        what,
+        source,
+    };
+    let name = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let staging = parent.join(format!(".{name}.importing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| io("cannot create a staging directory beside the output", e))?;
+    let result = write_import(gguf, &staging, progress).and_then(|report| {
+        if !out_dir.exists() {
+            std::fs::rename(&staging, out_dir).map_err(|e| io("cannot move the import into place", e))?;
+            return Ok(report);
+        }
+        // config.json last: its presence marks a complete import.
+        for file in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "config.json",
+        ] {
+            std::fs::rename(staging.join(file), out_dir.join(file)).map_err(|e| io("cannot move into place", e))?;
+        }
+        Ok(report)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+/// The import itself, into a fresh directory `out_dir`.
+fn write_import(
     gguf: &Gguf,
     out_dir: &Path,
     mut progress: impl FnMut(usize, usize),
@@ -164,16 +203,37 @@ pub fn import_gguf(
         });
     }
     let key = |k: &str| format!("{arch}.{k}");
-    let heads = gguf.get_u64(&key("attention.head_count"))? as usize;
-    let kv_heads = gguf
-        .get_u64(&key("attention.head_count_kv"))
-        .map(|v| v as usize)
-        .unwrap_or(heads);
-    let hidden = gguf.get_u64(&key("embedding_length"))? as usize;
-    let head_dim = gguf
-        .get_u64(&key("rope.dimension_count"))
-        .map(|v| v as usize)
-        .unwrap_or(hidden / heads);
+    let malformed = |what: String| GgufError::Malformed {
+        path: gguf.path().to_path_buf(),
+        what,
+    };
+    // Sizes from the header: positive and plausible before anything divides
+    // by them or sizes an allocation with them.
+    let size = |k: &str, v: u64, max: u64| -> Result<usize, GgufError> {
+        if v == 0 || v > max {
+            return Err(malformed(format!("{k} = {v} (expected 1 to {max})")));
+        }
+        Ok(v as usize)
+    };
+    let heads = size(
+        "attention.head_count",
+        gguf.get_u64(&key("attention.head_count"))?,
+        4096,
+    )?;
+    let kv_heads = match gguf.get_u64(&key("attention.head_count_kv")) {
+        Ok(v) => size("attention.head_count_kv", v, 4096)?,
+        Err(_) => heads,
+    };
+    if heads % kv_heads != 0 {
+        return Err(malformed(format!(
+            "attention.head_count ({heads}) is not a multiple of attention.head_count_kv ({kv_heads})"
+        )));
+    }
+    let hidden = size("embedding_length", gguf.get_u64(&key("embedding_length"))?, 1 << 20)?;
+    let head_dim = match gguf.get_u64(&key("rope.dimension_count")) {
+        Ok(v) => size("rope.dimension_count", v, 4096)?,
+        Err(_) => hidden / heads,
+    };
     let (tokenizer, tokenizer_config) = tokenizer_files(gguf)?;
     let vocab_size = tokenizer["model"]["vocab"].as_object().map_or(0, |v| v.len());
     let tied = gguf.tensor("output.weight").is_none();
@@ -204,7 +264,6 @@ pub fn import_gguf(
         what,
         source,
     };
-    std::fs::create_dir_all(out_dir).map_err(|e| io("cannot create the output directory", e))?;
     let mut names = Vec::new();
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut parameters = 0;
@@ -216,10 +275,22 @@ pub fn import_gguf(
         let shape = info.shape();
         let mut values = gguf.dequantize(info);
         if arch == "llama" && shape.len() == 2 {
-            if info.name.ends_with("attn_q.weight") {
-                values = unpermute_rows(&values, heads, shape[1]);
+            let heads_of = if info.name.ends_with("attn_q.weight") {
+                Some(heads)
             } else if info.name.ends_with("attn_k.weight") {
-                values = unpermute_rows(&values, kv_heads, shape[1]);
+                Some(kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads_of {
+                let (rows, cols) = (shape[0], shape[1]);
+                if cols == 0 || rows % h != 0 || (rows / h) % 2 != 0 {
+                    return Err(malformed(format!(
+                        "tensor `{}` of shape {shape:?} is not {h} heads of an even head dim",
+                        info.name
+                    )));
+                }
+                values = unpermute_rows(&values, h, cols);
             }
         }
         parameters += values.len();
@@ -240,9 +311,9 @@ pub fn import_gguf(
         })
         .collect::<Result<_, _>>()?;
     let write = |name: &str, text: String| -> Result<(), GgufError> {
-        std::fs::write(out_dir.join(format!("{name}.partial")), text).map_err(|e| io("cannot write", e))
+        std::fs::write(out_dir.join(name), text).map_err(|e| io("cannot write", e))
     };
-    safetensors::serialize_to_file(views, None, &out_dir.join("model.safetensors.partial")).map_err(|e| {
+    safetensors::serialize_to_file(views, None, &out_dir.join("model.safetensors")).map_err(|e| {
         GgufError::Malformed {
             path: out_dir.to_path_buf(),
             what: format!("writing model.safetensors: {e}"),
@@ -253,17 +324,7 @@ pub fn import_gguf(
         "tokenizer_config.json",
         serde_json::to_string_pretty(&tokenizer_config).expect("json"),
     )?;
-    // config.json last: its presence marks a complete import.
     write("config.json", serde_json::to_string_pretty(&config).expect("json"))?;
-    for name in [
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "config.json",
-    ] {
-        std::fs::rename(out_dir.join(format!("{name}.partial")), out_dir.join(name))
-            .map_err(|e| io("cannot rename into place", e))?;
-    }
     Ok(ImportReport {
         architecture: arch,
         tensors: names.len(),

@@ -285,7 +285,15 @@ impl Gguf {
                 name: name.clone(),
                 type_id,
             })?;
-            let n: usize = dims.iter().product();
+            // Checked: dimensions whose product wraps would pass the bounds
+            // check below with a small byte count.
+            let n = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| GgufError::Malformed {
+                    path: path.to_path_buf(),
+                    what: format!("tensor `{name}` has dimensions {dims:?} whose product overflows"),
+                })?;
             let bytes = ty.bytes_for(n).ok_or_else(|| GgufError::Malformed {
                 path: path.to_path_buf(),
                 what: format!("tensor `{name}` of {n} elements is not whole {ty:?} blocks"),

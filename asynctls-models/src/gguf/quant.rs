@@ -57,7 +57,12 @@ impl GgmlType {
     /// Bytes holding `n` elements, or `None` when `n` is not whole blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (per, bytes) = self.block();
-        (n % per == 0).then(|| n / per * bytes)
+        // Checked: `n` comes from a file's header.
+        if n % per == 0 {
+            (n / per).checked_mul(bytes)
+        } else {
+            None
+        }
     }
 }
 
