@@ -160,6 +160,19 @@ pub(crate) fn rope_scaling(path: &Path, params: &serde_json::Map<String, serde_j
     })
 }
 
+/// Upper bounds on sizes read from config files: far above every real model
+/// (Qwen3-235B: hidden 4096..8192, 94 layers, vocab 151,936; context 1M at
+/// most), and low enough that the allocations they imply can be checked.
+pub mod limits {
+    pub const WIDTH: usize = 1 << 18;
+    pub const VOCAB: usize = 1 << 22;
+    pub const LAYERS: usize = 1024;
+    pub const HEADS: usize = 1024;
+    pub const HEAD_DIM: usize = 1024;
+    /// 4M positions: the RoPE table at head dim 128 is then 2 GiB.
+    pub const POSITIONS: usize = 1 << 22;
+}
+
 impl GqaConfig {
     /// Names of the built-in configurations ([`GqaConfig::preset`]).
     pub const PRESETS: [&'static str; 4] = ["smollm2-135m", "qwen2.5-0.5b", "qwen3-8b", "qwen3-14b"];
@@ -314,6 +327,39 @@ impl GqaConfig {
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
             return bad("hidden_size, vocab_size, intermediate_size and num_hidden_layers must be positive".into());
+        }
+        // Plausibility caps: each of these sizes an allocation (the RoPE
+        // table, the weights, the cache geometry), so an absurd value is an
+        // error here, not an abort later.
+        for (field, value, max) in [
+            ("hidden_size", self.hidden_size, limits::WIDTH),
+            ("intermediate_size", self.intermediate_size, limits::WIDTH),
+            ("vocab_size", self.vocab_size, limits::VOCAB),
+            ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
+            ("num_attention_heads", self.num_attention_heads, limits::HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, limits::HEADS),
+            ("head_dim", self.head_dim, limits::HEAD_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::POSITIONS,
+            ),
+        ] {
+            if value > max {
+                return bad(format!("{field} = {value} is implausible (at most {max})"));
+            }
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta = {} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "rms_norm_eps = {} must be a non-negative number",
+                self.rms_norm_eps
+            ));
         }
         Ok(())
     }

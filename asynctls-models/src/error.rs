@@ -18,6 +18,11 @@ pub enum ModelError {
     UnsupportedModel(String),
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error(
+        "the checkpoint has more layers than the config's num_hidden_layers = {config} \
+         (it holds `{tensor}`); the extra layers would be silently ignored"
+    )]
+    ExtraLayers { config: usize, tensor: String },
     #[error("the model's weights need {need_gib:.2} GiB on {device}, {free_gib:.2} GiB are free")]
     WeightsDoNotFit {
         device: String,

@@ -179,6 +179,48 @@ impl GlmConfig {
                 config.n_routed_experts, config.n_group, config.topk_group, config.num_experts_per_tok
             )));
         }
+        use crate::config::limits;
+        for (field, value, max) in [
+            ("vocab_size", config.vocab_size, limits::VOCAB),
+            ("hidden_size", config.hidden_size, limits::WIDTH),
+            ("intermediate_size", config.intermediate_size, limits::WIDTH),
+            ("moe_intermediate_size", config.moe_intermediate_size, limits::WIDTH),
+            ("num_hidden_layers", config.num_hidden_layers, limits::LAYERS),
+            ("num_attention_heads", config.num_attention_heads, limits::HEADS),
+            ("q_lora_rank", config.q_lora_rank.unwrap_or(1), limits::WIDTH),
+            ("kv_lora_rank", config.kv_lora_rank, limits::HEAD_DIM),
+            ("qk_nope_head_dim", config.qk_nope_head_dim, limits::HEAD_DIM),
+            ("qk_rope_head_dim", config.qk_rope_head_dim, limits::HEAD_DIM),
+            ("v_head_dim", config.v_head_dim, limits::HEAD_DIM),
+            ("n_routed_experts", config.n_routed_experts, limits::HEADS),
+            (
+                "max_position_embeddings",
+                config.max_position_embeddings,
+                limits::POSITIONS,
+            ),
+        ] {
+            if value == 0 && field != "n_routed_experts" || value > max {
+                return Err(bad(format!("{field} = {value} is out of range (1 to {max})")));
+            }
+        }
+        if config.qk_rope_head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "qk_rope_head_dim = {} must be even",
+                config.qk_rope_head_dim
+            )));
+        }
+        if !(config.rope_theta.is_finite() && config.rope_theta > 0.0) {
+            return Err(bad(format!(
+                "rope_theta = {} must be a positive number",
+                config.rope_theta
+            )));
+        }
+        if !(config.rms_norm_eps.is_finite() && config.rms_norm_eps >= 0.0) {
+            return Err(bad(format!(
+                "rms_norm_eps = {} must be a non-negative number",
+                config.rms_norm_eps
+            )));
+        }
         Ok(config)
     }
 
@@ -510,6 +552,7 @@ pub struct GlmModel {
 
 impl GlmModel {
     pub fn load(config: GlmConfig, w: &dyn WeightSource) -> Result<Self> {
+        crate::weights::check_layer_count(w, config.num_hidden_layers)?;
         let config = Arc::new(config);
         let c = &*config;
         let h = c.hidden_size;

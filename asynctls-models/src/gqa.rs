@@ -141,6 +141,7 @@ impl GqaModel {
     /// Loads the model onto `device` (bf16 weights on a GPU).
     pub fn load_on(config: GqaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
         let c = &config;
+        crate::weights::check_layer_count(weights, c.num_hidden_layers)?;
         if let Device::Cuda(dev) = device {
             // Refused before any weight is allocated.
             let need =

@@ -51,6 +51,40 @@ impl WeightSource for Weights {
     }
 }
 
+/// The path of shard `file` listed by `index`: a plain relative path that
+/// stays inside the model directory `dir` (no absolute paths, no `..`, and
+/// no symbolic link that leads out of it).
+fn shard_inside(dir: &Path, index: &Path, file: &str) -> Result<PathBuf> {
+    let outside = |why: &str| ModelError::Safetensors {
+        path: index.to_path_buf(),
+        what: format!("shard `{file}` {why}; shards must be files inside the model directory"),
+    };
+    let rel = Path::new(file);
+    if file.is_empty() || rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        return Err(outside("is not a plain relative path"));
+    }
+    let joined = dir.join(rel);
+    if let (Ok(root), Ok(real)) = (dir.canonicalize(), joined.canonicalize()) {
+        if !real.starts_with(&root) {
+            return Err(outside("resolves outside the model directory"));
+        }
+    }
+    Ok(joined)
+}
+
+/// Fails when the checkpoint holds a layer at index `num_layers` (its config
+/// under-counts the layers, and the rest would be silently ignored).
+pub(crate) fn check_layer_count(w: &dyn WeightSource, num_layers: usize) -> Result<()> {
+    let tensor = format!("model.layers.{num_layers}.input_layernorm.weight");
+    if w.contains(&tensor) {
+        return Err(ModelError::ExtraLayers {
+            config: num_layers,
+            tensor,
+        });
+    }
+    Ok(())
+}
+
 /// Random weights generated in place, for measuring real-size models with
 /// no checkpoint: N(0, std^2) for matrices, `1 +- 0.1` for norms, small biases.
 /// Each tensor's values depend only on the seed and its name.
@@ -152,7 +186,10 @@ impl Weights {
             let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
-            files.into_iter().map(|f| dir.join(f)).collect()
+            files
+                .into_iter()
+                .map(|f| shard_inside(dir, &index_path, &f))
+                .collect::<Result<Vec<_>>>()?
         } else {
             return Err(ModelError::NoWeights(dir.to_path_buf()));
         };
