@@ -49,6 +49,9 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// Instructions one chat-template render may run (minijinja's fuel).
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -120,26 +123,79 @@ impl Tokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| ModelError::ChatTemplate("the tokenizer has no chat template".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages.iter().map(ChatMessage::to_value).collect::<Vec<_>>(),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+/// Renders a chat `template` (Jinja, as HF writes them) for `messages`, with
+/// a bounded amount of work: a template that loops without end fails with
+/// an error instead of hanging the process.
+pub(crate) fn render_chat_template(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    // Templates come with untrusted checkpoints: bound the work one
+    // render may do (real chat templates use a few thousand units).
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages.iter().map(ChatMessage::to_value).collect::<Vec<_>>(),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
             })
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+        })
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_and_runaway_loops_run_out_of_fuel() {
+        let ok = render_chat_template(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            &[ChatMessage::user("hi")],
+            true,
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(ok, "<user>hi<assistant>");
+        // 10^4 x 10^4 x 10^4 iterations: would run for hours without fuel.
+        let start = std::time::Instant::now();
+        let err = render_chat_template(
+            "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}x{% endfor %}{% endfor %}{% endfor %}",
+            &[],
+            false,
+            "",
+            "",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fuel"), "{err}");
+        assert!(start.elapsed().as_secs() < 30, "took {:?}", start.elapsed());
     }
 }

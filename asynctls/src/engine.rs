@@ -105,7 +105,13 @@ impl Engine {
         if request.prompt_ids.is_empty() {
             return Err(ModelError::EmptyPrompt.into());
         }
-        if request.prompt_ids.len() + request.max_new_tokens > context {
+        // Checked: a --max-new-tokens near usize::MAX must not wrap past the check.
+        if request
+            .prompt_ids
+            .len()
+            .checked_add(request.max_new_tokens)
+            .is_none_or(|n| n > context)
+        {
             return Err(ModelError::ContextTooLong {
                 prompt: request.prompt_ids.len(),
                 new: request.max_new_tokens,
@@ -136,7 +142,11 @@ impl Engine {
             .iter()
             .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
             .sum();
-        let mut backend = self.model.new_backend(blocks, self.kv_dtype, self.resident_slots)?;
+        // More resident slots than the pool has units are never used; the
+        // offload engine allocates every slot up front.
+        let units = blocks.saturating_mul(self.model.cache_config(1, self.kv_dtype).kv_heads);
+        let slots = self.resident_slots.map(|s| s.min(units));
+        let mut backend = self.model.new_backend(blocks, self.kv_dtype, slots)?;
         // Recall is measured against a dense pass on the host reference; a
         // GPU backend has none, and reports no recall rather than failing.
         let measuring = self.measure_attention && backend.measure(true).is_ok();

@@ -111,8 +111,43 @@ fn bad_input_is_one_clear_line() {
             "token id 999 is outside the vocabulary",
         ),
         (vec!["generate", "--model", dir], "give a prompt"),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "1", "--temperature", "nan"],
+            "--temperature NaN must be a finite number",
+        ),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "1", "--temperature=-1"],
+            "--temperature -1 must be a finite number",
+        ),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "1", "--temperature", "inf"],
+            "must be a finite number",
+        ),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "1", "--top-p", "0"],
+            "--top-p 0 must be in (0, 1]",
+        ),
+        (
+            vec!["generate", "--model", dir, "--prompt-ids", "1", "--top-p", "1.5"],
+            "--top-p 1.5 must be in (0, 1]",
+        ),
+        (
+            // Near usize::MAX: must not wrap past the context check.
+            vec![
+                "generate",
+                "--model",
+                dir,
+                "--prompt-ids",
+                "1,2",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "beyond the model's context of 256",
+        ),
     ];
-    for (args, want) in cases {
+    for (mut args, want) in cases {
+        // Pinned to the CPU: the same answers on a machine with a GPU.
+        args.extend(["--device", "cpu"]);
         let out = asynctls(&args);
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -126,6 +161,43 @@ fn bad_input_is_one_clear_line() {
     std::fs::remove_file(&bad).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not valid UTF-8"), "{err}");
+    // A huge --offload-slots is clamped to the pool's units, not allocated.
+    let out = asynctls(&[
+        "generate",
+        "--model",
+        dir,
+        "--device",
+        "cpu",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--offload-slots",
+        "18446744073709551615",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "huge --offload-slots: {err}");
+    // A prompt file above the size cap is refused before it is read.
+    let big = std::env::temp_dir().join(format!("asynctls-big-prompt-{}", std::process::id()));
+    std::fs::write(&big, "word ".repeat(400)).unwrap();
+    let args = [
+        "generate",
+        "--model",
+        dir,
+        "--device",
+        "cpu",
+        "--prompt-file",
+        big.to_str().unwrap(),
+        "--max-prompt-bytes",
+        "100",
+    ];
+    let out = asynctls(&args);
+    std::fs::remove_file(&big).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("more than --max-prompt-bytes 100"),
+        "{err}"
+    );
 }
 
 #[test]

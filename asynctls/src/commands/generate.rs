@@ -71,6 +71,9 @@ pub struct GenerateArgs {
     /// present; the K/V is then bf16 whatever --kv-dtype says).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
+    /// The largest --prompt-file read, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_prompt_bytes: u64,
     /// Prompt tokens per prefill chunk (bounds the activations of a long prompt).
     #[arg(long, default_value_t = asynctls_models::DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
@@ -79,7 +82,16 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-fn read_prompt_file(path: &PathBuf) -> Result<String> {
+fn read_prompt_file(path: &PathBuf, max_bytes: u64) -> Result<String> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read prompt file {}", path.display()))?
+        .len();
+    if len > max_bytes {
+        bail!(
+            "prompt file {} has {len} bytes, more than --max-prompt-bytes {max_bytes} (raise it to read the file)",
+            path.display()
+        );
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read prompt file {}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
@@ -121,7 +133,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Some(p.clone()),
-        (_, Some(f)) => Some(read_prompt_file(f)?),
+        (_, Some(f)) => Some(read_prompt_file(f, args.max_prompt_bytes)?),
         _ => None,
     };
     let prompt_ids = match (&args.prompt_ids, text) {
@@ -143,6 +155,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stop_ids = model.eos_token_ids();
     if let Some(eos) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
         stop_ids.push(eos);
+    }
+    if let Some(t) = args.temperature {
+        if !t.is_finite() || t < 0.0 {
+            bail!("--temperature {t} must be a finite number >= 0 (0 is greedy)");
+        }
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p {} must be in (0, 1] (1 keeps every token)", args.top_p);
     }
     let sampling = match args.temperature {
         Some(t) if !args.greedy => SamplingParams {
