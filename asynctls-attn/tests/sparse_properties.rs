@@ -5,7 +5,9 @@
 use asynctls_attn::metrics::{dense_probabilities, recall, relative_l2};
 use asynctls_attn::select::{block_bounds, forced_blocks};
 use asynctls_attn::{decode, AttnShape, GroupReduce, Policy, SparseConfig};
-use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache, SeqId, ValueLayout};
+use asynctls_kvcache::{
+    CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId, ValueLayout,
+};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -439,6 +441,120 @@ proptest! {
                 let got = &out[(i * sh.q_heads + qh) * sh.value_dim..(i * sh.q_heads + qh + 1) * sh.value_dim];
                 let err = relative_l2(got, &want);
                 prop_assert!(err <= 1e-5, "token {} head {qh}: rel err {err}", start + i);
+            }
+        }
+    }
+}
+
+/// The label score of token `t` of sequence 0 for query head `qh`, from the
+/// stored INT4 codes dequantized one channel at a time (the oracle of
+/// `label_scores`), and the exact `q . k` over the same channels.
+fn label_oracle(f: &Fixture, qh: usize, t: usize) -> (f64, f64, f64) {
+    let c = f.cache.config();
+    let (bs, kd) = (c.block_size, c.key_dim);
+    let h = qh / f.shape.group();
+    let storage = f.cache.storage();
+    let block = f.cache.table(f.seqs[0]).unwrap().blocks()[t / bs];
+    let (labels, params) = storage.labels(0, block, h);
+    let r2 = c.label_channels / 2;
+    let slot = t % bs;
+    let [scale, zero] = params[slot];
+    let (scale, zero) = (scale.to_f32() as f64, zero.to_f32() as f64);
+    let q = &f.q[qh * kd..(qh + 1) * kd];
+    let key = f.key(0, t, h);
+    let (mut approx, mut exact, mut bound) = (0.0f64, 0.0f64, 0.0f64);
+    for (i, &ch) in storage.label_channels(0, h).iter().enumerate() {
+        let code = asynctls_kvcache::label::code_at(&labels[slot * r2..(slot + 1) * r2], i) as f64;
+        let qc = q[ch as usize] as f64;
+        approx += qc * (zero + scale * code);
+        exact += qc * key[ch as usize] as f64;
+        bound += qc.abs() * scale / 2.0;
+    }
+    (approx, exact, bound)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// tls and ds with budgets below the context pick exactly the tokens a
+    /// brute-force implementation of the rule picks: blocks by their bound
+    /// (tls), then tokens by their label scores computed channel by channel
+    /// from the dequantized codes, the group reduced, ties to the lower
+    /// token; plus sink and local window. The label scores themselves stay
+    /// within half a quantization step per channel of the exact q . k.
+    #[test]
+    fn tls_and_ds_select_what_a_brute_force_label_oracle_selects(
+        kind in kind(), len in 200usize..700, k_b in 1usize..6, k_t in 1usize..60,
+        tls in any::<bool>(), reduce in reduce(), seed in any::<u64>(),
+    ) {
+        let bs = 16;
+        let f = Fixture::new(kind, &[len], bs, KvDType::F32, seed);
+        let policy = if tls { Policy::Tls } else { Policy::Ds };
+        let cfg = sparse(policy, k_b, k_t, reduce);
+        let (_, report) = f.run(&cfg);
+        let sh = f.shape;
+        let forced = forced_blocks(len, bs, cfg.sink_blocks, cfg.local_blocks);
+        let nb = len.div_ceil(bs);
+        let rankable: Vec<usize> = (0..nb).filter(|b| !forced.contains(&(*b as u32))).collect();
+        let combine = |acc: f64, v: f64, first: bool| match (reduce, first) {
+            (_, true) => v,
+            (GroupReduce::Sum, false) => acc + v,
+            (GroupReduce::Max, false) => acc.max(v),
+        };
+        for h in 0..sh.kv_heads {
+            let heads: Vec<usize> = (0..sh.group()).map(|g| h * sh.group() + g).collect();
+            // Stage one (tls): the candidate blocks, by the dense bound.
+            let candidates: Vec<usize> = if tls {
+                let bound = |b: usize| heads.iter().enumerate().fold(0.0f64, |acc, (i, &qh)| {
+                    let q = &f.q[qh * sh.key_dim..(qh + 1) * sh.key_dim];
+                    let v: f64 = (0..sh.key_dim).map(|c| {
+                        let vals = (b * bs..((b + 1) * bs).min(len)).map(|t| f.key(0, t, h)[c]);
+                        let (mx, mn) = vals.fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), v| (a.max(v), b.min(v)));
+                        (q[c] as f64 * mx as f64).max(q[c] as f64 * mn as f64)
+                    }).sum();
+                    combine(acc, v, i == 0)
+                });
+                let mut ranked = rankable.clone();
+                let scores: Vec<f64> = (0..nb).map(bound).collect();
+                ranked.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+                ranked.truncate(k_b);
+                ranked.sort_unstable();
+                ranked
+            } else {
+                rankable.clone()
+            };
+            // Stage two: label scores of the candidates' tokens.
+            let tokens: Vec<usize> = candidates.iter().flat_map(|&b| b * bs..(b + 1) * bs).collect();
+            let scores: Vec<f64> = tokens.iter().map(|&t| {
+                heads.iter().enumerate().fold(0.0, |acc, (i, &qh)| {
+                    let (approx, exact, bound) = label_oracle(&f, qh, t);
+                    assert!((approx - exact).abs() <= bound * 1.0001 + 1e-6, "label error {} > {bound}", (approx - exact).abs());
+                    combine(acc, approx, i == 0)
+                })
+            }).collect();
+            let mut order: Vec<usize> = (0..tokens.len()).collect();
+            order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+            order.truncate(k_t);
+            let mut want: Vec<u32> = forced
+                .iter()
+                .flat_map(|&b| (b as usize * bs) as u32..((b as usize + 1) * bs).min(len) as u32)
+                .chain(order.iter().map(|&i| tokens[i] as u32))
+                .collect();
+            want.sort_unstable();
+            let got = &report.heads[h].tokens;
+            if got != &want {
+                // Only scores within float noise of the cut may differ.
+                let score_of = |t: u32| tokens.iter().position(|&x| x == t as usize).map(|i| scores[i]);
+                let cut = order.last().map(|&i| scores[i]).unwrap_or(f64::NEG_INFINITY);
+                for t in got.iter().filter(|t| !want.contains(t)).chain(want.iter().filter(|t| !got.contains(t))) {
+                    // A token kept only by one side: a candidate at the cut, or
+                    // (tls) of a block at the block cut.
+                    if let Some(s) = score_of(*t) {
+                        prop_assert!((s - cut).abs() <= 1e-4 * (1.0 + cut.abs()), "{policy:?} head {h}: token {t} (score {s}, cut {cut}) {got:?} vs {want:?}");
+                    } else {
+                        prop_assert!(tls, "{policy:?} head {h}: token {t} is not a candidate");
+                    }
+                }
             }
         }
     }

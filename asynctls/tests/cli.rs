@@ -161,6 +161,27 @@ fn bad_input_is_one_clear_line() {
     std::fs::remove_file(&bad).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not valid UTF-8"), "{err}");
+    // --device auto without a GPU runs on the CPU and says so.
+    if !asynctls_kernels::cuda_driver_present() {
+        let out = asynctls(&[
+            "generate",
+            "--model",
+            dir,
+            "--device",
+            "auto",
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "1",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.contains("--device auto picked cpu"),
+            "{err}"
+        );
+    } else {
+        println!("skipped the --device auto fallback: a CUDA driver is present");
+    }
     // A huge --offload-slots is clamped to the pool's units, not allocated.
     let out = asynctls(&[
         "generate",
