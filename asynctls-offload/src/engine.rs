@@ -146,6 +146,9 @@ pub struct OffloadEngine<B: TransferBackend> {
     policy: Box<dyn EvictionPolicy>,
     layers: Vec<LayerState>,
     tickets: Vec<Option<B::Ticket>>,
+    /// Ids of `tickets` whose copies completed, reused by the next copies,
+    /// so the list is as long as the most copies ever in flight at once.
+    free_tickets: Vec<u32>,
     step: u64,
     metrics: StepMetrics,
 }
@@ -176,6 +179,7 @@ impl<B: TransferBackend> OffloadEngine<B> {
             policy,
             layers,
             tickets: Vec::new(),
+            free_tickets: Vec::new(),
             step: 0,
             metrics: StepMetrics::default(),
         }
@@ -233,8 +237,18 @@ impl<B: TransferBackend> OffloadEngine<B> {
     }
 
     fn new_ticket(&mut self, ticket: B::Ticket) -> u32 {
+        if let Some(id) = self.free_tickets.pop() {
+            self.tickets[id as usize] = Some(ticket);
+            return id;
+        }
         self.tickets.push(Some(ticket));
         (self.tickets.len() - 1) as u32
+    }
+
+    /// Entries of the ticket list (live or free for reuse): bounded by the
+    /// copies in flight at once, however many steps have run.
+    pub fn ticket_capacity(&self) -> usize {
+        self.tickets.len()
     }
 
     /// Forgets the copies of `layer` that have completed.
@@ -597,11 +611,12 @@ impl<B: TransferBackend> OffloadEngine<B> {
             .collect();
         if live.is_empty() {
             self.tickets.clear();
+            self.free_tickets.clear();
             return;
         }
         for (id, t) in self.tickets.iter_mut().enumerate() {
-            if !live.contains(&(id as u32)) {
-                *t = None;
+            if !live.contains(&(id as u32)) && t.take().is_some() {
+                self.free_tickets.push(id as u32);
             }
         }
     }

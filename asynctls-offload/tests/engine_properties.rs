@@ -298,3 +298,47 @@ fn oversized_selection_is_an_error_and_the_engine_recovers() {
     );
     assert!(engine.backend().slots_per_layer() == 8);
 }
+
+#[test]
+fn the_ticket_list_stays_bounded_over_many_steps() {
+    // Slow copies keep some in flight at every step end, so the list is never
+    // cleared; completed tickets must be reused rather than appended.
+    let config = SimConfig {
+        num_layers: 2,
+        kv_heads: 2,
+        host_blocks: 64,
+        slots_per_layer: 24,
+        unit_bytes: 64,
+        per_batch: Duration::from_micros(300),
+        per_unit: Duration::from_micros(20),
+    };
+    let mut engine = OffloadEngine::new(SimBackend::new(config, tag));
+    let mut rng = 12345u64;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as u32
+    };
+    let mut most = 0;
+    for step in 0..400 {
+        engine.begin_step();
+        for layer in 0..2 {
+            let units: Vec<Unit> = (0..8).map(|_| Unit::new(next() % 64, (next() % 2) as u16)).collect();
+            let mut units = units;
+            units.sort_by_key(|u| (u.block, u.head));
+            units.dedup();
+            engine.acquire(layer, &units).unwrap();
+            engine.release(layer).unwrap();
+            let predicted: Vec<Unit> = units.iter().map(|u| Unit::new((u.block + 1) % 64, u.head)).collect();
+            engine.prefetch(layer, &predicted).unwrap();
+        }
+        engine.end_step().unwrap();
+        most = most.max(engine.ticket_capacity());
+        if step == 50 {
+            // By now the list has reached its working size.
+            assert!(most > 0);
+        }
+    }
+    // Each layer issues at most a prefetch and a flush per step: a list
+    // sized by the copies in flight, not by the 400 steps.
+    assert!(most <= 64, "the ticket list grew to {most} entries");
+}
