@@ -110,3 +110,30 @@ fn sparse_decode_runs_unchanged_over_offloaded_storage() {
         );
     }
 }
+
+#[test]
+fn eviction_keeps_the_recently_selected_block_not_the_first_loaded() {
+    // Two resident units, one KV head: A and B are loaded in that order,
+    // A is selected again, then C needs room. Least recently selected evicts
+    // B; first-in-first-out would evict A.
+    let mut config = CacheConfig::gqa(1, 1, 64, 4);
+    config.label_channels = 32;
+    let host = HostKvStorage::new(&config, LabelChannels::leading(&config)).unwrap();
+    let mut storage = OffloadedStorage::new(host, 2);
+    let (a, b, c) = (BlockId(0), BlockId(1), BlockId(2));
+    let key = vec![0.5f32; 64];
+    for block in [a, b, c] {
+        storage.write_token(0, block, 0, &key, &key).unwrap();
+    }
+    use asynctls_kvcache::HostReadable;
+    for hint in [a, b, a, c] {
+        storage.prefetch_hint(0, &[hint]);
+    }
+    let _ = storage.take_reads();
+    storage.keys(0, a, 0);
+    assert_eq!(storage.take_reads(), (1, 0), "A (selected last but one) was evicted");
+    storage.keys(0, b, 0);
+    assert_eq!(storage.take_reads(), (0, 1), "B (never selected again) stayed resident");
+    storage.keys(0, c, 0);
+    assert_eq!(storage.take_reads(), (1, 0), "C was not prefetched");
+}
