@@ -107,6 +107,13 @@ impl GlmConfig {
             )));
         }
         let layers = need("num_hidden_layers", raw.num_hidden_layers)?;
+        // Checked before it sizes the per-layer list below.
+        if layers == 0 || layers > crate::config::limits::LAYERS {
+            return Err(bad(format!(
+                "num_hidden_layers = {layers} is out of range (1 to {})",
+                crate::config::limits::LAYERS
+            )));
+        }
         let moe_layers = match raw.mlp_layer_types {
             Some(types) => {
                 if types.len() != layers {
@@ -193,13 +200,17 @@ impl GlmConfig {
             ("qk_rope_head_dim", config.qk_rope_head_dim, limits::HEAD_DIM),
             ("v_head_dim", config.v_head_dim, limits::HEAD_DIM),
             ("n_routed_experts", config.n_routed_experts, limits::HEADS),
+            ("n_shared_experts", config.n_shared_experts, limits::HEADS),
+            ("num_experts_per_tok", config.num_experts_per_tok, limits::HEADS),
+            ("n_group", config.n_group, limits::HEADS),
             (
                 "max_position_embeddings",
                 config.max_position_embeddings,
                 limits::POSITIONS,
             ),
         ] {
-            if value == 0 && field != "n_routed_experts" || value > max {
+            let may_be_zero = matches!(field, "n_routed_experts" | "n_shared_experts" | "num_experts_per_tok");
+            if value == 0 && !may_be_zero || value > max {
                 return Err(bad(format!("{field} = {value} is out of range (1 to {max})")));
             }
         }

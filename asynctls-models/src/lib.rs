@@ -40,5 +40,5 @@ pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
 pub use gqa::{load_gqa, GqaModel};
 pub use model::{load_model, load_model_on, CausalLm};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

@@ -136,7 +136,7 @@ impl Tokenizer {
 /// Renders a chat `template` (Jinja, as HF writes them) for `messages`, with
 /// a bounded amount of work: a template that loops without end fails with
 /// an error instead of hanging the process.
-pub(crate) fn render_chat_template(
+pub fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
