@@ -5,6 +5,10 @@
 //! The model-forward ops keep activations in f32 on both devices: the
 //! residual stream and the logits stay f32, the GPU casts activations to
 //! bf16 only as GEMM inputs (weights are bf16 there, f32 on the CPU).
+//!
+//! The CUDA launches take raw device addresses (so row views need no copy)
+//! and are `unsafe`: every call here passes addresses of tensors whose
+//! shapes, dtypes and device it has just checked, which is their contract.
 
 use crate::cpu::{self, RopeStyle, RopeTable};
 use crate::cuda::model::GemmType;
@@ -185,7 +189,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
         }
     };
     let out = Tensor::uninit_on(x.shape(), dtype, &x.device())?;
-    ops.cast_raw(x.device_ptr()?, out.device_ptr()?, x.elem_count(), to_bf16)?;
+    unsafe { ops.cast_raw(x.device_ptr()?, out.device_ptr()?, x.elem_count(), to_bf16) }?;
     Ok(out)
 }
 
@@ -238,17 +242,19 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 cast(x, DType::BF16)?
             };
             let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
-            ops.gemm_nt_raw(
-                xb.device_ptr()?,
-                w.device_ptr()?,
-                y.device_ptr()?,
-                n,
-                k,
-                out_dim,
-                GemmType::F32,
-            )?;
+            unsafe {
+                ops.gemm_nt_raw(
+                    xb.device_ptr()?,
+                    w.device_ptr()?,
+                    y.device_ptr()?,
+                    n,
+                    k,
+                    out_dim,
+                    GemmType::F32,
+                )
+            }?;
             if let Some(b) = bias {
-                ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim)?;
+                unsafe { ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim) }?;
             }
             Ok(y)
         }
@@ -282,7 +288,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         Some(ops) => {
             let out = Tensor::uninit_on(x.shape(), DType::F32, &x.device())?;
             let rows = x.elem_count() / h.max(1);
-            ops.rms_norm_raw(x.device_ptr()?, weight.device_ptr()?, out.device_ptr()?, rows, h, eps)?;
+            unsafe { ops.rms_norm_raw(x.device_ptr()?, weight.device_ptr()?, out.device_ptr()?, rows, h, eps) }?;
             Ok(out)
         }
     }
@@ -351,17 +357,19 @@ pub fn rope_(x: &mut Tensor, rope: &Rope, positions: &Tensor, style: RopeStyle) 
             if head_dim < rope.table.rotary_dim() {
                 return Err(invalid(OP, format!("head dim {head_dim} below the rotary dim")));
             }
-            ops.rope_raw(
-                x.device_ptr()?,
-                cos.device_ptr()?,
-                sin.device_ptr()?,
-                positions.device_ptr()?,
-                tokens,
-                heads,
-                head_dim,
-                rope.table.rotary_dim(),
-                style == RopeStyle::Interleaved,
-            )
+            unsafe {
+                ops.rope_raw(
+                    x.device_ptr()?,
+                    cos.device_ptr()?,
+                    sin.device_ptr()?,
+                    positions.device_ptr()?,
+                    tokens,
+                    heads,
+                    head_dim,
+                    rope.table.rotary_dim(),
+                    style == RopeStyle::Interleaved,
+                )
+            }
         }
     }
 }
@@ -379,7 +387,7 @@ pub fn silu_mul_(gate: &mut Tensor, up: &Tensor) -> Result<()> {
             let up = up.as_slice::<f32>()?.to_vec();
             cpu::silu_mul(gate.as_slice_mut::<f32>()?, &up)
         }
-        Some(ops) => ops.silu_mul_raw(gate.device_ptr()?, up.device_ptr()?, gate.elem_count()),
+        Some(ops) => unsafe { ops.silu_mul_raw(gate.device_ptr()?, up.device_ptr()?, gate.elem_count()) },
     }
 }
 
@@ -406,7 +414,7 @@ pub fn add_(x: &mut Tensor, y: &Tensor) -> Result<()> {
         }
         Some(ops) => {
             let p = x.device_ptr()?;
-            ops.add_raw(p, y.device_ptr()?, p, x.elem_count())
+            unsafe { ops.add_raw(p, y.device_ptr()?, p, x.elem_count()) }
         }
     }
 }
@@ -437,7 +445,7 @@ pub fn bias_add_(x: &mut Tensor, bias: &Tensor) -> Result<()> {
             }
             Ok(())
         }
-        Some(ops) => ops.bias_add_raw(x.device_ptr()?, bias.device_ptr()?, x.elem_count(), x.last_dim()),
+        Some(ops) => unsafe { ops.bias_add_raw(x.device_ptr()?, bias.device_ptr()?, x.elem_count(), x.last_dim()) },
     }
 }
 
@@ -503,7 +511,7 @@ pub fn argmax(x: &Tensor) -> Result<Tensor> {
         Some(ops) => {
             require_dtype(OP, "x", x, DType::F32)?;
             let out = Tensor::uninit_on(shape, DType::U32, &x.device())?;
-            ops.argmax_raw(x.device_ptr()?, rows, n, out.device_ptr()?)?;
+            unsafe { ops.argmax_raw(x.device_ptr()?, rows, n, out.device_ptr()?) }?;
             Ok(out)
         }
     }
@@ -588,9 +596,9 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         Some(ops) => {
             let out = Tensor::uninit_on(&[count, hidden], DType::F32, &table.device())?;
             match table.dtype() {
-                DType::BF16 => {
-                    ops.embedding_bf16_raw(table.device_ptr()?, ids.device_ptr()?, out.device_ptr()?, count, hidden)?
-                }
+                DType::BF16 => unsafe {
+                    ops.embedding_bf16_raw(table.device_ptr()?, ids.device_ptr()?, out.device_ptr()?, count, hidden)
+                }?,
                 other => {
                     return Err(invalid(
                         OP,
@@ -630,8 +638,11 @@ pub fn fill_uniform(
                 other => return Err(invalid(OP, format!("{other} (have bf16 and f32)"))),
             };
             let out = Tensor::uninit_on(shape, dtype, device)?;
-            dev.ops()?
-                .fill_uniform_raw(out.device_ptr()?, out.elem_count(), bf16, seed, scale, offset)?;
+            // SAFETY: `out` was just allocated with exactly these elements.
+            unsafe {
+                dev.ops()?
+                    .fill_uniform_raw(out.device_ptr()?, out.elem_count(), bf16, seed, scale, offset)
+            }?;
             Ok(out)
         }
     }

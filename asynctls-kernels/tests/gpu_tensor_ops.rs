@@ -114,7 +114,7 @@ fn in_place_ops_refuse_shared_storage() {
 fn linear_embedding_and_rope_match_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    // Rows 1-8 take the GEMV, 64 rows cuBLAS.
+    // Decode-batch rows (1-8) and a prefill-like 64 rows.
     for &(n, k, out) in &[
         (1usize, 896usize, 4864usize),
         (5, 4096, 1024),

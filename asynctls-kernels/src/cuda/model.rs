@@ -68,34 +68,62 @@ impl CudaOps {
     }
 
     /// `y[i] = bf16(x[i])` (`to_bf16`) or `y[i] = f32(x[i])`.
-    pub fn cast_raw(&self, x: u64, y: u64, n: usize, to_bf16: bool) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn cast_raw(&self, x: u64, y: u64, n: usize, to_bf16: bool) -> Result<()> {
         let name = if to_bf16 { "cast_f32_bf16" } else { "cast_bf16_f32" };
         let n64 = n as i64;
         self.launch_grid_stride(name, n, &[&x, &y, &n64])
     }
 
     /// `out = a + b` over `n` f32 (out may be a).
-    pub fn add_raw(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn add_raw(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
         let n64 = n as i64;
         self.launch_grid_stride("add_f32", n, &[&a, &b, &out, &n64])
     }
 
     /// `x[r, j] += bias[j]` for `n` f32 in rows of `width`.
-    pub fn bias_add_raw(&self, x: u64, bias: u64, n: usize, width: usize) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn bias_add_raw(&self, x: u64, bias: u64, n: usize, width: usize) -> Result<()> {
         let (n64, w) = (n as i64, width as i32);
         self.launch_grid_stride("bias_add_f32", n, &[&x, &bias, &n64, &w])
     }
 
     /// Fills `n` elements (bf16 or f32) with `offset + scale * u_i`, `u_i`
     /// uniform in [-1, 1) from (seed, i) as [`crate::cpu::uniform_at`].
-    pub fn fill_uniform_raw(&self, y: u64, n: usize, bf16: bool, seed: u64, scale: f32, offset: f32) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn fill_uniform_raw(
+        &self,
+        y: u64,
+        n: usize,
+        bf16: bool,
+        seed: u64,
+        scale: f32,
+        offset: f32,
+    ) -> Result<()> {
         let name = if bf16 { "fill_uniform_bf16" } else { "fill_uniform_f32" };
         let n64 = n as i64;
         self.launch_grid_stride(name, n, &[&y, &n64, &seed, &scale, &offset])
     }
 
     /// Rows of a bf16 `table` (`[vocab, h]`) for `count` u32 ids into f32 `out`.
-    pub fn embedding_bf16_raw(&self, table: u64, ids: u64, out: u64, count: usize, h: usize) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn embedding_bf16_raw(&self, table: u64, ids: u64, out: u64, count: usize, h: usize) -> Result<()> {
         if count == 0 {
             return Ok(());
         }
@@ -115,7 +143,11 @@ impl CudaOps {
     }
 
     /// `out[r] = x[r] * w / rms(x[r])` for `rows` rows of `h` f32.
-    pub fn rms_norm_raw(&self, x: u64, w: u64, out: u64, rows: usize, h: usize, eps: f32) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn rms_norm_raw(&self, x: u64, w: u64, out: u64, rows: usize, h: usize, eps: f32) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
@@ -134,7 +166,11 @@ impl CudaOps {
     }
 
     /// `gate = silu(gate) * up` over `n` f32.
-    pub fn silu_mul_raw(&self, gate: u64, up: u64, n: usize) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn silu_mul_raw(&self, gate: u64, up: u64, n: usize) -> Result<()> {
         let f = self.function(&self.elementwise, "silu_mul_f32")?;
         let nn = n as i32;
         let mut b = self.device.stream().launch_builder(&f);
@@ -147,7 +183,11 @@ impl CudaOps {
     /// RoPE in place on `x` (`[tokens, heads, head_dim]` f32) at the i32
     /// `positions` (`[tokens]`), tables `[max_pos, rotary_dim / 2]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope_raw(
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn rope_raw(
         &self,
         x: u64,
         cos: u64,
@@ -184,7 +224,11 @@ impl CudaOps {
     }
 
     /// Index of the largest value of each of `rows` rows of `n` f32, as u32.
-    pub fn argmax_raw(&self, x: u64, rows: usize, n: usize, out: u64) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn argmax_raw(&self, x: u64, rows: usize, n: usize, out: u64) -> Result<()> {
         let f = self.function(&self.elementwise, "argmax_rows_f32")?;
         let nn = n as i32;
         let mut b = self.device.stream().launch_builder(&f);
@@ -199,39 +243,24 @@ impl CudaOps {
         Ok(())
     }
 
-    /// Rows a GEMV launch takes (a decode batch); more go to cuBLAS.
-    pub const GEMV_MAX_ROWS: usize = 8;
-
-    /// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= GEMV_MAX_ROWS` rows, bf16
-    /// inputs, f32 output: streams `w` once (a decode step's projections).
-    /// `k % 8 == 0` and 16-byte aligned rows, else an error.
-    pub fn gemv_raw(&self, x: u64, w: u64, y: u64, m: usize, k: usize, n: usize) -> Result<()> {
-        if m == 0 || m > Self::GEMV_MAX_ROWS || k % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
-            return Err(crate::error::invalid(
-                "gemv",
-                format!("{m} rows of {k} (need 1..=8 rows, k a multiple of 8, 16-byte aligned)"),
-            ));
-        }
-        let f = self.function(&self.model, "gemv_bf16_f32")?;
-        let (mm, nn, kk) = (m as i32, n as i32, k as i32);
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&x).arg(&w).arg(&y).arg(&mm).arg(&nn).arg(&kk);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x holds m x k and w n x k bf16, y m x n f32 (checked by the
-        // tensor op); alignment and k checked above.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
     /// `c[m, n] = a[m, k] . b[n, k]^T` with f32 accumulation: `a` and `b`
     /// bf16 (activations cast, weights as stored), `c` of `c_type` (f32
     /// keeps the residual stream and the logits in f32).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm_nt_raw(&self, a: u64, b: u64, c: u64, m: usize, k: usize, n: usize, c_type: GemmType) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn gemm_nt_raw(
+        &self,
+        a: u64,
+        b: u64,
+        c: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+        c_type: GemmType,
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
