@@ -99,7 +99,8 @@ fn fixture(ops: &CudaOps, shape: &AttnShape, lens: &[usize], rng: &mut StdRng) -
             let dk = stream.clone_htod(&k[from * kd_all..to * kd_all]).unwrap();
             let dv = stream.clone_htod(&v[from * vd_all..to * vd_all]).unwrap();
             let ds = stream.clone_htod(&slots).unwrap();
-            ops.append(&mut pool, &dk, (!mla).then_some(&dv), &ds).unwrap();
+            // SAFETY: the slots come from the host cache's block tables.
+            unsafe { ops.append(&mut pool, &dk, (!mla).then_some(&dv), &ds) }.unwrap();
             let touched: Vec<i32> = (range.start / 64..range.end.div_ceil(64))
                 .map(|b| table[b].index() as i32)
                 .collect();

@@ -104,7 +104,9 @@ impl GpuKvStorage {
             .layers
             .get_mut(layer)
             .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
-        self.ops.append(pool, keys, values, slots)?;
+        // SAFETY: the slots come from the cache's block table (blocks below
+        // `num_blocks`, offsets below the block size).
+        unsafe { self.ops.append(pool, keys, values, slots) }?;
         self.ops.refresh_bounds(pool, blocks, fills)?;
         Ok(())
     }

@@ -213,8 +213,13 @@ impl CudaBackend {
         let (index, values): (Vec<i32>, Vec<i32>) = self.pending[layer].drain(..).unzip();
         let index = stream.clone_htod(&index)?;
         let values = stream.clone_htod(&values)?;
-        self.ops
-            .scatter_i32(&stream, &mut self.unit_slots[layer], &index, &values)?;
+        // SAFETY: the pending entries are unit indices of units the engine
+        // checked against the host pool (`OffloadEngine::check`), each below
+        // the table's `host_blocks * kv_heads` entries.
+        unsafe {
+            self.ops
+                .scatter_i32(&stream, &mut self.unit_slots[layer], &index, &values)
+        }?;
         Ok(())
     }
 

@@ -57,7 +57,11 @@ impl CudaOps {
 
 impl CudaOps {
     /// On `stream`: `table[index[i]] = values[i]`.
-    pub fn scatter_i32(
+    ///
+    /// # Safety
+    /// Every `index[i]` must be below `table.len()` (the indices live on the
+    /// device and are not checked).
+    pub unsafe fn scatter_i32(
         &self,
         stream: &Arc<CudaStream>,
         table: &mut CudaSlice<i32>,

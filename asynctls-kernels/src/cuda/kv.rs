@@ -136,7 +136,11 @@ impl CudaOps {
     /// value_dim]` (ignored for MLA), token `i` into pool slot `slots[i]`
     /// (physical block * block_size + slot). Quantizes each token's label from
     /// its stored key. Block bounds are not touched: call `refresh_bounds`.
-    pub fn append(
+    ///
+    /// # Safety
+    /// Every `slots[i]` must be a slot of the pool (below `num_blocks *
+    /// block_size`); the slots live on the device and are not checked.
+    pub unsafe fn append(
         &self,
         pool: &mut GpuKvPool,
         keys: &CudaSlice<f32>,

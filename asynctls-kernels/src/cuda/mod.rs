@@ -227,7 +227,11 @@ impl CudaOps {
     }
 
     /// Rows of `table` (`[vocab, h]`) for `ids` into `out` (`[ids, h]`).
-    pub fn embedding(
+    ///
+    /// # Safety
+    /// Every id must be below the table's rows (the ids live on the device
+    /// and are not checked).
+    pub unsafe fn embedding(
         &self,
         table: &CudaSlice<f32>,
         h: usize,

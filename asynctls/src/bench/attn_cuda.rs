@@ -164,7 +164,8 @@ pub(crate) fn fill_pool(
             let mut v_buf = stream.alloc_zeros::<f32>(n * value_row)?;
             stream.memcpy_dtod(&values, &mut v_buf)?;
             let slots = stream.clone_htod(&slots)?;
-            ops.append(pool, &k_buf, g.separate_values.then_some(&v_buf), &slots)?;
+            // SAFETY: the slots index the permuted blocks of this pool.
+            unsafe { ops.append(pool, &k_buf, g.separate_values.then_some(&v_buf), &slots) }?;
         }
     }
     let fills: Vec<i32> = (0..batch)
