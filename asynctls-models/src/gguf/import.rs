@@ -2,6 +2,7 @@
 //! `tokenizer.json` and `tokenizer_config.json`, for the `llama` and `qwen2`
 //! architectures.
 
+use crate::config::limits;
 use std::path::Path;
 
 use half::bf16;
@@ -218,10 +219,10 @@ fn write_import(
     let heads = size(
         "attention.head_count",
         gguf.get_u64(&key("attention.head_count"))?,
-        4096,
+        limits::HEADS as u64,
     )?;
     let kv_heads = match gguf.get_u64(&key("attention.head_count_kv")) {
-        Ok(v) => size("attention.head_count_kv", v, 4096)?,
+        Ok(v) => size("attention.head_count_kv", v, limits::HEADS as u64)?,
         Err(_) => heads,
     };
     if heads % kv_heads != 0 {
@@ -229,9 +230,13 @@ fn write_import(
             "attention.head_count ({heads}) is not a multiple of attention.head_count_kv ({kv_heads})"
         )));
     }
-    let hidden = size("embedding_length", gguf.get_u64(&key("embedding_length"))?, 1 << 20)?;
+    let hidden = size(
+        "embedding_length",
+        gguf.get_u64(&key("embedding_length"))?,
+        limits::WIDTH as u64,
+    )?;
     let head_dim = match gguf.get_u64(&key("rope.dimension_count")) {
-        Ok(v) => size("rope.dimension_count", v, 4096)?,
+        Ok(v) => size("rope.dimension_count", v, limits::HEAD_DIM as u64)?,
         Err(_) => hidden / heads,
     };
     let (tokenizer, tokenizer_config) = tokenizer_files(gguf)?;
@@ -243,14 +248,14 @@ fn write_import(
         "model_type": arch,
         "vocab_size": gguf.get_u64(&key("vocab_size")).map(|v| v as usize).unwrap_or(vocab_size),
         "hidden_size": hidden,
-        "intermediate_size": gguf.get_u64(&key("feed_forward_length"))?,
-        "num_hidden_layers": gguf.get_u64(&key("block_count"))?,
+        "intermediate_size": size("feed_forward_length", gguf.get_u64(&key("feed_forward_length"))?, limits::WIDTH as u64)?,
+        "num_hidden_layers": size("block_count", gguf.get_u64(&key("block_count"))?, limits::LAYERS as u64)?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": gguf.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
         "rope_theta": gguf.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
-        "max_position_embeddings": gguf.get_u64(&key("context_length"))?,
+        "max_position_embeddings": size("context_length", gguf.get_u64(&key("context_length"))?, limits::POSITIONS as u64)?,
         "tie_word_embeddings": tied,
         "attention_bias": has_bias,
         "hidden_act": "silu",
