@@ -161,8 +161,23 @@ fn bad_input_is_one_clear_line() {
     std::fs::remove_file(&bad).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not valid UTF-8"), "{err}");
-    // --device auto without a GPU runs on the CPU and says so.
+    // --device auto without a GPU runs on the CPU and says so; --device
+    // cuda without one is one clear line.
     if !asynctls_kernels::cuda_driver_present() {
+        for cmd in [
+            &["generate", "--model", dir, "--prompt-ids", "1"][..],
+            &["bench", "e2e", "--ctx", "64"][..],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--device", "cuda"]);
+            let out = asynctls(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("no CUDA driver found"),
+                "{args:?}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
         let out = asynctls(&[
             "generate",
             "--model",
