@@ -182,6 +182,12 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn enable_graphs(&mut self, _max_blocks: usize) -> Result<()> {
         Err(AttnError::Config(format!("CUDA graphs on {}", self.device())))
     }
+    /// Changes whenever a buffer a captured graph may read was replaced
+    /// (scratch grown, persistent metadata reallocated, graphs re-enabled):
+    /// graphs captured under another generation must not be replayed.
+    fn graph_generation(&self) -> u64 {
+        0
+    }
     /// For code that still needs the concrete backend (GLM's host loops).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }

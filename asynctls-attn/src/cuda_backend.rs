@@ -83,7 +83,16 @@ pub struct CudaAttention {
     /// `graph_capacity` blocks wide.
     graph_capacity: Option<usize>,
     persistent: std::collections::HashMap<usize, (StepMeta, Tensor)>,
+    /// See [`AttentionBackend::graph_generation`]; with the scratch
+    /// footprint it was last checked against.
+    generation: u64,
+    footprint: ((usize, usize), [usize; 6]),
+    /// A process-wide id, so graphs of another backend never match.
+    id: u64,
 }
+
+/// Backends created so far (their ids).
+static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl CudaAttention {
     /// A cache of `config` on `device`; refused before allocating when it
@@ -106,7 +115,20 @@ impl CudaAttention {
             active_persistent: None,
             graph_capacity: None,
             persistent: std::collections::HashMap::new(),
+            generation: 0,
+            footprint: ((0, 0), [0; 6]),
+            id: BACKENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
         })
+    }
+
+    /// Bumps the generation when a scratch buffer was replaced since the
+    /// last check (a grown buffer has a new address).
+    fn note_footprint(&mut self) {
+        let now = (self.decode_scratch.footprint(), self.select_scratch.footprint());
+        if now != self.footprint {
+            self.footprint = now;
+            self.generation += 1;
+        }
     }
 
     pub fn cache(&self) -> &PagedKvCache<GpuKvStorage> {
@@ -249,6 +271,8 @@ impl CudaAttention {
         let (mut meta, mut pos) = match self.persistent.remove(&b) {
             Some(found) if found.0.max_blocks == width => found,
             _ => {
+                // New buffers at new addresses.
+                self.generation += 1;
                 let s = self.ops.device().stream();
                 let zeros = |n: usize| -> Result<CudaSlice<i32>> {
                     Ok(s.alloc_zeros::<i32>(n).map_err(asynctls_kernels::Error::from)?)
@@ -293,6 +317,7 @@ impl CudaAttention {
     pub fn enable_graphs(&mut self, max_blocks: usize) {
         self.graph_capacity = Some(max_blocks.max(1));
         self.persistent.clear();
+        self.generation += 1;
     }
 }
 
@@ -351,13 +376,17 @@ impl AttentionBackend for CudaAttention {
     }
 
     fn write_kv(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
-        // Order is checked (and recorded) before the write is issued, so a
-        // refused write leaves the cache as it was; decode rows were
-        // recorded by `begin_decode`.
-        if let StepKind::Prefill { seq, start } = step.kind {
-            self.cache.mark_written(seq, layer, start, step.tokens())?;
-        }
+        // Everything is checked before the write is recorded, so a refused
+        // write leaves the cache as it was; decode rows were recorded by
+        // `begin_decode`.
         let k = keys.cuda_slice::<f32>().map_err(|_| gpu_err("keys"))?;
+        if layer >= self.cache.config().num_layers {
+            return Err(asynctls_kvcache::CacheError::LayerOutOfRange {
+                layer,
+                num_layers: self.cache.config().num_layers,
+            }
+            .into());
+        }
         let separate = self.cache.storage().layer(layer).geometry.separate_values;
         let v = if separate {
             Some(values.cuda_slice::<f32>().map_err(|_| gpu_err("values"))?)
@@ -369,10 +398,16 @@ impl AttentionBackend for CudaAttention {
             None => self.meta.as_ref(),
         }
         .ok_or_else(|| AttnError::Config("write_kv outside a step (call begin_prefill or begin_decode)".into()))?;
-        Ok(self
-            .cache
-            .storage_mut()
-            .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills)?)
+        if let StepKind::Prefill { seq, start } = step.kind {
+            self.cache.mark_written(seq, layer, start, step.tokens())?;
+        }
+        // SAFETY: the step's slots, blocks and fills were built by
+        // `build_meta` / `persistent_meta` from this cache's block tables.
+        Ok(unsafe {
+            self.cache
+                .storage_mut()
+                .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills)
+        }?)
     }
 
     fn attend(
@@ -469,12 +504,17 @@ impl AttentionBackend for CudaAttention {
                 }
             }
         }
+        self.note_footprint();
         Ok(out)
     }
 
     fn enable_graphs(&mut self, max_blocks: usize) -> Result<()> {
         CudaAttention::enable_graphs(self, max_blocks);
         Ok(())
+    }
+
+    fn graph_generation(&self) -> u64 {
+        (self.id << 32) ^ self.generation
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

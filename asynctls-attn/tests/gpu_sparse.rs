@@ -107,11 +107,14 @@ fn fixture(ops: &CudaOps, shape: &AttnShape, lens: &[usize], rng: &mut StdRng) -
             let fills: Vec<i32> = (range.start / 64..range.end.div_ceil(64))
                 .map(|b| (to - b * 64).min(64) as i32)
                 .collect();
-            ops.refresh_bounds(
-                &mut pool,
-                &stream.clone_htod(&touched).unwrap(),
-                &stream.clone_htod(&fills).unwrap(),
-            )
+            // SAFETY: the touched blocks come from the host cache's block table.
+            unsafe {
+                ops.refresh_bounds(
+                    &mut pool,
+                    &stream.clone_htod(&touched).unwrap(),
+                    &stream.clone_htod(&fills).unwrap(),
+                )
+            }
             .unwrap();
             let _ = h;
         }

@@ -90,7 +90,12 @@ impl GpuKvStorage {
     /// `values` `[n, kv_heads, value_dim]` (None for MLA), row `i` into pool
     /// slot `slots[i]` (block * block_size + offset), then recomputes the
     /// bounds of `blocks` over their first `fills` tokens.
-    pub fn write_rows(
+    ///
+    /// # Safety
+    /// Every slot must lie in the pool (`< num_blocks * block_size`) and
+    /// every block below `num_blocks`: the indices live on the device and
+    /// the kernels do not check them.
+    pub unsafe fn write_rows(
         &mut self,
         layer: usize,
         keys: &CudaSlice<f32>,
@@ -104,10 +109,11 @@ impl GpuKvStorage {
             .layers
             .get_mut(layer)
             .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
-        // SAFETY: the slots come from the cache's block table (blocks below
-        // `num_blocks`, offsets below the block size).
-        unsafe { self.ops.append(pool, keys, values, slots) }?;
-        self.ops.refresh_bounds(pool, blocks, fills)?;
+        // SAFETY: the caller's contract (above).
+        unsafe {
+            self.ops.append(pool, keys, values, slots)?;
+            self.ops.refresh_bounds(pool, blocks, fills)?;
+        }
         Ok(())
     }
 }
@@ -134,7 +140,14 @@ impl KvStorage for GpuKvStorage {
         let fills = s
             .clone_htod(&[(slot + 1) as i32])
             .map_err(asynctls_kernels::Error::from)?;
-        self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills)
+        if block.0 as usize >= self.config.num_blocks || slot >= bs {
+            return Err(CacheError::InvalidConfig(format!(
+                "block {} slot {slot} is outside the pool of {} blocks of {bs}",
+                block.0, self.config.num_blocks
+            )));
+        }
+        // SAFETY: the one slot and block were checked against the pool just above.
+        unsafe { self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills) }
     }
 
     /// Copy-on-write of a shared partial block: the block's rows, labels

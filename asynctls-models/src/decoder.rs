@@ -135,6 +135,9 @@ impl TokenIo {
 #[derive(Debug)]
 pub struct DecodeGraphs {
     max_blocks: usize,
+    /// What the captured graphs were recorded against: the backend's
+    /// buffer generation and the plan. Either changing drops them.
+    recorded: Option<(u64, AttentionPlan)>,
     entries: HashMap<(usize, bool), GraphEntry>,
     enabled: bool,
     /// Why graphs were turned off, if they were.
@@ -158,6 +161,7 @@ impl DecodeGraphs {
     pub fn new(max_blocks: usize, enabled: bool) -> Self {
         DecodeGraphs {
             max_blocks,
+            recorded: None,
             entries: HashMap::new(),
             enabled,
             disabled: None,
@@ -219,7 +223,8 @@ impl<L: Layer> Decoder<'_, L> {
     /// Runs `tokens` of one sequence through the model (dense causal
     /// attention) in chunks, appending their K/V. Returns the logits of the
     /// last token (`[1, vocab]`), or of every token when `all_logits`. A
-    /// failed prefill frees the sequence (a half-written sequence is unusable).
+    /// prefill that fails after reserving positions frees the sequence (a
+    /// half-written sequence is unusable); one refused up front leaves it.
     pub fn prefill(
         &self,
         backend: &mut dyn AttentionBackend,
@@ -237,8 +242,13 @@ impl<L: Layer> Decoder<'_, L> {
                 vocab: self.io.vocab,
             });
         }
+        let before = backend.seq_len(seq).map_err(attn_err)?;
         let result = self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1));
-        if result.is_err() {
+        // A chunk that was reserved and failed leaves the sequence half
+        // written: free it. A prefill refused before reserving anything
+        // (context too long, pool full at the first chunk) keeps the
+        // sequence as it was (a multi-turn history is not lost).
+        if result.is_err() && backend.seq_len(seq).is_ok_and(|n| n != before) {
             let _ = backend.free(seq);
         }
         result
@@ -324,8 +334,15 @@ impl<L: Layer> Decoder<'_, L> {
                 got: ids.len().to_string(),
             }));
         }
-        if graphs.entries.is_empty() {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.io.vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                id: bad,
+                vocab: self.io.vocab,
+            });
+        }
+        if graphs.recorded.is_none() {
             backend.enable_graphs(graphs.max_blocks).map_err(attn_err)?;
+            graphs.recorded = Some((backend.graph_generation(), plan.clone()));
         }
         let mut longest = 0;
         for &s in seqs {
@@ -333,6 +350,18 @@ impl<L: Layer> Decoder<'_, L> {
         }
         let sparse = plan.sparse.policy != asynctls_attn::Policy::Dense && longest >= plan.sparse.dense_below;
         let key = (seqs.len(), sparse);
+        let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
+        // A graph replays the addresses it was captured with: after any
+        // buffer it reads was replaced (scratch grown, metadata reallocated)
+        // or under another plan, capture anew.
+        let now = (backend.graph_generation(), plan.clone());
+        if graphs.recorded.as_ref() != Some(&now) {
+            graphs.entries.values_mut().for_each(|e| {
+                e.graph = None;
+                e.warmed = false;
+            });
+            graphs.recorded = Some(now);
+        }
         let entry = match graphs.entries.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -346,7 +375,6 @@ impl<L: Layer> Decoder<'_, L> {
             }
         };
         entry.ids.write_from_host(ids)?;
-        let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
         if let Some(graph) = &entry.graph {
             graph.launch()?;
             graphs.replays += 1;

@@ -294,7 +294,7 @@ fn cuda_graph_replays_give_the_eager_tokens() {
             }
             if graphed {
                 assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
-                assert!(graphs.replays >= 7, "{} replays", graphs.replays);
+                assert!(graphs.replays >= 6, "{} replays", graphs.replays);
             }
             per_mode.push(tokens);
         }

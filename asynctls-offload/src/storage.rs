@@ -225,14 +225,14 @@ impl KvStorage for OffloadedStorage {
             .flat_map(|b| (0..heads).map(move |h| Unit::new(b.0, h as u16)))
             .collect();
         self.engine.begin_step();
-        // The hinted blocks are the ones this step's selection read: mark
-        // them selected, so eviction ranks by recent selection as on the GPU
-        // path (without this every resident unit looked never-selected and
-        // the policy fell back to first-in-first-out).
+        // The hinted blocks are the ones this step's selection read: after
+        // the prefetch has placed them, mark them selected, so eviction ranks
+        // by recent selection (without this every resident unit looked
+        // never-selected and the policy fell back to first-in-first-out).
         // Best effort by contract: a unit outside the pool is a caller bug
         // the cache's own checks already exclude.
-        let _ = self.engine.account(layer, &units);
         let _ = self.engine.prefetch(layer, &units);
+        let _ = self.engine.account(layer, &units);
     }
 
     fn allocated_bytes(&self) -> usize {

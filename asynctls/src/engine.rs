@@ -251,6 +251,24 @@ impl Engine {
     }
 }
 
+/// Loads the model directory `dir` onto `device`, which `request` resolved
+/// to. Under `--device auto`, a family without a GPU path yet (GLM) falls
+/// back to the CPU with a note instead of failing; an explicit `cuda` does
+/// not.
+pub fn load_for_request(
+    dir: &std::path::Path,
+    request: asynctls_kernels::DeviceRequest,
+    device: &asynctls_kernels::Device,
+) -> Result<Box<dyn CausalLm>> {
+    match asynctls_models::load_model_on(dir, device) {
+        Err(ModelError::Unsupported(what)) if device.is_cuda() && request == asynctls_kernels::DeviceRequest::Auto => {
+            eprintln!("note: {what}; --device auto falls back to the CPU");
+            Ok(asynctls_models::load_model_on(dir, &asynctls_kernels::Device::Cpu)?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// The next token of each row of `logits` (`[rows, vocab]`, on the model's
 /// device), row `r` drawn by `samplers[which[r]]`, on the logits' device:
 /// only the ids cross to the host.

@@ -286,6 +286,12 @@ impl DecodeScratch {
         })
     }
 
+    /// The buffers' lengths: they change exactly when a buffer was replaced
+    /// (its old address freed), which invalidates captured CUDA graphs.
+    pub fn footprint(&self) -> (usize, usize) {
+        (self.acc.len(), self.ml.len())
+    }
+
     fn ensure(&mut self, ops: &CudaOps, acc: usize, ml: usize) -> Result<()> {
         let stream = ops.device.stream();
         if self.acc.len() < acc {

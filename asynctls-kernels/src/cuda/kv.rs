@@ -204,7 +204,16 @@ impl CudaOps {
 
     /// Recomputes the key max/min of `blocks` (physical) over their first
     /// `fills[i]` tokens.
-    pub fn refresh_bounds(&self, pool: &mut GpuKvPool, blocks: &CudaSlice<i32>, fills: &CudaSlice<i32>) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every block must be below the pool's `num_blocks` (device-side
+    /// indices the kernel does not check).
+    pub unsafe fn refresh_bounds(
+        &self,
+        pool: &mut GpuKvPool,
+        blocks: &CudaSlice<i32>,
+        fills: &CudaSlice<i32>,
+    ) -> Result<()> {
         let g = pool.geometry;
         if blocks.len() != fills.len() {
             return Err(invalid(

@@ -171,6 +171,19 @@ impl CudaOps {
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
     pub unsafe fn silu_mul_raw(&self, gate: u64, up: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        // The kernel indexes with an int.
+        if n > i32::MAX as usize {
+            return Err(crate::error::invalid(
+                "silu_mul",
+                format!(
+                    "{n} elements in one launch (at most {}; use a smaller --prefill-chunk)",
+                    i32::MAX
+                ),
+            ));
+        }
         let f = self.function(&self.elementwise, "silu_mul_f32")?;
         let nn = n as i32;
         let mut b = self.device.stream().launch_builder(&f);
@@ -229,6 +242,9 @@ impl CudaOps {
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
     pub unsafe fn argmax_raw(&self, x: u64, rows: usize, n: usize, out: u64) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
         let f = self.function(&self.elementwise, "argmax_rows_f32")?;
         let nn = n as i32;
         let mut b = self.device.stream().launch_builder(&f);

@@ -66,6 +66,19 @@ impl SelectScratch {
         })
     }
 
+    /// The buffers' lengths: they change exactly when a buffer was replaced
+    /// (its old address freed), which invalidates captured CUDA graphs.
+    pub fn footprint(&self) -> [usize; 6] {
+        [
+            self.block_scores.len(),
+            self.candidates.len(),
+            self.candidate_counts.len(),
+            self.token_scores.len(),
+            self.tokens.len(),
+            self.token_counts.len(),
+        ]
+    }
+
     /// The token lists of the last selection.
     pub fn lists(&self) -> TokenLists<'_> {
         TokenLists {

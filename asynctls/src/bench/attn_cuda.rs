@@ -171,7 +171,8 @@ pub(crate) fn fill_pool(
     let fills: Vec<i32> = (0..batch)
         .flat_map(|_| (0..blocks_per_seq).map(|b| (len - b * BLOCK).min(BLOCK) as i32))
         .collect();
-    ops.refresh_bounds(pool, &stream.clone_htod(&perm)?, &stream.clone_htod(&fills)?)?;
+    // SAFETY: `perm` holds this pool's blocks.
+    unsafe { ops.refresh_bounds(pool, &stream.clone_htod(&perm)?, &stream.clone_htod(&fills)?) }?;
     Ok(perm)
 }
 

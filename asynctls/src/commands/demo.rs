@@ -10,7 +10,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model_on, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -60,7 +60,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", dir.display()));
-    let model = load_model_on(&dir, &device)?;
+    let model = asynctls::engine::load_for_request(&dir, args.device, &device)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

@@ -9,7 +9,7 @@ use asynctls::sampler::SamplingParams;
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model_on, AttentionPlan, ChatMessage, Tokenizer};
+use asynctls_models::{AttentionPlan, ChatMessage, Tokenizer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -122,8 +122,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let model =
-        load_model_on(&model_dir, &device).with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
+        .with_context(|| format!("loading model from {}", model_dir.display()))?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let tokenizer = if model_dir.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_dir(&model_dir)?)
