@@ -567,9 +567,10 @@ pub fn sample(logits: &Tensor, params: &[cpu::sampling::SamplingParams], steps: 
 }
 
 /// Rows of `table` (`[vocab, hidden]`; f32 on the CPU, bf16 or f32 on the
-/// GPU) for the u32 token ids in `ids`, as f32 `[ids, hidden]`. Ids at or
-/// beyond the vocabulary are an error (checked on the host for CPU ids;
-/// GPU ids come from the sampler or from a host copy checked before upload).
+/// GPU) for the u32 token ids in `ids`, as f32 `[ids, hidden]`. CPU ids at
+/// or beyond the vocabulary are an error; ids already on the GPU are not
+/// checked (the decoder checks host ids before uploading them, and sampled
+/// ids are below the vocabulary by construction).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     let (vocab, hidden) = table.dims2(OP)?;

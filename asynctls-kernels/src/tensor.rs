@@ -533,7 +533,10 @@ impl Tensor {
 
     /// Overwrites the elements with `data` (same count and dtype), in place:
     /// the address stays, so a captured CUDA graph reading it sees the new
-    /// values. On the GPU the copy is ordered on the device's stream.
+    /// values; clones sharing the storage see them too (that is the point
+    /// for a graph's input buffers). On the GPU the copy is ordered on the
+    /// device's stream; `data` must be ordinary (pageable) host memory, for
+    /// which the driver stages the copy before returning.
     pub fn write_from_host<T: WithDType>(&mut self, data: &[T]) -> Result<()> {
         if data.len() != self.elem_count() || T::DTYPE != self.dtype {
             return Err(invalid(

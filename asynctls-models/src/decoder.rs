@@ -424,6 +424,16 @@ impl<L: Layer> Decoder<'_, L> {
                 got: format!("{} {}", ids.elem_count(), ids.dtype()),
             }));
         }
+        // Ids on the host are checked here; ids already on the GPU are the
+        // caller's (the sampler's output, always below the vocabulary).
+        if !ids.is_cuda() {
+            if let Some(&bad) = ids.to_vec::<u32>()?.iter().find(|&&t| t as usize >= self.io.vocab) {
+                return Err(ModelError::TokenOutOfRange {
+                    id: bad,
+                    vocab: self.io.vocab,
+                });
+            }
+        }
         let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
         let x = self.run(backend, &step, ids, plan)?;
         self.io.logits(&x)
