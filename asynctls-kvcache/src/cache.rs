@@ -60,6 +60,21 @@ impl MemoryReport {
     }
 }
 
+/// Writes of `layer` must continue where its last write stopped and stay
+/// within the reserved positions.
+fn check_write_order(seq: SeqId, layer: usize, table: &BlockTable, start: usize, n: usize) -> Result<()> {
+    if start != table.written[layer] || start.checked_add(n).is_none_or(|end| end > table.len) {
+        return Err(CacheError::OutOfOrderWrite {
+            seq: seq.0,
+            layer,
+            expected: table.written[layer],
+            got: start,
+            len: table.len,
+        });
+    }
+    Ok(())
+}
+
 /// A paged KV cache: one block pool shared by every sequence, with block
 /// metadata and labels maintained on every write.
 #[derive(Debug)]
@@ -190,15 +205,7 @@ impl<S: KvStorage> PagedKvCache<S> {
         }
         let bs = c.block_size;
         let table = self.tables.get(&seq).ok_or(CacheError::UnknownSequence(seq.0))?;
-        if start != table.written[layer] || start + n > table.len {
-            return Err(CacheError::OutOfOrderWrite {
-                seq: seq.0,
-                layer,
-                expected: table.written[layer],
-                got: start,
-                len: table.len,
-            });
-        }
+        check_write_order(seq, layer, table, start, n)?;
         for i in 0..n {
             let pos = start + i;
             let block = table.blocks[pos / bs];
@@ -226,15 +233,7 @@ impl<S: KvStorage> PagedKvCache<S> {
             });
         }
         let table = self.tables.get_mut(&seq).ok_or(CacheError::UnknownSequence(seq.0))?;
-        if start != table.written[layer] || start + n > table.len {
-            return Err(CacheError::OutOfOrderWrite {
-                seq: seq.0,
-                layer,
-                expected: table.written[layer],
-                got: start,
-                len: table.len,
-            });
-        }
+        check_write_order(seq, layer, table, start, n)?;
         table.written[layer] += n;
         Ok(())
     }
