@@ -268,3 +268,45 @@ fn bench_attn_json_is_one_document() {
         assert!(row["bytes_total"].as_u64().unwrap() <= row["dense_bytes"].as_u64().unwrap());
     }
 }
+
+#[test]
+fn bench_e2e_runs_the_engine_path_on_the_cpu() {
+    // A checkpoint directory, several batches and two budgets: every row
+    // decodes forks of the same sequences through the library's engine path.
+    let dir = fixture("qwen3-tiny");
+    let out = asynctls(&[
+        "bench",
+        "e2e",
+        "--device",
+        "cpu",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ctx",
+        "40",
+        "--batch",
+        "1,3",
+        "--budget",
+        "16,32",
+        "--dense-layers",
+        "0",
+        "--decode-tokens",
+        "3",
+        "--prefill-tokens",
+        "24",
+        "--prefill-chunk",
+        "7",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["prefill"]["tokens"], 24);
+    let rows = doc["rows"].as_array().unwrap();
+    // (dense + tls at 2 budgets) x 2 batches.
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for r in rows {
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["floor_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["cuda_graphs"], false, "{r}");
+    }
+    assert!(doc["skipped"].as_array().unwrap().is_empty(), "{doc}");
+}
