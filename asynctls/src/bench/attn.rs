@@ -14,6 +14,7 @@ use asynctls_kernels::Device;
 use asynctls_kvcache::{CacheConfig, HostKvStorage, LabelChannels, PagedKvCache, SeqId};
 use serde::Serialize;
 
+use super::median;
 use super::workload::WorkloadSpec;
 
 /// One benchmark sweep.
@@ -63,11 +64,6 @@ pub struct AttnBenchReport {
     pub block_size: usize,
     pub reps: usize,
     pub rows: Vec<AttnBenchRow>,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
 }
 
 /// Runs the sweep on `device`, calling `progress` after each configuration.

@@ -21,8 +21,8 @@ use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-/// The HBM bandwidth the floor is computed with (H200 spec, bytes/s).
-pub const HBM_BYTES_PER_S: f64 = 4.8e12;
+use super::median;
+pub use super::HBM_BYTES_PER_S;
 const BLOCK: usize = 64;
 /// Tokens written per append launch while filling the pool.
 const FILL_CHUNK: usize = 8192;
@@ -61,11 +61,6 @@ pub struct CudaSweep {
     pub batches: Vec<usize>,
     pub budgets: Vec<usize>,
     pub reps: usize,
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 struct Timer {

@@ -20,8 +20,8 @@ use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{AttentionPlan, CausalLm, DecodeGraphs};
 use serde::Serialize;
 
-/// The HBM bandwidth the floor is computed with (H200 spec, bytes/s).
-pub const HBM_BYTES_PER_S: f64 = 4.8e12;
+use super::median;
+pub use super::HBM_BYTES_PER_S;
 const BLOCK: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -78,11 +78,6 @@ pub struct E2eReport {
     pub rows: Vec<E2eRow>,
     /// Points that did not run, and why (e.g. the cache does not fit).
     pub skipped: Vec<String>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn gpu_used_gib(device: &Device) -> Option<f64> {

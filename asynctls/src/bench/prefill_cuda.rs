@@ -12,7 +12,8 @@ use cudarc::driver::sys::CUevent_flags;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use super::attn_cuda::{fill_pool, median, random_on_device};
+use super::attn_cuda::{fill_pool, random_on_device};
+use super::median;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PrefillRow {
