@@ -114,6 +114,14 @@ impl TokenIo {
         self.embed_tokens.device()
     }
 
+    /// Every id must be below the vocabulary (the GPU embedding does not check).
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&t| t as usize >= self.vocab) {
+            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab: self.vocab }),
+            None => Ok(()),
+        }
+    }
+
     /// Hidden states of `ids` (u32 on the model's device).
     pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(ops::embedding(&self.embed_tokens, ids)?)
@@ -236,12 +244,7 @@ impl<L: Layer> Decoder<'_, L> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyPrompt);
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.io.vocab) {
-            return Err(ModelError::TokenOutOfRange {
-                id,
-                vocab: self.io.vocab,
-            });
-        }
+        self.io.check_ids(tokens)?;
         let before = backend.seq_len(seq).map_err(attn_err)?;
         let result = self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1));
         // A chunk that was reserved and failed leaves the sequence half
@@ -334,12 +337,7 @@ impl<L: Layer> Decoder<'_, L> {
                 got: ids.len().to_string(),
             }));
         }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.io.vocab) {
-            return Err(ModelError::TokenOutOfRange {
-                id: bad,
-                vocab: self.io.vocab,
-            });
-        }
+        self.io.check_ids(ids)?;
         if graphs.recorded.is_none() {
             backend.enable_graphs(graphs.max_blocks).map_err(attn_err)?;
             graphs.recorded = Some((backend.graph_generation(), plan.clone()));
@@ -427,12 +425,7 @@ impl<L: Layer> Decoder<'_, L> {
         // Ids on the host are checked here; ids already on the GPU are the
         // caller's (the sampler's output, always below the vocabulary).
         if !ids.is_cuda() {
-            if let Some(&bad) = ids.to_vec::<u32>()?.iter().find(|&&t| t as usize >= self.io.vocab) {
-                return Err(ModelError::TokenOutOfRange {
-                    id: bad,
-                    vocab: self.io.vocab,
-                });
-            }
+            self.io.check_ids(ids.as_slice::<u32>()?)?;
         }
         let step = backend.begin_decode(seqs, self.max_positions).map_err(attn_err)?;
         let x = self.run(backend, &step, ids, plan)?;
