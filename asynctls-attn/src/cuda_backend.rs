@@ -49,7 +49,6 @@ struct StepMeta {
     lens: CudaSlice<i32>,
     max_blocks: usize,
     max_len: usize,
-    min_len: usize,
 }
 
 /// [`StepMeta`] before upload.
@@ -62,7 +61,6 @@ struct HostMeta {
     lens: Vec<i32>,
     max_blocks: usize,
     max_len: usize,
-    min_len: usize,
 }
 
 /// A GPU-resident KV cache and the kernels that attend over it.
@@ -197,7 +195,6 @@ impl CudaAttention {
             lens: self.upload(&host.lens)?,
             max_blocks: host.max_blocks,
             max_len: host.max_len,
-            min_len: host.min_len,
         })
     }
 
@@ -253,7 +250,6 @@ impl CudaAttention {
             lens,
             max_blocks,
             max_len: tables.iter().map(|t| t.len()).max().unwrap_or(0),
-            min_len: tables.iter().map(|t| t.len()).min().unwrap_or(0),
         })
     }
 
@@ -286,7 +282,6 @@ impl CudaAttention {
                         lens: zeros(b)?,
                         max_blocks: width,
                         max_len: 0,
-                        min_len: 0,
                     },
                     Tensor::zeros_on(&[b], DType::I32, &self.device)?,
                 )
@@ -302,7 +297,6 @@ impl CudaAttention {
         copy(&host.table, &mut meta.table)?;
         copy(&host.lens, &mut meta.lens)?;
         meta.max_len = host.max_len;
-        meta.min_len = host.min_len;
         let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         pos.write_from_host(&p)?;
         let handle = pos.clone();
@@ -319,6 +313,22 @@ impl CudaAttention {
         self.persistent.clear();
         self.generation += 1;
     }
+}
+
+/// The current step's metadata: the batch size's persistent buffers in graph
+/// mode, else the step's own (a free function over the fields, so callers
+/// can hold it while they write the cache).
+fn current_meta<'a>(
+    meta: &'a Option<StepMeta>,
+    persistent: &'a std::collections::HashMap<usize, (StepMeta, Tensor)>,
+    active: Option<usize>,
+    op: &str,
+) -> Result<&'a StepMeta> {
+    match active {
+        Some(b) => persistent.get(&b).map(|m| &m.0),
+        None => meta.as_ref(),
+    }
+    .ok_or_else(|| AttnError::Config(format!("{op} outside a step (call begin_prefill or begin_decode)")))
 }
 
 fn gpu_err(what: &'static str) -> AttnError {
@@ -393,11 +403,7 @@ impl AttentionBackend for CudaAttention {
         } else {
             None
         };
-        let meta = match self.active_persistent {
-            Some(b) => self.persistent.get(&b).map(|m| &m.0),
-            None => self.meta.as_ref(),
-        }
-        .ok_or_else(|| AttnError::Config("write_kv outside a step (call begin_prefill or begin_decode)".into()))?;
+        let meta = current_meta(&self.meta, &self.persistent, self.active_persistent, "write_kv")?;
         if let StepKind::Prefill { seq, start } = step.kind {
             self.cache.mark_written(seq, layer, start, step.tokens())?;
         }
@@ -421,11 +427,7 @@ impl AttentionBackend for CudaAttention {
         let n = step.tokens();
         let qs = q.cuda_slice::<f32>().map_err(|_| gpu_err("queries"))?;
         let mut out = Tensor::zeros_on(&[n, shape.q_heads * shape.value_dim], DType::F32, &self.device)?;
-        let meta = match self.active_persistent {
-            Some(b) => self.persistent.get(&b).map(|m| &m.0),
-            None => self.meta.as_ref(),
-        }
-        .ok_or_else(|| AttnError::Config("attend outside a step (call begin_prefill or begin_decode)".into()))?;
+        let meta = current_meta(&self.meta, &self.persistent, self.active_persistent, "attend")?;
         let pool = self.cache.storage().layer(layer);
         let view = pool.view(&meta.table, meta.max_blocks, &meta.lens);
         match step.kind {
@@ -464,7 +466,6 @@ impl AttentionBackend for CudaAttention {
                         (p.token_topk + (p.sink_blocks + p.local_blocks + 1) * bs).min(longest),
                     ),
                 };
-                let _ = meta.min_len;
                 let splits = decode_splits(ctas, attended, kernel, self.sms);
                 let o = out.cuda_slice_mut::<f32>()?;
                 match params {
