@@ -338,9 +338,10 @@ impl<L: Layer> Decoder<'_, L> {
             }));
         }
         self.io.check_ids(ids)?;
+        // First graph step on this backend: its metadata moves to persistent
+        // buffers (`recorded` is set by the generation check below).
         if graphs.recorded.is_none() {
             backend.enable_graphs(graphs.max_blocks).map_err(attn_err)?;
-            graphs.recorded = Some((backend.graph_generation(), plan.clone()));
         }
         let mut longest = 0;
         for &s in seqs {
