@@ -163,7 +163,12 @@ fn append_writes_what_host_storage_writes() {
         let storage = fx.cache.storage();
         let g = fx.pool.geometry;
         let keys = stream.clone_dtoh(&fx.pool.keys).unwrap();
-        let bounds = stream.clone_dtoh(&fx.pool.bounds).unwrap();
+        let bounds: Vec<f32> = stream
+            .clone_dtoh(&fx.pool.bounds)
+            .unwrap()
+            .iter()
+            .map(|b| b.to_f32())
+            .collect();
         let labels = stream.clone_dtoh(&fx.pool.labels).unwrap();
         let params = stream.clone_dtoh(&fx.pool.label_params).unwrap();
         let values = fx.pool.values.as_ref().map(|v| stream.clone_dtoh(v).unwrap());

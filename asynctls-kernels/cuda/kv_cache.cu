@@ -9,7 +9,7 @@
 //
 // Layouts: keys [num_blocks, kv_heads, B, D] bf16, values [.., DV] bf16 (or
 // null when values are a key prefix, MLA), bounds [num_blocks, kv_heads, 2,
-// D] f32, labels [num_blocks, kv_heads, B, r/2] u8, label_params [..., B, 2]
+// D] bf16, labels [num_blocks, kv_heads, B, r/2] u8, label_params [..., B, 2]
 // f16, channels [kv_heads, r] i32. slots[i] = physical block * B + slot of
 // token i; new_keys [tokens, kv_heads, D] f32, new_values [tokens, kv_heads, DV].
 
@@ -88,11 +88,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // grid (blocks.len(), kv_heads); fills[i] tokens of physical block blocks[i].
 extern "C" __global__ void __launch_bounds__(THREADS)
     kv_block_bounds(const __nv_bfloat16* __restrict__ keys, const int* __restrict__ blocks,
-                    const int* __restrict__ fills, float* __restrict__ bounds, int kv_heads, int d, int block_size) {
+                    const int* __restrict__ fills, __nv_bfloat16* __restrict__ bounds, int kv_heads, int d, int block_size) {
     const int block = blocks[blockIdx.x], head = blockIdx.y, fill = fills[blockIdx.x];
     const size_t base = ((size_t)block * kv_heads + head) * block_size * d;
-    float* max = bounds + ((size_t)block * kv_heads + head) * 2 * d;
-    float* min = max + d;
+    __nv_bfloat16* max = bounds + ((size_t)block * kv_heads + head) * 2 * d;
+    __nv_bfloat16* min = max + d;
     for (int c = threadIdx.x; c < d; c += THREADS) {
         float mx = -INFINITY, mn = INFINITY;
         for (int s = 0; s < fill; s++) {
@@ -100,7 +100,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             mx = fmaxf(mx, v);
             mn = fminf(mn, v);
         }
-        max[c] = mx;
-        min[c] = mn;
+        // Rounded outward (exact here: the keys are bf16), so the bound
+        // holds for every stored key whatever the keys' dtype.
+        max[c] = __float2bfloat16_ru(mx);
+        min[c] = __float2bfloat16_rd(mn);
     }
 }

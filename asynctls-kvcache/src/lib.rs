@@ -37,4 +37,4 @@ pub use cache::{BlockTable, MemoryReport, PagedKvCache, SeqId};
 pub use config::{CacheConfig, KvDType, LabelChannels, ValueLayout};
 pub use error::{CacheError, Result};
 pub use gpu::GpuKvStorage;
-pub use storage::{HostKvStorage, HostReadable, KvSlice, KvStorage, Rows};
+pub use storage::{bf16_at_least, bf16_at_most, HostKvStorage, HostReadable, KvSlice, KvStorage, Rows};

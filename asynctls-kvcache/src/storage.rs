@@ -292,17 +292,16 @@ impl KvStorage for HostKvStorage {
                     .store(t * vd, &value[head * vd..(head + 1) * vd], stored_value);
             }
             // Online min/max over the keys as stored, so the block bound
-            // holds for exactly what attention will read.
+            // holds for exactly what attention will read, rounded outward to
+            // bf16 values: the GPU keeps its bounds in bf16, and with bf16
+            // keys (the GPU's) the rounding is exact, so both paths score
+            // blocks against the same numbers.
             let b = (block.index() * kv_heads + head) * 2 * kd;
             let (max, min) = pools.bounds[b..b + 2 * kd].split_at_mut(kd);
-            if slot == 0 {
-                max.copy_from_slice(stored);
-                min.copy_from_slice(stored);
-            } else {
-                for ((mx, mn), &v) in max.iter_mut().zip(min.iter_mut()).zip(stored.iter()) {
-                    *mx = mx.max(v);
-                    *mn = mn.min(v);
-                }
+            for ((mx, mn), &v) in max.iter_mut().zip(min.iter_mut()).zip(stored.iter()) {
+                let (hi, lo) = if slot == 0 { (v, v) } else { (mx.max(v), mn.min(v)) };
+                *mx = bf16_at_least(hi);
+                *mn = bf16_at_most(lo);
             }
             for (p, &ch) in picked.iter_mut().zip(self.channels.get(layer, head)) {
                 *p = stored[ch as usize];
@@ -390,4 +389,38 @@ impl HostReadable for HostKvStorage {
     fn label_channels(&self, layer: usize, head: usize) -> &[u16] {
         self.channels.get(layer, head)
     }
+}
+
+/// The least bf16 value not below `x` (as f32; NaN stays NaN).
+pub fn bf16_at_least(x: f32) -> f32 {
+    let r = bf16::from_f32(x).to_f32();
+    if r >= x || x.is_nan() {
+        r
+    } else {
+        next_bf16(r, true)
+    }
+}
+
+/// The greatest bf16 value not above `x` (as f32; NaN stays NaN).
+pub fn bf16_at_most(x: f32) -> f32 {
+    let r = bf16::from_f32(x).to_f32();
+    if r <= x || x.is_nan() {
+        r
+    } else {
+        next_bf16(r, false)
+    }
+}
+
+/// The bf16 neighbour of the finite bf16 value `r` upward or downward.
+fn next_bf16(r: f32, up: bool) -> f32 {
+    let bits = bf16::from_f32(r).to_bits();
+    let positive = bits & 0x8000 == 0;
+    let next = match (up, positive, bits & 0x7fff == 0) {
+        // From a zero: the smallest subnormal of the wanted sign.
+        (true, _, true) => 0x0001,
+        (false, _, true) => 0x8001,
+        (true, true, false) | (false, false, false) => bits + 1,
+        (true, false, false) | (false, true, false) => bits - 1,
+    };
+    bf16::from_bits(next).to_f32()
 }

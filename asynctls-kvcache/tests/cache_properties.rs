@@ -5,8 +5,8 @@
 //! within the INT4 bound.
 
 use asynctls_kvcache::{
-    label, CacheConfig, CacheError, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId,
-    ValueLayout,
+    bf16_at_least, bf16_at_most, label, CacheConfig, CacheError, HostKvStorage, HostReadable, KvDType, LabelChannels,
+    PagedKvCache, SeqId, ValueLayout,
 };
 use proptest::prelude::*;
 
@@ -107,8 +107,25 @@ fn check_sequence(
                         .iter()
                         .map(|t| t.0[head * kd + ch])
                         .fold(f32::INFINITY, f32::min);
-                    prop_assert_eq!(max[ch], want_max, "layer {} block {} head {} ch {}", layer, b, head, ch);
-                    prop_assert_eq!(min[ch], want_min);
+                    // The bounds are the brute-force max/min rounded outward
+                    // to bf16: the nearest bf16 values that still hold
+                    // every stored key (equal to it for bf16 keys).
+                    prop_assert_eq!(
+                        max[ch],
+                        bf16_at_least(want_max),
+                        "layer {} block {} head {} ch {}",
+                        layer,
+                        b,
+                        head,
+                        ch
+                    );
+                    prop_assert_eq!(min[ch], bf16_at_most(want_min));
+                    prop_assert!(max[ch] >= want_max && min[ch] <= want_min);
+                    prop_assert_eq!(half::bf16::from_f32(max[ch]).to_f32(), max[ch], "max is a bf16 value");
+                    prop_assert_eq!(half::bf16::from_f32(min[ch]).to_f32(), min[ch], "min is a bf16 value");
+                    if c.kv_dtype == KvDType::BF16 {
+                        prop_assert_eq!((max[ch], min[ch]), (want_max, want_min), "bf16 keys round exactly");
+                    }
                 }
                 for (slot, t) in in_block.iter().enumerate() {
                     keys.read(slot, &mut row);
@@ -289,4 +306,30 @@ fn memory_report_counts_each_part() {
     // GLM-4.7-Flash stores only the latent and the rope key.
     assert_eq!(m.kv_bytes_per_token(), 47 * 576 * 2);
     assert_eq!(m.value_bytes_per_token, 0);
+}
+
+proptest! {
+    /// The outward roundings give the tightest bf16 values on the right
+    /// side of any finite f32 (or infinity).
+    #[test]
+    fn bf16_outward_rounding_is_tight(bits in any::<u32>()) {
+        let x = f32::from_bits(bits);
+        prop_assume!(!x.is_nan());
+        let (up, down) = (bf16_at_least(x), bf16_at_most(x));
+        prop_assert!(up >= x && down <= x, "{} -> [{}, {}]", x, down, up);
+        for r in [up, down] {
+            prop_assert_eq!(half::bf16::from_f32(r).to_f32().to_bits(), r.to_bits());
+        }
+        // Exact values stay; others land on the two bf16 neighbours of x.
+        let order = |v: f32| {
+            let b = half::bf16::from_f32(v).to_bits();
+            if b & 0x8000 != 0 { !b } else { b | 0x8000 }
+        };
+        if half::bf16::from_f32(x).to_f32() == x {
+            prop_assert_eq!((up, down), (x, x));
+        } else {
+            prop_assert!(down < x && x < up);
+            prop_assert_eq!(order(up), order(down) + 1, "{} and {} are neighbours", down, up);
+        }
+    }
 }

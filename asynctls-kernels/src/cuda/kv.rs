@@ -35,7 +35,7 @@ impl KvGeometry {
         let t = self.tokens();
         let values = if self.separate_values { self.value_dim } else { 0 };
         t * (self.key_dim + values) * 2
-            + self.num_blocks * self.kv_heads * 2 * self.key_dim * 4
+            + self.num_blocks * self.kv_heads * 2 * self.key_dim * 2
             + t * (self.label_channels / 2 + 4)
     }
 }
@@ -48,8 +48,10 @@ pub struct GpuKvPool {
     pub keys: CudaSlice<bf16>,
     /// `[num_blocks, kv_heads, block_size, value_dim]`, GQA only.
     pub values: Option<CudaSlice<bf16>>,
-    /// `[num_blocks, kv_heads, 2, key_dim]`: max, then min.
-    pub bounds: CudaSlice<f32>,
+    /// `[num_blocks, kv_heads, 2, key_dim]`: max, then min, in bf16. The
+    /// keys are bf16, so their channel-wise max and min are exactly bf16
+    /// values: half the bytes of f32 bounds and the same scores.
+    pub bounds: CudaSlice<bf16>,
     /// `[num_blocks, kv_heads, block_size, r / 2]`, low nibble first.
     pub labels: CudaSlice<u8>,
     /// `[num_blocks, kv_heads, block_size, 2]`: scale, zero.

@@ -12,8 +12,9 @@ use crate::error::invalid;
 use crate::Result;
 
 const THREADS: u32 = 256;
-/// Threads of the top-k kernels (one CTA per row).
+/// Threads of the token and block top-k kernels (one CTA per row).
 const TOPK_THREADS: u32 = 1024;
+const BLOCK_TOPK_THREADS: u32 = 256;
 /// Query heads per KV head the label kernel accepts.
 pub const MAX_SELECT_GROUP: usize = 32;
 /// Items one top-k can rank (staged in shared memory): logical blocks of a
@@ -235,7 +236,8 @@ impl CudaOps {
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, (max_blocks as u32).div_ceil(warps * BLOCKS_PER_WARP), 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (group * g.key_dim * 4) as u32,
+            // The query group (max), or its positive and negative sums (sum).
+            shared_mem_bytes: (group.max(2) * g.key_dim * 4) as u32,
         };
         // SAFETY: buffers sized by `ensure` and checked above.
         unsafe { b.launch(cfg) }?;
@@ -254,7 +256,7 @@ impl CudaOps {
             .arg(&sink)
             .arg(&local);
         // SAFETY: as above; the shared size was allowed.
-        unsafe { b.launch(with_shared(rows, shared)) }?;
+        unsafe { b.launch(with_shared(rows, BLOCK_TOPK_THREADS, shared)) }?;
 
         // Stage two: label scores of the candidates' tokens, then top-k_t.
         // The variant holding enough label words (8 channels each) for r.
@@ -263,8 +265,13 @@ impl CudaOps {
             5..=8 => 8,
             _ => 16,
         };
-        // A variant specialised to the group, where there is one.
-        let name = if matches!((words, group), (4, 4) | (16, 16) | (16, 20) | (16, 32)) {
+        let mt = scratch.max_tokens as i32;
+        let candidates_per_row = params.block_topk * g.block_size;
+        // Summed, the group is scored as one head; else a variant
+        // specialised to the group, where there is one.
+        let name = if !params.reduce_max {
+            format!("label_scores_w{words}_sum")
+        } else if matches!((words, group), (4, 4) | (16, 16) | (16, 20) | (16, 32)) {
             format!("label_scores_w{words}_g{group}")
         } else {
             format!("label_scores_w{words}")
@@ -288,11 +295,7 @@ impl CudaOps {
             .arg(&kb)
             .arg(&reduce_max);
         let cfg = LaunchConfig {
-            grid_dim: (
-                rows as u32,
-                ((params.block_topk * g.block_size) as u32).div_ceil(THREADS),
-                1,
-            ),
+            grid_dim: (rows as u32, (candidates_per_row as u32).div_ceil(THREADS), 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: ((group * g.label_channels + group) * 4) as u32,
         };
@@ -300,8 +303,7 @@ impl CudaOps {
         unsafe { b.launch(cfg) }?;
 
         let f = self.function(&self.select, "select_tokens")?;
-        let shared = super::allow_dynamic_shared(&f, params.block_topk * g.block_size * 4)?;
-        let mt = scratch.max_tokens as i32;
+        let shared = super::allow_dynamic_shared(&f, candidates_per_row * 4)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&scratch.token_scores)
             .arg(&scratch.candidates)
@@ -317,15 +319,15 @@ impl CudaOps {
             .arg(&local)
             .arg(&mt);
         // SAFETY: as above.
-        unsafe { b.launch(with_shared(rows, shared)) }?;
+        unsafe { b.launch(with_shared(rows, TOPK_THREADS, shared)) }?;
         Ok(())
     }
 }
 
-fn with_shared(rows: usize, shared: u32) -> LaunchConfig {
+fn with_shared(rows: usize, threads: u32, shared: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (TOPK_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     }
 }

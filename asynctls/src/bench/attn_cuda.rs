@@ -290,7 +290,8 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
                         let counts = stream.clone_dtoh(select_scratch.lists().counts)?;
                         let tokens: usize = counts[..rows_kv].iter().map(|&c| c as usize).sum();
                         let ranked = blocks_per_seq.saturating_sub(3);
-                        let meta = rows_kv * ranked * 2 * shape.key_dim * 4;
+                        // bf16 bounds of every ranked block.
+                        let meta = rows_kv * ranked * 2 * shape.key_dim * 2;
                         let labels = rows_kv * p.block_topk.min(ranked) * BLOCK * (sweep.label_channels / 2 + 4);
                         (
                             tokens as f64 / rows_kv as f64,

@@ -124,7 +124,8 @@ fn step_bytes(model: &dyn CausalLm, plan: &AttentionPlan, ctx: usize, batch: usi
                     Policy::Quest => p.block_topk * BLOCK,
                     _ => p.token_topk,
                 };
-                let bounds = blocks * c.kv_heads * 2 * c.key_dim * 4;
+                // The GPU keeps the bounds in bf16.
+                let bounds = blocks * c.kv_heads * 2 * c.key_dim * 2;
                 let labels = (p.block_topk * BLOCK).min(ctx) * c.kv_heads * c.label_bytes_per_head();
                 (tokens + forced).min(ctx) * kv_token + bounds + labels
             }
