@@ -72,6 +72,10 @@ pub struct EngineArgs {
     /// against a dense pass, for /metrics (slow; CPU only).
     #[arg(long)]
     pub measure_attention: bool,
+    /// Sleep this many milliseconds in every busy scheduler iteration (for
+    /// tests of queueing and cancellation on tiny models).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_step_delay_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +139,7 @@ pub fn build_state(model: &str, engine: &EngineArgs, api_key: Option<String>) ->
         resident_slots: engine.offload_slots,
         cuda_graphs: !engine.no_cuda_graphs,
         measure_attention: engine.measure_attention,
+        step_delay: Duration::from_millis(engine.debug_step_delay_ms),
         ..SchedulerConfig::new(plan, kv_dtype)
     };
     let metrics = Arc::new(Metrics::default());

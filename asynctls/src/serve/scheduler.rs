@@ -63,6 +63,10 @@ pub struct SchedulerConfig {
     /// Measure attended fraction and recall of every decode step against a
     /// dense pass (slow; the CPU path only).
     pub measure_attention: bool,
+    /// Sleep this long in every busy iteration: makes queueing and
+    /// cancellation observable in tests on a model that decodes in
+    /// microseconds. Zero in real use.
+    pub step_delay: std::time::Duration,
 }
 
 impl SchedulerConfig {
@@ -78,6 +82,7 @@ impl SchedulerConfig {
             resident_slots: None,
             cuda_graphs: true,
             measure_attention: false,
+            step_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -362,6 +367,9 @@ impl Loop {
             self.prefill_one_chunk();
             self.decode_step();
             self.update_gauges();
+            if !self.config.step_delay.is_zero() {
+                std::thread::sleep(self.config.step_delay);
+            }
         }
     }
 
