@@ -21,7 +21,10 @@ const MODEL: &str = "tiny-chat";
 /// GPT-2's byte-to-character map: a byte-level BPE writes byte `b` as this
 /// character, so token id `b` is byte `b`.
 fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -97,7 +100,15 @@ impl Server {
 
     fn start_on(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_asynctls"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--port", "0"])
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--port",
+                "0",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -250,7 +261,10 @@ async fn chat_and_completions_stream_the_same_greedy_text() {
 
     // Chat: the whole response, then the same request streamed.
     let full = client
-        .post_json("/v1/chat/completions", &chat_body("What is the capital of France?", 24, false))
+        .post_json(
+            "/v1/chat/completions",
+            &chat_body("What is the capital of France?", 24, false),
+        )
         .await
         .unwrap();
     assert_eq!(full.status, 200, "{}", full.text());
@@ -283,7 +297,13 @@ async fn chat_and_completions_stream_the_same_greedy_text() {
     // The batch engine (`generate --chat --greedy`) gives the same text:
     // continuous batching changes nothing about a greedy sequence.
     let out = Command::new(env!("CARGO_BIN_EXE_asynctls"))
-        .args(["generate", "--model", fixture_dir().to_str().unwrap(), "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            fixture_dir().to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
         .args(["--chat", "--greedy", "--max-new-tokens", "24", "--json", "--prompt"])
         .arg("What is the capital of France?")
         .output()
@@ -295,13 +315,26 @@ async fn chat_and_completions_stream_the_same_greedy_text() {
         "model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 24, "temperature": 0,
     });
-    let served = client.post_json("/v1/chat/completions", &single).await.unwrap().json().unwrap();
-    assert_eq!(served["choices"][0]["message"]["content"], doc["text"], "{served} vs {doc}");
+    let served = client
+        .post_json("/v1/chat/completions", &single)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        served["choices"][0]["message"]["content"], doc["text"],
+        "{served} vs {doc}"
+    );
 
     // Completions, text and token-id prompts, whole and streamed.
     for prompt in [json!("def fib(n):"), json!([100, 101, 102, 58])] {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0});
-        let full = client.post_json("/v1/completions", &body).await.unwrap().json().unwrap();
+        let full = client
+            .post_json("/v1/completions", &body)
+            .await
+            .unwrap()
+            .json()
+            .unwrap();
         assert_eq!(full["object"], "text_completion", "{full}");
         let mut body = body.clone();
         body["stream"] = json!(true);
@@ -315,18 +348,27 @@ async fn chat_and_completions_stream_the_same_greedy_text() {
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let mut body = chat_body("What is the capital of France?", 24, false);
     body["stop"] = json!([stop.clone(), "\u{1F600}never"]);
-    let cut = client.post_json("/v1/chat/completions", &body).await.unwrap().json().unwrap();
+    let cut = client
+        .post_json("/v1/chat/completions", &body)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
     let want = &text[..text.find(&stop).unwrap()];
-    assert_eq!(cut["choices"][0]["message"]["content"], want, "stop {stop:?} in {text:?}");
+    assert_eq!(
+        cut["choices"][0]["message"]["content"], want,
+        "stop {stop:?} in {text:?}"
+    );
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     body["stream"] = json!(true);
     let streamed = read_stream(stream(&client, "/v1/chat/completions", &body).await).await;
-    assert_eq!((streamed.text.as_str(), streamed.finish.as_deref()), (want, Some("stop")));
+    assert_eq!(
+        (streamed.text.as_str(), streamed.finish.as_deref()),
+        (want, Some("stop"))
+    );
 
     // Seeded sampling repeats, whatever else shares the batch.
-    let sampled = |seed: u64| {
-        json!({"model": MODEL, "prompt": "Once upon", "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": seed})
-    };
+    let sampled = |seed: u64| json!({"model": MODEL, "prompt": "Once upon", "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": seed});
     let (seven, eight) = (sampled(7), sampled(8));
     let (a, b, c) = tokio::join!(
         client.post_json("/v1/completions", &seven),
@@ -361,7 +403,10 @@ async fn sixteen_concurrent_streams_all_complete_in_one_batch() {
         assert_eq!(s.usage.unwrap()["completion_tokens"], 32);
     }
     let metrics = client.get("/metrics").await.unwrap().text();
-    assert!(metrics.contains("asynctls_requests_total{outcome=\"completed\"} 16"), "{metrics}");
+    assert!(
+        metrics.contains("asynctls_requests_total{outcome=\"completed\"} 16"),
+        "{metrics}"
+    );
     let value = |name| asynctls::serve::metrics::scrape_value(&metrics, name).unwrap();
     assert_eq!(value("asynctls_generated_tokens_total"), 16.0 * 32.0);
     // Batched: far fewer decode steps than tokens.
@@ -391,7 +436,10 @@ async fn a_dropped_stream_frees_its_blocks_and_a_full_queue_is_429() {
     drop(s);
     wait_for_metric(&client, "asynctls_kv_blocks_used", 0.0).await;
     let metrics = client.get("/metrics").await.unwrap().text();
-    assert!(metrics.contains("asynctls_requests_total{outcome=\"cancelled\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("asynctls_requests_total{outcome=\"cancelled\"} 1"),
+        "{metrics}"
+    );
     let generated = asynctls::serve::metrics::scrape_value(&metrics, "asynctls_generated_tokens_total").unwrap();
     // Freed within a step or two of the hang-up (40 ms each), not at its end.
     assert!(
@@ -457,7 +505,9 @@ async fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     client.api_key = Some("sekrit".into());
     assert_eq!(client.get("/v1/models").await.unwrap().status, 200);
 
-    let cases: Vec<(Vec<u8>, u16, Option<&str>, Option<&str>)> = vec![
+    // (body, status, the error's param, its code)
+    type Case = (Vec<u8>, u16, Option<&'static str>, Option<&'static str>);
+    let cases: Vec<Case> = vec![
         (b"{\"model\": ".to_vec(), 400, None, Some("invalid_json")),
         (b"[]".to_vec(), 400, None, None),
         (
@@ -563,7 +613,10 @@ async fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         (json!({"model": MODEL, "prompt": ["a", "b"]}), "prompt"),
         (json!({"model": MODEL, "prompt": ""}), "prompt"),
         (json!({"model": MODEL, "prompt": "x", "echo": true}), "echo"),
-        (json!({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (
+            json!({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+            "stop",
+        ),
     ] {
         let reply = client.post_json("/v1/completions", &body).await.unwrap();
         assert_eq!(reply.status, 400, "{body}: {}", reply.text());
@@ -579,8 +632,14 @@ async fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         .unwrap();
     assert_eq!(ok.status, 200, "{}", ok.text());
     let metrics = client.get("/metrics").await.unwrap().text();
-    assert!(metrics.contains("asynctls_requests_total{outcome=\"unauthorized\"} 2"), "{metrics}");
-    assert!(metrics.contains("asynctls_requests_total{outcome=\"invalid\"} 18"), "{metrics}");
+    assert!(
+        metrics.contains("asynctls_requests_total{outcome=\"unauthorized\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("asynctls_requests_total{outcome=\"invalid\"} 18"),
+        "{metrics}"
+    );
 }
 
 /// The official `openai` Python client (pinned; `.ci/run` installs it into
@@ -618,7 +677,10 @@ fn the_openai_python_client_talks_to_the_server() {
         .args([&format!("http://{}/v1", server.addr), model, expect])
         .output()
         .expect("the virtualenv's python runs");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert!(out.status.success(), "openai client test failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("openai client: ok"), "{stdout}\n{stderr}");
     println!("{stdout}");
@@ -660,7 +722,10 @@ async fn a_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding() {
     let prefilling = client.metric("asynctls_prefilling_sequences").await.unwrap();
     let after = client.metric("asynctls_generated_tokens_total").await.unwrap().unwrap();
     assert_eq!(prefilling, Some(1.0), "the prompt was prefilled at once, not in chunks");
-    assert!(after - before >= 5.0, "the stream stalled during the prefill: {before} -> {after}");
+    assert!(
+        after - before >= 5.0,
+        "the stream stalled during the prefill: {before} -> {after}"
+    );
     let long = long.await.unwrap();
     assert_eq!(long.status, 200, "{}", long.text());
     assert_eq!(long.json().unwrap()["usage"]["prompt_tokens"], 240);

@@ -122,6 +122,14 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         // After the load: the server's KV blocks in use should be back at idle.
         let kv_used_after = client.metric("asynctls_kv_blocks_used").await?;
         let running_after = client.metric("asynctls_running_sequences").await?;
+        let step_sum = client.metric("asynctls_decode_step_seconds_sum").await?;
+        let step_count = client.metric("asynctls_decode_step_seconds_count").await?;
+        if let (Some(sum), Some(count)) = (step_sum, step_count.filter(|&c| c > 0.0)) {
+            eprintln!(
+                "server: {count} decode steps, {:.2} ms each on average (all levels)",
+                sum / count * 1e3
+            );
+        }
         Ok((model, reports, kv_used_after, running_after))
     });
     if let Some((state, stop, server)) = local {

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub latency: Histogram,
+    /// Wall time of one batched decode step (the engine alone).
+    pub decode_step: Histogram,
     /// Key reads served from resident slots / from the host tier, when the
     /// cache has an offload tier (`None` until the backend reports any).
     offload: Mutex<Option<(u64, u64)>>,
@@ -170,6 +172,7 @@ impl Default for Metrics {
             ttft: Histogram::new(TTFT_BOUNDS),
             tpot: Histogram::new(TPOT_BOUNDS),
             latency: Histogram::new(LATENCY_BOUNDS),
+            decode_step: Histogram::new(TPOT_BOUNDS),
             offload: Mutex::new(None),
             attended_fraction: Mutex::new(None),
             recall: AtomicF64::default(),
@@ -294,6 +297,11 @@ impl Metrics {
             &mut out,
             "asynctls_request_duration_seconds",
             "From arrival to the last token.",
+        );
+        self.decode_step.render(
+            &mut out,
+            "asynctls_decode_step_seconds",
+            "One batched decode step of the engine (sampling included).",
         );
         // Sparse and offload telemetry only where the backend measured it:
         // a missing series means "not measured", never zero.

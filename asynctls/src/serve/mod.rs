@@ -171,8 +171,18 @@ async fn get_model(State(state): State<Arc<ServerState>>, Path(id): Path<String>
     Json(model_card(&state)).into_response()
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while the scheduler thread runs; 503 once it has stopped (a bug in
+/// the engine) so that a supervisor restarts the server.
+async fn health(State(state): State<Arc<ServerState>>) -> Response {
+    if state.scheduler.is_alive() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        let e = ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::internal("the scheduler thread has stopped")
+        };
+        e.into_response()
+    }
 }
 
 async fn prometheus(State(state): State<Arc<ServerState>>) -> Response {
@@ -193,12 +203,20 @@ async fn completions(State(state): State<Arc<ServerState>>, body: Result<Bytes, 
 
 async fn generate(state: Arc<ServerState>, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
-    let accepted = body
-        .map_err(|e| ApiError {
+    let accepted = match body {
+        Err(e) => Err(ApiError {
             status: e.status(),
             ..ApiError::invalid(e.body_text(), None)
-        })
-        .and_then(|bytes| prepare(&state, endpoint, &bytes, arrived));
+        }),
+        // Templates and tokenization of a long prompt take milliseconds of
+        // CPU: off the async workers, so that other streams keep flowing.
+        Ok(bytes) => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || prepare(&state, endpoint, &bytes, arrived))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(format!("preparing the request failed: {e}"))))
+        }
+    };
     let (job, meta, knobs, events) = match accepted {
         Ok(parts) => parts,
         Err(e) => {

@@ -244,6 +244,15 @@ impl Scheduler {
             .send(Command::CancelAll);
     }
 
+    /// Whether the scheduler thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
     /// Ends the thread once its work is done and waits for it.
     pub fn join(&self) {
         // Replacing the sender drops the one the loop listens to: it exits
@@ -483,6 +492,7 @@ impl Loop {
         let seqs: Vec<SeqId> = batch.iter().map(|&i| self.running[i].seq).collect();
         let tokens: Vec<u32> = batch.iter().filter_map(|&i| self.running[i].next).collect();
         let greedy = batch.iter().all(|&i| self.running[i].job.sampling.is_greedy());
+        let started = Instant::now();
         let result = if greedy {
             self.model
                 .decode_greedy(
@@ -496,6 +506,7 @@ impl Loop {
         } else {
             self.sampled_step(&batch, &seqs, tokens)
         };
+        self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
         if let Some((hits, misses)) = self.backend.take_offload_reads() {
             self.metrics.add_offload_reads(hits, misses);
