@@ -3,8 +3,9 @@
 //!
 //! This crate is the product on top of the libraries: the generation loop
 //! ([`engine`]: batched prefill and decode, stop tokens, timings), token
-//! sampling ([`sampler`]), the model cache and pulls ([`registry`]), benchmarks ([`bench`]) and the `asynctls` command
-//! line. Evals and the HTTP server join it later.
+//! sampling ([`sampler`]), the model cache and pulls ([`registry`]), benchmarks ([`bench`]), the
+//! OpenAI-compatible server on a continuous-batching scheduler ([`serve`])
+//! and the `asynctls` command line. Evals join it later.
 //!
 //! The layering, bottom up: `asynctls-kernels` (devices, tensors, ops),
 //! `asynctls-kvcache` (paged cache with block metadata and labels),
@@ -16,3 +17,4 @@ pub mod demo;
 pub mod engine;
 pub mod registry;
 pub mod sampler;
+pub mod serve;

@@ -21,6 +21,9 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Continue a prompt with a model directory (HF config.json + safetensors).
     Generate(commands::generate::GenerateArgs),
+    /// An OpenAI-compatible HTTP server (chat and completions, streaming) on a
+    /// continuous-batching engine.
+    Serve(commands::serve::ServeArgs),
     /// Fetch a known small real model (smollm2-135m, qwen2.5-coder-0.5b) into the model cache.
     Pull(commands::pull::PullArgs),
     /// Convert a GGUF file (llama, qwen2) into an HF-format model directory.
@@ -45,6 +48,8 @@ enum BenchCommand {
     Offload(commands::bench_offload::OffloadArgs),
     /// Causal prefill attention of a whole prompt on the GPU.
     Prefill(commands::bench_prefill::PrefillArgs),
+    /// Load against the OpenAI-compatible server: throughput, TTFT and TPOT.
+    Serve(commands::bench_serve::BenchServeArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -53,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::Pull(args) => commands::pull::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Bench {
             what: BenchCommand::Attn(args),
         } => commands::bench_attn::run(args),
@@ -68,6 +74,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Prefill(args),
         } => commands::bench_prefill::run(args),
+        Command::Bench {
+            what: BenchCommand::Serve(args),
+        } => commands::bench_serve::run(args),
     }
 }
 

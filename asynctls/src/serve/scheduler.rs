@@ -1,0 +1,651 @@
+//! Continuous batching: one thread owns the model and its KV cache and runs
+//! every request through them, a step at a time.
+//!
+//! Each iteration of the loop
+//!
+//! 1. takes new requests off the channel from the HTTP handlers,
+//! 2. drops requests whose client went away (their event receiver is
+//!    closed), freeing their KV blocks before the next step runs,
+//! 3. admits waiting requests, oldest first, while the batch has room and
+//!    the pool can hold their prompt plus `max_tokens` (reserved up front,
+//!    so a running sequence never runs out of blocks mid-decode),
+//! 4. prefills one chunk of one admitted prompt (the oldest), so a long
+//!    prompt costs the running streams a chunk's time per step instead of
+//!    its whole prefill,
+//! 5. runs one batched decode step over every sequence past its prefill,
+//!    samples each with its own sampler, and sends the new text.
+//!
+//! The thread is a plain `std` thread: a step is seconds of CPU work (or a
+//! GPU launch sequence) that must not sit on the async runtime, and the
+//! model's device state stays on the one thread that made it. Requests come
+//! in over a `std` channel; events go back over tokio channels, whose
+//! `send` never blocks and whose `is_closed` tells of a dropped client.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use asynctls_kernels::Tensor;
+use asynctls_kvcache::{KvDType, SeqId};
+use asynctls_models::{AttentionBackend, AttentionPlan, CausalLm, DecodeGraphs};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::api::{ApiError, Usage};
+use super::metrics::{Metrics, Outcome};
+use super::text::{Detokenize, TextStream};
+use crate::engine::FinishReason;
+use crate::sampler::{Sampler, SamplingParams};
+
+/// How the scheduler runs.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in the running batch at most.
+    pub max_batch: usize,
+    /// Requests waiting for the batch at most; more are refused (429).
+    pub max_queue: usize,
+    /// Prompt tokens per prefill chunk (one chunk per iteration).
+    pub prefill_chunk: usize,
+    pub plan: AttentionPlan,
+    pub kv_dtype: KvDType,
+    /// Blocks in the KV pool; default: `max_batch` sequences of the whole
+    /// context.
+    pub kv_blocks: Option<usize>,
+    /// Prompt plus output tokens of one request at most; default (and
+    /// upper bound): the model's positions.
+    pub max_context: Option<usize>,
+    /// Resident units per layer of the offload tier (CPU); `None`: the
+    /// whole cache in the backend's memory.
+    pub resident_slots: Option<usize>,
+    /// Replay greedy decode steps from CUDA graphs on a GPU.
+    pub cuda_graphs: bool,
+    /// Measure attended fraction and recall of every decode step against a
+    /// dense pass (slow; the CPU path only).
+    pub measure_attention: bool,
+    /// Sleep this long in every busy iteration: makes queueing and
+    /// cancellation observable in tests on a model that decodes in
+    /// microseconds. Zero in real use.
+    pub step_delay: std::time::Duration,
+}
+
+impl SchedulerConfig {
+    pub fn new(plan: AttentionPlan, kv_dtype: KvDType) -> Self {
+        SchedulerConfig {
+            max_batch: 8,
+            max_queue: 64,
+            prefill_chunk: 512,
+            plan,
+            kv_dtype,
+            kv_blocks: None,
+            max_context: None,
+            resident_slots: None,
+            cuda_graphs: true,
+            measure_attention: false,
+            step_delay: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// What a request may ask for, known once the model is loaded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Prompt plus `max_tokens` at most.
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub block_size: usize,
+    pub kv_blocks: usize,
+}
+
+impl Limits {
+    /// Blocks a request of `tokens` (prompt plus output) reserves.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size.max(1))
+    }
+}
+
+/// A validated request, ready to run.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end the generation (not sent as text).
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+/// What the scheduler tells a request's handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (never empty).
+    Text(String),
+    /// The end: why, and the token counts.
+    Done { finish: FinishReason, usage: Usage },
+    /// The request failed (the engine, or shutdown); nothing follows.
+    Failed(ApiError),
+}
+
+enum Command {
+    Run(Job),
+    /// Fail every request, waiting or running (shutdown's deadline passed).
+    CancelAll,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull(usize),
+    ShuttingDown,
+}
+
+/// The HTTP side's handle on the scheduler thread.
+#[derive(Debug)]
+pub struct Scheduler {
+    commands: Mutex<mpsc::Sender<Command>>,
+    queued: Arc<AtomicUsize>,
+    accepting: AtomicBool,
+    max_queue: usize,
+    pub limits: Limits,
+    metrics: Arc<Metrics>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread: `load` runs on it (so that the model's
+    /// device state is made and used by one thread), then the KV pool is
+    /// allocated; either failing is returned here.
+    pub fn start(
+        load: impl FnOnce() -> anyhow::Result<Box<dyn CausalLm>> + Send + 'static,
+        detokenizer: Arc<dyn Detokenize + Send + Sync>,
+        config: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Scheduler> {
+        anyhow::ensure!(config.max_batch > 0, "--max-batch must be positive");
+        anyhow::ensure!(config.prefill_chunk > 0, "--prefill-chunk must be positive");
+        anyhow::ensure!(config.kv_blocks != Some(0), "--kv-blocks must be positive");
+        let (commands, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<Limits>>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let max_queue = config.max_queue;
+        let (queued_loop, metrics_loop) = (queued.clone(), metrics.clone());
+        let thread = std::thread::Builder::new()
+            .name("asynctls-scheduler".into())
+            .spawn(move || {
+                let mut state = match Loop::new(load, detokenizer, config, metrics_loop, queued_loop) {
+                    Ok(state) => state,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(state.limits.clone())).is_ok() {
+                    state.run(rx);
+                }
+            })?;
+        let limits = match ready_rx.recv() {
+            Ok(result) => result?,
+            Err(_) => {
+                let _ = thread.join();
+                anyhow::bail!("the scheduler thread stopped while loading the model");
+            }
+        };
+        Ok(Scheduler {
+            commands: Mutex::new(commands),
+            queued,
+            accepting: AtomicBool::new(true),
+            max_queue,
+            limits,
+            metrics,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a request, or says why not; the answer comes over
+    /// `job.events`.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        // Claim a place first, so that concurrent submits cannot overshoot.
+        let before = self.queued.fetch_add(1, Ordering::SeqCst);
+        if before >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(before));
+        }
+        self.metrics.queue_depth.store((before + 1) as u64, Ordering::Relaxed);
+        let sent = self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Command::Run(job));
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Stops taking requests (new ones get [`SubmitError::ShuttingDown`]);
+    /// those already in keep running.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Fails every request still waiting or running.
+    pub fn cancel_all(&self) {
+        let _ = self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Command::CancelAll);
+    }
+
+    /// Whether the scheduler thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Ends the thread once its work is done and waits for it.
+    pub fn join(&self) {
+        // Replacing the sender drops the one the loop listens to: it exits
+        // when idle.
+        let (dead, _) = mpsc::channel();
+        *self.commands.lock().unwrap_or_else(|e| e.into_inner()) = dead;
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A request in the running batch.
+struct Running {
+    job: Job,
+    seq: SeqId,
+    /// Prompt tokens prefilled so far.
+    prefilled: usize,
+    sampler: Sampler,
+    generated: usize,
+    /// The last sampled token, to feed to the next decode step; `None`
+    /// while prefilling.
+    next: Option<u32>,
+    text: TextStream,
+    last_token_at: Option<Instant>,
+    blocks_reserved: usize,
+}
+
+/// The scheduler thread's state.
+struct Loop {
+    model: Box<dyn CausalLm>,
+    backend: Box<dyn AttentionBackend>,
+    detokenizer: Arc<dyn Detokenize + Send + Sync>,
+    config: SchedulerConfig,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    queued: Arc<AtomicUsize>,
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    blocks_reserved: usize,
+    graphs: DecodeGraphs,
+    measuring: bool,
+}
+
+impl Loop {
+    fn new(
+        load: impl FnOnce() -> anyhow::Result<Box<dyn CausalLm>>,
+        detokenizer: Arc<dyn Detokenize + Send + Sync>,
+        config: SchedulerConfig,
+        metrics: Arc<Metrics>,
+        queued: Arc<AtomicUsize>,
+    ) -> anyhow::Result<Loop> {
+        let model = load()?;
+        let positions = model.max_positions();
+        let max_context = config.max_context.unwrap_or(positions).min(positions);
+        anyhow::ensure!(max_context > 1, "--max-context must be at least 2");
+        let block_size = model.cache_config(1, config.kv_dtype).block_size;
+        let per_seq = max_context.div_ceil(block_size);
+        let kv_blocks = config.kv_blocks.unwrap_or(per_seq.saturating_mul(config.max_batch));
+        // More resident slots than the pool has units are never used.
+        let units = kv_blocks.saturating_mul(model.cache_config(1, config.kv_dtype).kv_heads);
+        let slots = config.resident_slots.map(|s| s.min(units));
+        let mut backend = model.new_backend(kv_blocks, config.kv_dtype, slots)?;
+        let measuring = config.measure_attention && backend.measure(true).is_ok();
+        if config.measure_attention && !measuring {
+            eprintln!("note: attention statistics are not measured on {}", model.device());
+        }
+        let graphs = DecodeGraphs::new(per_seq + 1, config.cuda_graphs && !measuring);
+        let limits = Limits {
+            max_context,
+            vocab_size: model.vocab_size(),
+            eos_token_ids: model.eos_token_ids(),
+            block_size,
+            kv_blocks: backend.memory_report().blocks_total,
+        };
+        metrics
+            .kv_blocks_total
+            .store(limits.kv_blocks as u64, Ordering::Relaxed);
+        Ok(Loop {
+            model,
+            backend,
+            detokenizer,
+            config,
+            limits,
+            metrics,
+            queued,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            blocks_reserved: 0,
+            graphs,
+            measuring,
+        })
+    }
+
+    fn run(&mut self, commands: mpsc::Receiver<Command>) {
+        let mut open = true;
+        loop {
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            if idle {
+                if !open {
+                    return;
+                }
+                // Nothing to do: sleep until a request comes.
+                match commands.recv() {
+                    Ok(c) => self.command(c),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(c) => self.command(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_disconnected();
+            self.admit();
+            self.prefill_one_chunk();
+            self.decode_step();
+            self.update_gauges();
+            if !self.config.step_delay.is_zero() {
+                std::thread::sleep(self.config.step_delay);
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Run(job) => self.waiting.push_back(job),
+            Command::CancelAll => {
+                for job in std::mem::take(&mut self.waiting) {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    let _ = job.events.send(Event::Failed(ApiError::shutting_down()));
+                    self.metrics.count_request(Outcome::Failed);
+                }
+                for i in (0..self.running.len()).rev() {
+                    self.finish_failed(i, ApiError::shutting_down());
+                }
+                self.update_gauges();
+            }
+        }
+    }
+
+    /// Frees what clients that went away held: waiting requests leave the
+    /// queue, running ones their blocks, before the next step spends work
+    /// on them.
+    fn drop_disconnected(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|job| !job.events.is_closed());
+        for _ in self.waiting.len()..before {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.count_request(Outcome::Cancelled);
+        }
+        for i in (0..self.running.len()).rev() {
+            if self.running[i].job.events.is_closed() {
+                self.release(i);
+                self.metrics.count_request(Outcome::Cancelled);
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(job) = self.waiting.front() else { break };
+            let need = self.limits.blocks_for(job.prompt_ids.len() + job.max_tokens);
+            // Oldest first, even when a younger one would fit: no request
+            // waits forever behind a stream of small ones.
+            if self.blocks_reserved + need > self.limits.kv_blocks {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.blocks_reserved += need;
+            let seq = self.backend.add_sequence();
+            let sampler = Sampler::new(job.sampling);
+            let text = TextStream::new(job.stop_strings.clone());
+            self.running.push(Running {
+                job,
+                seq,
+                prefilled: 0,
+                sampler,
+                generated: 0,
+                next: None,
+                text,
+                last_token_at: None,
+                blocks_reserved: need,
+            });
+        }
+    }
+
+    fn prefill_one_chunk(&mut self) {
+        let Some(i) = self.running.iter().position(|r| r.next.is_none()) else {
+            return;
+        };
+        let r = &self.running[i];
+        let (start, total) = (r.prefilled, r.job.prompt_ids.len());
+        let end = total.min(start + self.config.prefill_chunk);
+        let chunk = &r.job.prompt_ids[start..end];
+        let result = self
+            .model
+            .prefill(self.backend.as_mut(), r.seq, chunk, false, self.config.prefill_chunk);
+        self.metrics.prefill_chunks.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => return self.finish_failed(i, ApiError::internal(format!("prefill failed: {e}"))),
+        };
+        self.metrics
+            .prompt_tokens
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
+        self.running[i].prefilled = end;
+        if end < total {
+            return;
+        }
+        let mut samplers = [self.running[i].sampler.clone()];
+        match crate::engine::sample(&logits, &mut samplers, &[0]) {
+            Ok(ids) => {
+                let [sampler] = samplers;
+                self.running[i].sampler = sampler;
+                if let Some(&token) = ids.first() {
+                    self.on_token(i, token);
+                }
+            }
+            Err(e) => self.finish_failed(i, ApiError::internal(format!("sampling failed: {e}"))),
+        }
+    }
+
+    fn decode_step(&mut self) {
+        let batch: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].next.is_some())
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let seqs: Vec<SeqId> = batch.iter().map(|&i| self.running[i].seq).collect();
+        let tokens: Vec<u32> = batch.iter().filter_map(|&i| self.running[i].next).collect();
+        let greedy = batch.iter().all(|&i| self.running[i].job.sampling.is_greedy());
+        let started = Instant::now();
+        let result = if greedy {
+            self.model
+                .decode_greedy(
+                    self.backend.as_mut(),
+                    &seqs,
+                    &tokens,
+                    &self.config.plan,
+                    &mut self.graphs,
+                )
+                .map_err(anyhow::Error::from)
+        } else {
+            self.sampled_step(&batch, &seqs, tokens)
+        };
+        self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
+        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        if let Some((hits, misses)) = self.backend.take_offload_reads() {
+            self.metrics.add_offload_reads(hits, misses);
+        }
+        if self.measuring {
+            if let Some(stats) = self.backend.stats().filter(|s| s.count > 0) {
+                self.metrics
+                    .set_attention_stats(stats.attended_fraction(), stats.recall());
+            }
+        }
+        match result {
+            Ok(ids) if ids.len() == batch.len() => {
+                // Highest index first: finishing removes from `running`.
+                for (&i, &token) in batch.iter().zip(&ids).rev() {
+                    self.on_token(i, token);
+                }
+            }
+            Ok(ids) => {
+                let e = ApiError::internal(format!(
+                    "decode returned {} ids for {} sequences",
+                    ids.len(),
+                    batch.len()
+                ));
+                for &i in batch.iter().rev() {
+                    self.finish_failed(i, e.clone());
+                }
+            }
+            Err(e) => {
+                // A failed step may have reserved positions in some of the
+                // batch's sequences: none of them can go on.
+                let e = ApiError::internal(format!("decode step failed: {e}"));
+                for &i in batch.iter().rev() {
+                    self.finish_failed(i, e.clone());
+                }
+            }
+        }
+    }
+
+    /// A decode step with each sequence's own sampler.
+    fn sampled_step(&mut self, batch: &[usize], seqs: &[SeqId], tokens: Vec<u32>) -> anyhow::Result<Vec<u32>> {
+        let ids = Tensor::from_vec(tokens, &[seqs.len()])?.to_device(self.model.device())?;
+        let logits = self
+            .model
+            .decode_step(self.backend.as_mut(), seqs, &ids, &self.config.plan)?;
+        let mut samplers: Vec<Sampler> = batch.iter().map(|&i| self.running[i].sampler.clone()).collect();
+        let rows: Vec<usize> = (0..batch.len()).collect();
+        let ids = crate::engine::sample(&logits, &mut samplers, &rows)?;
+        for (&i, s) in batch.iter().zip(samplers) {
+            self.running[i].sampler = s;
+        }
+        Ok(ids)
+    }
+
+    /// Takes sequence `i`'s new token: sends its text, and finishes the
+    /// sequence at a stop token, a stop string or its token limit.
+    fn on_token(&mut self, i: usize, token: u32) {
+        let now = Instant::now();
+        let r = &mut self.running[i];
+        r.generated += 1;
+        self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        match r.last_token_at {
+            None => self.metrics.ttft.observe((now - r.job.arrived).as_secs_f64()),
+            Some(t) => self.metrics.tpot.observe((now - t).as_secs_f64()),
+        }
+        r.last_token_at = Some(now);
+        let tok = self.detokenizer.as_ref();
+        let (delta, finish) = if r.job.stop_ids.contains(&token) {
+            (r.text.finish(tok), Some(FinishReason::Stop))
+        } else {
+            match r.text.push(tok, token) {
+                Ok(d) if d.stopped => (Ok(d), Some(FinishReason::Stop)),
+                Ok(d) if r.generated >= r.job.max_tokens => match r.text.finish(tok) {
+                    Ok(rest) => (
+                        Ok(super::text::Delta {
+                            text: d.text + &rest.text,
+                            stopped: false,
+                        }),
+                        Some(FinishReason::Length),
+                    ),
+                    Err(e) => (Err(e), None),
+                },
+                other => (other, None),
+            }
+        };
+        let delta = match delta {
+            Ok(d) => d,
+            Err(e) => return self.finish_failed(i, ApiError::internal(format!("detokenizing failed: {e}"))),
+        };
+        let r = &mut self.running[i];
+        if !delta.text.is_empty() && r.job.events.send(Event::Text(delta.text)).is_err() {
+            self.release(i);
+            self.metrics.count_request(Outcome::Cancelled);
+            return;
+        }
+        match finish {
+            None => r.next = Some(token),
+            Some(finish) => {
+                let usage = Usage {
+                    prompt_tokens: r.job.prompt_ids.len(),
+                    completion_tokens: r.generated,
+                };
+                let sent = r.job.events.send(Event::Done { finish, usage });
+                self.metrics.latency.observe((now - r.job.arrived).as_secs_f64());
+                self.release(i);
+                self.metrics.count_request(if sent.is_ok() {
+                    Outcome::Completed
+                } else {
+                    Outcome::Cancelled
+                });
+            }
+        }
+    }
+
+    fn finish_failed(&mut self, i: usize, error: ApiError) {
+        let _ = self.running[i].job.events.send(Event::Failed(error));
+        self.release(i);
+        self.metrics.count_request(Outcome::Failed);
+    }
+
+    /// Removes running sequence `i` and frees its blocks.
+    fn release(&mut self, i: usize) {
+        let r = self.running.remove(i);
+        self.blocks_reserved -= r.blocks_reserved;
+        if let Err(e) = self.backend.free(r.seq) {
+            // Bookkeeping gone wrong, not the client's fault: say so, and
+            // keep serving the others.
+            eprintln!("warning: freeing {:?} failed: {e}", r.seq);
+        }
+    }
+
+    fn update_gauges(&self) {
+        let report = self.backend.memory_report();
+        let m = &self.metrics;
+        m.kv_blocks_used.store(report.blocks_used as u64, Ordering::Relaxed);
+        m.kv_blocks_total.store(report.blocks_total as u64, Ordering::Relaxed);
+        m.running.store(self.running.len() as u64, Ordering::Relaxed);
+        let prefilling = self.running.iter().filter(|r| r.next.is_none()).count();
+        m.prefilling.store(prefilling as u64, Ordering::Relaxed);
+        m.queue_depth
+            .store(self.queued.load(Ordering::SeqCst) as u64, Ordering::Relaxed);
+    }
+}
