@@ -96,6 +96,17 @@ impl CudaAttention {
     /// A cache of `config` on `device`; refused before allocating when it
     /// does not fit the GPU's free memory.
     pub fn new(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
+        // Refused here, before the cache is allocated, rather than at the
+        // first prompt.
+        let in_keys = !matches!(config.values, asynctls_kvcache::ValueLayout::Separate { .. });
+        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, config.value_dim(), in_keys) {
+            return Err(AttnError::Config(format!(
+                "the GPU kernels take head dims 64 and 128 (GQA) and 576/512 (MLA), not key dim {} / value dim {}: \
+                 use --device cpu for this model",
+                config.key_dim,
+                config.value_dim()
+            )));
+        }
         let storage = GpuKvStorage::new(device, config, channels)?;
         let ops = device.ops()?;
         let sms = device

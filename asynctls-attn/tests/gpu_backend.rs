@@ -2,9 +2,9 @@
 //! selection and attention kernels) against `CpuAttention` (the host
 //! reference), both fed identical random keys, values and queries through
 //! the backend interface a model uses (prefill chunks, then decode steps).
-//! With budgets below the context, the GPU's token selections must equal
-//! the CPU's for every (sequence, KV head), and the outputs agree within the
-//! bf16 bound (relative L2 error <= 1e-2). Seeds are printed. Without a GPU
+//! With budgets below the context (tls and quest), the GPU's token
+//! selections must equal the CPU's for every (sequence, KV head), and the
+//! outputs agree within the bf16 bound (relative L2 error <= 1e-2). Seeds are printed. Without a GPU
 //! every test prints `skipped: no CUDA device` and passes.
 
 use asynctls_attn::{AttentionBackend, AttnShape, CpuAttention, CudaAttention, Policy, SparseConfig};
@@ -61,15 +61,22 @@ fn gpu_backend_selects_what_the_cpu_selects() {
             }
             seqs.push((a, b));
         }
-        let sparse = SparseConfig {
+        // tls, then quest (its blocks' every token), on the same growing cache.
+        let tls = SparseConfig {
             policy: Policy::Tls,
             block_topk: 8,
             token_topk: 256,
             dense_below: 0,
             ..SparseConfig::default()
         };
+        let quest = SparseConfig {
+            policy: Policy::Quest,
+            block_topk: 6,
+            ..tls.clone()
+        };
         let (cs, gs): (Vec<SeqId>, Vec<SeqId>) = seqs.iter().copied().unzip();
-        for step in 0..3 {
+        for step in 0..4 {
+            let sparse = if step % 2 == 0 { &tls } else { &quest };
             let sa = cpu.begin_decode(&cs, 1 << 20).unwrap();
             let sb = cuda.begin_decode(&gs, 1 << 20).unwrap();
             let batch = cs.len();
@@ -81,12 +88,12 @@ fn gpu_backend_selects_what_the_cpu_selects() {
                     .unwrap();
                 let q = Tensor::from_vec(random(&mut rng, batch * qw), &[batch, qw]).unwrap();
                 let want = cpu
-                    .attend(&sa, layer, &q, &shape, &sparse)
+                    .attend(&sa, layer, &q, &shape, sparse)
                     .unwrap()
                     .to_f32_vec()
                     .unwrap();
                 let got = cuda
-                    .attend(&sb, layer, &q.to_device(&gpu).unwrap(), &shape, &sparse)
+                    .attend(&sb, layer, &q.to_device(&gpu).unwrap(), &shape, sparse)
                     .unwrap()
                     .to_f32_vec()
                     .unwrap();
@@ -99,7 +106,7 @@ fn gpu_backend_selects_what_the_cpu_selects() {
                     layer,
                     q.as_slice::<f32>().unwrap(),
                     &shape,
-                    &sparse,
+                    sparse,
                     &mut scratch,
                 )
                 .unwrap();
@@ -113,7 +120,8 @@ fn gpu_backend_selects_what_the_cpu_selects() {
                 }
                 let e = rel_err(&got, &want);
                 println!(
-                    "{shape:?} step {step} layer {layer}: {} rows select the CPU's tokens ({} of up to {} each), output rel err {e:.2e}",
+                    "{shape:?} {:?} step {step} layer {layer}: {} rows select the CPU's tokens ({} of up to {} each), output rel err {e:.2e}",
+                    sparse.policy,
                     report.heads.len(),
                     report.heads[0].tokens.len(),
                     lens[0] + step + 1

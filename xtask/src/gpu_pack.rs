@@ -96,7 +96,7 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e "* ]]; then
     E2E_SHAPE="${E2E_SHAPE:-qwen3-8b}"; E2E_CTX="${E2E_CTX:-32768,65536,98304}"; E2E_BATCH="${E2E_BATCH:-1,4,8}"
     ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
         --policies dense,tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" \
-        --prefill-tokens "${E2E_PREFILL:-32768}" --json > "$out_dir/e2e_ours.json" \
+        --prefill-tokens "${E2E_PREFILL:-32768}" ${E2E_LARGEST---largest-batch} --json > "$out_dir/e2e_ours.json" \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['prefill']); [print(r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_ours.json"
     PYTHONUNBUFFERED=1 python3 peers/hf_e2e.py --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
         --decode-steps "${E2E_STEPS:-8}" --time-budget-s "${HF_BUDGET:-200}" ${HF_COMPILE:+--compile} \

@@ -76,6 +76,14 @@ impl Variant {
     }
 }
 
+/// Whether the prefill kernel has a variant for these head dims (values a
+/// prefix of the keys for MLA).
+pub fn prefill_supports(key_dim: usize, value_dim: usize, values_in_keys: bool) -> bool {
+    VARIANTS
+        .iter()
+        .any(|v| v.key_dim == key_dim && v.value_dim == value_dim && v.values_in_keys == values_in_keys)
+}
+
 impl CudaOps {
     /// Tokens `start..start + n` of one sequence (`q`: `[n, q_heads,
     /// key_dim]` f32) attend causally over the cache's tokens `0..=own

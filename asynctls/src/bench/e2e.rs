@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use asynctls_attn::{AttentionBackend, CudaAttention, Policy, SparseConfig};
 use asynctls_kernels::Device;
-use asynctls_kvcache::{KvDType, SeqId};
+use asynctls_kvcache::{GpuKvStorage, KvDType, SeqId};
 use asynctls_models::{AttentionPlan, CausalLm, DecodeGraphs};
 use serde::Serialize;
 
@@ -40,6 +40,9 @@ pub struct E2eBenchConfig {
     pub seed: u64,
     /// Replay decode steps from CUDA graphs (GPU).
     pub cuda_graphs: bool,
+    /// After the listed batches, also the largest batch whose cache fits in
+    /// the GPU memory left (on a GPU; larger than every listed batch).
+    pub largest_batch: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +156,34 @@ fn fill(
 }
 
 /// Runs the sweep; `progress` is told what is running.
+/// Blocks a batch of `batch` sequences at `ctx` takes in the bench (each
+/// sequence, plus one partial block per fork of each policy).
+fn blocks_for(config: &E2eBenchConfig, ctx: usize, batch: usize) -> usize {
+    let per_seq = (ctx + config.decode_tokens).div_ceil(BLOCK) + 1;
+    batch * per_seq + batch * config.policies.len() + 2
+}
+
+/// GPU memory the bench keeps free beside the cache: activations of a
+/// prefill chunk, the selection and decode scratch, cuBLAS workspace, CUDA
+/// graphs (more than the cache's own headroom).
+const LARGEST_BATCH_SPARE_BYTES: usize = 6 << 30;
+
+/// The largest batch whose cache fits in the GPU memory free now, less a
+/// spare for everything else; None off a GPU.
+fn largest_batch(model: &dyn CausalLm, config: &E2eBenchConfig, ctx: usize) -> Option<usize> {
+    let Device::Cuda(dev) = model.device() else { return None };
+    let (free, _) = dev.memory_info().ok()?;
+    let budget = free.saturating_sub(LARGEST_BATCH_SPARE_BYTES);
+    let fits = |batch: usize| {
+        GpuKvStorage::bytes_for(&model.cache_config(blocks_for(config, ctx, batch), config.kv_dtype)) <= budget
+    };
+    let mut batch = 1;
+    while batch < 4096 && fits(batch + 1) {
+        batch += 1;
+    }
+    fits(batch).then_some(batch)
+}
+
 pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<E2eReport> {
     let device = model.device().clone();
     let mut report = E2eReport {
@@ -195,9 +226,19 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 model.max_positions()
             );
         }
-        for &batch in &config.batches {
+        let mut batches = config.batches.clone();
+        if config.largest_batch {
+            match largest_batch(model, config, ctx) {
+                Some(b) if batches.iter().all(|&l| l < b) => batches.push(b),
+                Some(_) => {}
+                None => report
+                    .skipped
+                    .push(format!("ctx {ctx}: no largest batch (not on a GPU)")),
+            }
+        }
+        for &batch in &batches {
             let per_seq = (ctx + config.decode_tokens).div_ceil(BLOCK) + 1;
-            let blocks = batch * per_seq + batch * config.policies.len() + 2;
+            let blocks = blocks_for(config, ctx, batch);
             let mut backend = match model.new_backend(blocks, config.kv_dtype, None) {
                 Ok(b) => b,
                 Err(e) => {

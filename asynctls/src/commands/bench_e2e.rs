@@ -48,6 +48,10 @@ pub struct E2eArgs {
     prefill_chunk: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also run the largest batch whose cache fits in the GPU memory left,
+    /// at each context (GPU only).
+    #[arg(long)]
+    largest_batch: bool,
     /// Run every decode step eagerly instead of replaying CUDA graphs.
     #[arg(long)]
     no_cuda_graphs: bool,
@@ -104,6 +108,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         kv_dtype: KvDType::BF16,
         seed: args.seed,
         cuda_graphs: !args.no_cuda_graphs,
+        largest_batch: args.largest_batch,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));

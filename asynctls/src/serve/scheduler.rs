@@ -630,6 +630,11 @@ impl Loop {
     fn release(&mut self, i: usize) {
         let r = self.running.remove(i);
         self.blocks_reserved -= r.blocks_reserved;
+        // A prefill chunk that failed part-way has already freed its
+        // sequence (the decoder does, so a half-written one never lingers).
+        if self.backend.seq_len(r.seq).is_err() {
+            return;
+        }
         if let Err(e) = self.backend.free(r.seq) {
             // Bookkeeping gone wrong, not the client's fault: say so, and
             // keep serving the others.
