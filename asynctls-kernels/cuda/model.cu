@@ -8,6 +8,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <stdint.h>
 
 // Grid-stride loops: one launch covers any n.
 #define FOR_EACH(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
@@ -79,3 +80,96 @@ extern "C" __global__ void fill_uniform_bf16(__nv_bfloat16* y, long long n, unsi
 extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned long long seed, float scale, float offset) {
     FOR_EACH(i, n) y[i] = offset + scale * uniform_at(seed, (unsigned long long)i);
 }
+
+// y[m, j] = sum_c x[m, c] w[j, c] for a decode step of one sequence (M = 1;
+// the template takes more rows, but at 4 rows cuBLAS was faster end to end):
+// a linear layer at batch 1 is a stream of its bf16 weights, read here
+// once with 16-byte loads. A CTA takes GEMV_ROWS weight rows and its eight
+// warps split k between them (a warp per row group left k/v projections of
+// 1024 rows on 32 SMs); partial sums meet in shared memory. x (rounded to
+// bf16, as the cuBLAS path rounds it) is read through the cache. Grid:
+// ceil(n / GEMV_ROWS) CTAs of 256 threads. k % 8 == 0; x, w 16-byte aligned.
+#define GEMV_WARPS 8
+#define GEMV_ROWS 4
+
+__device__ __forceinline__ void bf16x8_to_f32(uint4 v, float* f) {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(words[i] << 16);
+        f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+}
+
+// Eight consecutive x values as floats rounded to bf16.
+__device__ __forceinline__ void load_x8(const float* x, float* f) {
+    const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; i++) f[i] = __bfloat162float(__float2bfloat16_rn(v[i]));
+}
+
+__device__ __forceinline__ void load_x8(const __nv_bfloat16* x, float* f) {
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>(x), f);
+}
+
+template <int M, typename X>
+__device__ void gemv_rows(const X* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n,
+                          int k) {
+    __shared__ float partial[GEMV_WARPS][GEMV_ROWS][M];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = blockIdx.x * GEMV_ROWS;
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[r][m] = 0.0f;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll 2
+    for (int c = (warp * 32 + lane) * 8; c < k; c += GEMV_WARPS * 32 * 8) {
+        uint4 wv[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            wv[r] = row0 + r < n ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)(row0 + r) * k + c)) : zero;
+        float xf[M][8];
+#pragma unroll
+        for (int m = 0; m < M; m++) load_x8(x + (size_t)m * k + c, xf[m]);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            float wf[8];
+            bf16x8_to_f32(wv[r], wf);
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[r][m] = fmaf(xf[m][i], wf[i], acc[r][m]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            if (lane == 0) partial[warp][r][m] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < GEMV_ROWS * M) {
+        const int r = threadIdx.x / M, m = threadIdx.x % M;
+        float v = 0.0f;
+#pragma unroll
+        for (int i = 0; i < GEMV_WARPS; i++) v += partial[i][r][m];
+        if (row0 + r < n) y[(size_t)m * n + row0 + r] = v;
+    }
+}
+
+#define GEMV(M)                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        gemv_f32_m##M(const float* x, const __nv_bfloat16* w, float* y, int n, int k) {                            \
+        gemv_rows<M>(x, w, y, n, k);                                                                                \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        gemv_bf16_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k) {                   \
+        gemv_rows<M>(x, w, y, n, k);                                                                                \
+    }
+GEMV(1)

@@ -236,6 +236,16 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
         Some(ops) => {
             require_dtype(OP, "weight", w, DType::BF16)?;
+            let (xp, wp) = (x.device_ptr()?, w.device_ptr()?);
+            if CudaOps::gemv_takes(n, k, xp, wp) {
+                let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
+                // SAFETY: shapes, dtypes and devices checked above; gemv_takes held.
+                unsafe { ops.gemv_raw(xp, x.dtype() == DType::BF16, wp, y.device_ptr()?, n, k, out_dim) }?;
+                if let Some(b) = bias {
+                    unsafe { ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim) }?;
+                }
+                return Ok(y);
+            }
             let xb = if x.dtype() == DType::BF16 {
                 x.clone()
             } else {

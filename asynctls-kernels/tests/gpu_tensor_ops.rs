@@ -114,25 +114,33 @@ fn in_place_ops_refuse_shared_storage() {
 fn linear_embedding_and_rope_match_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    // Decode-batch rows (1-8) and a prefill-like 64 rows.
+    // Decode-batch rows (1 runs the GEMV kernel, 2-8 cuBLAS) and a
+    // prefill-like 64 rows; k not a multiple of the GEMV's 2048-wide step,
+    // and weight rows not a multiple of its 4 per CTA, included. x as f32
+    // and, for the GEMV, as bf16 (as a cast activation arrives).
     for &(n, k, out) in &[
         (1usize, 896usize, 4864usize),
         (5, 4096, 1024),
         (8, 1536, 2048),
         (2, 12288, 1024),
+        (1, 520, 777),
+        (4, 4096, 1000),
         (64, 576, 1536),
     ] {
         let x = random(&mut rng, &[n, k], 2.0);
         let w = random(&mut rng, &[out, k], 0.05);
         let b = random(&mut rng, &[out], 0.1);
         let want = ops::linear(&bf16_rounded(&x), &bf16_rounded(&w), Some(&b)).unwrap();
-        let got = ops::linear(
-            &x.to_device(&dev).unwrap(),
-            &w.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap(),
-            Some(&b.to_device(&dev).unwrap()),
-        )
-        .unwrap();
-        assert_close(&got, &want, 2e-3, &format!("linear {n}x{k}x{out}"));
+        let w_gpu = w.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let b_gpu = b.to_device(&dev).unwrap();
+        let mut inputs = vec![("f32", x.to_device(&dev).unwrap())];
+        if n == 1 {
+            inputs.push(("bf16", x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap()));
+        }
+        for (dtype, xg) in inputs {
+            let got = ops::linear(&xg, &w_gpu, Some(&b_gpu)).unwrap();
+            assert_close(&got, &want, 2e-3, &format!("linear {n}x{k}x{out} ({dtype} x)"));
+        }
     }
 
     let (vocab, h) = (1000usize, 896usize);
