@@ -280,6 +280,7 @@ impl CudaOps {
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply, and [`Self::gemv_takes`] must hold.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemv_raw(&self, x: u64, x_bf16: bool, w: u64, y: u64, rows: usize, k: usize, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
