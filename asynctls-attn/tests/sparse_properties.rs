@@ -6,7 +6,8 @@ use asynctls_attn::metrics::{dense_probabilities, recall, relative_l2};
 use asynctls_attn::select::{block_bounds, forced_blocks};
 use asynctls_attn::{decode, AttnShape, GroupReduce, Policy, SparseConfig};
 use asynctls_kvcache::{
-    CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId, ValueLayout,
+    bf16_at_least, bf16_at_most, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId,
+    ValueLayout,
 };
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -291,6 +292,9 @@ proptest! {
                     let bound: f64 = (0..sh.key_dim).map(|c| {
                         let vals = (b * bs..((b + 1) * bs).min(len)).map(|t| f.key(0, t, h)[c]);
                         let (mx, mn) = vals.fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), v| (a.max(v), b.min(v)));
+                        // The cache keeps its bounds rounded outward to bf16
+                        // values (exact for bf16 keys), as the GPU does.
+                        let (mx, mn) = (bf16_at_least(mx), bf16_at_most(mn));
                         (q[c] as f64 * mx as f64).max(q[c] as f64 * mn as f64)
                     }).sum();
                     *r = match (reduce, g) {
