@@ -75,8 +75,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     // In-process: the server runs on this runtime until the levels are done.
     let (addr, local) = match (&args.url, &args.model) {
         (Some(url), _) => (parse_url(url)?, None),
-        (None, Some(model)) => {
-            let state = build_state(model, &args.engine, args.api_key.clone())?;
+        (None, model) if model.is_some() || args.engine.model_shape.is_some() => {
+            let state = build_state(model.as_deref(), &args.engine, args.api_key.clone())?;
             let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
             let addr = listener.local_addr()?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -90,7 +90,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             ));
             (addr, Some((state, stop, server)))
         }
-        (None, None) => bail!("give --url http://HOST:PORT of a running server, or --model to start one"),
+        (None, _) => {
+            bail!("give --url http://HOST:PORT of a running server, or --model (or --model-shape) to start one")
+        }
     };
     let mut client = Client::new(addr);
     client.api_key = args.api_key.clone();

@@ -18,6 +18,11 @@ use clap::Args;
 /// How the engine behind the server runs (shared with `bench serve`).
 #[derive(Debug, Args)]
 pub struct EngineArgs {
+    /// Serve random bf16 weights at a real model's shape instead of a model
+    /// (qwen3-8b, qwen3-14b, ...; for load tests): the vocabulary is the
+    /// token ids as decimal words, and there is no chat template.
+    #[arg(long, conflicts_with = "model")]
+    pub model_shape: Option<String>,
     /// Model cache for names (see `asynctls pull --help`).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -82,8 +87,8 @@ pub struct EngineArgs {
 pub struct ServeArgs {
     /// Model directory (config.json, safetensors, tokenizer.json), or the
     /// name of a pulled model.
-    #[arg(long)]
-    pub model: String,
+    #[arg(long, required_unless_present = "model_shape")]
+    pub model: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Address to listen on (loopback by default: pass 0.0.0.0 to serve
@@ -102,19 +107,44 @@ pub struct ServeArgs {
     pub shutdown_grace_s: f64,
 }
 
-/// Loads the model on the scheduler thread and builds the server's state.
-pub fn build_state(model: &str, engine: &EngineArgs, api_key: Option<String>) -> Result<Arc<ServerState>> {
+/// What the server loads: a model directory, or random weights at a shape.
+enum Source {
+    Dir(PathBuf),
+    Shape(asynctls_models::GqaConfig, String),
+}
+
+/// Loads the model on the scheduler thread and builds the server's state:
+/// `model` (a directory or pulled name), or `engine.model_shape`.
+pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<String>) -> Result<Arc<ServerState>> {
     let device_request = engine.device;
     let device = Device::from_request(device_request).context("opening the device")?;
     eprintln!("serve: device {device}");
-    let model_dir = asynctls::registry::resolve_model(model, engine.cache_dir.as_deref())?;
-    if !model_dir.join("tokenizer.json").is_file() {
-        bail!(
-            "{} has no tokenizer.json: the server needs the model's tokenizer",
-            model_dir.display()
-        );
-    }
-    let tokenizer = Arc::new(Tokenizer::from_dir(&model_dir)?);
+    let source = match (model, &engine.model_shape) {
+        (Some(model), None) => Source::Dir(asynctls::registry::resolve_model(model, engine.cache_dir.as_deref())?),
+        (None, Some(shape)) => {
+            let config = asynctls_models::GqaConfig::preset(shape).with_context(|| {
+                format!(
+                    "unknown --model-shape `{shape}` (known: {})",
+                    asynctls_models::GqaConfig::PRESETS.join(", ")
+                )
+            })?;
+            Source::Shape(config, shape.clone())
+        }
+        (Some(_), Some(_)) => bail!("give --model or --model-shape, not both"),
+        (None, None) => bail!("give --model (a directory or pulled name) or --model-shape"),
+    };
+    let tokenizer = match &source {
+        Source::Dir(dir) => {
+            if !dir.join("tokenizer.json").is_file() {
+                bail!(
+                    "{} has no tokenizer.json: the server needs the model's tokenizer",
+                    dir.display()
+                );
+            }
+            Arc::new(Tokenizer::from_dir(dir)?)
+        }
+        Source::Shape(config, _) => Arc::new(Tokenizer::numeric(config.vocab_size)?),
+    };
     let kv_dtype = match engine.kv_dtype.as_str() {
         "f32" => KvDType::F32,
         "bf16" => KvDType::BF16,
@@ -143,20 +173,35 @@ pub fn build_state(model: &str, engine: &EngineArgs, api_key: Option<String>) ->
         ..SchedulerConfig::new(plan, kv_dtype)
     };
     let metrics = Arc::new(Metrics::default());
-    let dir = model_dir.clone();
-    let load = move || asynctls::engine::load_for_request(&dir, device_request, &device);
-    let scheduler = Scheduler::start(load, tokenizer.clone(), config, metrics.clone())
-        .with_context(|| format!("loading model from {}", model_dir.display()))?;
-    let model_id = engine.served_model_name.clone().unwrap_or_else(|| {
-        if std::path::Path::new(model).is_dir() {
-            model_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| model.to_string())
-        } else {
-            model.to_string()
+    let (what, default_id) = match &source {
+        Source::Dir(dir) => {
+            let given = model.unwrap_or_default();
+            let id = if std::path::Path::new(given).is_dir() {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| given.to_string())
+            } else {
+                given.to_string()
+            };
+            (dir.display().to_string(), id)
         }
-    });
+        Source::Shape(_, shape) => (format!("random weights at the {shape} shape"), shape.clone()),
+    };
+    let load = move || -> Result<Box<dyn asynctls_models::CausalLm>> {
+        match source {
+            Source::Dir(dir) => asynctls::engine::load_for_request(&dir, device_request, &device),
+            Source::Shape(config, _) => {
+                let weights = asynctls_models::RandomWeights {
+                    seed: 0x5eed,
+                    std: 0.02,
+                };
+                Ok(Box::new(asynctls_models::GqaModel::load_on(config, &weights, &device)?))
+            }
+        }
+    };
+    let scheduler = Scheduler::start(load, tokenizer.clone(), config, metrics.clone())
+        .with_context(|| format!("loading {what}"))?;
+    let model_id = engine.served_model_name.clone().unwrap_or(default_id);
     Ok(Arc::new(ServerState::new(
         scheduler, metrics, tokenizer, model_id, api_key,
     )))
@@ -189,7 +234,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.shutdown_grace_s.is_finite() && args.shutdown_grace_s >= 0.0) {
         bail!("--shutdown-grace-s must be a number of seconds >= 0");
     }
-    let state = build_state(&args.model, &args.engine, args.api_key.clone())?;
+    let state = build_state(args.model.as_deref(), &args.engine, args.api_key.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
