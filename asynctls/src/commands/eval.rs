@@ -291,7 +291,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 if let Some(file) = results.as_mut() {
                     file.append(row.clone())?;
                 }
-                bar.println(format!(
+                let line = format!(
                     "{:<22} ctx {:>6}  {:<5} budget {:>5}  score {:>6.1}  ({:.0}s)",
                     row.key.task,
                     row.key.ctx,
@@ -299,7 +299,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     row.key.budget.map_or("-".to_string(), |b| b.to_string()),
                     row.score,
                     row.wall_s
-                ));
+                );
+                // A hidden bar (no terminal, or --json) prints nothing.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 rows.push(row);
                 bar.inc(1);
             }
