@@ -400,6 +400,9 @@ fn eval_end_to_end_on_the_tiny_model_resumes_from_its_result_file() {
     }
     let tls = rows.iter().find(|r| r["policy"] == "tls").unwrap();
     assert_eq!(tls["block_topk"], 2);
+    // 2 blocks of candidates (128 tokens) and k_t 128: only the block stage cuts.
+    assert_eq!(tls["stages"], "block");
+    assert_eq!(rows.iter().find(|r| r["policy"] == "quest").unwrap()["stages"], "block");
     assert_eq!(tls["budget"], 128);
     let lines = std::fs::read_to_string(&out).unwrap().lines().count();
     assert_eq!(lines, 6);

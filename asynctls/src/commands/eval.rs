@@ -274,6 +274,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 }
                 let score = 100.0 * outputs.iter().map(|o| o.recall).sum::<f64>() / outputs.len() as f64;
                 let row = ResultRow {
+                    stages: selection_stages(setting, key.block_topk, prompt_tokens),
                     key,
                     score,
                     prompt_tokens,
@@ -320,15 +321,38 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Which selection stages can drop tokens at this setting (see
+/// [`ResultRow::stages`]); the sink and local blocks come on top of k_b.
+fn selection_stages(setting: Setting, block_topk: Option<usize>, prompt_tokens: f64) -> Option<String> {
+    const BLOCK: usize = 64;
+    let defaults = SparseConfig::default();
+    let always = (defaults.sink_blocks + defaults.local_blocks) * BLOCK;
+    let stages = match (setting.policy, block_topk, setting.budget) {
+        (Policy::Dense, _, _) => return None,
+        (Policy::Quest, _, _) => "block",
+        (Policy::Ds, _, _) => "token",
+        (Policy::Tls, Some(k_b), Some(k_t)) => {
+            let candidates = k_b * BLOCK;
+            match ((candidates + always) as f64 >= prompt_tokens, candidates <= k_t) {
+                (true, _) => "token",
+                (false, true) => "block",
+                (false, false) => "block+token",
+            }
+        }
+        (Policy::Tls, _, _) => "block+token",
+    };
+    Some(stages.to_string())
+}
+
 fn print_table(rows: &[ResultRow]) {
     println!(
-        "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7} {:>8} {:>7} {:>7}",
-        "task", "ctx", "policy", "budget", "k_b", "score", "samples", "sparse", "attend"
+        "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7} {:>8} {:>7} {:>12} {:>7}",
+        "task", "ctx", "policy", "budget", "k_b", "score", "samples", "sparse", "stages", "attend"
     );
     for r in rows {
         let opt = |v: Option<usize>| v.map_or("-".to_string(), |b| b.to_string());
         println!(
-            "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7.1} {:>8} {:>7} {:>7}",
+            "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7.1} {:>8} {:>7} {:>12} {:>7}",
             r.key.task,
             r.key.ctx,
             r.key.policy,
@@ -337,6 +361,7 @@ fn print_table(rows: &[ResultRow]) {
             r.score,
             r.key.samples,
             r.sparse_layers,
+            r.stages.as_deref().unwrap_or("-"),
             r.attended_fraction
                 .map_or("-".to_string(), |f| format!("{:.1}%", f * 100.0))
         );

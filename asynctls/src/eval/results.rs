@@ -35,6 +35,11 @@ pub struct ResultRow {
     /// Layers that took the sparse path at decode (the model's layers less
     /// the dense leading ones; 0 for dense).
     pub sparse_layers: usize,
+    /// The selection stages that cut anything in this row: `block`, `token`
+    /// or `block+token` (`None` for dense). tls with k_b*64 >= the context
+    /// is token-only; with k_b*64 <= k_t, block-only.
+    #[serde(default)]
+    pub stages: Option<String>,
     /// Mean fraction of the context attended per layer and step, and the
     /// recall of the dense softmax mass (only with --measure-attention).
     pub attended_fraction: Option<f64>,
