@@ -5,7 +5,7 @@
 //! ([`engine`]: batched prefill and decode, stop tokens, timings), token
 //! sampling ([`sampler`]), the model cache and pulls ([`registry`]), benchmarks ([`bench`]), the
 //! OpenAI-compatible server on a continuous-batching scheduler ([`serve`])
-//! and the `asynctls` command line. Evals join it later.
+//! the RULER-style accuracy evals ([`eval`]) and the `asynctls` command line.
 //!
 //! The layering, bottom up: `asynctls-kernels` (devices, tensors, ops),
 //! `asynctls-kvcache` (paged cache with block metadata and labels),
@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod demo;
 pub mod engine;
+pub mod eval;
 pub mod registry;
 pub mod sampler;
 pub mod serve;

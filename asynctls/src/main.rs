@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// The main demo: long-context needle retrieval with dense and two-level sparse attention.
     Demo(commands::demo::DemoArgs),
+    /// RULER-style accuracy evals: every task x context x policy x budget.
+    Eval(commands::eval::EvalArgs),
     /// Continue a prompt with a model directory (HF config.json + safetensors).
     Generate(commands::generate::GenerateArgs),
     /// An OpenAI-compatible HTTP server (chat and completions, streaming) on a
@@ -55,6 +57,7 @@ enum BenchCommand {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => commands::demo::run(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::Pull(args) => commands::pull::run(args),

@@ -7,6 +7,7 @@ pub mod bench_offload;
 pub mod bench_prefill;
 pub mod bench_serve;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod import_gguf;
 pub mod pull;
