@@ -3,11 +3,13 @@
 //! end on the tiny random-weight fixture model (a byte-level tokenizer, so
 //! one byte is one token).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use asynctls::eval::{generate, parse_tasks, sample_recall, string_match_all, Sample, Task, NOISE};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+mod common;
 
 /// A counter of one token per byte: the fixture's tokenizer, and exact.
 fn bytes(text: &str) -> usize {
@@ -283,60 +285,10 @@ fn task_lists_parse() {
     );
 }
 
-/// GPT-2's byte-to-character map (as in tests/serve.rs): token id `b` is byte `b`.
-fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + extra);
-            extra += 1;
-        }
-    }
-    let mut by_byte = vec!['?'; 256];
-    for (b, c) in printable.iter().zip(chars) {
-        by_byte[*b as usize] = char::from_u32(c).unwrap();
-    }
-    by_byte
-}
-
-/// The qwen3-tiny fixture with a byte-level tokenizer and its positions
-/// raised to 2,048 (RoPE has no learned positions, and the weights are
-/// random anyway: the test is of the pipeline, not of the scores).
+/// The tiny fixture with its positions raised to 2,048: the test is of the
+/// pipeline, not of the scores.
 fn fixture_dir() -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../asynctls-models/tests/fixtures/qwen3-tiny");
-    let dir = std::env::temp_dir()
-        .join(format!("asynctls-eval-{}", std::process::id()))
-        .join("tiny-chat");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    config["max_position_embeddings"] = json!(2048);
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let vocab: serde_json::Map<String, Value> = byte_chars()
-        .iter()
-        .enumerate()
-        .map(|(id, c)| (c.to_string(), json!(id)))
-        .collect();
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "vocab": vocab, "merges": []},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    let chat = json!({
-        "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), chat.to_string()).unwrap();
-    dir
+    common::tiny_chat_fixture("eval", Some(2048))
 }
 
 fn asynctls(args: &[&str]) -> std::process::Output {

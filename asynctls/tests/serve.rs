@@ -16,76 +16,15 @@ use std::time::{Duration, Instant};
 use asynctls::serve::client::{Client, EventStream};
 use serde_json::{json, Value};
 
+mod common;
+
 /// The served model's id (the fixture directory's name).
 const MODEL: &str = "tiny-chat";
 
-/// GPT-2's byte-to-character map: a byte-level BPE writes byte `b` as this
-/// character, so token id `b` is byte `b`.
-fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + extra);
-            extra += 1;
-        }
-    }
-    let mut by_byte = vec!['?'; 256];
-    for (b, c) in printable.iter().zip(chars) {
-        by_byte[*b as usize] = char::from_u32(c).unwrap();
-    }
-    by_byte
-}
-
-/// A model directory: the qwen3-tiny weights (vocabulary 256, context 256)
-/// with a byte-level tokenizer over the same 256 ids and a chat template.
+/// The tiny fixture (vocabulary 256, context 256) with a byte-level
+/// tokenizer and a chat template.
 fn fixture_dir() -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../asynctls-models/tests/fixtures/qwen3-tiny");
-    let dir = std::env::temp_dir()
-        .join(format!("asynctls-serve-{}", std::process::id()))
-        .join(MODEL);
-    if dir.join("tokenizer_config.json").is_file() {
-        return dir;
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> = byte_chars()
-        .iter()
-        .enumerate()
-        .map(|(id, c)| (c.to_string(), json!(id)))
-        .collect();
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": null,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "vocab": vocab, "merges": []},
-    });
-    let config = json!({
-        "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
-    });
-    // Written whole, then renamed: tests of this binary run in parallel.
-    let tmp = dir.join(format!("tokenizer.json.{:?}", std::thread::current().id()));
-    std::fs::write(&tmp, tokenizer.to_string()).unwrap();
-    std::fs::rename(&tmp, dir.join("tokenizer.json")).unwrap();
-    let tmp = dir.join(format!("tokenizer_config.json.{:?}", std::thread::current().id()));
-    std::fs::write(&tmp, config.to_string()).unwrap();
-    std::fs::rename(&tmp, dir.join("tokenizer_config.json")).unwrap();
-    dir
+    common::tiny_chat_fixture("serve", None)
 }
 
 /// A server process of this test; killed when dropped.
