@@ -142,6 +142,21 @@ impl Fixture {
         &self.keys[s][(t * kvh + h) * kd..(t * kvh + h + 1) * kd]
     }
 
+    /// Quest's bound of block `b` (of `bs` tokens, sequence 0 of `len`) of
+    /// KV head `h` for one query head, by brute force over its keys: the
+    /// channel-wise max/min rounded outward to bf16 values, as the cache
+    /// keeps them (exact for bf16 keys; the GPU stores bf16 bounds).
+    fn block_bound(&self, h: usize, b: usize, bs: usize, len: usize, q: &[f32]) -> f64 {
+        (0..self.shape.key_dim)
+            .map(|c| {
+                let vals = (b * bs..((b + 1) * bs).min(len)).map(|t| self.key(0, t, h)[c]);
+                let (mx, mn) = vals.fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), v| (a.max(v), b.min(v)));
+                let (mx, mn) = (bf16_at_least(mx), bf16_at_most(mn));
+                (q[c] as f64 * mx as f64).max(q[c] as f64 * mn as f64)
+            })
+            .sum()
+    }
+
     /// Naive attention, one query head at a time, over `tokens` of sequence `s`.
     fn naive_head(&self, s: usize, qh: usize, tokens: &[u32]) -> Vec<f32> {
         let sh = &self.shape;
@@ -289,14 +304,7 @@ proptest! {
                 let qh = h * sh.group() + g;
                 let q = &f.q[qh * sh.key_dim..(qh + 1) * sh.key_dim];
                 for (b, r) in reduced.iter_mut().enumerate() {
-                    let bound: f64 = (0..sh.key_dim).map(|c| {
-                        let vals = (b * bs..((b + 1) * bs).min(len)).map(|t| f.key(0, t, h)[c]);
-                        let (mx, mn) = vals.fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), v| (a.max(v), b.min(v)));
-                        // The cache keeps its bounds rounded outward to bf16
-                        // values (exact for bf16 keys), as the GPU does.
-                        let (mx, mn) = (bf16_at_least(mx), bf16_at_most(mn));
-                        (q[c] as f64 * mx as f64).max(q[c] as f64 * mn as f64)
-                    }).sum();
+                    let bound = f.block_bound(h, b, bs, len, q);
                     *r = match (reduce, g) {
                         (_, 0) => bound,
                         (GroupReduce::Sum, _) => *r + bound,
@@ -511,11 +519,7 @@ proptest! {
             let candidates: Vec<usize> = if tls {
                 let bound = |b: usize| heads.iter().enumerate().fold(0.0f64, |acc, (i, &qh)| {
                     let q = &f.q[qh * sh.key_dim..(qh + 1) * sh.key_dim];
-                    let v: f64 = (0..sh.key_dim).map(|c| {
-                        let vals = (b * bs..((b + 1) * bs).min(len)).map(|t| f.key(0, t, h)[c]);
-                        let (mx, mn) = vals.fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), v| (a.max(v), b.min(v)));
-                        (q[c] as f64 * mx as f64).max(q[c] as f64 * mn as f64)
-                    }).sum();
+                    let v = f.block_bound(h, b, bs, len, q);
                     combine(acc, v, i == 0)
                 });
                 let mut ranked = rankable.clone();
