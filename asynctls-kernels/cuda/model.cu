@@ -173,3 +173,31 @@ __device__ void gemv_rows(const X* __restrict__ x, const __nv_bfloat16* __restri
         gemv_rows<M>(x, w, y, n, k);                                                                                \
     }
 GEMV(1)
+
+// dst[i, :] = src[idx[i], :] for rows of w elements of 2 or 4 bytes (a
+// row gather: the MoE prefill's tokens of one expert, a weight's rows
+// reordered at load).
+extern "C" __global__ void gather_rows_b16(const unsigned short* src, const unsigned* idx, unsigned short* dst,
+                                           long long m, int w) {
+    FOR_EACH(i, m * w) dst[i] = src[(size_t)idx[i / w] * w + i % w];
+}
+
+extern "C" __global__ void gather_rows_b32(const unsigned* src, const unsigned* idx, unsigned* dst, long long m,
+                                           int w) {
+    FOR_EACH(i, m * w) dst[i] = src[(size_t)idx[i / w] * w + i % w];
+}
+
+// dst[idx[i], :] = src[i, :] (the indices distinct) for f32 rows of w.
+extern "C" __global__ void scatter_rows_f32(const float* src, const unsigned* idx, float* dst, long long m, int w) {
+    FOR_EACH(i, m * w) dst[(size_t)idx[i / w] * w + i % w] = src[i];
+}
+
+// out[r, :] = [a[r, :], b[r, :]] for f32 rows of wa and wb.
+extern "C" __global__ void concat_cols_f32(const float* a, const float* b, float* out, long long rows, int wa, int wb) {
+    const int w = wa + wb;
+    FOR_EACH(i, rows * w) {
+        const long long r = i / w;
+        const int c = (int)(i % w);
+        out[i] = c < wa ? a[r * wa + c] : b[r * wb + c - wa];
+    }
+}

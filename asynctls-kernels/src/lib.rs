@@ -26,6 +26,7 @@ pub mod cuda;
 mod device;
 mod dtype;
 mod error;
+pub mod moe;
 pub mod ops;
 mod tensor;
 

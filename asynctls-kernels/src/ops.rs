@@ -235,36 +235,28 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             Tensor::from_vec(y, &[n, out_dim])
         }
         Some(ops) => {
-            require_dtype(OP, "weight", w, DType::BF16)?;
             let (xp, wp) = (x.device_ptr()?, w.device_ptr()?);
-            if CudaOps::gemv_takes(n, k, xp, wp) {
-                let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
-                // SAFETY: shapes, dtypes and devices checked above; gemv_takes held.
-                unsafe { ops.gemv_raw(xp, x.dtype() == DType::BF16, wp, y.device_ptr()?, n, k, out_dim) }?;
-                if let Some(b) = bias {
-                    unsafe { ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim) }?;
-                }
-                return Ok(y);
-            }
-            let xb = if x.dtype() == DType::BF16 {
-                x.clone()
-            } else {
-                cast(x, DType::BF16)?
-            };
             let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
-            unsafe {
-                ops.gemm_nt_raw(
-                    xb.device_ptr()?,
-                    w.device_ptr()?,
-                    y.device_ptr()?,
-                    n,
-                    k,
-                    out_dim,
-                    GemmType::F32,
-                )
-            }?;
+            let yp = y.device_ptr()?;
+            if w.dtype() == DType::F32 {
+                // Kept in f32 on purpose (a MoE router, which HF computes in f32).
+                require_dtype(OP, "x (with an f32 weight)", x, DType::F32)?;
+                // SAFETY: shapes, dtypes and devices checked above.
+                unsafe { ops.gemm_nt_f32_raw(xp, wp, yp, n, k, out_dim) }?;
+            } else {
+                require_dtype(OP, "weight", w, DType::BF16)?;
+                if CudaOps::gemv_takes(n, k, xp, wp) {
+                    // SAFETY: shapes, dtypes and devices checked above; gemv_takes held.
+                    unsafe { ops.gemv_raw(xp, x.dtype() == DType::BF16, wp, yp, n, k, out_dim) }?;
+                } else {
+                    let xb = gemm_input(x)?;
+                    // SAFETY: as above, with x cast to bf16.
+                    unsafe { ops.gemm_nt_raw(xb.device_ptr()?, wp, yp, n, k, out_dim, GemmType::F32) }?;
+                }
+            }
             if let Some(b) = bias {
-                unsafe { ops.bias_add_raw(y.device_ptr()?, b.device_ptr()?, n * out_dim, out_dim) }?;
+                // SAFETY: y holds n x out_dim, b holds out_dim (checked above).
+                unsafe { ops.bias_add_raw(yp, b.device_ptr()?, n * out_dim, out_dim) }?;
             }
             Ok(y)
         }
@@ -749,5 +741,186 @@ mod tests {
         assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
         let v = a.to_f32_vec().unwrap();
         assert!(v.iter().all(|x| (0.5..1.5).contains(x)) && v.windows(2).any(|w| w[0] != w[1]));
+    }
+}
+
+/// Rows `idx` (u32, each below `table`'s row count) of a 2-D `table` of
+/// f32, bf16 or u32, as a `[idx, width]` tensor of the same dtype: the
+/// tokens of one expert in a MoE prefill, a weight's rows reordered at load.
+/// Indices are checked on the host (CPU indices) or trusted (GPU ones come
+/// from our own kernels or from [`Tensor::from_vec`] of checked values).
+pub fn gather_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    const OP: &str = "gather_rows";
+    let (rows, w) = table.dims2(OP)?;
+    require_dtype(OP, "idx", idx, DType::U32)?;
+    same_device(OP, table, &[idx])?;
+    let m = idx.elem_count();
+    match cuda_ops(table)? {
+        None => {
+            let ids = idx.as_slice::<u32>()?;
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+                return Err(invalid(OP, format!("row {bad} of a table of {rows} rows")));
+            }
+            fn pick<T: crate::WithDType + Copy>(t: &Tensor, ids: &[u32], w: usize) -> Result<Tensor> {
+                let src = t.as_slice::<T>()?;
+                let mut out = Vec::with_capacity(ids.len() * w);
+                for &i in ids {
+                    out.extend_from_slice(&src[i as usize * w..(i as usize + 1) * w]);
+                }
+                Tensor::from_vec(out, &[ids.len(), w])
+            }
+            match table.dtype() {
+                DType::F32 => pick::<f32>(table, ids, w),
+                DType::BF16 => pick::<half::bf16>(table, ids, w),
+                DType::U32 => pick::<u32>(table, ids, w),
+                other => Err(invalid(OP, format!("a {other} table"))),
+            }
+        }
+        Some(ops) => {
+            let bytes = table.dtype().size_in_bytes();
+            if bytes != 2 && bytes != 4 {
+                return Err(invalid(OP, format!("a {} table on the GPU", table.dtype())));
+            }
+            let out = Tensor::uninit_on(&[m, w], table.dtype(), &table.device())?;
+            // SAFETY: the table holds rows x w, idx m indices below rows, out m x w.
+            unsafe { ops.gather_rows_raw(table.device_ptr()?, idx.device_ptr()?, out.device_ptr()?, m, w, bytes) }?;
+            Ok(out)
+        }
+    }
+}
+
+/// `dst[idx[i]] = src[i]` for f32 rows (the indices distinct and below
+/// `dst`'s row count; on the CPU checked).
+pub fn scatter_rows(dst: &mut Tensor, idx: &Tensor, src: &Tensor) -> Result<()> {
+    const OP: &str = "scatter_rows";
+    let (rows, w) = dst.dims2(OP)?;
+    let (m, w2) = src.dims2(OP)?;
+    check_shape(OP, "src", &[m, w2], "idx x dst width", &[idx.elem_count(), w])?;
+    require_dtype(OP, "dst", dst, DType::F32)?;
+    require_dtype(OP, "src", src, DType::F32)?;
+    require_dtype(OP, "idx", idx, DType::U32)?;
+    same_device(OP, dst, &[idx, src])?;
+    require_unique(OP, dst)?;
+    match cuda_ops(dst)? {
+        None => {
+            let ids = idx.as_slice::<u32>()?.to_vec();
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+                return Err(invalid(OP, format!("row {bad} of a tensor of {rows} rows")));
+            }
+            let s = src.as_slice::<f32>()?.to_vec();
+            let d = dst.as_slice_mut::<f32>()?;
+            for (i, &r) in ids.iter().enumerate() {
+                d[r as usize * w..(r as usize + 1) * w].copy_from_slice(&s[i * w..(i + 1) * w]);
+            }
+            Ok(())
+        }
+        // SAFETY: shapes checked above; indices below rows by the contract.
+        Some(ops) => unsafe { ops.scatter_rows_raw(src.device_ptr()?, idx.device_ptr()?, dst.device_ptr()?, m, w) },
+    }
+}
+
+/// `[a | b]`: the f32 rows of `a` (`[r, wa]`) followed by those of `b` (`[r, wb]`).
+pub fn concat_cols(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "concat_cols";
+    let (r, wa) = a.dims2(OP)?;
+    let (r2, wb) = b.dims2(OP)?;
+    if r != r2 {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs_name: "a",
+            lhs: a.shape().to_vec(),
+            rhs_name: "b",
+            rhs: b.shape().to_vec(),
+        });
+    }
+    require_dtype(OP, "a", a, DType::F32)?;
+    require_dtype(OP, "b", b, DType::F32)?;
+    same_device(OP, a, &[b])?;
+    match cuda_ops(a)? {
+        None => {
+            let (av, bv) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+            let mut out = Vec::with_capacity(r * (wa + wb));
+            for i in 0..r {
+                out.extend_from_slice(&av[i * wa..(i + 1) * wa]);
+                out.extend_from_slice(&bv[i * wb..(i + 1) * wb]);
+            }
+            Tensor::from_vec(out, &[r, wa + wb])
+        }
+        Some(ops) => {
+            let out = Tensor::uninit_on(&[r, wa + wb], DType::F32, &a.device())?;
+            // SAFETY: shapes checked above.
+            unsafe { ops.concat_cols_raw(a.device_ptr()?, b.device_ptr()?, out.device_ptr()?, r, wa, wb) }?;
+            Ok(out)
+        }
+    }
+}
+
+/// A matrix product per head: `x` `[n, heads, k]` (f32; on the GPU also
+/// bf16), `w` `[heads, k, m]`, or `[heads, m, k]` when `w_transposed` (f32
+/// on the CPU, bf16 on the GPU); the result f32 `[n, heads, m]`. MLA's
+/// absorbed query (`q_nope . W_uk` per head) and value up-projection
+/// (`latent . W_uv^T` per head).
+pub fn head_matmul(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Tensor> {
+    const OP: &str = "head_matmul";
+    let (&[n, heads, k], &[wh, w1, w2]) = (x.shape(), w.shape()) else {
+        return Err(invalid(
+            OP,
+            format!("x {:?} and w {:?} must be 3-D", x.shape(), w.shape()),
+        ));
+    };
+    let (wk, m) = if w_transposed { (w2, w1) } else { (w1, w2) };
+    if wh != heads || wk != k {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs_name: "x",
+            lhs: x.shape().to_vec(),
+            rhs_name: "w",
+            rhs: w.shape().to_vec(),
+        });
+    }
+    same_device(OP, x, &[w])?;
+    match cuda_ops(x)? {
+        None => {
+            require_dtype(OP, "x", x, DType::F32)?;
+            require_dtype(OP, "w", w, DType::F32)?;
+            let (xv, wv) = (x.as_slice::<f32>()?, w.as_slice::<f32>()?);
+            let mut out = vec![0.0; n * heads * m];
+            let (mut xh, mut yh) = (vec![0.0; n * k], vec![0.0; n * m]);
+            for h in 0..heads {
+                for t in 0..n {
+                    xh[t * k..(t + 1) * k].copy_from_slice(&xv[(t * heads + h) * k..(t * heads + h + 1) * k]);
+                }
+                let wh = &wv[h * k * m..(h + 1) * k * m];
+                if w_transposed {
+                    cpu::matmul_nt(&xh, wh, &mut yh, n, k, m)?;
+                } else {
+                    cpu::matmul(&xh, wh, &mut yh, n, k, m)?;
+                }
+                for t in 0..n {
+                    out[(t * heads + h) * m..(t * heads + h + 1) * m].copy_from_slice(&yh[t * m..(t + 1) * m]);
+                }
+            }
+            Tensor::from_vec(out, &[n, heads, m])
+        }
+        Some(ops) => {
+            require_dtype(OP, "w", w, DType::BF16)?;
+            let xb = gemm_input(x)?;
+            require_dtype(OP, "x", &xb, DType::BF16)?;
+            let out = Tensor::uninit_on(&[n, heads, m], DType::F32, &x.device())?;
+            // SAFETY: shapes, dtypes and devices checked above.
+            unsafe {
+                ops.head_gemm_raw(
+                    xb.device_ptr()?,
+                    w.device_ptr()?,
+                    out.device_ptr()?,
+                    n,
+                    heads,
+                    k,
+                    m,
+                    w_transposed,
+                )
+            }?;
+            Ok(out)
+        }
     }
 }

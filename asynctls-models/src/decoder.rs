@@ -26,6 +26,11 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
+    /// A layer of `weight` (`[out, in]`, on its device) and an optional `bias`.
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
     pub(crate) fn load(
         w: &dyn WeightSource,
         prefix: &str,

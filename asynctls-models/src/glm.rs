@@ -1,5 +1,6 @@
-//! GLM-4.7-Flash (`glm4_moe_lite`), top-down: config, RoPE, MoE (router,
-//! experts, shared expert), MLA attention, decoder layer, model.
+//! GLM-4.7-Flash (`glm4_moe_lite`), top-down: config, MoE (router,
+//! experts, shared expert), RoPE layout, MLA attention, decoder layer,
+//! model. One forward on tensor ops for the CPU and the GPU.
 //!
 //! Attention runs in the absorbed form: the cache holds per token only the
 //! normalized latent (`kv_lora_rank`) and the rotated rope key
@@ -10,17 +11,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, Step};
-use asynctls_kernels::cpu::{self, RopeStyle, RopeTable};
+use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, CudaAttention, Step};
+use asynctls_kernels::cpu::moe::RouteConfig;
+use asynctls_kernels::cpu::{RopeStyle, RopeTable};
+use asynctls_kernels::moe::{self, ExpertBank};
+use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
 use asynctls_offload::KvStore;
 use serde::Deserialize;
 
 use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
-use crate::decoder::{attn_err, Decoder, Layer, TokenIo};
+use crate::decoder::{attn_err, Decoder, Layer, Linear, Mlp, TokenIo};
 use crate::error::io_err;
-use crate::layers::{add_residual, Linear, Mlp};
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -273,70 +276,65 @@ impl GlmConfig {
     }
 }
 
+/// The router of a MoE layer as the kernels take it.
+fn route_config(c: &GlmConfig) -> RouteConfig {
+    RouteConfig {
+        experts: c.n_routed_experts,
+        groups: c.n_group,
+        top_groups: c.topk_group,
+        top_k: c.num_experts_per_tok,
+        normalize: c.norm_topk_prob,
+        scaling: c.routed_scaling_factor,
+    }
+}
+
 /// The routed experts, the router and the shared expert of one MoE layer.
 #[derive(Debug)]
 struct Moe {
-    router: Vec<f32>,
-    correction_bias: Vec<f32>,
-    experts: Vec<Mlp>,
+    /// `[experts, hidden]` in f32 on every device (HF routes in f32).
+    router: Tensor,
+    correction_bias: Tensor,
+    experts: ExpertBank,
     shared: Mlp,
+    route: RouteConfig,
 }
 
 impl Moe {
-    fn load(w: &dyn WeightSource, prefix: &str, c: &GlmConfig) -> Result<Self> {
+    fn load(w: &dyn WeightSource, prefix: &str, c: &GlmConfig, device: &Device) -> Result<Self> {
         let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.n_routed_experts);
+        let expert = |x: usize, name: &str, shape: &[usize]| {
+            w.matrix(&format!("{prefix}.experts.{x}.{name}.weight"), shape, device)
+        };
+        let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        for x in 0..e {
+            gate.push(expert(x, "gate_proj", &[i, h])?);
+            up.push(expert(x, "up_proj", &[i, h])?);
+            down.push(expert(x, "down_proj", &[h, i])?);
+        }
         Ok(Moe {
-            router: w.get(&format!("{prefix}.gate.weight"), &[e, h])?,
-            correction_bias: w.get(&format!("{prefix}.gate.e_score_correction_bias"), &[e])?,
-            experts: (0..e)
-                .map(|x| Mlp::load(w, &format!("{prefix}.experts.{x}"), h, i))
-                .collect::<Result<_>>()?,
-            shared: Mlp::load(w, &format!("{prefix}.shared_experts"), h, i * c.n_shared_experts)?,
+            router: w.vector(&format!("{prefix}.gate.weight"), &[e, h], device)?,
+            correction_bias: w.vector(&format!("{prefix}.gate.e_score_correction_bias"), &[e], device)?,
+            experts: ExpertBank::new(gate, up, down)?,
+            shared: Mlp::load(
+                w,
+                &format!("{prefix}.shared_experts"),
+                h,
+                i * c.n_shared_experts,
+                device,
+            )?,
+            route: route_config(c),
         })
     }
 
-    /// The experts and weights of one token, as HF routes: sigmoid scores,
-    /// the correction bias only for choosing, groups ranked by their two best
-    /// experts, top-k within the kept groups, weights from the unbiased scores.
-    fn route(&self, x: &[f32], c: &GlmConfig) -> Vec<(usize, f32)> {
-        let e = c.n_routed_experts;
-        let mut logits = vec![0.0; e];
-        cpu::matmul_nt(x, &self.router, &mut logits, 1, c.hidden_size, e).expect("router shape");
-        let scores: Vec<f32> = logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
-        let mut choice: Vec<f32> = scores.iter().zip(&self.correction_bias).map(|(s, b)| s + b).collect();
-        let per_group = e / c.n_group;
-        let group_scores: Vec<f32> = choice
-            .chunks_exact(per_group)
-            .map(|g| cpu::topk_indices(g, 2).iter().map(|&i| g[i as usize]).sum())
-            .collect();
-        let kept = cpu::topk_indices(&group_scores, c.topk_group);
-        for (g, chunk) in choice.chunks_exact_mut(per_group).enumerate() {
-            if !kept.contains(&(g as u32)) {
-                chunk.fill(f32::NEG_INFINITY);
-            }
-        }
-        let top = cpu::topk_indices(&choice, c.num_experts_per_tok);
-        let mut weights: Vec<f32> = top.iter().map(|&i| scores[i as usize]).collect();
-        if c.norm_topk_prob {
-            let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
-            weights.iter_mut().for_each(|w| *w /= sum);
-        }
-        top.iter()
-            .zip(weights)
-            .map(|(&i, w)| (i as usize, w * c.routed_scaling_factor))
-            .collect()
-    }
-
-    fn forward(&self, x: &[f32], c: &GlmConfig) -> Vec<f32> {
-        let h = c.hidden_size;
-        let mut out = self.shared.forward(x);
-        for (row, out_row) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            for (expert, weight) in self.route(row, c) {
-                let y = self.experts[expert].forward(row);
-                cpu::axpy(weight, &y, out_row);
-            }
-        }
-        out
+    /// The shared expert plus the routed experts of each token (routed as
+    /// HF does: see [`asynctls_kernels::cpu::moe::route`]), on the device.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = ops::linear(x, &self.router, None)?;
+        let (ids, weights) = moe::moe_route(&logits, &self.correction_bias, &self.route)?;
+        let xb = ops::gemm_input(x)?;
+        let mut out = self.shared.forward(&xb)?;
+        moe::moe_experts(&xb, &self.experts, &ids, &weights, &mut out)?;
+        Ok(out)
     }
 }
 
@@ -346,232 +344,235 @@ enum FeedForward {
     Moe(Moe),
 }
 
-/// Multi-head latent attention.
+/// The output order of a rope block's rows: with `rope_interleave` HF
+/// rotates (even, odd) channel pairs and writes the result de-interleaved
+/// (evens then odds), which is NeoX rotation of the de-interleaved
+/// channels; reordering the projection's rows that way at load makes the
+/// rotation a plain NeoX RoPE.
+fn rope_rows(first: usize, width: usize, interleave: bool) -> impl Iterator<Item = u32> {
+    (0..width).map(move |i| {
+        let c = if interleave {
+            if i < width / 2 {
+                2 * i
+            } else {
+                2 * (i - width / 2) + 1
+            }
+        } else {
+            i
+        };
+        (first + c) as u32
+    })
+}
+
+/// `t`'s rows in the order `rows` (on `t`'s device).
+fn reorder_rows(t: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, &[n])?.to_device(&t.device())?;
+    Ok(ops::gather_rows(t, &idx)?)
+}
+
+/// Multi-head latent attention, in the absorbed form.
 #[derive(Debug)]
 struct MlaAttention {
-    /// `q_a_proj`, its norm and `q_b_proj`; or one `q_proj` without LoRA.
-    q_a: Option<(Linear, Vec<f32>)>,
-    q_b: Linear,
-    kv_a: Linear,
-    kv_a_norm: Vec<f32>,
-    /// `[heads * (nope + v), kv_lora_rank]`: per head, the key rows then the value rows.
-    kv_b: Vec<f32>,
+    /// `q_a_proj` and its norm; `None` without q LoRA (`q_proj` only).
+    q_a: Option<(Linear, Tensor)>,
+    /// `q_b_proj` (or `q_proj`) split into the no-rope rows of every head
+    /// and their rope rows (in NeoX order), views of one reordered weight.
+    q_nope: Linear,
+    q_rope: Linear,
+    /// `kv_a_proj_with_mqa` split into the latent and the rope key (NeoX order).
+    kv_latent: Linear,
+    kv_rope: Linear,
+    kv_a_norm: Tensor,
+    /// `kv_b_proj` as the per-head key absorption `[heads, nope, rank]` and
+    /// value up-projection `[heads, v, rank]`.
+    w_uk: Tensor,
+    w_uv: Tensor,
     o_proj: Linear,
+    rope: Rope,
 }
 
 impl MlaAttention {
-    fn load(w: &dyn WeightSource, p: &str, c: &GlmConfig) -> Result<Self> {
+    fn load(w: &dyn WeightSource, p: &str, c: &GlmConfig, rope: &Rope, device: &Device) -> Result<Self> {
         let (h, heads, rank) = (c.hidden_size, c.num_attention_heads, c.kv_lora_rank);
-        let q_out = heads * c.qk_head_dim();
-        let (q_a, q_b) = match c.q_lora_rank {
+        let (nope, rd, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let qd = c.qk_head_dim();
+        let (q_a, q_in, q_name) = match c.q_lora_rank {
             Some(r) => (
                 Some((
-                    Linear::load(w, &format!("{p}.q_a_proj"), h, r, c.attention_bias)?,
-                    w.get(&format!("{p}.q_a_layernorm.weight"), &[r])?,
+                    Linear::load(w, &format!("{p}.q_a_proj"), h, r, c.attention_bias, device)?,
+                    w.vector(&format!("{p}.q_a_layernorm.weight"), &[r], device)?,
                 )),
-                Linear::load(w, &format!("{p}.q_b_proj"), r, q_out, false)?,
+                r,
+                "q_b_proj",
             ),
-            None => (None, Linear::load(w, &format!("{p}.q_proj"), h, q_out, false)?),
+            None => (None, h, "q_proj"),
         };
+        // Every head's no-rope rows, then every head's rope rows.
+        let q_w = w.matrix(&format!("{p}.{q_name}.weight"), &[heads * qd, q_in], device)?;
+        let mut order: Vec<u32> = (0..heads)
+            .flat_map(|hd| (hd * qd..hd * qd + nope).map(|r| r as u32))
+            .collect();
+        order.extend((0..heads).flat_map(|hd| rope_rows(hd * qd + nope, rd, c.rope_interleave)));
+        let q_w = reorder_rows(&q_w, order)?;
+        let kv_name = format!("{p}.kv_a_proj_with_mqa");
+        let kv_w = w.matrix(&format!("{kv_name}.weight"), &[rank + rd, h], device)?;
+        let kv_order: Vec<u32> = (0..rank as u32).chain(rope_rows(rank, rd, c.rope_interleave)).collect();
+        let kv_w = reorder_rows(&kv_w, kv_order.clone())?;
+        let (kv_latent_bias, kv_rope_bias) = if c.attention_bias {
+            let b = w
+                .vector(&format!("{kv_name}.bias"), &[rank + rd], device)?
+                .reshaped(&[rank + rd, 1])?;
+            let b = reorder_rows(&b, kv_order)?;
+            (
+                Some(b.narrow_rows(0, rank)?.reshaped(&[rank])?),
+                Some(b.narrow_rows(rank, rd)?.reshaped(&[rd])?),
+            )
+        } else {
+            (None, None)
+        };
+        // Per head: `nope` key rows then `v` value rows of the latent.
+        let kv_b = w.matrix(&format!("{p}.kv_b_proj.weight"), &[heads * (nope + v), rank], device)?;
+        let mut b_order: Vec<u32> = (0..heads)
+            .flat_map(|hd| (hd * (nope + v)..hd * (nope + v) + nope).map(|r| r as u32))
+            .collect();
+        b_order.extend((0..heads).flat_map(|hd| (hd * (nope + v) + nope..(hd + 1) * (nope + v)).map(|r| r as u32)));
+        let kv_b = reorder_rows(&kv_b, b_order)?;
         Ok(MlaAttention {
             q_a,
-            q_b,
-            kv_a: Linear::load(
-                w,
-                &format!("{p}.kv_a_proj_with_mqa"),
-                h,
-                rank + c.qk_rope_head_dim,
-                c.attention_bias,
-            )?,
-            kv_a_norm: w.get(&format!("{p}.kv_a_layernorm.weight"), &[rank])?,
-            kv_b: w.get(
-                &format!("{p}.kv_b_proj.weight"),
-                &[heads * (c.qk_nope_head_dim + c.v_head_dim), rank],
-            )?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), heads * c.v_head_dim, h, c.attention_bias)?,
+            q_nope: Linear::new(q_w.narrow_rows(0, heads * nope)?, None),
+            q_rope: Linear::new(q_w.narrow_rows(heads * nope, heads * rd)?, None),
+            kv_latent: Linear::new(kv_w.narrow_rows(0, rank)?, kv_latent_bias),
+            kv_rope: Linear::new(kv_w.narrow_rows(rank, rd)?, kv_rope_bias),
+            kv_a_norm: w.vector(&format!("{p}.kv_a_layernorm.weight"), &[rank], device)?,
+            w_uk: kv_b.narrow_rows(0, heads * nope)?.reshaped(&[heads, nope, rank])?,
+            w_uv: kv_b.narrow_rows(heads * nope, heads * v)?.reshaped(&[heads, v, rank])?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), heads * v, h, c.attention_bias, device)?,
+            rope: rope.clone(),
         })
     }
 
-    /// Rotates the rope part of a row in place, in the layout HF uses: with
-    /// `rope_interleave` the pairs are (even, odd) channels and the result is
-    /// written de-interleaved (evens then odds), otherwise NeoX halves.
-    fn rope(rope: &RopeTable, x: &mut [f32], positions: &[usize], width: usize, interleave: bool) -> Result<()> {
-        if interleave {
-            let mut tmp = vec![0.0; width];
-            for row in x.chunks_exact_mut(width) {
-                for i in 0..width / 2 {
-                    tmp[i] = row[2 * i];
-                    tmp[width / 2 + i] = row[2 * i + 1];
-                }
-                row.copy_from_slice(&tmp);
-            }
-        }
-        Ok(rope.apply(x, width, positions, RopeStyle::Neox)?)
-    }
-
-    /// Absorbed queries `[n, heads, rank + rope]` and cache rows `[n, rank + rope]`.
-    fn project(&self, x: &[f32], positions: &[usize], rope: &RopeTable, c: &GlmConfig) -> Result<(Vec<f32>, Vec<f32>)> {
-        let n = positions.len();
-        let (heads, nope, rd, rank, v) = (
+    /// Absorbed queries `[n, heads * (rank + rope)]` (per head the query
+    /// folded through `W_uk` into the latent, then its rotated rope part)
+    /// and cache rows `[n, rank + rope]` (the normed latent, the rotated
+    /// rope key) of the normed hidden states `x`.
+    fn project(&self, x: &Tensor, step: &Step, c: &GlmConfig) -> Result<(Tensor, Tensor)> {
+        let n = x.rows();
+        let (heads, nope, rd, rank) = (
             c.num_attention_heads,
             c.qk_nope_head_dim,
             c.qk_rope_head_dim,
             c.kv_lora_rank,
-            c.v_head_dim,
         );
-        let q = match &self.q_a {
-            Some((a, norm)) => {
-                let mut qa = a.forward(x);
-                cpu::rms_norm(&mut qa, norm, LORA_NORM_EPS)?;
-                self.q_b.forward(&qa)
-            }
-            None => self.q_b.forward(x),
+        let positions = &step.positions_tensor;
+        let xb = ops::gemm_input(x)?;
+        let q_in = match &self.q_a {
+            Some((a, norm)) => ops::gemm_input(&ops::rms_norm(&a.forward(&xb)?, norm, LORA_NORM_EPS)?)?,
+            None => xb.clone(),
         };
-        let ckv = self.kv_a.forward(x);
-        let mut keys = vec![0.0; n * (rank + rd)];
-        let mut k_rot = vec![0.0; n * rd];
-        for t in 0..n {
-            let src = &ckv[t * (rank + rd)..(t + 1) * (rank + rd)];
-            keys[t * (rank + rd)..t * (rank + rd) + rank].copy_from_slice(&src[..rank]);
-            cpu::rms_norm(
-                &mut keys[t * (rank + rd)..t * (rank + rd) + rank],
-                &self.kv_a_norm,
-                LORA_NORM_EPS,
-            )?;
-            k_rot[t * rd..(t + 1) * rd].copy_from_slice(&src[rank..]);
-        }
-        Self::rope(rope, &mut k_rot, positions, rd, c.rope_interleave)?;
-        let mut q_rot = vec![0.0; n * heads * rd];
-        let mut q_nope = vec![0.0; heads * n * nope]; // [heads, n, nope]
-        let qd = c.qk_head_dim();
-        for t in 0..n {
-            for h in 0..heads {
-                let row = &q[(t * heads + h) * qd..(t * heads + h + 1) * qd];
-                q_nope[(h * n + t) * nope..(h * n + t + 1) * nope].copy_from_slice(&row[..nope]);
-                q_rot[(t * heads + h) * rd..(t * heads + h + 1) * rd].copy_from_slice(&row[nope..]);
-            }
-        }
-        Self::rope(rope, &mut q_rot, positions, rd, c.rope_interleave)?;
-        let mut absorbed = vec![0.0; n * heads * (rank + rd)];
-        let mut lat = vec![0.0; n * rank];
-        for h in 0..heads {
-            let w_uk = &self.kv_b[h * (nope + v) * rank..(h * (nope + v) + nope) * rank];
-            cpu::matmul(&q_nope[h * n * nope..(h + 1) * n * nope], w_uk, &mut lat, n, nope, rank)?;
-            for t in 0..n {
-                let dst = &mut absorbed[(t * heads + h) * (rank + rd)..(t * heads + h + 1) * (rank + rd)];
-                dst[..rank].copy_from_slice(&lat[t * rank..(t + 1) * rank]);
-                dst[rank..].copy_from_slice(&q_rot[(t * heads + h) * rd..(t * heads + h + 1) * rd]);
-            }
-        }
-        for t in 0..n {
-            keys[t * (rank + rd) + rank..(t + 1) * (rank + rd)].copy_from_slice(&k_rot[t * rd..(t + 1) * rd]);
-        }
-        Ok((absorbed, keys))
+        let q_nope = self.q_nope.forward(&q_in)?.reshaped(&[n, heads, nope])?;
+        let mut q_rope = self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?;
+        ops::rope_(&mut q_rope, &self.rope, positions, RopeStyle::Neox)?;
+        let q_latent = ops::head_matmul(&q_nope, &self.w_uk, false)?.reshaped(&[n * heads, rank])?;
+        let q =
+            ops::concat_cols(&q_latent, &q_rope.reshaped(&[n * heads, rd])?)?.reshaped(&[n, heads * (rank + rd)])?;
+        let latent = ops::rms_norm(&self.kv_latent.forward(&xb)?, &self.kv_a_norm, LORA_NORM_EPS)?;
+        let mut k_rope = self.kv_rope.forward(&xb)?.reshaped(&[n, 1, rd])?;
+        ops::rope_(&mut k_rope, &self.rope, positions, RopeStyle::Neox)?;
+        let keys = ops::concat_cols(&latent, &k_rope.reshaped(&[n, rd])?)?;
+        Ok((q, keys))
     }
 
-    /// From per-head latent outputs `[n, heads, rank]` to `[n, hidden]`.
-    fn output(&self, latent: &[f32], c: &GlmConfig) -> Vec<f32> {
-        let (heads, nope, rank, v) = (c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank, c.v_head_dim);
-        let n = latent.len() / (heads * rank);
-        let mut per_head = vec![0.0; n * rank];
-        let mut vh = vec![0.0; n * v];
-        let mut values = vec![0.0; n * heads * v];
-        for h in 0..heads {
-            for t in 0..n {
-                per_head[t * rank..(t + 1) * rank]
-                    .copy_from_slice(&latent[(t * heads + h) * rank..(t * heads + h + 1) * rank]);
-            }
-            let w_uv = &self.kv_b[(h * (nope + v) + nope) * rank..(h + 1) * (nope + v) * rank];
-            cpu::matmul_nt(&per_head, w_uv, &mut vh, n, rank, v).expect("shapes from the config");
-            for t in 0..n {
-                values[(t * heads + h) * v..(t * heads + h + 1) * v].copy_from_slice(&vh[t * v..(t + 1) * v]);
-            }
-        }
+    /// From per-head latent outputs `[n, heads * rank]` to `[n, hidden]`.
+    fn output(&self, latent: &Tensor, c: &GlmConfig) -> Result<Tensor> {
+        let (n, heads) = (latent.rows(), c.num_attention_heads);
+        let latent = latent.reshape(&[n, heads, c.kv_lora_rank])?;
+        let values = ops::head_matmul(&latent, &self.w_uv, true)?.reshaped(&[n, heads * c.v_head_dim])?;
         self.o_proj.forward(&values)
     }
 }
 
 #[derive(Debug)]
 pub(crate) struct GlmLayer {
-    input_layernorm: Vec<f32>,
+    input_layernorm: Tensor,
     self_attn: MlaAttention,
-    post_attention_layernorm: Vec<f32>,
+    post_attention_layernorm: Tensor,
     mlp: FeedForward,
     config: Arc<GlmConfig>,
-    rope: Arc<RopeTable>,
     shape: AttnShape,
 }
 
-impl GlmLayer {
-    /// `x += o_proj(attn)`, then `x += mlp(norm(x))`.
-    fn residual_mlp(&self, x: &mut [f32], attn: &[f32]) -> Result<()> {
-        let c = &*self.config;
-        add_residual(x, &self.self_attn.output(attn, c));
-        let mut normed = x.to_vec();
-        cpu::rms_norm(&mut normed, &self.post_attention_layernorm, c.rms_norm_eps as f32)?;
-        let m = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&normed),
-            FeedForward::Moe(moe) => moe.forward(&normed, c),
-        };
-        add_residual(x, &m);
-        Ok(())
-    }
-}
-
-/// GLM's layers compute on host slices (the MLA projections and the MoE
-/// have no GPU path yet); the attention goes through the backend like every
-/// family's.
 impl Layer for GlmLayer {
     fn forward(
         &self,
-        x: Tensor,
+        mut x: Tensor,
         step: &Step,
         layer: usize,
         backend: &mut dyn AttentionBackend,
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         let c = &*self.config;
-        if x.is_cuda() {
-            return Err(ModelError::Unsupported("GLM-4.7-Flash on the GPU".into()));
-        }
+        let eps = c.rms_norm_eps as f32;
         let n = step.tokens();
-        let mut h = x.as_slice::<f32>()?.to_vec();
-        let mut normed = h.clone();
-        cpu::rms_norm(&mut normed, &self.input_layernorm, c.rms_norm_eps as f32)?;
-        let (q, keys) = self.self_attn.project(&normed, &step.positions, &self.rope, c)?;
-        let width = c.kv_lora_rank + c.qk_rope_head_dim;
-        let keys = Tensor::from_vec(keys, &[n, width])?;
+        let normed = ops::rms_norm(&x, &self.input_layernorm, eps)?;
+        let (q, keys) = self.self_attn.project(&normed, step, c)?;
+        // The latent cache has no separate values (they are the latent).
         let no_values = Tensor::from_vec(Vec::<f32>::new(), &[n, 0])?;
         backend.write_kv(step, layer, &keys, &no_values).map_err(attn_err)?;
-        let q = Tensor::from_vec(q, &[n, self.shape.q_heads * self.shape.key_dim])?;
         let out = backend
             .attend(step, layer, &q, &self.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
-        self.residual_mlp(&mut h, out.as_slice::<f32>()?)?;
-        Ok(Tensor::from_vec(h, &[n, c.hidden_size])?)
+        ops::add_(&mut x, &self.self_attn.output(&out, c)?)?;
+        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let m = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
+            FeedForward::Moe(moe) => moe.forward(&normed)?,
+        };
+        ops::add_(&mut x, &m)?;
+        Ok(x)
     }
 }
 
-/// GLM-4.7-Flash as a causal language model over a latent KV cache.
+/// GLM-4.7-Flash as a causal language model over a latent KV cache, on one device.
 #[derive(Debug)]
 pub struct GlmModel {
     config: Arc<GlmConfig>,
     io: TokenIo,
     layers: Vec<GlmLayer>,
-    rope: Arc<RopeTable>,
+    rope_positions: usize,
+    device: Device,
 }
 
 impl GlmModel {
+    /// Loads every weight the config implies onto the CPU.
     pub fn load(config: GlmConfig, w: &dyn WeightSource) -> Result<Self> {
+        Self::load_on(config, w, &Device::Cpu)
+    }
+
+    /// Loads the model onto `device` (bf16 matrices on a GPU; the router
+    /// and the norms stay f32); refused before any weight is allocated when
+    /// the GPU's free memory cannot hold them.
+    pub fn load_on(config: GlmConfig, w: &dyn WeightSource, device: &Device) -> Result<Self> {
         crate::weights::check_layer_count(w, config.num_hidden_layers)?;
+        if let Device::Cuda(dev) = device {
+            let need = config.weight_bytes(2);
+            let (free, _) = dev.memory_info()?;
+            if need > free {
+                return Err(ModelError::WeightsDoNotFit {
+                    device: device.to_string(),
+                    need_gib: need as f64 / (1u64 << 30) as f64,
+                    free_gib: free as f64 / (1u64 << 30) as f64,
+                });
+            }
+        }
         let config = Arc::new(config);
         let c = &*config;
         let h = c.hidden_size;
         let (inv, factor) = rope_inv_freq(&c.rope_scaling, c.qk_rope_head_dim, c.rope_theta);
-        let rope = Arc::new(
-            RopeTable::from_inv_freq(c.qk_rope_head_dim, &inv, c.max_position_embeddings.min(1 << 20))?
-                .with_attention_scale(factor),
-        );
+        let table = RopeTable::from_inv_freq(c.qk_rope_head_dim, &inv, c.max_position_embeddings.min(1 << 20))?
+            .with_attention_scale(factor);
+        let rope_positions = table.max_positions();
+        let rope = Rope::new(table, device)?;
         let shape = AttnShape::mla(
             c.num_attention_heads,
             c.kv_lora_rank,
@@ -582,38 +583,39 @@ impl GlmModel {
             .map(|l| {
                 let p = format!("model.layers.{l}");
                 Ok(GlmLayer {
-                    input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    self_attn: MlaAttention::load(w, &format!("{p}.self_attn"), c)?,
-                    post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    input_layernorm: w.vector(&format!("{p}.input_layernorm.weight"), &[h], device)?,
+                    self_attn: MlaAttention::load(w, &format!("{p}.self_attn"), c, &rope, device)?,
+                    post_attention_layernorm: w.vector(
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        &[h],
+                        device,
+                    )?,
                     mlp: if c.moe_layers[l] {
-                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c)?)
+                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c, device)?)
                     } else {
-                        FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size)?)
+                        FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size, device)?)
                     },
                     config: config.clone(),
-                    rope: rope.clone(),
                     shape,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let io = TokenIo::load(
-            w,
-            c.vocab_size,
-            h,
-            c.rms_norm_eps as f32,
-            c.tie_word_embeddings,
-            &Device::Cpu,
-        )?;
+        let io = TokenIo::load(w, c.vocab_size, h, c.rms_norm_eps as f32, c.tie_word_embeddings, device)?;
         Ok(GlmModel {
             io,
             layers,
-            rope,
+            rope_positions,
             config,
+            device: device.clone(),
         })
     }
 
     pub fn config(&self) -> &GlmConfig {
         &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn attention_shape(&self) -> AttnShape {
@@ -628,8 +630,18 @@ impl GlmModel {
         }
     }
 
-    /// A host cache holding only the latent and the rope key per token. Label
-    /// channels default to the rope key plus the leading latent channels.
+    /// The default label channels: the rope key plus the leading latent
+    /// channels (no calibration yet).
+    pub fn label_channels(&self, config: &CacheConfig) -> LabelChannels {
+        let rank = self.config.kv_lora_rank;
+        let rope: Vec<u16> = (rank..config.key_dim).map(|c| c as u16).collect();
+        let mut head: Vec<u16> = (0..(config.label_channels - rope.len().min(config.label_channels)) as u16).collect();
+        head.extend(rope.iter().take(config.label_channels - head.len()));
+        head.sort_unstable();
+        LabelChannels::new(vec![vec![head]; config.num_layers])
+    }
+
+    /// A host cache holding only the latent and the rope key per token.
     pub fn new_cache(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<PagedKvCache<HostKvStorage>> {
         Ok(PagedKvCache::new(self.host_storage(num_blocks, kv_dtype)?)?)
     }
@@ -637,33 +649,49 @@ impl GlmModel {
     /// The host storage [`new_cache`](Self::new_cache) wraps.
     pub fn host_storage(&self, num_blocks: usize, kv_dtype: KvDType) -> Result<HostKvStorage> {
         let config = self.cache_config(num_blocks, kv_dtype);
-        let rank = self.config.kv_lora_rank;
-        let rope: Vec<u16> = (rank..config.key_dim).map(|c| c as u16).collect();
-        let mut head: Vec<u16> = (0..(config.label_channels - rope.len().min(config.label_channels)) as u16).collect();
-        head.extend(rope.iter().take(config.label_channels - head.len()));
-        head.sort_unstable();
-        let channels = LabelChannels::new(vec![vec![head]; config.num_layers]);
-        Ok(HostKvStorage::new(&config, channels)?)
+        Ok(HostKvStorage::new(&config, self.label_channels(&config))?)
     }
 
     /// Positions the model can attend over (the RoPE table bounds them too).
     fn position_limit(&self) -> usize {
-        self.config.max_position_embeddings.min(self.rope.max_positions())
+        self.config.max_position_embeddings.min(self.rope_positions)
     }
 
-    /// The host reference backend (GLM has no GPU path yet), optionally
-    /// behind the offload engine.
+    /// The attention backend of the model's device: the host reference
+    /// (optionally behind the offload engine) on the CPU, the GPU-resident
+    /// latent cache and the MLA kernels on a GPU (bf16 there).
     pub fn new_backend(
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        let host = self.host_storage(num_blocks, kv_dtype)?;
-        Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
-            host,
-            resident_slots,
-        ))?)))
+        match &self.device {
+            Device::Cpu => {
+                let host = self.host_storage(num_blocks, kv_dtype)?;
+                Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
+                    host,
+                    resident_slots,
+                ))?)))
+            }
+            Device::Cuda(dev) => {
+                if resident_slots.is_some() {
+                    return Err(ModelError::Unsupported(
+                        "--offload-slots on the GPU (the offload engine is not in the GPU engine yet)".into(),
+                    ));
+                }
+                let config = self.cache_config(num_blocks, KvDType::BF16);
+                let channels = self.label_channels(&config);
+                Ok(Box::new(CudaAttention::new(dev, &config, channels)?))
+            }
+        }
+    }
+
+    /// Bytes of the weights a decode step of one token reads: every matrix
+    /// but the routed experts, plus the `num_experts_per_tok` experts it
+    /// uses per MoE layer, at `elem` bytes per value (the router in f32).
+    pub fn weight_bytes_per_token(&self, elem: usize) -> usize {
+        self.config.weight_bytes_touched(elem, self.config.num_experts_per_tok)
     }
 
     pub(crate) fn decoder(&self) -> Decoder<'_, GlmLayer> {
@@ -672,6 +700,46 @@ impl GlmModel {
             layers: &self.layers,
             max_positions: self.position_limit(),
         }
+    }
+}
+
+impl GlmConfig {
+    /// Bytes of every weight at `elem` bytes per matrix value (norms and
+    /// the router in f32): what the model holds on a device.
+    pub fn weight_bytes(&self, elem: usize) -> usize {
+        let embed = self.vocab_size.saturating_mul(self.hidden_size).saturating_mul(elem);
+        self.weight_bytes_touched(elem, self.n_routed_experts)
+            .saturating_add(embed)
+    }
+
+    /// The matrices a decode step reads when it touches `experts` routed
+    /// experts per MoE layer: every layer's attention and MLP (the shared
+    /// expert and those experts), the routers and the LM head (not the
+    /// embedding table, of which a step reads a row per token).
+    pub fn weight_bytes_touched(&self, elem: usize, experts: usize) -> usize {
+        // Saturating: the sizes come from a config file and only size a check.
+        let m = |a: usize, b: usize| a.saturating_mul(b);
+        let c = self;
+        let (h, heads, rank, rd) = (c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim);
+        let q = match c.q_lora_rank {
+            Some(r) => m(h, r).saturating_add(m(r, m(heads, c.qk_head_dim()))),
+            None => m(h, m(heads, c.qk_head_dim())),
+        };
+        let attn = q
+            .saturating_add(m(h, rank + rd))
+            .saturating_add(m(m(heads, c.qk_nope_head_dim + c.v_head_dim), rank))
+            .saturating_add(m(m(heads, c.v_head_dim), h));
+        let expert = m(3, m(h, c.moe_intermediate_size));
+        let moe = m(expert, experts.saturating_add(c.n_shared_experts));
+        let dense = m(3, m(h, c.intermediate_size));
+        let mut total = m(c.vocab_size, h);
+        for &is_moe in &c.moe_layers {
+            let mlp = if is_moe { moe } else { dense };
+            total = total.saturating_add(attn).saturating_add(mlp);
+        }
+        let router = m(m(c.n_routed_experts, h), 4) / elem.max(1);
+        let routers = m(router, c.moe_layers.iter().filter(|&&x| x).count());
+        m(total.saturating_add(routers), elem)
     }
 }
 

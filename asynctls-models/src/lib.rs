@@ -27,7 +27,6 @@ mod geometry;
 pub mod gguf;
 mod glm;
 mod gqa;
-mod layers;
 mod model;
 mod tokenizer;
 mod weights;

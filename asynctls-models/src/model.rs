@@ -146,7 +146,10 @@ impl CausalLm for GlmModel {
         self.config().eos_token_ids.clone()
     }
     fn device(&self) -> &Device {
-        &Device::Cpu
+        GlmModel::device(self)
+    }
+    fn weight_bytes_per_step(&self) -> usize {
+        self.weight_bytes_per_token(if self.device().is_cuda() { 2 } else { 4 })
     }
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)
@@ -183,13 +186,8 @@ pub fn load_model_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let weights = || Weights::open(dir);
     match model_type.as_deref() {
         Some("glm4_moe_lite") => {
-            if device.is_cuda() {
-                return Err(ModelError::Unsupported(
-                    "GLM-4.7-Flash on the GPU (it runs on the CPU for now: use --device cpu)".into(),
-                ));
-            }
             let config = GlmConfig::from_json(&config_path, &text)?;
-            Ok(Box::new(GlmModel::load(config, &weights()?)?))
+            Ok(Box::new(GlmModel::load_on(config, &weights()?, device)?))
         }
         _ => {
             let config = GqaConfig::from_json(&config_path, &text)?;

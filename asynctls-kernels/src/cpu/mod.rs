@@ -6,6 +6,7 @@
 //! copy it into a [`Tensor`](crate::Tensor) first.
 
 mod matmul;
+pub mod moe;
 mod rope;
 pub mod sampling;
 

@@ -10,7 +10,8 @@
 //!   top-k_b, label scores and top-k_t);
 //! - [`kv`]: the GPU-resident paged cache and the kernels that append to it;
 //! - [`blas`]: bf16 GEMM through cuBLAS;
-//! - [`gather`]: unit gathers for the offload engine (from mapped host memory).
+//! - [`gather`]: unit gathers for the offload engine (from mapped host memory);
+//! - [`moe`]: the router and the grouped experts of a mixture-of-experts layer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub mod gather;
 pub mod graph;
 pub mod kv;
 pub mod model;
+pub mod moe;
 pub mod prefill;
 pub mod sampling;
 pub mod select;
@@ -44,6 +46,7 @@ const GATHER_PTX: &str = include_str!("../../ptx/gather.ptx");
 const PREFILL_PTX: &str = include_str!("../../ptx/prefill_attention.ptx");
 const MODEL_PTX: &str = include_str!("../../ptx/model.ptx");
 const SAMPLING_PTX: &str = include_str!("../../ptx/sampling.ptx");
+const MOE_PTX: &str = include_str!("../../ptx/moe.ptx");
 
 /// The loaded kernels of one device.
 #[derive(Debug, Clone)]
@@ -58,6 +61,7 @@ pub struct CudaOps {
     prefill: Arc<CudaModule>,
     model: Arc<CudaModule>,
     sampling: Arc<CudaModule>,
+    moe: Arc<CudaModule>,
     /// Function handles by (module, name), filled on first launch.
     functions: Arc<Mutex<HashMap<(usize, String), CudaFunction>>>,
     blas: Arc<std::sync::OnceLock<std::result::Result<blas::Blas, String>>>,
@@ -97,6 +101,7 @@ impl CudaOps {
             prefill: ctx.load_module(Ptx::from_src(PREFILL_PTX))?,
             model: ctx.load_module(Ptx::from_src(MODEL_PTX))?,
             sampling: ctx.load_module(Ptx::from_src(SAMPLING_PTX))?,
+            moe: ctx.load_module(Ptx::from_src(MOE_PTX))?,
             functions: Arc::new(Mutex::new(HashMap::new())),
             blas: Arc::new(std::sync::OnceLock::new()),
         })

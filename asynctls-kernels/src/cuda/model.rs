@@ -10,7 +10,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::CudaOps;
 
 /// A kernel argument passed by value (addresses as u64, sizes, scalars).
-trait Arg {
+pub(super) trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
 }
 
@@ -60,10 +60,20 @@ impl GemmType {
 
 impl CudaOps {
     fn launch_grid_stride(&self, name: &str, n: usize, args: &[&dyn Arg]) -> Result<()> {
+        self.launch_grid_stride_in(&self.model, name, n, args)
+    }
+
+    pub(super) fn launch_grid_stride_in(
+        &self,
+        module: &std::sync::Arc<cudarc::driver::CudaModule>,
+        name: &str,
+        n: usize,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, name)?;
+        let f = self.function(module, name)?;
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
         for a in args {
@@ -298,6 +308,155 @@ impl CudaOps {
         };
         // SAFETY: the caller's buffers hold the sizes above; gemv_takes held.
         unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `dst[i] = src[idx[i]]` for `m` rows of `w` elements of `elem_bytes`
+    /// (2 or 4) bytes.
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply, and every index must be a row of `src`.
+    pub unsafe fn gather_rows_raw(
+        &self,
+        src: u64,
+        idx: u64,
+        dst: u64,
+        m: usize,
+        w: usize,
+        elem_bytes: usize,
+    ) -> Result<()> {
+        let name = if elem_bytes == 2 {
+            "gather_rows_b16"
+        } else {
+            "gather_rows_b32"
+        };
+        let (m64, w32) = (m as i64, w as i32);
+        self.launch_grid_stride(name, m * w, &[&src, &idx, &dst, &m64, &w32])
+    }
+
+    /// `dst[idx[i]] = src[i]` for `m` f32 rows of `w` (distinct indices).
+    ///
+    /// # Safety
+    /// As [`Self::gather_rows_raw`], with every index a row of `dst`.
+    pub unsafe fn scatter_rows_raw(&self, src: u64, idx: u64, dst: u64, m: usize, w: usize) -> Result<()> {
+        let (m64, w32) = (m as i64, w as i32);
+        self.launch_grid_stride("scatter_rows_f32", m * w, &[&src, &idx, &dst, &m64, &w32])
+    }
+
+    /// `out[r] = [a[r], b[r]]` for `rows` f32 rows of `wa` and `wb`.
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn concat_cols_raw(&self, a: u64, b: u64, out: u64, rows: usize, wa: usize, wb: usize) -> Result<()> {
+        let (r64, a32, b32) = (rows as i64, wa as i32, wb as i32);
+        self.launch_grid_stride("concat_cols_f32", rows * (wa + wb), &[&a, &b, &out, &r64, &a32, &b32])
+    }
+
+    /// Per head `h` of `heads`: `c[:, h, :] = a[:, h, :] . op(b[h])` with f32
+    /// accumulation, `a` bf16 `[m, heads, k]`, `b` bf16 `[heads, k, n]`
+    /// (`b_transposed`: `[heads, n, k]`), `c` f32 `[m, heads, n]`: one
+    /// strided-batched cuBLAS call.
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn head_gemm_raw(
+        &self,
+        a: u64,
+        b: u64,
+        c: u64,
+        m: usize,
+        heads: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || heads == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas()?;
+        // Column-major, per head: C_h^T [n, m] = op(B_h)^T [n, k] . A_h^T [k, m].
+        // Row-major B_h [k, n] is column-major [n, k] (no transpose, ld n);
+        // row-major [n, k] is column-major [k, n], transposed (ld k). A_h's
+        // rows are `heads * k` apart and heads `k` apart; C's likewise.
+        let (op_b, ldb) = if b_transposed {
+            (cublasOperation_t::CUBLAS_OP_T, k)
+        } else {
+            (cublasOperation_t::CUBLAS_OP_N, n)
+        };
+        // SAFETY: the addresses hold the elements above (checked by the tensor op).
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                op_b,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b as *const _,
+                GemmType::Bf16.cuda(),
+                ldb as i32,
+                (k * n) as i64,
+                a as *const _,
+                GemmType::Bf16.cuda(),
+                (heads * k) as i32,
+                k as i64,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                GemmType::F32.cuda(),
+                (heads * n) as i32,
+                n as i64,
+                heads as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_strided_batched_ex: {e}")))?;
+        Ok(())
+    }
+
+    /// `c[m, n] = a[m, k] . b[n, k]^T` in f32 throughout (the router of a
+    /// MoE layer, which HF computes in f32).
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (the tensor ops check them).
+    pub unsafe fn gemm_nt_f32_raw(&self, a: u64, b: u64, c: u64, m: usize, k: usize, n: usize) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas()?;
+        // SAFETY: as gemm_nt_raw, with f32 operands.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b as *const _,
+                GemmType::F32.cuda(),
+                k as i32,
+                a as *const _,
+                GemmType::F32.cuda(),
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                GemmType::F32.cuda(),
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_ex (f32): {e}")))?;
         Ok(())
     }
 

@@ -1,0 +1,284 @@
+//! The mixture-of-experts ops on tensors: the router ([`moe_route`]) and
+//! the routed experts ([`moe_experts`]), dispatched like [`crate::ops`] by
+//! device to the CPU twins in [`crate::cpu::moe`] or the kernels of
+//! `cuda/moe.cu`.
+//!
+//! On the GPU a decode step's experts run as two grouped kernels that read
+//! the routing on the device (no host round trip, so the step stays one
+//! CUDA graph); a prefill chunk (more than [`GROUPED_MAX_TOKENS`] tokens)
+//! sorts its tokens by expert on the host and runs each expert as cuBLAS
+//! GEMMs over its gathered rows, where tensor cores pay.
+
+use cudarc::driver::CudaSlice;
+
+use crate::cpu::moe::{ExpertRef, RouteConfig};
+use crate::cuda::moe::{GROUPED_MAX_PAIRS, ROUTE_MAX_EXPERTS};
+use crate::error::{check_shape, invalid};
+use crate::{ops, DType, Device, Error, Result, Storage, Tensor};
+
+/// Tokens up to which the GPU runs the grouped (decode) kernels.
+pub const GROUPED_MAX_TOKENS: usize = 64;
+
+/// The routed experts of one MoE layer: each expert's SwiGLU weights (HF's
+/// `[out, in]` layout: gate and up `[inter, hidden]`, down `[hidden, inter]`;
+/// f32 on the CPU, bf16 on the GPU), and on the GPU the tables of their
+/// addresses the grouped kernels read.
+pub struct ExpertBank {
+    gate: Vec<Tensor>,
+    up: Vec<Tensor>,
+    down: Vec<Tensor>,
+    hidden: usize,
+    inter: usize,
+    /// Device tables of the gate, up and down addresses (GPU only).
+    tables: Option<[CudaSlice<u64>; 3]>,
+}
+
+impl std::fmt::Debug for ExpertBank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertBank")
+            .field("experts", &self.gate.len())
+            .field("hidden", &self.hidden)
+            .field("inter", &self.inter)
+            .field("device", &self.gate.first().map(|t| t.device().to_string()))
+            .finish()
+    }
+}
+
+impl ExpertBank {
+    /// The bank of `gate`, `up` and `down` (one tensor per expert each, all
+    /// on one device).
+    pub fn new(gate: Vec<Tensor>, up: Vec<Tensor>, down: Vec<Tensor>) -> Result<Self> {
+        const OP: &str = "ExpertBank";
+        let experts = gate.len();
+        if experts == 0 || up.len() != experts || down.len() != experts {
+            return Err(invalid(
+                OP,
+                format!("{} gate, {} up and {} down matrices", gate.len(), up.len(), down.len()),
+            ));
+        }
+        let (inter, hidden) = gate[0].dims2(OP)?;
+        let device = gate[0].device();
+        for e in 0..experts {
+            check_shape(OP, "gate", gate[e].shape(), "[inter, hidden]", &[inter, hidden])?;
+            check_shape(OP, "up", up[e].shape(), "[inter, hidden]", &[inter, hidden])?;
+            check_shape(OP, "down", down[e].shape(), "[hidden, inter]", &[hidden, inter])?;
+            for t in [&gate[e], &up[e], &down[e]] {
+                if !t.device().same_device(&device) {
+                    return Err(Error::DeviceMismatch {
+                        lhs: format!("{OP}: {device}"),
+                        rhs: t.device().to_string(),
+                    });
+                }
+            }
+        }
+        let tables = match &device {
+            Device::Cpu => None,
+            Device::Cuda(dev) => {
+                if hidden % 8 != 0 || inter % 8 != 0 {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "the GPU kernels take widths that are multiples of 8, not hidden {hidden} / inter {inter}"
+                        ),
+                    ));
+                }
+                let table = |ts: &[Tensor]| -> Result<CudaSlice<u64>> {
+                    let mut ptrs = Vec::with_capacity(ts.len());
+                    for t in ts {
+                        if t.dtype() != DType::BF16 {
+                            return Err(invalid(
+                                OP,
+                                format!("{} expert weights on the GPU (bf16 there)", t.dtype()),
+                            ));
+                        }
+                        let p = t.device_ptr()?;
+                        if p % 16 != 0 {
+                            return Err(invalid(OP, "expert weights must be 16-byte aligned"));
+                        }
+                        ptrs.push(p);
+                    }
+                    Ok(dev.stream().clone_htod(&ptrs)?)
+                };
+                Some([table(&gate)?, table(&up)?, table(&down)?])
+            }
+        };
+        Ok(ExpertBank {
+            gate,
+            up,
+            down,
+            hidden,
+            inter,
+            tables,
+        })
+    }
+
+    pub fn experts(&self) -> usize {
+        self.gate.len()
+    }
+
+    /// Bytes of one expert's three matrices as stored.
+    pub fn expert_bytes(&self) -> usize {
+        self.gate[0].size_in_bytes() * 3
+    }
+}
+
+/// The experts (u32 `[n, top_k]`, best first) and weights (f32 `[n,
+/// top_k]`) of `n` tokens from their f32 router `logits` (`[n, experts]`)
+/// and the f32 correction `bias` (`[experts]`): see [`crate::cpu::moe::route`].
+pub fn moe_route(logits: &Tensor, bias: &Tensor, c: &RouteConfig) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "moe_route";
+    c.check()?;
+    let (n, e) = logits.dims2(OP)?;
+    check_shape(OP, "logits (experts)", &[e], "config experts", &[c.experts])?;
+    check_shape(OP, "bias", bias.shape(), "experts", &[e])?;
+    for (name, t) in [("logits", logits), ("bias", bias)] {
+        if t.dtype() != DType::F32 {
+            return Err(invalid(OP, format!("{name} must be f32, not {}", t.dtype())));
+        }
+    }
+    if !logits.device().same_device(&bias.device()) {
+        return Err(Error::DeviceMismatch {
+            lhs: format!("{OP}: {}", logits.device()),
+            rhs: bias.device().to_string(),
+        });
+    }
+    match logits.storage() {
+        Storage::Cpu(_) => {
+            let (l, b) = (logits.as_slice::<f32>()?, bias.as_slice::<f32>()?);
+            let (mut ids, mut weights) = (Vec::with_capacity(n * c.top_k), Vec::with_capacity(n * c.top_k));
+            for row in l.chunks_exact(e.max(1)).take(n) {
+                let (i, w) = crate::cpu::moe::route(row, b, c);
+                ids.extend(i);
+                weights.extend(w);
+            }
+            Ok((
+                Tensor::from_vec(ids, &[n, c.top_k])?,
+                Tensor::from_vec(weights, &[n, c.top_k])?,
+            ))
+        }
+        Storage::Cuda { device, .. } => {
+            if e > ROUTE_MAX_EXPERTS {
+                return Err(invalid(
+                    OP,
+                    format!("{e} experts (the GPU router takes up to {ROUTE_MAX_EXPERTS})"),
+                ));
+            }
+            let ops = device.ops()?;
+            let d = logits.device();
+            let ids = Tensor::uninit_on(&[n, c.top_k], DType::U32, &d)?;
+            let weights = Tensor::uninit_on(&[n, c.top_k], DType::F32, &d)?;
+            // SAFETY: shapes, dtypes and the config checked above.
+            unsafe {
+                ops.moe_route_raw(
+                    logits.device_ptr()?,
+                    bias.device_ptr()?,
+                    ids.device_ptr()?,
+                    weights.device_ptr()?,
+                    n,
+                    c,
+                )
+            }?;
+            Ok((ids, weights))
+        }
+    }
+}
+
+/// `out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`: the routed
+/// experts of `n` tokens, `x` f32 `[n, hidden]` (on the GPU also bf16),
+/// `ids` u32 and `weights` f32 `[n, k]` as [`moe_route`] gives them, `out`
+/// f32 `[n, hidden]` (the shared expert's output, say). Ids must be below
+/// the bank's expert count: on the CPU they are checked; on the GPU they
+/// come from [`moe_route`].
+pub fn moe_experts(x: &Tensor, bank: &ExpertBank, ids: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()> {
+    const OP: &str = "moe_experts";
+    let (n, h) = x.dims2(OP)?;
+    let (n2, k) = ids.dims2(OP)?;
+    check_shape(OP, "x", &[n, h], "tokens x bank hidden", &[n2, bank.hidden])?;
+    check_shape(OP, "weights", weights.shape(), "ids", &[n2, k])?;
+    check_shape(OP, "out", out.shape(), "x", &[n, h])?;
+    if ids.dtype() != DType::U32 || weights.dtype() != DType::F32 || out.dtype() != DType::F32 {
+        return Err(invalid(OP, "ids must be u32, weights and out f32"));
+    }
+    let device = x.device();
+    for t in [ids, weights, &*out, &bank.gate[0]] {
+        if !t.device().same_device(&device) {
+            return Err(Error::DeviceMismatch {
+                lhs: format!("{OP}: {device}"),
+                rhs: t.device().to_string(),
+            });
+        }
+    }
+    let Some([gate_t, up_t, down_t]) = &bank.tables else {
+        let experts: Vec<ExpertRef<'_>> = (0..bank.experts())
+            .map(|e| {
+                Ok(ExpertRef {
+                    gate: bank.gate[e].as_slice::<f32>()?,
+                    up: bank.up[e].as_slice::<f32>()?,
+                    down: bank.down[e].as_slice::<f32>()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let xv = x.as_slice::<f32>()?.to_vec();
+        let (iv, wv) = (ids.as_slice::<u32>()?.to_vec(), weights.as_slice::<f32>()?.to_vec());
+        return crate::cpu::moe::experts_forward(&xv, &experts, &iv, &wv, k, h, bank.inter, out.as_slice_mut::<f32>()?);
+    };
+    let Device::Cuda(dev) = &device else {
+        return Err(invalid(OP, "a GPU bank with CPU tensors"));
+    };
+    out.cuda_slice_mut_any()
+        .map_err(|_| invalid(OP, "the output's storage is shared or a view"))?;
+    let ops_ = dev.ops()?;
+    let pairs = n * k;
+    let xb = ops::gemm_input(x)?;
+    let mut y = Tensor::uninit_on(&[pairs, h], DType::F32, &device)?;
+    if n <= GROUPED_MAX_TOKENS && pairs <= GROUPED_MAX_PAIRS {
+        let act = Tensor::uninit_on(&[pairs, bank.inter], DType::BF16, &device)?;
+        let base = |s: &CudaSlice<u64>| {
+            use cudarc::driver::DevicePtr;
+            let (p, _sync) = s.device_ptr(dev.stream());
+            p
+        };
+        // SAFETY: shapes and devices checked above; ids come from moe_route
+        // (below the expert count); widths and alignment checked by the bank.
+        unsafe {
+            ops_.moe_grouped_raw(
+                xb.device_ptr()?,
+                ids.device_ptr()?,
+                pairs,
+                k,
+                [base(gate_t), base(up_t), base(down_t)],
+                act.device_ptr()?,
+                y.device_ptr()?,
+                h,
+                bank.inter,
+            )
+        }?;
+    } else {
+        // Tokens sorted by expert on the host (prefill is not a graph).
+        let routed = ids.to_vec::<u32>()?;
+        let mut tokens = vec![Vec::new(); bank.experts()];
+        let mut slots = vec![Vec::new(); bank.experts()];
+        for (p, &e) in routed.iter().enumerate() {
+            let list = tokens
+                .get_mut(e as usize)
+                .ok_or_else(|| invalid(OP, format!("expert {e} of {}", bank.experts())))?;
+            list.push((p / k) as u32);
+            slots[e as usize].push(p as u32);
+        }
+        for e in 0..bank.experts() {
+            if tokens[e].is_empty() {
+                continue;
+            }
+            let m = tokens[e].len();
+            let t_idx = Tensor::from_vec(std::mem::take(&mut tokens[e]), &[m])?.to_device(&device)?;
+            let s_idx = Tensor::from_vec(std::mem::take(&mut slots[e]), &[m])?.to_device(&device)?;
+            let xs = ops::gather_rows(&xb, &t_idx)?;
+            let mut g = ops::linear(&xs, &bank.gate[e], None)?;
+            ops::silu_mul_(&mut g, &ops::linear(&xs, &bank.up[e], None)?)?;
+            let d = ops::linear(&g, &bank.down[e], None)?;
+            ops::scatter_rows(&mut y, &s_idx, &d)?;
+        }
+    }
+    // SAFETY: out [n, h], y [n * k, h] (every pair written above), weights [n, k].
+    unsafe { ops_.moe_combine_raw(out.device_ptr()?, y.device_ptr()?, weights.device_ptr()?, n, k, h) }
+}
