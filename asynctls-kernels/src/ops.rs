@@ -651,99 +651,6 @@ pub fn fill_uniform(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn matmul_shape_mismatch_names_both_sides() {
-        let a = Tensor::zeros(&[2, 3], DType::F32);
-        let b = Tensor::zeros(&[4, 5], DType::F32);
-        let msg = matmul(&a, &b).unwrap_err().to_string();
-        assert!(msg.contains("[2, 3]") && msg.contains("[4, 5]"), "{msg}");
-    }
-
-    #[test]
-    fn dtype_mismatch_names_both_sides() {
-        let a = Tensor::zeros(&[2, 3], DType::F32);
-        let b = Tensor::zeros(&[3, 2], DType::BF16);
-        let msg = matmul(&a, &b).unwrap_err().to_string();
-        assert!(msg.contains("f32") && msg.contains("bf16"), "{msg}");
-    }
-
-    #[test]
-    fn bf16_ops_compute_in_f32_and_keep_dtype() {
-        let x = Tensor::from_f32(vec![1.0, 2.0, 3.0, 4.0], &[2, 2], DType::BF16).unwrap();
-        let w = Tensor::from_f32(vec![1.0, 1.0], &[2], DType::BF16).unwrap();
-        // Activations are f32 on both devices: a bf16 input is named.
-        let err = rms_norm(&x, &w, 1e-6).unwrap_err().to_string();
-        assert!(err.contains("bf16") && err.contains("f32"), "{err}");
-        let y = rms_norm(&x.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap(), 1e-6).unwrap();
-        let v = y.to_f32_vec().unwrap();
-        let want = 1.0 / (2.5f32).sqrt();
-        assert!((v[0] - want).abs() < 1e-6, "{v:?}");
-        let (vals, idx) = topk(&x, 1).unwrap();
-        assert_eq!(idx.as_slice::<i32>().unwrap(), &[1, 1]);
-        assert_eq!(vals.to_f32_vec().unwrap(), vec![2.0, 4.0]);
-        assert_eq!(argmax(&x).unwrap().as_slice::<u32>().unwrap(), &[1, 1]);
-    }
-
-    #[test]
-    fn embedding_and_silu_and_softmax() {
-        let table = Tensor::from_vec((0..6).map(|i| i as f32).collect(), &[3, 2]).unwrap();
-        let ids = Tensor::from_vec(vec![2u32, 0], &[2]).unwrap();
-        let e = embedding(&table, &ids).unwrap();
-        assert_eq!(e.to_f32_vec().unwrap(), vec![4.0, 5.0, 0.0, 1.0]);
-        let bad = Tensor::from_vec(vec![3u32], &[1]).unwrap();
-        assert!(embedding(&table, &bad).unwrap_err().to_string().contains("vocabulary"));
-        let g = Tensor::from_vec(vec![0.0f32, 1.0], &[2]).unwrap();
-        let u = Tensor::from_vec(vec![3.0f32, 2.0], &[2]).unwrap();
-        let s = silu_mul(&g, &u).unwrap().to_f32_vec().unwrap();
-        assert!((s[0]).abs() < 1e-7 && (s[1] - 2.0 * 0.731_058_6).abs() < 1e-5);
-        let p = softmax(&u).unwrap().to_f32_vec().unwrap();
-        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[0] > p[1]);
-        assert!(silu_mul(&g, &Tensor::zeros(&[3], DType::F32)).is_err());
-    }
-
-    #[test]
-    fn rope_checks_positions() {
-        let rope = Rope::new(RopeTable::new(4, 10_000.0, 8).unwrap(), &Device::Cpu).unwrap();
-        let mut x = Tensor::zeros(&[2, 1, 4], DType::F32);
-        let pos = Tensor::from_vec(vec![0i32], &[1]).unwrap();
-        let msg = rope_(&mut x, &rope, &pos, RopeStyle::Neox).unwrap_err().to_string();
-        assert!(msg.contains("[2]") && msg.contains("[1]"), "{msg}");
-        let far = Tensor::from_vec(vec![0i32, 8], &[2]).unwrap();
-        assert!(rope_(&mut x, &rope, &far, RopeStyle::Neox).is_err());
-    }
-
-    #[test]
-    fn linear_adds_bias_and_checks_shapes() {
-        let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).unwrap();
-        let w = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
-        let b = Tensor::from_vec(vec![0.5f32, 0.0, -1.0], &[3]).unwrap();
-        let y = linear(&x, &w, Some(&b)).unwrap();
-        assert_eq!(y.to_f32_vec().unwrap(), vec![1.5, 2.0, 2.0]);
-        assert!(linear(&x, &b.reshape(&[1, 3]).unwrap(), None).is_err());
-        let mut r = y.clone();
-        add_(&mut r, &y).unwrap();
-        assert_eq!(r.to_f32_vec().unwrap(), vec![3.0, 4.0, 4.0]);
-        assert_eq!(
-            y.to_f32_vec().unwrap(),
-            vec![1.5, 2.0, 2.0],
-            "CPU in-place ops copy on write"
-        );
-    }
-
-    #[test]
-    fn random_fill_is_a_pure_function_of_seed_and_index() {
-        let a = fill_uniform(&[4, 8], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
-        let b = fill_uniform(&[32], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
-        assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-        let v = a.to_f32_vec().unwrap();
-        assert!(v.iter().all(|x| (0.5..1.5).contains(x)) && v.windows(2).any(|w| w[0] != w[1]));
-    }
-}
-
 /// Rows `idx` (u32, each below `table`'s row count) of a 2-D `table` of
 /// f32, bf16 or u32, as a `[idx, width]` tensor of the same dtype: the
 /// tokens of one expert in a MoE prefill, a weight's rows reordered at load.
@@ -922,5 +829,98 @@ pub fn head_matmul(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Tensor>
             }?;
             Ok(out)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_shape_mismatch_names_both_sides() {
+        let a = Tensor::zeros(&[2, 3], DType::F32);
+        let b = Tensor::zeros(&[4, 5], DType::F32);
+        let msg = matmul(&a, &b).unwrap_err().to_string();
+        assert!(msg.contains("[2, 3]") && msg.contains("[4, 5]"), "{msg}");
+    }
+
+    #[test]
+    fn dtype_mismatch_names_both_sides() {
+        let a = Tensor::zeros(&[2, 3], DType::F32);
+        let b = Tensor::zeros(&[3, 2], DType::BF16);
+        let msg = matmul(&a, &b).unwrap_err().to_string();
+        assert!(msg.contains("f32") && msg.contains("bf16"), "{msg}");
+    }
+
+    #[test]
+    fn bf16_ops_compute_in_f32_and_keep_dtype() {
+        let x = Tensor::from_f32(vec![1.0, 2.0, 3.0, 4.0], &[2, 2], DType::BF16).unwrap();
+        let w = Tensor::from_f32(vec![1.0, 1.0], &[2], DType::BF16).unwrap();
+        // Activations are f32 on both devices: a bf16 input is named.
+        let err = rms_norm(&x, &w, 1e-6).unwrap_err().to_string();
+        assert!(err.contains("bf16") && err.contains("f32"), "{err}");
+        let y = rms_norm(&x.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap(), 1e-6).unwrap();
+        let v = y.to_f32_vec().unwrap();
+        let want = 1.0 / (2.5f32).sqrt();
+        assert!((v[0] - want).abs() < 1e-6, "{v:?}");
+        let (vals, idx) = topk(&x, 1).unwrap();
+        assert_eq!(idx.as_slice::<i32>().unwrap(), &[1, 1]);
+        assert_eq!(vals.to_f32_vec().unwrap(), vec![2.0, 4.0]);
+        assert_eq!(argmax(&x).unwrap().as_slice::<u32>().unwrap(), &[1, 1]);
+    }
+
+    #[test]
+    fn embedding_and_silu_and_softmax() {
+        let table = Tensor::from_vec((0..6).map(|i| i as f32).collect(), &[3, 2]).unwrap();
+        let ids = Tensor::from_vec(vec![2u32, 0], &[2]).unwrap();
+        let e = embedding(&table, &ids).unwrap();
+        assert_eq!(e.to_f32_vec().unwrap(), vec![4.0, 5.0, 0.0, 1.0]);
+        let bad = Tensor::from_vec(vec![3u32], &[1]).unwrap();
+        assert!(embedding(&table, &bad).unwrap_err().to_string().contains("vocabulary"));
+        let g = Tensor::from_vec(vec![0.0f32, 1.0], &[2]).unwrap();
+        let u = Tensor::from_vec(vec![3.0f32, 2.0], &[2]).unwrap();
+        let s = silu_mul(&g, &u).unwrap().to_f32_vec().unwrap();
+        assert!((s[0]).abs() < 1e-7 && (s[1] - 2.0 * 0.731_058_6).abs() < 1e-5);
+        let p = softmax(&u).unwrap().to_f32_vec().unwrap();
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[0] > p[1]);
+        assert!(silu_mul(&g, &Tensor::zeros(&[3], DType::F32)).is_err());
+    }
+
+    #[test]
+    fn rope_checks_positions() {
+        let rope = Rope::new(RopeTable::new(4, 10_000.0, 8).unwrap(), &Device::Cpu).unwrap();
+        let mut x = Tensor::zeros(&[2, 1, 4], DType::F32);
+        let pos = Tensor::from_vec(vec![0i32], &[1]).unwrap();
+        let msg = rope_(&mut x, &rope, &pos, RopeStyle::Neox).unwrap_err().to_string();
+        assert!(msg.contains("[2]") && msg.contains("[1]"), "{msg}");
+        let far = Tensor::from_vec(vec![0i32, 8], &[2]).unwrap();
+        assert!(rope_(&mut x, &rope, &far, RopeStyle::Neox).is_err());
+    }
+
+    #[test]
+    fn linear_adds_bias_and_checks_shapes() {
+        let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).unwrap();
+        let w = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
+        let b = Tensor::from_vec(vec![0.5f32, 0.0, -1.0], &[3]).unwrap();
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.to_f32_vec().unwrap(), vec![1.5, 2.0, 2.0]);
+        assert!(linear(&x, &b.reshape(&[1, 3]).unwrap(), None).is_err());
+        let mut r = y.clone();
+        add_(&mut r, &y).unwrap();
+        assert_eq!(r.to_f32_vec().unwrap(), vec![3.0, 4.0, 4.0]);
+        assert_eq!(
+            y.to_f32_vec().unwrap(),
+            vec![1.5, 2.0, 2.0],
+            "CPU in-place ops copy on write"
+        );
+    }
+
+    #[test]
+    fn random_fill_is_a_pure_function_of_seed_and_index() {
+        let a = fill_uniform(&[4, 8], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
+        let b = fill_uniform(&[32], DType::F32, &Device::Cpu, 9, 0.5, 1.0).unwrap();
+        assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        let v = a.to_f32_vec().unwrap();
+        assert!(v.iter().all(|x| (0.5..1.5).contains(x)) && v.windows(2).any(|w| w[0] != w[1]));
     }
 }

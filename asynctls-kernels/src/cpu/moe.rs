@@ -88,6 +88,7 @@ pub struct ExpertRef<'a> {
 
 /// `out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t])` for `x`
 /// `[n, h]`, `ids` / `weights` `[n, k]`, in slot order (as `moe_combine`).
+#[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
     x: &[f32],
     experts: &[ExpertRef<'_>],
