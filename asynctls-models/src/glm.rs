@@ -341,7 +341,7 @@ impl Moe {
 #[derive(Debug)]
 enum FeedForward {
     Dense(Mlp),
-    Moe(Moe),
+    Moe(Box<Moe>),
 }
 
 /// The output order of a rope block's rows: with `rope_interleave` HF
@@ -591,7 +591,7 @@ impl GlmModel {
                         device,
                     )?,
                     mlp: if c.moe_layers[l] {
-                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c, device)?)
+                        FeedForward::Moe(Box::new(Moe::load(w, &format!("{p}.mlp"), c, device)?))
                     } else {
                         FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size, device)?)
                     },
