@@ -338,10 +338,12 @@ impl Moe {
     }
 }
 
+// One per layer, so the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum FeedForward {
     Dense(Mlp),
-    Moe(Box<Moe>),
+    Moe(Moe),
 }
 
 /// The output order of a rope block's rows: with `rope_interleave` HF
@@ -591,7 +593,7 @@ impl GlmModel {
                         device,
                     )?,
                     mlp: if c.moe_layers[l] {
-                        FeedForward::Moe(Box::new(Moe::load(w, &format!("{p}.mlp"), c, device)?))
+                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c, device)?)
                     } else {
                         FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size, device)?)
                     },
