@@ -6,6 +6,9 @@ context and batch, timed with CUDA events.
         --ctx 32768,65536,98304 --batch 1,4,8 [--decode-steps 8] [--compile] \
         [--ours ours.json] [--out combined.json] [--time-budget-s 240]
 
+    python3 bench/peers/hf_e2e.py --model-shape glm-4.7-flash --ctx 32768,65536 --batch 1,4
+    python3 bench/peers/hf_e2e.py --model-shape glm-4.7-flash --tiny   # CPU check of the code paths
+
 where ours.json is what `asynctls bench e2e --device cuda --model-shape qwen3-8b
 --ctx 32768,65536,98304 --batch 1,4,8 --json` wrote on the same machine.
 
@@ -41,6 +44,52 @@ GiB being one layer's expanded K/V). That is what HF does in generate() with a
 static cache too; it is measured as it is. Eager HF is bound by the host
 (1250+ kernel launches a step; smollm2-135m is 25-32 ms/step whatever the
 context), so eager numbers move with the host's speed.
+
+GLM-4.7-Flash (--model-shape glm-4.7-flash, transformers' Glm4MoeLiteForCausalLM,
+model type glm4_moe_lite; 47 layers, the first dense and 46 MoE with 64 routed
+experts top-4 plus a shared one, MLA attention with 20 heads, 29.94 B
+parameters, 55.8 GiB bf16): the same flow, with what HF caches read off the
+model itself (one 1-token forward into HF's own cache before the points,
+`cache_layout`), since that changed between transformers releases:
+  * transformers 5.15 and later (5.17 on the GPU machine): the latents.
+    Glm4MoeLiteAttention.forward views the normed kv_a latent as
+    [batch, 1, len, kv_lora_rank=512] and the roped shared key as
+    [batch, 1, len, qk_rope_head_dim=64] and passes those to
+    past_key_values.update (modeling_glm4_moe_lite.py lines 333-344 in 5.17.0);
+    the StaticLayer keeps keys [batch, 1, max_len, 512] and values
+    [batch, 1, max_len, 64]: 576 bf16 = 1152 bytes per token per layer,
+    54,144 bytes per token for the 47 layers, the same as our 576-wide latent.
+    But each step then re-expands every cached position (the static cache's
+    full max_len) through kv_b_proj (expand_kv, line 348): per layer a
+    [batch, max_len, 20 x (192+256)] projection, keys [batch, 20, max_len, 256]
+    copied out of it and values [batch, 20, max_len, 256] (a view of it), then
+    SDPA over them. So the resident cache is as small as ours, but every step
+    does a max_len x 512 x 8960 matmul per layer per sequence (about 0.9 TFLOP
+    per layer at 96k) and holds one layer's expansion as transient memory (at
+    96k batch 8: 13.1 GiB of projection + 7.5 GiB of keys).
+  * transformers 5.0-5.14 (seen in 5.0.0, 5.10.4, 5.12.1, 5.14.1): the
+    un-absorbed per-head K/V: keys
+    [batch, 20, len, 192+64=256] and values [batch, 20, len, 256] (the
+    update at modeling_glm4_moe_lite.py line 320 in 5.14.1), i.e.
+    2 x 20 x 256 bf16 = 20,480 bytes per token per layer, 962,560 bytes per
+    token for 47 layers (17.8x our latent; 96k tokens at batch 1 is 88 GiB, which
+    with the weights does not fit an H200: recorded as oom).
+  The cache is filled with random values in whatever shapes the probe found;
+  the rows carry kv_gib (the allocated cache) and the document carries
+  "cache_layout" (the per-layer shapes and bytes per token). The MoE experts
+  are fused 3-D parameters in transformers 5 (gate_up_proj [E, 2I, H],
+  down_proj [E, H, I]); they are filled like every other >= 2-D parameter
+  (normal std 0.02), the norms with ones, the router's e_score_correction_bias
+  (an fp32 buffer) with zeros. The experts implementation HF picked
+  (grouped_mm by default in 5.x) is recorded as "experts_implementation".
+  Our side (--ours) is whatever `asynctls bench e2e` gives for this shape; at
+  this commit its --model-shape takes the GQA presets only.
+
+--tiny (a check without a GPU) shrinks the chosen shape to a few layers of
+width 64 (keeping its family, and for GLM its dense-then-MoE layout and MLA)
+and runs the whole flow on the CPU (--device cpu, the default with --tiny) at
+small contexts; times there are host wall-clock and peak_gib is the process's
+peak RSS. It only says the code paths work.
 
 Output (--out): {"peer": "hf-transformers", "transformers": ..., "torch": ...,
 "model_shape": ..., "rows": [{"system": "hf-eager"|"hf-compiled", "ctx", "batch",
@@ -106,9 +155,39 @@ SHAPES = {
                        tie_word_embeddings=True, max_position_embeddings=8192),
     },
 }
+# GLM-4.7-Flash: the sizes of our `GlmConfig::glm_4_7_flash()` (the defaults of HF's Glm4MoeLiteConfig).
+# dense_layers: the first that many layers have a dense MLP, the rest MoE (mlp_layer_types in transformers 5,
+# first_k_dense_replace where the config class takes that instead).
+SHAPES["glm-4.7-flash"] = {
+    "family": "glm4_moe_lite", "rope_theta": 1e4, "dense_layers": 1,
+    "config": dict(vocab_size=154880, hidden_size=2048, intermediate_size=10240, moe_intermediate_size=1536,
+                   num_hidden_layers=47, num_attention_heads=20, q_lora_rank=768, kv_lora_rank=512,
+                   qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, n_routed_experts=64,
+                   num_experts_per_tok=4, n_shared_experts=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                   n_group=1, topk_group=1, rope_interleave=True, rms_norm_eps=1e-5,
+                   max_position_embeddings=202752, tie_word_embeddings=False, attention_bias=False),
+}
 FAMILIES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-            "llama": ("LlamaConfig", "LlamaForCausalLM")}
+            "llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM")}
+MLA_FAMILIES = {"glm4_moe_lite"}  # what they cache is read off the model (cache_layout), not the config
+# --tiny: the sizes each family is shrunk to (the rest of the shape is kept).
+TINY = {
+    "gqa": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128, vocab_size=512),
+    "glm4_moe_lite": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                          num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=8,
+                          num_experts_per_tok=2),
+}
+DEV = "cuda"  # --device; "cpu" only for --tiny checks
+
+
+def tiny_spec(spec):
+    spec = dict(spec)
+    spec["config"] = dict(spec["config"], **TINY.get(spec["family"], TINY["gqa"]))
+    return spec
 
 
 def log(msg):
@@ -158,9 +237,11 @@ def set_sdpa(obj):
             return
 
 
-def build_config(shape):
-    spec = SHAPES[shape]
-    cls = getattr(transformers, FAMILIES[spec["family"]][0])
+def build_config(shape, spec=None):
+    spec = spec or SHAPES[shape]
+    cls = getattr(transformers, FAMILIES[spec["family"]][0], None)
+    if cls is None:
+        raise SystemExit(f"transformers {transformers.__version__} has no {FAMILIES[spec['family']][0]}")
     names, var_kw = accepted_params(cls)
     kw = dict(spec["config"], use_cache=True)
     if "use_sliding_window" in names:
@@ -170,6 +251,16 @@ def build_config(shape):
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": spec["rope_theta"]}
     else:
         kw["rope_theta"] = spec["rope_theta"]
+    want_moe = None
+    if "dense_layers" in spec:  # MoE families: the first dense_layers layers dense, the rest MoE
+        n, k = spec["config"]["num_hidden_layers"], spec["dense_layers"]
+        want_moe = [i >= k for i in range(n)]
+        if "mlp_layer_types" in names:
+            kw["mlp_layer_types"] = ["sparse" if m else "dense" for m in want_moe]
+        elif "first_k_dense_replace" in names:
+            kw["first_k_dense_replace"] = k
+        else:
+            raise SystemExit(f"{cls.__name__} takes neither mlp_layer_types nor first_k_dense_replace")
     if not var_kw:
         kw = {k: v for k, v in kw.items() if k in names}
     elif names:
@@ -189,11 +280,26 @@ def build_config(shape):
             got = head_dim_of(cfg) if key == "head_dim" else getattr(cfg, key, None)
             if got != want:
                 raise SystemExit(f"config {key}: wanted {want}, the {cls.__name__} has {got}")
+    if want_moe is not None and moe_layers_of(cfg) != want_moe:
+        raise SystemExit(f"config MoE layers: wanted {want_moe}, the {cls.__name__} has {moe_layers_of(cfg)}")
     if rope_theta_of(cfg) != spec["rope_theta"]:
         log(f"warning: rope theta is {rope_theta_of(cfg)}, wanted {spec['rope_theta']} (timing is unaffected)")
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
         raise SystemExit("the config came out with sliding-window attention; expected full attention")
     return cfg
+
+
+def moe_layers_of(cfg):
+    """Which layers the config makes MoE: mlp_layer_types (transformers 5), else first_k_dense_replace
+    (and moe_layer_freq, DeepSeek-style)."""
+    types = getattr(cfg, "mlp_layer_types", None)
+    if types:
+        return [t != "dense" for t in types]
+    k = getattr(cfg, "first_k_dense_replace", None)
+    if k is None:
+        return None
+    freq = getattr(cfg, "moe_layer_freq", 1) or 1
+    return [i >= k and i % freq == 0 for i in range(cfg.num_hidden_layers)]
 
 
 def no_init_context():
@@ -220,7 +326,7 @@ def default_dtype(dtype):
 def build_model(cfg, family):
     model_cls = getattr(transformers, FAMILIES[family][1])
     model, how = None, None
-    with torch.device("cuda"):
+    with torch.device(DEV):
         # transformers 5 takes dtype=, 4.x torch_dtype=; else build directly with bf16 as the default dtype.
         for dtype_kw in ("dtype", "torch_dtype"):
             try:
@@ -236,15 +342,15 @@ def build_model(cfg, family):
                 model = model_cls(cfg)
             how = f"{model_cls.__name__}(config) under default dtype bf16"
     params = list(model.parameters())
-    if any(p.device.type != "cuda" for p in params):
+    if any(p.device.type != DEV for p in params):
         # Built on meta (or host): give it real, uninitialised GPU storage; filled below.
-        log("parameters were not on the GPU after construction; to_empty(cuda)")
-        model.to_empty(device="cuda")
+        log(f"parameters were not on the {DEV} device after construction; to_empty({DEV})")
+        model.to_empty(device=DEV)
         for m in model.modules():  # the rotary tables were lost with the meta storage
             if hasattr(m, "inv_freq") and hasattr(m, "config"):
                 with contextlib.suppress(Exception):
                     init = getattr(m, "rope_init_fn", None) or m.compute_default_rope_parameters
-                    inv_freq, _ = init(m.config, torch.device("cuda"))
+                    inv_freq, _ = init(m.config, torch.device(DEV))
                     m.inv_freq = inv_freq
                     m.original_inv_freq = inv_freq
     set_sdpa(model.config)
@@ -262,6 +368,10 @@ def build_model(cfg, family):
                 p.fill_(1.0)
             else:  # biases (Qwen2 q/k/v)
                 p.normal_(0.0, 0.02)
+        # MoE routers' selection bias (an fp32 buffer, uninitialised if the model was built on meta).
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
         w = model.get_input_embeddings().weight
         assert torch.count_nonzero(w[:4]).item() > 0, "weights came out zero"
     n = sum(p.numel() for p in model.parameters())
@@ -269,6 +379,16 @@ def build_model(cfg, family):
     log(f"model built via {how}: {n / 1e9:.3f} B params, {n * 2 / GIB:.2f} GiB bf16, attention {impl}")
     if impl != "sdpa":
         log(f"warning: attention implementation is {impl!r}, not sdpa")
+    want_moe = moe_layers_of(model.config) if family in MLA_FAMILIES else None
+    if want_moe is not None:
+        layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
+        got = [hasattr(layer.mlp, "experts") for layer in layers]
+        if got != want_moe:
+            raise SystemExit(f"the model's MoE layers are {got}, the config says {want_moe}")
+        experts = next(layer.mlp.experts for layer in layers if hasattr(layer.mlp, "experts"))
+        shapes = dict(list({n: tuple(p.shape) for n, p in experts.named_parameters()}.items())[:3])
+        log(f"{sum(got)} MoE layers of {len(got)}; experts {type(experts).__name__} {shapes}, "
+            f"experts implementation {getattr(model.config, '_experts_implementation', None)}")
     return model
 
 
@@ -285,7 +405,7 @@ def make_cache(cfg, batch, max_len):
             kw[key] = batch
             break
     if "device" in names:
-        kw["device"] = "cuda"
+        kw["device"] = DEV
     if "dtype" in names:
         kw["dtype"] = BF16
     return transformers.StaticCache(**kw)
@@ -300,54 +420,81 @@ def kv_pairs(cache):
     return None
 
 
-def kv_ready(pairs, want):
-    return bool(pairs) and all(k is not None and v is not None and tuple(k.shape) == want and tuple(v.shape) == want
-                               for k, v in pairs)
+def cache_layout(model, cfg, family):
+    """What the cache holds per layer and token: ((key heads, key width), (value heads, value width)).
+    GQA families: num_key_value_heads x head_dim for both, from the config. MLA families (GLM): read
+    off one 1-token forward into the model's own (dynamic) cache, since what HF caches changed
+    between releases (the un-absorbed per-head K/V until 5.14, the latents from 5.15 on)."""
+    if family not in MLA_FAMILIES:
+        kvh, hd = cfg.num_key_value_heads, head_dim_of(cfg)
+        return (kvh, hd), (kvh, hd)
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=DEV), use_cache=True)
+    pairs = kv_pairs(getattr(out, "past_key_values", None)) or []
+    shapes = {((k.shape[1], k.shape[-1]), (v.shape[1], v.shape[-1])) for k, v in pairs
+              if k is not None and v is not None}
+    del out, pairs
+    if len(shapes) != 1:
+        raise RuntimeError(f"cannot tell what the model caches: per-layer (heads, width) of K, V: {shapes}")
+    return shapes.pop()
 
 
-def init_cache(cache, model, cfg, batch, max_len, fwd_names):
-    """Allocate the cache's K/V now: early_initialization (4.56+ and 5.x), else each
-    layer's lazy_initialization (one argument in 4.5x, key and value in 5.x), else
-    one forward of one token. Returns the per-layer (keys, values) tensors."""
-    kvh, hd = cfg.num_key_value_heads, head_dim_of(cfg)
-    want = (batch, kvh, max_len, hd)
+def layout_bytes_per_token(layout, layers):
+    (hk, dk), (hv, dv) = layout
+    return layers * (hk * dk + hv * dv) * 2  # bf16
+
+
+def kv_ready(pairs, want_k, want_v):
+    return bool(pairs) and all(k is not None and v is not None and tuple(k.shape) == want_k
+                               and tuple(v.shape) == want_v for k, v in pairs)
+
+
+def init_cache(cache, model, cfg, batch, max_len, fwd_names, layout):
+    """Allocate the cache's K/V now: early_initialization (4.56+ and 5.x; only where keys and values
+    have one shape), else each layer's lazy_initialization (one argument in 4.5x, key and value in
+    5.x), else one forward of one token. Returns the per-layer (keys, values) tensors."""
+    (hk, dk), (hv, dv) = layout
+    want_k, want_v = (batch, hk, max_len, dk), (batch, hv, max_len, dv)
     pairs = kv_pairs(cache)
-    if kv_ready(pairs, want):
+    if kv_ready(pairs, want_k, want_v):
         return pairs
-    if hasattr(cache, "early_initialization"):
+    if hasattr(cache, "early_initialization") and (hk, dk) == (hv, dv):
         try:
-            cache.early_initialization(batch_size=batch, num_heads=kvh, head_dim=hd, dtype=BF16,
-                                       device=torch.device("cuda"))
+            cache.early_initialization(batch_size=batch, num_heads=hk, head_dim=dk, dtype=BF16,
+                                       device=torch.device(DEV))
         except TypeError:
-            cache.early_initialization(batch, kvh, hd, BF16, torch.device("cuda"))
+            cache.early_initialization(batch, hk, dk, BF16, torch.device(DEV))
         pairs = kv_pairs(cache)
-        if kv_ready(pairs, want):
+        if kv_ready(pairs, want_k, want_v):
             return pairs
     layers = getattr(cache, "layers", None) or []
     if layers and hasattr(layers[0], "lazy_initialization"):
-        fake = torch.zeros((batch, kvh, 0, hd), dtype=BF16, device="cuda")
+        fake_k = torch.zeros((batch, hk, 0, dk), dtype=BF16, device=DEV)
+        fake_v = torch.zeros((batch, hv, 0, dv), dtype=BF16, device=DEV)
         for layer in layers:
             if getattr(layer, "keys", None) is not None:
                 continue
             n_args = len([p for p in inspect.signature(layer.lazy_initialization).parameters.values()
                           if p.default is inspect.Parameter.empty
                           and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-            layer.lazy_initialization(*([fake] * max(1, n_args)))
+            layer.lazy_initialization(*([fake_k, fake_v] + [fake_k] * (n_args - 2) if n_args >= 2 else [fake_k]))
         pairs = kv_pairs(cache)
-        if kv_ready(pairs, want):
+        if kv_ready(pairs, want_k, want_v):
             return pairs
     log("cache still not allocated; running one 1-token forward to initialise it")
-    kw = {"input_ids": torch.zeros((batch, 1), dtype=torch.long, device="cuda"),
-          "position_ids": torch.zeros((batch, 1), dtype=torch.long, device="cuda"),
+    kw = {"input_ids": torch.zeros((batch, 1), dtype=torch.long, device=DEV),
+          "position_ids": torch.zeros((batch, 1), dtype=torch.long, device=DEV),
           "past_key_values": cache, "use_cache": True}
     if "cache_position" in fwd_names:
-        kw["cache_position"] = torch.zeros((1,), dtype=torch.long, device="cuda")
+        kw["cache_position"] = torch.zeros((1,), dtype=torch.long, device=DEV)
     with torch.no_grad():
         model(**kw)
     pairs = kv_pairs(cache)
-    if not kv_ready(pairs, want):
-        shapes = [tuple(k.shape) if k is not None else None for k, _ in (pairs or [])][:2]
-        raise RuntimeError(f"cannot allocate the static cache as {want}; its layers have {shapes}")
+    if not kv_ready(pairs, want_k, want_v):
+        shapes = [(tuple(k.shape), tuple(v.shape)) if k is not None and v is not None else None
+                  for k, v in (pairs or [])][:2]
+        raise RuntimeError(f"cannot allocate the static cache as keys {want_k}, values {want_v}; "
+                           f"its layers have {shapes}")
     return pairs
 
 
@@ -386,9 +533,53 @@ def is_oom(e):
 
 def free_memory():
     gc.collect()
-    with contextlib.suppress(Exception):
+    if DEV == "cuda":
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def sync():
+    if DEV == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+
+
+def reset_peak():
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    """The GPU's peak allocation since reset_peak(); on the CPU (--tiny) the process's peak RSS."""
+    if DEV == "cuda":
+        return torch.cuda.max_memory_allocated() / GIB
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+class Stopwatch:
+    """CUDA events on the GPU; the host clock on the CPU (--tiny)."""
+
+    def __init__(self):
+        if DEV == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.t0 = self.t1 = None
+
+    def begin(self):
+        if DEV == "cuda":
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if DEV == "cuda":
+            self.end.record()
+            self.end.synchronize()
+        else:
+            self.t1 = time.perf_counter()
+
+    def ms(self):
+        return self.start.elapsed_time(self.end) if DEV == "cuda" else (self.t1 - self.t0) * 1e3
 
 
 def reset_compiler():
@@ -409,30 +600,29 @@ def timed(call, reset, n):
     times = []
     for _ in range(n):
         reset()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        watch = Stopwatch()
+        watch.begin()
         call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        watch.stop()
+        times.append(watch.ms())
     return times
 
 
-def decode_point(model, cfg, ctx, batch, args, fwd_names, compiled=None, fullgraph=True):
+def decode_point(model, cfg, ctx, batch, args, fwd_names, layout, compiled=None, fullgraph=True):
     """One (ctx, batch) point; compiled is None for eager. Returns the row's measurements."""
     max_len = ctx + WARMUP + args.decode_steps + SLACK
-    kvh, hd, layers = cfg.num_key_value_heads, head_dim_of(cfg), cfg.num_hidden_layers
-    out = {"max_cache_len": max_len, "kv_gib": 2 * layers * batch * kvh * max_len * hd * 2 / GIB}
-    torch.cuda.reset_peak_memory_stats()
+    out = {"max_cache_len": max_len,
+           "kv_gib": batch * max_len * layout_bytes_per_token(layout, cfg.num_hidden_layers) / GIB}
+    reset_peak()
     cache = make_cache(cfg, batch, max_len)
-    pairs = init_cache(cache, model, cfg, batch, max_len, fwd_names)
+    pairs = init_cache(cache, model, cfg, batch, max_len, fwd_names, layout)
     fill_cache(pairs, ctx)
     set_cache_length(cache, ctx)
-    kw = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda"),
-          "position_ids": torch.full((batch, 1), ctx, dtype=torch.long, device="cuda"),
+    kw = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, 1), device=DEV),
+          "position_ids": torch.full((batch, 1), ctx, dtype=torch.long, device=DEV),
           "past_key_values": cache, "use_cache": True}
     if "cache_position" in fwd_names:
-        kw["cache_position"] = torch.tensor([ctx], dtype=torch.long, device="cuda")
+        kw["cache_position"] = torch.tensor([ctx], dtype=torch.long, device=DEV)
     fn = compiled if compiled is not None else model
 
     def reset():
@@ -448,17 +638,17 @@ def decode_point(model, cfg, ctx, batch, args, fwd_names, compiled=None, fullgra
     with torch.no_grad():
         if compiled is not None:
             reset()
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             step()  # compiles
-            torch.cuda.synchronize()
+            sync()
             out["compile_s"] = time.perf_counter() - t
             out["fullgraph"] = fullgraph
             log(f"  compiled in {out['compile_s']:.1f} s")
             for _ in range(2):  # CUDA-graph warm-up and recording
                 reset()
                 step()
-            torch.cuda.synchronize()
+            sync()
         reset()
         try:
             step()
@@ -468,11 +658,11 @@ def decode_point(model, cfg, ctx, batch, args, fwd_names, compiled=None, fullgra
             # Should not be needed (the model builds its causal mask from the positions), but some
             # versions may want a 2-D mask the length of the static cache.
             log(f"  decode without attention_mask failed ({type(e).__name__}: {e}); retrying with a ones mask")
-            kw["attention_mask"] = torch.ones((batch, max_len), dtype=torch.long, device="cuda")
+            kw["attention_mask"] = torch.ones((batch, max_len), dtype=torch.long, device=DEV)
             out["attention_mask"] = True
             reset()
             step()
-        torch.cuda.synchronize()
+        sync()
         # The step must have written position ctx (and nothing past it): it attended over ctx tokens.
         k0 = pairs[0][0]
         wrote = bool(torch.count_nonzero(k0[:, :, ctx]).item() > 0)
@@ -485,24 +675,24 @@ def decode_point(model, cfg, ctx, batch, args, fwd_names, compiled=None, fullgra
     med = statistics.median(times)
     out.update({"decode_ms_per_step": med, "decode_tokens_per_s": batch / (med / 1e3),
                 "step_ms": [round(t, 4) for t in times],
-                "peak_gib": torch.cuda.max_memory_allocated() / GIB})
+                "peak_gib": peak_gib()})
     del kw, pairs, cache
     return out
 
 
-def prefill_point(model, cfg, n, fwd_names):
+def prefill_point(model, cfg, n, fwd_names, layout):
     """One forward of n tokens at batch 1 into a fresh static cache."""
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     max_len = n + SLACK
     cache = make_cache(cfg, 1, max_len)
-    init_cache(cache, model, cfg, 1, max_len, fwd_names)
-    ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+    init_cache(cache, model, cfg, 1, max_len, fwd_names, layout)
+    ids = torch.randint(0, cfg.vocab_size, (1, n), device=DEV)
 
     def run(m):
-        kw = {"input_ids": ids[:, :m], "position_ids": torch.arange(m, device="cuda")[None],
+        kw = {"input_ids": ids[:, :m], "position_ids": torch.arange(m, device=DEV)[None],
               "past_key_values": cache, "use_cache": True}
         if "cache_position" in fwd_names:
-            kw["cache_position"] = torch.arange(m, device="cuda")
+            kw["cache_position"] = torch.arange(m, device=DEV)
         for key in ("logits_to_keep", "num_logits_to_keep"):  # only the last token's logits, as serving does
             if key in fwd_names:
                 kw[key] = 1
@@ -511,18 +701,17 @@ def prefill_point(model, cfg, n, fwd_names):
 
     with torch.no_grad():
         run(min(n, 512))  # warm-up (kernels, cuBLAS handles)
-        torch.cuda.synchronize()
+        sync()
         with contextlib.suppress(Exception):
             cache.reset()
         set_cache_length(cache, 0)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        watch = Stopwatch()
+        watch.begin()
         run(n)
-        end.record()
-        end.synchronize()
-    ms = start.elapsed_time(end)
+        watch.stop()
+    ms = watch.ms()
     res = {"ctx": n, "batch": 1, "prefill_ms": ms, "prefill_tokens_per_s": n / (ms / 1e3),
-           "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+           "peak_gib": peak_gib()}
     del cache, ids
     return res
 
@@ -649,35 +838,57 @@ def print_side_by_side(rows, ours, prefill):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-shape", required=True, choices=sorted(SHAPES))
-    ap.add_argument("--ctx", default="32768,65536,98304")
-    ap.add_argument("--batch", default="1,4,8")
-    ap.add_argument("--decode-steps", type=int, default=8)
-    ap.add_argument("--prefill-ctx", type=int, default=32768, help="batch-1 prefill length; 0 skips it")
+    ap.add_argument("--ctx", help="contexts (default 32768,65536,98304; 64,256 with --tiny)")
+    ap.add_argument("--batch", help="batch sizes (default 1,4,8; 1,2 with --tiny)")
+    ap.add_argument("--decode-steps", type=int, help="timed steps per point (default 8; 3 with --tiny)")
+    ap.add_argument("--prefill-ctx", type=int,
+                    help="batch-1 prefill length (default 32768; 128 with --tiny); 0 skips it")
     ap.add_argument("--compile", action="store_true", help="also run torch.compile(reduce-overhead) as hf-compiled")
     ap.add_argument("--compile-points", default="", help="CTXxBATCH,... to compile (default: every point, in order)")
     ap.add_argument("--ours", help="the JSON of `asynctls bench e2e --device cuda --json`")
     ap.add_argument("--out", help="where to write the combined JSON")
     ap.add_argument("--time-budget-s", type=float, default=240.0)
+    ap.add_argument("--tiny", action="store_true",
+                    help="check the code paths: the shape shrunk to a few narrow layers, on the CPU, small contexts")
+    ap.add_argument("--device", choices=("cuda", "cpu"), help="default cuda; cpu with --tiny")
     a = ap.parse_args()
     t0 = time.monotonic()
     elapsed = lambda: time.monotonic() - t0  # noqa: E731
+    tiny = a.tiny
+    for key, full, small in (("ctx", "32768,65536,98304", "64,256"), ("batch", "1,4,8", "1,2"),
+                             ("decode_steps", 8, 3), ("prefill_ctx", 32768, 128),
+                             ("device", "cuda", "cpu")):
+        if getattr(a, key) is None:
+            setattr(a, key, small if tiny else full)
+    global DEV
+    DEV = a.device
 
-    if not torch.cuda.is_available():
+    if DEV == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     ctxs = [int(x) for x in a.ctx.split(",") if x.strip()]
     batches = [int(x) for x in a.batch.split(",") if x.strip()]
     ours = json.load(open(a.ours)) if a.ours else None
     torch.manual_seed(0)
-    total_gib = torch.cuda.get_device_properties(0).total_memory / GIB
-    log(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)} "
-        f"({total_gib:.1f} GiB), shape {a.model_shape}, ctx {ctxs}, batch {batches}, budget {a.time_budget_s:.0f} s")
+    if DEV == "cuda":
+        device_name = torch.cuda.get_device_name(0)
+        total_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    else:
+        device_name, total_gib = "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    log(f"transformers {transformers.__version__}, torch {torch.__version__}, {device_name} "
+        f"({total_gib:.1f} GiB), shape {a.model_shape}{' (tiny)' if tiny else ''}, ctx {ctxs}, batch {batches}, "
+        f"budget {a.time_budget_s:.0f} s")
 
-    spec = SHAPES[a.model_shape]
-    cfg = build_config(a.model_shape)
+    spec = tiny_spec(SHAPES[a.model_shape]) if tiny else SHAPES[a.model_shape]
+    cfg = build_config(a.model_shape, spec)
     model = build_model(cfg, spec["family"])
     fwd_names, _ = accepted_params(model.forward)
     log(f"forward takes cache_position: {'cache_position' in fwd_names}; "
         f"StaticCache params: {sorted(accepted_params(transformers.StaticCache)[0])}")
+    layout = cache_layout(model, cfg, spec["family"])
+    bpt = layout_bytes_per_token(layout, cfg.num_hidden_layers)
+    (hk, dk), (hv, dv) = layout
+    log(f"cache per layer: keys [batch, {hk}, len, {dk}], values [batch, {hv}, len, {dv}] bf16: "
+        f"{bpt} bytes per token over {cfg.num_hidden_layers} layers")
     max_pos = cfg.max_position_embeddings
     rows = []
 
@@ -691,7 +902,7 @@ def main():
             prefill = {"ctx": a.prefill_ctx, "batch": 1, "skipped": f"beyond max_position_embeddings {max_pos}"}
         else:
             log(f"prefill {a.prefill_ctx} tokens at batch 1")
-            res, err = guarded(lambda: prefill_point(model, cfg, a.prefill_ctx, fwd_names))
+            res, err = guarded(lambda: prefill_point(model, cfg, a.prefill_ctx, fwd_names, layout))
             prefill = res or {"ctx": a.prefill_ctx, "batch": 1, "oom": err == "oom",
                               **({"error": err} if err and err != "oom" else {})}
             if res:
@@ -708,7 +919,7 @@ def main():
             row["skipped"] = "time budget"
         else:
             log(f"hf-eager ctx {ctx} batch {batch} ({elapsed():.0f} s in)")
-            res, err = guarded(lambda: decode_point(model, cfg, ctx, batch, a, fwd_names))
+            res, err = guarded(lambda: decode_point(model, cfg, ctx, batch, a, fwd_names, layout))
             if res:
                 row.update(res)
                 log(f"  {res['decode_ms_per_step']:.2f} ms/step, {res['decode_tokens_per_s']:.1f} tok/s, "
@@ -753,7 +964,8 @@ def main():
                     log(f"hf-compiled ctx {ctx} batch {batch} fullgraph={fullgraph} ({elapsed():.0f} s in)")
                     reset_compiler()
                     compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
-                    res, err = guarded(lambda: decode_point(model, cfg, ctx, batch, a, fwd_names, compiled, fullgraph))
+                    res, err = guarded(lambda: decode_point(model, cfg, ctx, batch, a, fwd_names, layout, compiled,
+                                                            fullgraph))
                     del compiled
                     reset_compiler()
                     free_memory()
@@ -780,11 +992,19 @@ def main():
     if ours is not None:
         print_side_by_side(rows, ours, prefill)
     doc = {"peer": "hf-transformers", "transformers": transformers.__version__, "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(0), "model_shape": a.model_shape,
+           "device": device_name, "model_shape": a.model_shape,
            "config": {k: (head_dim_of(cfg) if k == "head_dim" else getattr(cfg, k, None)) for k in spec["config"]}
            | {"rope_theta": rope_theta_of(cfg), "attn_implementation": getattr(cfg, "_attn_implementation", None)},
            "decode_steps": a.decode_steps, "warmup_steps": WARMUP, "time_budget_s": a.time_budget_s,
-           "elapsed_s": elapsed(), "prefill": prefill, "rows": rows, "ours": ours}
+           "elapsed_s": elapsed(), "prefill": prefill, "rows": rows, "ours": ours,
+           "cache_layout": {"keys": ["batch", hk, "len", dk], "values": ["batch", hv, "len", dv],
+                            "bytes_per_token": bpt, "layers": cfg.num_hidden_layers}}
+    if spec["family"] in MLA_FAMILIES:
+        moe = moe_layers_of(cfg) or []
+        doc["config"] |= {"dense_layers": len(moe) - sum(moe), "moe_layers": sum(moe)}
+        doc["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    if tiny:
+        doc["tiny"] = True
     if a.out:
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
