@@ -12,7 +12,7 @@ use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::KvDType;
 use asynctls_models::{load_gqa, load_model, AttentionPlan, CausalLm, ModelError, Weights};
 
-const FIXTURES: [&str; 8] = [
+const FIXTURES: [&str; 9] = [
     "qwen3-tiny",
     "qwen3-gpu",
     "qwen2-gpu",
@@ -21,6 +21,7 @@ const FIXTURES: [&str; 8] = [
     "llama-mha",
     "glm-tiny-grouped",
     "glm-tiny-plain",
+    "glm-gpu",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -32,6 +33,7 @@ thread_local! {
 }
 
 struct Golden {
+    dir: std::path::PathBuf,
     prompts: Vec<Vec<u32>>,
     logits: Vec<Vec<f32>>,
     greedy: Vec<Vec<u32>>,
@@ -39,6 +41,7 @@ struct Golden {
 
 fn golden(dir: &Path) -> Golden {
     let g = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
+    let dir = dir.to_path_buf();
     let ints = |name: String| {
         g.get_ints(&name)
             .unwrap()
@@ -47,6 +50,7 @@ fn golden(dir: &Path) -> Golden {
             .collect::<Vec<_>>()
     };
     let mut out = Golden {
+        dir,
         prompts: vec![],
         logits: vec![],
         greedy: vec![],
@@ -94,7 +98,10 @@ fn generate_chunked(
             .zip(want_logits)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(max_err <= 1e-4, "prefill logits max abs error {max_err}");
+        // glm-gpu (a 512-wide latent) is ill-conditioned: HF's own f32
+        // logits differ from its f64 ones by 3.3e-4 there.
+        let bound = if golden.dir.ends_with("glm-gpu") { 1e-3 } else { 1e-4 };
+        assert!(max_err <= bound, "prefill logits max abs error {max_err}");
         MAX_ERR.with(|m| m.set(m.get().max(max_err)));
         next.push(cpu::argmax(&logits[logits.len() - vocab..]).unwrap());
         seqs.push(seq);

@@ -2,7 +2,7 @@
 
 Run on the GPU machine (torch + transformers 5.17):
 
-    python3 scripts/golden/make_glm_fixtures.py OUT_DIR
+    python3 scripts/golden/make_glm_fixtures.py OUT_DIR [CASE ...]
 
 Writes OUT_DIR/<name>/ with config.json, model.safetensors and
 golden.safetensors (two prompts: input ids, logits of every position, 12
@@ -38,12 +38,21 @@ CASES = {
     "glm-tiny-plain": dict(BASE, n_group=1, topk_group=1, norm_topk_prob=False, q_lora_rank=None,
                            rope_interleave=False, num_experts_per_tok=3, first_k_dense_replace=2,
                            num_hidden_layers=4),
+    # the head shapes the GPU's MLA kernels take (latent 512 + rope 64, 16
+    # heads), tested on the GPU by asynctls-models/tests/gpu_forward.rs
+    "glm-gpu": dict(BASE, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                    num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=64,
+                    qk_rope_head_dim=64, qk_nope_head_dim=16, v_head_dim=32, vocab_size=256,
+                    num_hidden_layers=2, initializer_range=0.05, bf16_weights=True),
 }
 
 
 def build(spec, seed):
+    spec = dict(spec)
+    init = spec.pop("initializer_range", 0.25)
+    bf16_weights = spec.pop("bf16_weights", False)
     config = AutoConfig.for_model("glm4_moe_lite", **spec)
-    config.initializer_range = 0.25
+    config.initializer_range = init
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -53,12 +62,18 @@ def build(spec, seed):
                 p.normal_(0.0, 0.5)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
+            if bf16_weights:
+                # Values a bf16 file holds exactly; the goldens are still computed in f32.
+                p.copy_(p.to(torch.bfloat16).float())
     return model
 
 
 def main():
     out_root = sys.argv[1]
+    only = set(sys.argv[2:])
     for name, spec in CASES.items():
+        if only and name not in only:
+            continue
         for seed in range(100):
             model = build(spec, seed)
             gen = torch.Generator().manual_seed(1000 + seed)
@@ -87,6 +102,8 @@ def main():
             if ok:
                 break
         target = os.path.join(out_root, name)
+        if spec.get("bf16_weights"):
+            model = model.to(torch.bfloat16)  # exact: the values were rounded in build()
         model.save_pretrained(target, safe_serialization=True)
         save_file(tensors, os.path.join(target, "golden.safetensors"))
         print(name, "seed", seed, [tensors[f"greedy_{i}"].tolist() for i in range(2)])
