@@ -31,12 +31,23 @@ fn gpu_backend_selects_what_the_cpu_selects() {
     for (shape, lens) in [
         (AttnShape::gqa(32, 8, 128), vec![5000usize, 2300]),
         (AttnShape::gqa(14, 2, 64), vec![4100, 700, 30]),
+        // GLM-4.7-Flash's latent cache: one KV head of 512 + 64, values in the keys.
+        (AttnShape::mla(20, 512, 64, 1.0 / 16.0), vec![4500, 1300]),
     ] {
         let layers = 2;
+        let mla = shape.kv_heads == 1 && shape.value_dim != shape.key_dim;
         let config = CacheConfig {
             kv_dtype: KvDType::BF16,
-            ..CacheConfig::gqa(layers, shape.kv_heads, shape.key_dim, 256)
+            ..if mla {
+                CacheConfig::mla(layers, shape.value_dim, shape.key_dim - shape.value_dim, 256)
+            } else {
+                CacheConfig::gqa(layers, shape.kv_heads, shape.key_dim, 256)
+            }
         };
+        // MLA has no separate values (they are the latent part of the keys).
+        let vw = if mla { 0 } else { shape.kv_heads * shape.key_dim };
+        // (An MLA step's empty values stay on the host: the GPU never reads them.)
+        let on_gpu = |v: &Tensor| if vw > 0 { v.to_device(&gpu).unwrap() } else { v.clone() };
         let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
         let channels = LabelChannels::new(vec![vec![head; config.kv_heads]; layers]);
         let mut cpu =
@@ -53,9 +64,9 @@ fn gpu_backend_selects_what_the_cpu_selects() {
                 let sb = cuda.begin_prefill(b, n, 1 << 20).unwrap();
                 for layer in 0..layers {
                     let k = Tensor::from_vec(random(&mut rng, n * kw), &[n, kw]).unwrap();
-                    let v = Tensor::from_vec(random(&mut rng, n * kw), &[n, kw]).unwrap();
+                    let v = Tensor::from_vec(random(&mut rng, n * vw), &[n, vw]).unwrap();
                     cpu.write_kv(&sa, layer, &k, &v).unwrap();
-                    cuda.write_kv(&sb, layer, &k.to_device(&gpu).unwrap(), &v.to_device(&gpu).unwrap())
+                    cuda.write_kv(&sb, layer, &k.to_device(&gpu).unwrap(), &on_gpu(&v))
                         .unwrap();
                 }
             }
@@ -82,9 +93,9 @@ fn gpu_backend_selects_what_the_cpu_selects() {
             let batch = cs.len();
             for layer in 0..layers {
                 let k = Tensor::from_vec(random(&mut rng, batch * kw), &[batch, kw]).unwrap();
-                let v = Tensor::from_vec(random(&mut rng, batch * kw), &[batch, kw]).unwrap();
+                let v = Tensor::from_vec(random(&mut rng, batch * vw), &[batch, vw]).unwrap();
                 cpu.write_kv(&sa, layer, &k, &v).unwrap();
-                cuda.write_kv(&sb, layer, &k.to_device(&gpu).unwrap(), &v.to_device(&gpu).unwrap())
+                cuda.write_kv(&sb, layer, &k.to_device(&gpu).unwrap(), &on_gpu(&v))
                     .unwrap();
                 let q = Tensor::from_vec(random(&mut rng, batch * qw), &[batch, qw]).unwrap();
                 let want = cpu

@@ -100,7 +100,11 @@ fn banks(rng: &mut StdRng, dev: &Device, experts: usize, h: usize, inter: usize)
 fn experts_match_the_cpu_grouped_and_sorted() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    for (experts, h, inter, k) in [(64usize, 2048usize, 1536usize, 4usize), (8, 64, 24, 2), (16, 136, 40, 3)] {
+    for (experts, h, inter, k) in [
+        (64usize, 2048usize, 1536usize, 4usize),
+        (8, 64, 24, 2),
+        (16, 136, 40, 3),
+    ] {
         let (cpu_bank, gpu_bank) = banks(&mut rng, &dev, experts, h, inter);
         let c = RouteConfig {
             experts,
@@ -113,7 +117,12 @@ fn experts_match_the_cpu_grouped_and_sorted() {
         // 1, 8 and 64 tokens take the grouped kernels; 200 the sorted GEMMs.
         for n in [1usize, 8, 64, 200] {
             let x = bf16_rounded(&random(&mut rng, &[n, h], 1.0));
-            let (ids, weights) = moe_route(&random(&mut rng, &[n, experts], 3.0), &random(&mut rng, &[experts], 0.2), &c).unwrap();
+            let (ids, weights) = moe_route(
+                &random(&mut rng, &[n, experts], 3.0),
+                &random(&mut rng, &[experts], 0.2),
+                &c,
+            )
+            .unwrap();
             let start = random(&mut rng, &[n, h], 0.5);
             let mut want = start.clone();
             moe_experts(&x, &cpu_bank, &ids, &weights, &mut want).unwrap();

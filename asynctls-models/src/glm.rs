@@ -288,9 +288,19 @@ fn route_config(c: &GlmConfig) -> RouteConfig {
     }
 }
 
+/// When on, each MoE layer records how many distinct experts a forward
+/// touched (reading the routing back to the host, so only for eager steps:
+/// what the benchmarks' bytes floor counts).
+#[derive(Debug, Default)]
+pub(crate) struct ExpertTrace {
+    on: std::sync::atomic::AtomicBool,
+    touched: std::sync::Mutex<Vec<usize>>,
+}
+
 /// The routed experts, the router and the shared expert of one MoE layer.
 #[derive(Debug)]
 struct Moe {
+    trace: Arc<ExpertTrace>,
     /// `[experts, hidden]` in f32 on every device (HF routes in f32).
     router: Tensor,
     correction_bias: Tensor,
@@ -300,7 +310,13 @@ struct Moe {
 }
 
 impl Moe {
-    fn load(w: &dyn WeightSource, prefix: &str, c: &GlmConfig, device: &Device) -> Result<Self> {
+    fn load(
+        w: &dyn WeightSource,
+        prefix: &str,
+        c: &GlmConfig,
+        device: &Device,
+        trace: &Arc<ExpertTrace>,
+    ) -> Result<Self> {
         let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.n_routed_experts);
         let expert = |x: usize, name: &str, shape: &[usize]| {
             w.matrix(&format!("{prefix}.experts.{x}.{name}.weight"), shape, device)
@@ -312,6 +328,7 @@ impl Moe {
             down.push(expert(x, "down_proj", &[h, i])?);
         }
         Ok(Moe {
+            trace: trace.clone(),
             router: w.vector(&format!("{prefix}.gate.weight"), &[e, h], device)?,
             correction_bias: w.vector(&format!("{prefix}.gate.e_score_correction_bias"), &[e], device)?,
             experts: ExpertBank::new(gate, up, down)?,
@@ -331,6 +348,16 @@ impl Moe {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let logits = ops::linear(x, &self.router, None)?;
         let (ids, weights) = moe::moe_route(&logits, &self.correction_bias, &self.route)?;
+        if self.trace.on.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut chosen = ids.to_vec::<u32>()?;
+            chosen.sort_unstable();
+            chosen.dedup();
+            self.trace
+                .touched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(chosen.len());
+        }
         let xb = ops::gemm_input(x)?;
         let mut out = self.shared.forward(&xb)?;
         moe::moe_experts(&xb, &self.experts, &ids, &weights, &mut out)?;
@@ -541,6 +568,7 @@ pub struct GlmModel {
     config: Arc<GlmConfig>,
     io: TokenIo,
     layers: Vec<GlmLayer>,
+    trace: Arc<ExpertTrace>,
     rope_positions: usize,
     device: Device,
 }
@@ -581,6 +609,7 @@ impl GlmModel {
             c.qk_rope_head_dim,
             1.0 / (c.qk_head_dim() as f32).sqrt(),
         );
+        let trace = Arc::new(ExpertTrace::default());
         let layers = (0..c.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
@@ -593,7 +622,7 @@ impl GlmModel {
                         device,
                     )?,
                     mlp: if c.moe_layers[l] {
-                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c, device)?)
+                        FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"), c, device, &trace)?)
                     } else {
                         FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), h, c.intermediate_size, device)?)
                     },
@@ -606,6 +635,7 @@ impl GlmModel {
         Ok(GlmModel {
             io,
             layers,
+            trace,
             rope_positions,
             config,
             device: device.clone(),
@@ -694,6 +724,32 @@ impl GlmModel {
     /// uses per MoE layer, at `elem` bytes per value (the router in f32).
     pub fn weight_bytes_per_token(&self, elem: usize) -> usize {
         self.config.weight_bytes_touched(elem, self.config.num_experts_per_tok)
+    }
+
+    /// Starts (`true`) or stops recording the experts each MoE forward touches.
+    pub fn trace_experts(&self, on: bool) {
+        self.trace.on.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.trace.touched.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Bytes of the weights the forwards recorded since [`trace_experts`]
+    /// read, per forward: every matrix but the routed experts, plus the
+    /// distinct experts each MoE layer touched (averaged over the forwards
+    /// recorded); `None` when none was.
+    ///
+    /// [`trace_experts`]: Self::trace_experts
+    pub fn traced_weight_bytes(&self, elem: usize) -> Option<usize> {
+        let touched = self.trace.touched.lock().unwrap_or_else(|e| e.into_inner());
+        let moe_layers = self.config.moe_layers.iter().filter(|&&m| m).count();
+        if touched.is_empty() || moe_layers == 0 {
+            return None;
+        }
+        let forwards = touched.len() as f64 / moe_layers as f64;
+        let experts_per_layer = touched.iter().sum::<usize>() as f64 / forwards / moe_layers as f64;
+        let c = &self.config;
+        let base = c.weight_bytes_touched(elem, 0);
+        let expert = 3 * c.hidden_size * c.moe_intermediate_size * elem;
+        Some(base + (experts_per_layer * (expert * moe_layers) as f64) as usize)
     }
 
     pub(crate) fn decoder(&self) -> Decoder<'_, GlmLayer> {

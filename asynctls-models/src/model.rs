@@ -30,6 +30,14 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn weight_bytes_per_step(&self) -> usize {
         0
     }
+    /// Records (`true`) or stops recording which weights eager forwards
+    /// touch, where that depends on the input (a MoE's experts).
+    fn trace_weights(&self, _on: bool) {}
+    /// Bytes of weights one recorded forward read, when the model records
+    /// them ([`trace_weights`](Self::trace_weights)); `None` otherwise.
+    fn traced_weight_bytes(&self) -> Option<usize> {
+        None
+    }
     /// A cache of `num_blocks` and the attention over it on the model's
     /// device; `resident_slots` puts the offload engine in front of the host
     /// storage with that many resident units per layer (CPU).
@@ -150,6 +158,12 @@ impl CausalLm for GlmModel {
     }
     fn weight_bytes_per_step(&self) -> usize {
         self.weight_bytes_per_token(if self.device().is_cuda() { 2 } else { 4 })
+    }
+    fn trace_weights(&self, on: bool) {
+        self.trace_experts(on)
+    }
+    fn traced_weight_bytes(&self) -> Option<usize> {
+        GlmModel::traced_weight_bytes(self, if self.device().is_cuda() { 2 } else { 4 })
     }
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)

@@ -73,6 +73,9 @@ pub struct E2eRow {
     pub agreement_with_dense: Option<f64>,
     /// Whether the timed steps were replayed from CUDA graphs.
     pub cuda_graphs: bool,
+    /// The weights in the floor: every matrix once, and for a MoE only the
+    /// experts a step of this batch touched (recorded on one extra step).
+    pub floor_weight_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,11 +114,12 @@ fn plan_for(policy: Policy, budget: usize, config: &E2eBenchConfig) -> Attention
     }
 }
 
-/// Bytes one decode step of `plan` reads at `ctx` for `batch` sequences.
-fn step_bytes(model: &dyn CausalLm, plan: &AttentionPlan, ctx: usize, batch: usize) -> usize {
+/// Bytes one decode step of `plan` reads at `ctx` for `batch` sequences,
+/// with `weights` bytes of weights.
+fn step_bytes(model: &dyn CausalLm, weights: usize, plan: &AttentionPlan, ctx: usize, batch: usize) -> usize {
     let c = model.cache_config(1, KvDType::BF16);
     let kv_token = c.kv_heads * c.kv_bytes_per_head();
-    let mut bytes = model.weight_bytes_per_step();
+    let mut bytes = weights;
     for layer in 0..c.num_layers {
         let p = plan.for_layer(layer);
         let per_seq = match p.policy {
@@ -293,6 +297,13 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 }
                 let graphed = graphs.replays > 0;
                 drop(graphs);
+                // One more step, eager, recording the weights it touches
+                // (a MoE's experts depend on the batch): the floor's weights.
+                model.trace_weights(true);
+                let ids = asynctls_kernels::Tensor::from_vec(next.clone(), &[batch])?.to_device(&device)?;
+                model.decode_step(backend.as_mut(), &forks, &ids, &plan)?;
+                let weights = model.traced_weight_bytes().unwrap_or(model.weight_bytes_per_step());
+                model.trace_weights(false);
                 let peak = gpu_used_gib(&device);
                 for f in forks {
                     backend.free(f)?;
@@ -304,7 +315,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     dense_tokens = Some(generated);
                 }
                 let step_s = median(times);
-                let floor_ms = step_bytes(model, &plan, ctx, batch) as f64 / HBM_BYTES_PER_S * 1e3;
+                let floor_ms = step_bytes(model, weights, &plan, ctx, batch) as f64 / HBM_BYTES_PER_S * 1e3;
                 report.rows.push(E2eRow {
                     ctx,
                     batch,
@@ -317,6 +328,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     peak_gib: peak,
                     agreement_with_dense: agreement,
                     cuda_graphs: graphed,
+                    floor_weight_bytes: weights,
                 });
             }
         }

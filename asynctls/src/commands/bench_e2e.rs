@@ -7,7 +7,10 @@ use asynctls::bench::e2e::{self, E2eBenchConfig};
 use asynctls_attn::Policy;
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model_on, CausalLm, GqaConfig, GqaModel, RandomWeights};
+use asynctls_models::{load_model_on, CausalLm, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights};
+
+/// The `--model-shape` of GLM-4.7-Flash (`GlmConfig::glm_4_7_flash`).
+const GLM_SHAPE: &str = "glm-4.7-flash";
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -17,8 +20,8 @@ pub struct E2eArgs {
     #[arg(long, default_value = "cpu")]
     device: DeviceRequest,
     /// A built-in real-model configuration with random weights
-    /// (smollm2-135m, qwen2.5-0.5b, qwen3-8b, qwen3-14b); on a GPU the
-    /// weights are generated there in bf16.
+    /// (smollm2-135m, qwen2.5-0.5b, qwen3-8b, qwen3-14b, glm-4.7-flash);
+    /// on a GPU the weights are generated there in bf16.
     #[arg(long, default_value = "smollm2-135m", conflicts_with = "model")]
     model_shape: String,
     /// A model directory instead of a built-in shape.
@@ -68,21 +71,23 @@ pub fn run(args: E2eArgs) -> Result<()> {
     let (name, model) = match &args.model {
         Some(dir) => (dir.display().to_string(), load_model_on(dir, &device)?),
         None => {
-            let config = GqaConfig::preset(&args.model_shape).with_context(|| {
-                format!(
-                    "unknown --model-shape `{}` (known: {})",
-                    args.model_shape,
-                    GqaConfig::PRESETS.join(", ")
-                )
-            })?;
             let weights = RandomWeights {
                 seed: args.seed,
                 std: 0.02,
             };
-            (
-                format!("{} (random weights)", args.model_shape),
-                Box::new(GqaModel::load_on(config, &weights, &device)?) as Box<dyn CausalLm>,
-            )
+            let model: Box<dyn CausalLm> = if args.model_shape == GLM_SHAPE {
+                Box::new(GlmModel::load_on(GlmConfig::glm_4_7_flash(), &weights, &device)?)
+            } else {
+                let config = GqaConfig::preset(&args.model_shape).with_context(|| {
+                    format!(
+                        "unknown --model-shape `{}` (known: {}, {GLM_SHAPE})",
+                        args.model_shape,
+                        GqaConfig::PRESETS.join(", ")
+                    )
+                })?;
+                Box::new(GqaModel::load_on(config, &weights, &device)?)
+            };
+            (format!("{} (random weights)", args.model_shape), model)
         }
     };
     if args.prefill_chunk == 0 || args.decode_tokens == 0 || args.batch.contains(&0) {
