@@ -22,8 +22,11 @@ def main(path: str) -> None:
         scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1.0)
         name = row["Kernel Name"].split("(")[0]
         times[name].append(value * scale)
-    for name, ts in sorted(times.items()):
-        print(f"{name:40s} n={len(ts):4d} median {statistics.median(ts):8.2f} us  min {min(ts):8.2f}")
+    total = sum(sum(ts) for ts in times.values())
+    for name, ts in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{name:40s} n={len(ts):5d} median {statistics.median(ts):8.2f} us  min {min(ts):8.2f}"
+              f"  sum {sum(ts):10.1f} us ({100 * sum(ts) / total:4.1f}%)")
+    print(f"total {total:.1f} us over {sum(len(ts) for ts in times.values())} kernels")
 
 
 if __name__ == "__main__":

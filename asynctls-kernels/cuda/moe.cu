@@ -10,8 +10,8 @@
 //   step. A CTA serves one expert, for every (token, slot) pair routed to
 //   it, so each touched expert's weights are read once per step however many
 //   tokens chose it, and experts nobody chose are not read at all;
-// - moe_combine: out[t] += sum_j weight[t, j] * expert_out[t, j], in slot
-//   order (deterministic: no atomics).
+// - moe_combine: out[t] += shared[t] + sum_j weight[t, j] * expert_out[t, j],
+//   in slot order (deterministic: no atomics), into the residual stream.
 //
 // The CPU twins are in asynctls-kernels/src/cpu/moe.rs; tests/gpu_moe.rs
 // checks each against them on random inputs.
@@ -24,7 +24,7 @@
 
 // At most this many experts per router (GLM-4.7-Flash has 64, DeepSeek-V3 256).
 #define ROUTE_MAX_EXPERTS 256
-#define ROUTE_WARPS 4
+#define ROUTE_WARPS 8
 
 // The selection order of cpu::topk_indices: larger first, ties to the lower
 // index, NaN after everything.
@@ -58,27 +58,59 @@ __device__ int warp_best(const float* vals, const unsigned char* taken, int n) {
     return at;
 }
 
-// One warp per token. ids/weights: [n, k]. groups divides experts; the
-// kept groups are the top_groups groups by the sum of their two best
-// biased scores; the others are masked to -inf before the top-k.
+__device__ __forceinline__ void bf16x8(uint4 v, float* f) {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(words[i] << 16);
+        f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+}
+
+// One CTA of ROUTE_WARPS warps per token: the router logits x . W[e] in
+// f32 (x as computed, the bf16 weight widened exactly: HF routes in f32),
+// a warp per expert in turn, then warp 0 routes. ids/weights: [n, k].
+// groups divides experts; the kept groups are the top_groups groups by the
+// sum of their two best biased scores; the others are masked to -inf
+// before the top-k. h % 8 == 0, W 16-byte aligned.
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    moe_route_f32(const float* __restrict__ logits, const float* __restrict__ bias, unsigned* __restrict__ ids,
-                  float* __restrict__ weights, int n, int experts, int groups, int top_groups, int k, int norm,
-                  float scaling) {
-    __shared__ float s_score[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
-    __shared__ float s_choice[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
-    __shared__ unsigned char s_taken[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
-    __shared__ float s_group[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
-    __shared__ unsigned char s_gtaken[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    moe_route_f32(const float* __restrict__ x, const __nv_bfloat16* __restrict__ router, const float* __restrict__ bias,
+                  unsigned* __restrict__ ids, float* __restrict__ weights, int h, int experts, int groups,
+                  int top_groups, int k, int norm, float scaling) {
+    __shared__ float s_score[ROUTE_MAX_EXPERTS];
+    __shared__ float s_choice[ROUTE_MAX_EXPERTS];
+    __shared__ unsigned char s_taken[ROUTE_MAX_EXPERTS];
+    __shared__ float s_group[ROUTE_MAX_EXPERTS];
+    __shared__ unsigned char s_gtaken[ROUTE_MAX_EXPERTS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = blockIdx.x * ROUTE_WARPS + warp;
-    if (t >= n) return;
-    float* score = s_score[warp];
-    float* choice = s_choice[warp];
-    unsigned char* taken = s_taken[warp];
-    const float* row = logits + (size_t)t * experts;
+    const int t = blockIdx.x;
+    const float* xr = x + (size_t)t * h;
+    for (int e = warp; e < experts; e += ROUTE_WARPS) {
+        const __nv_bfloat16* wr = router + (size_t)e * h;
+        float acc = 0.0f;
+        for (int c = lane * 8; c < h; c += 32 * 8) {
+            float w8[8];
+            bf16x8(__ldg(reinterpret_cast<const uint4*>(wr + c)), w8);
+            const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
+            acc = fmaf(a.x, w8[0], acc);
+            acc = fmaf(a.y, w8[1], acc);
+            acc = fmaf(a.z, w8[2], acc);
+            acc = fmaf(a.w, w8[3], acc);
+            acc = fmaf(b.x, w8[4], acc);
+            acc = fmaf(b.y, w8[5], acc);
+            acc = fmaf(b.z, w8[6], acc);
+            acc = fmaf(b.w, w8[7], acc);
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+        if (lane == 0) s_score[e] = acc;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float* score = s_score;
+    float* choice = s_choice;
+    unsigned char* taken = s_taken;
     for (int e = lane; e < experts; e += 32) {
-        const float s = 1.0f / (1.0f + expf(-row[e]));
+        const float s = 1.0f / (1.0f + expf(-score[e]));
         score[e] = s;
         choice[e] = s + bias[e];
         taken[e] = 0;
@@ -86,8 +118,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     __syncwarp();
     if (groups > 1) {
         const int per = experts / groups;
-        float* gs = s_group[warp];
-        unsigned char* gt = s_gtaken[warp];
+        float* gs = s_group;
+        unsigned char* gt = s_gtaken;
         for (int g = lane; g < groups; g += 32) {
             // The two best of the group (ties to the lower index), summed best first.
             int a = -1, b = -1;
@@ -134,20 +166,12 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     }
 }
 
-__device__ __forceinline__ void bf16x8(uint4 v, float* f) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(words[i] << 16);
-        f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-}
-
 // Pairs (token, slot) handled per pass of a warp; more pairs per expert take
 // more passes over the (then cached) weight row.
 #define MOE_PASS 8
 #define MOE_WARPS 8
 #define MOE_MAX_PAIRS 1024
+#define MOE_UNROLL 4
 
 // The pairs routed to the expert of pair blockIdx.x, into s_pairs (in
 // ascending order); 0 when an earlier pair has the same expert (that
@@ -203,19 +227,32 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
         float g[MOE_PASS], u[MOE_PASS];
 #pragma unroll
         for (int q = 0; q < MOE_PASS; q++) g[q] = u[q] = 0.0f;
-        for (int c = lane * 8; c < h; c += 32 * 8) {
-            float fg[8], fu[8];
-            bf16x8(*reinterpret_cast<const uint4*>(wg + c), fg);
-            bf16x8(*reinterpret_cast<const uint4*>(wu + c), fu);
+        // MOE_UNROLL chunks of 8 per lane in flight before any is used.
+        for (int base = lane * 8; base < h; base += 32 * 8 * MOE_UNROLL) {
+            uint4 vg[MOE_UNROLL], vu[MOE_UNROLL];
 #pragma unroll
-            for (int q = 0; q < MOE_PASS; q++) {
-                if (q >= m) break;
-                float fx[8];
-                bf16x8(*reinterpret_cast<const uint4*>(x + (size_t)(s_pairs[first + q] / k) * h + c), fx);
+            for (int j = 0; j < MOE_UNROLL; j++) {
+                const int c = base + j * 32 * 8;
+                vg[j] = c < h ? __ldcs(reinterpret_cast<const uint4*>(wg + c)) : make_uint4(0, 0, 0, 0);
+                vu[j] = c < h ? __ldcs(reinterpret_cast<const uint4*>(wu + c)) : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    g[q] = fmaf(fx[i], fg[i], g[q]);
-                    u[q] = fmaf(fx[i], fu[i], u[q]);
+            for (int j = 0; j < MOE_UNROLL; j++) {
+                const int c = base + j * 32 * 8;
+                if (c >= h) break;
+                float fg[8], fu[8];
+                bf16x8(vg[j], fg);
+                bf16x8(vu[j], fu);
+#pragma unroll
+                for (int q = 0; q < MOE_PASS; q++) {
+                    if (q >= m) break;
+                    float fx[8];
+                    bf16x8(*reinterpret_cast<const uint4*>(x + (size_t)(s_pairs[first + q] / k) * h + c), fx);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        g[q] = fmaf(fx[i], fg[i], g[q]);
+                        u[q] = fmaf(fx[i], fu[i], u[q]);
+                    }
                 }
             }
         }
@@ -251,16 +288,27 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
         float acc[MOE_PASS];
 #pragma unroll
         for (int q = 0; q < MOE_PASS; q++) acc[q] = 0.0f;
-        for (int c = lane * 8; c < inter; c += 32 * 8) {
-            float fw[8];
-            bf16x8(*reinterpret_cast<const uint4*>(wd + c), fw);
+        for (int base = lane * 8; base < inter; base += 32 * 8 * MOE_UNROLL) {
+            uint4 vw[MOE_UNROLL];
 #pragma unroll
-            for (int q = 0; q < MOE_PASS; q++) {
-                if (q >= m) break;
-                float fa[8];
-                bf16x8(*reinterpret_cast<const uint4*>(act + (size_t)s_pairs[first + q] * inter + c), fa);
+            for (int j = 0; j < MOE_UNROLL; j++) {
+                const int c = base + j * 32 * 8;
+                vw[j] = c < inter ? __ldcs(reinterpret_cast<const uint4*>(wd + c)) : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
-                for (int i = 0; i < 8; i++) acc[q] = fmaf(fa[i], fw[i], acc[q]);
+            for (int j = 0; j < MOE_UNROLL; j++) {
+                const int c = base + j * 32 * 8;
+                if (c >= inter) break;
+                float fw[8];
+                bf16x8(vw[j], fw);
+#pragma unroll
+                for (int q = 0; q < MOE_PASS; q++) {
+                    if (q >= m) break;
+                    float fa[8];
+                    bf16x8(*reinterpret_cast<const uint4*>(act + (size_t)s_pairs[first + q] * inter + c), fa);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[q] = fmaf(fa[i], fw[i], acc[q]);
+                }
             }
         }
 #pragma unroll
@@ -273,13 +321,15 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
     }
 }
 
-// out[t, c] += sum_j w[t, j] * y[t * k + j, c], slots in order.
-extern "C" __global__ void moe_combine_f32(float* __restrict__ out, const float* __restrict__ y,
-                                           const float* __restrict__ w, long long n, int k, int h) {
+// out[t, c] += base[t, c] + sum_j w[t, j] * y[t * k + j, c], slots in order
+// (base: the shared expert's output; out: the residual stream).
+extern "C" __global__ void moe_combine_f32(float* __restrict__ out, const float* __restrict__ base,
+                                           const float* __restrict__ y, const float* __restrict__ w, long long n,
+                                           int k, int h) {
     FOR_EACH(i, n * h) {
         const long long t = i / h, c = i % h;
-        float acc = out[i];
+        float acc = base[i];
         for (int j = 0; j < k; j++) acc += w[t * k + j] * y[(t * k + j) * h + c];
-        out[i] = acc;
+        out[i] += acc;
     }
 }

@@ -123,58 +123,68 @@ impl ExpertBank {
 }
 
 /// The experts (u32 `[n, top_k]`, best first) and weights (f32 `[n,
-/// top_k]`) of `n` tokens from their f32 router `logits` (`[n, experts]`)
+/// top_k]`) of `n` tokens' f32 hidden states `x` (`[n, h]`) through the
+/// `router` (`[experts, h]`; f32 on the CPU, bf16 on the GPU, where its
+/// values widen exactly: the logits are f32 products of f32 `x` on both)
 /// and the f32 correction `bias` (`[experts]`): see [`crate::cpu::moe::route`].
-pub fn moe_route(logits: &Tensor, bias: &Tensor, c: &RouteConfig) -> Result<(Tensor, Tensor)> {
+pub fn moe_route(x: &Tensor, router: &Tensor, bias: &Tensor, c: &RouteConfig) -> Result<(Tensor, Tensor)> {
     const OP: &str = "moe_route";
     c.check()?;
-    let (n, e) = logits.dims2(OP)?;
-    check_shape(OP, "logits (experts)", &[e], "config experts", &[c.experts])?;
-    check_shape(OP, "bias", bias.shape(), "experts", &[e])?;
-    for (name, t) in [("logits", logits), ("bias", bias)] {
+    let (n, h) = x.dims2(OP)?;
+    check_shape(OP, "router", router.shape(), "[experts, hidden]", &[c.experts, h])?;
+    check_shape(OP, "bias", bias.shape(), "experts", &[c.experts])?;
+    for (name, t) in [("x", x), ("bias", bias)] {
         if t.dtype() != DType::F32 {
             return Err(invalid(OP, format!("{name} must be f32, not {}", t.dtype())));
         }
     }
-    if !logits.device().same_device(&bias.device()) {
-        return Err(Error::DeviceMismatch {
-            lhs: format!("{OP}: {}", logits.device()),
-            rhs: bias.device().to_string(),
-        });
+    for t in [router, bias] {
+        if !x.device().same_device(&t.device()) {
+            return Err(Error::DeviceMismatch {
+                lhs: format!("{OP}: {}", x.device()),
+                rhs: t.device().to_string(),
+            });
+        }
     }
-    match logits.storage() {
+    match x.storage() {
         Storage::Cpu(_) => {
-            let (l, b) = (logits.as_slice::<f32>()?, bias.as_slice::<f32>()?);
-            let (mut ids, mut weights) = (Vec::with_capacity(n * c.top_k), Vec::with_capacity(n * c.top_k));
-            for row in l.chunks_exact(e.max(1)).take(n) {
-                let (i, w) = crate::cpu::moe::route(row, b, c);
-                ids.extend(i);
-                weights.extend(w);
-            }
+            let w = router.to_f32_vec()?;
+            let (ids, weights) = crate::cpu::moe::route_rows(x.as_slice::<f32>()?, &w, bias.as_slice::<f32>()?, h, c)?;
             Ok((
                 Tensor::from_vec(ids, &[n, c.top_k])?,
                 Tensor::from_vec(weights, &[n, c.top_k])?,
             ))
         }
         Storage::Cuda { device, .. } => {
-            if e > ROUTE_MAX_EXPERTS {
+            if c.experts > ROUTE_MAX_EXPERTS || h % 8 != 0 || router.dtype() != DType::BF16 {
                 return Err(invalid(
                     OP,
-                    format!("{e} experts (the GPU router takes up to {ROUTE_MAX_EXPERTS})"),
+                    format!(
+                        "the GPU router takes up to {ROUTE_MAX_EXPERTS} experts, a hidden size that is a multiple of 8 \
+                         and a bf16 router (got {} experts, hidden {h}, {})",
+                        c.experts,
+                        router.dtype()
+                    ),
                 ));
             }
+            let (xp, rp) = (x.device_ptr()?, router.device_ptr()?);
+            if xp % 16 != 0 || rp % 16 != 0 {
+                return Err(invalid(OP, "x and the router must be 16-byte aligned on the GPU"));
+            }
             let ops = device.ops()?;
-            let d = logits.device();
+            let d = x.device();
             let ids = Tensor::uninit_on(&[n, c.top_k], DType::U32, &d)?;
             let weights = Tensor::uninit_on(&[n, c.top_k], DType::F32, &d)?;
-            // SAFETY: shapes, dtypes and the config checked above.
+            // SAFETY: shapes, dtypes, alignment and the config checked above.
             unsafe {
                 ops.moe_route_raw(
-                    logits.device_ptr()?,
+                    xp,
+                    rp,
                     bias.device_ptr()?,
                     ids.device_ptr()?,
                     weights.device_ptr()?,
                     n,
+                    h,
                     c,
                 )
             }?;
@@ -183,24 +193,37 @@ pub fn moe_route(logits: &Tensor, bias: &Tensor, c: &RouteConfig) -> Result<(Ten
     }
 }
 
-/// `out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`: the routed
-/// experts of `n` tokens, `x` f32 `[n, hidden]` (on the GPU also bf16),
-/// `ids` u32 and `weights` f32 `[n, k]` as [`moe_route`] gives them, `out`
-/// f32 `[n, hidden]` (the shared expert's output, say). Ids must be below
-/// the bank's expert count: on the CPU they are checked; on the GPU they
-/// come from [`moe_route`].
-pub fn moe_experts(x: &Tensor, bank: &ExpertBank, ids: &Tensor, weights: &Tensor, out: &mut Tensor) -> Result<()> {
+/// `out[t] += base[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`:
+/// the routed experts of `n` tokens added, with `base` (the shared
+/// expert's output), to `out` (the residual stream). `x` f32 `[n, hidden]`
+/// (on the GPU also bf16), `ids` u32 and `weights` f32 `[n, k]` as
+/// [`moe_route`] gives them, `base` and `out` f32 `[n, hidden]`. Ids must be
+/// below the bank's expert count: on the CPU they are checked; on the GPU
+/// they come from [`moe_route`].
+pub fn moe_experts(
+    x: &Tensor,
+    bank: &ExpertBank,
+    ids: &Tensor,
+    weights: &Tensor,
+    base: &Tensor,
+    out: &mut Tensor,
+) -> Result<()> {
     const OP: &str = "moe_experts";
     let (n, h) = x.dims2(OP)?;
     let (n2, k) = ids.dims2(OP)?;
     check_shape(OP, "x", &[n, h], "tokens x bank hidden", &[n2, bank.hidden])?;
     check_shape(OP, "weights", weights.shape(), "ids", &[n2, k])?;
     check_shape(OP, "out", out.shape(), "x", &[n, h])?;
-    if ids.dtype() != DType::U32 || weights.dtype() != DType::F32 || out.dtype() != DType::F32 {
-        return Err(invalid(OP, "ids must be u32, weights and out f32"));
+    check_shape(OP, "base", base.shape(), "x", &[n, h])?;
+    if ids.dtype() != DType::U32
+        || weights.dtype() != DType::F32
+        || out.dtype() != DType::F32
+        || base.dtype() != DType::F32
+    {
+        return Err(invalid(OP, "ids must be u32, weights, base and out f32"));
     }
     let device = x.device();
-    for t in [ids, weights, &*out, &bank.gate[0]] {
+    for t in [ids, weights, base, &*out, &bank.gate[0]] {
         if !t.device().same_device(&device) {
             return Err(Error::DeviceMismatch {
                 lhs: format!("{OP}: {device}"),
@@ -220,7 +243,18 @@ pub fn moe_experts(x: &Tensor, bank: &ExpertBank, ids: &Tensor, weights: &Tensor
             .collect::<Result<_>>()?;
         let xv = x.as_slice::<f32>()?.to_vec();
         let (iv, wv) = (ids.as_slice::<u32>()?.to_vec(), weights.as_slice::<f32>()?.to_vec());
-        return crate::cpu::moe::experts_forward(&xv, &experts, &iv, &wv, k, h, bank.inter, out.as_slice_mut::<f32>()?);
+        let base = base.as_slice::<f32>()?.to_vec();
+        return crate::cpu::moe::experts_forward(
+            &xv,
+            &experts,
+            &iv,
+            &wv,
+            k,
+            h,
+            bank.inter,
+            &base,
+            out.as_slice_mut::<f32>()?,
+        );
     };
     let Device::Cuda(dev) = &device else {
         return Err(invalid(OP, "a GPU bank with CPU tensors"));
@@ -279,6 +313,16 @@ pub fn moe_experts(x: &Tensor, bank: &ExpertBank, ids: &Tensor, weights: &Tensor
             ops::scatter_rows(&mut y, &s_idx, &d)?;
         }
     }
-    // SAFETY: out [n, h], y [n * k, h] (every pair written above), weights [n, k].
-    unsafe { ops_.moe_combine_raw(out.device_ptr()?, y.device_ptr()?, weights.device_ptr()?, n, k, h) }
+    // SAFETY: out and base [n, h], y [n * k, h] (every pair written above), weights [n, k].
+    unsafe {
+        ops_.moe_combine_raw(
+            out.device_ptr()?,
+            base.device_ptr()?,
+            y.device_ptr()?,
+            weights.device_ptr()?,
+            n,
+            k,
+            h,
+        )
+    }
 }

@@ -1,8 +1,10 @@
 //! The mixture-of-experts ops and the MLA helper ops on the GPU against
 //! their CPU twins, on fresh random inputs (seed printed):
 //!
-//! - `moe_route`: the same experts in the same order as the CPU on the same
-//!   logits (exact), weights within 1e-5 relative (expf vs exp);
+//! - `moe_route` (router logits in f32 from the bf16 router, then routing):
+//!   the same experts in the same order as the CPU fed the same bf16 router
+//!   values (exact), weights within 1e-5 relative (expf vs exp, f32 sums in
+//!   another order);
 //! - `moe_experts`: the grouped decode kernels (up to 64 tokens) and the
 //!   sorted-token GEMM path (more) against the CPU fed the same
 //!   bf16-rounded inputs and weights: relative L2 error <= 1e-2 (the GPU
@@ -68,11 +70,20 @@ fn router_picks_the_cpus_experts() {
             normalize,
             scaling: 1.8,
         };
+        let h = 2048;
+        let router = bf16_rounded(&random(&mut rng, &[experts, h], 0.1));
+        let gpu_router = router.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         for n in [1usize, 5, 130] {
-            let logits = random(&mut rng, &[n, experts], 4.0);
+            let x = random(&mut rng, &[n, h], 1.0);
             let bias = random(&mut rng, &[experts], 0.5);
-            let (ci, cw) = moe_route(&logits, &bias, &c).unwrap();
-            let (gi, gw) = moe_route(&logits.to_device(&dev).unwrap(), &bias.to_device(&dev).unwrap(), &c).unwrap();
+            let (ci, cw) = moe_route(&x, &router, &bias, &c).unwrap();
+            let (gi, gw) = moe_route(
+                &x.to_device(&dev).unwrap(),
+                &gpu_router,
+                &bias.to_device(&dev).unwrap(),
+                &c,
+            )
+            .unwrap();
             assert_eq!(gi.to_vec::<u32>().unwrap(), ci.to_vec::<u32>().unwrap(), "{c:?} n {n}");
             let e = rel_err(&gw, &cw);
             println!("route {experts} experts / {groups} groups, top {top_k}, {n} tokens: ids equal, weights rel err {e:.1e}");
@@ -117,21 +128,18 @@ fn experts_match_the_cpu_grouped_and_sorted() {
         // 1, 8 and 64 tokens take the grouped kernels; 200 the sorted GEMMs.
         for n in [1usize, 8, 64, 200] {
             let x = bf16_rounded(&random(&mut rng, &[n, h], 1.0));
-            let (ids, weights) = moe_route(
-                &random(&mut rng, &[n, experts], 3.0),
-                &random(&mut rng, &[experts], 0.2),
-                &c,
-            )
-            .unwrap();
-            let start = random(&mut rng, &[n, h], 0.5);
+            let router = random(&mut rng, &[experts, h], 0.1);
+            let (ids, weights) = moe_route(&x, &router, &random(&mut rng, &[experts], 0.2), &c).unwrap();
+            let (start, base) = (random(&mut rng, &[n, h], 0.5), random(&mut rng, &[n, h], 0.5));
             let mut want = start.clone();
-            moe_experts(&x, &cpu_bank, &ids, &weights, &mut want).unwrap();
+            moe_experts(&x, &cpu_bank, &ids, &weights, &base, &mut want).unwrap();
             let mut got = start.to_device(&dev).unwrap();
             moe_experts(
                 &x.to_device(&dev).unwrap(),
                 &gpu_bank,
                 &ids.to_device(&dev).unwrap(),
                 &weights.to_device(&dev).unwrap(),
+                &base.to_device(&dev).unwrap(),
                 &mut got,
             )
             .unwrap();

@@ -96,6 +96,28 @@ fn elementwise_tensor_ops_match_cpu() {
             want.to_vec::<u32>().unwrap()
         );
     }
+    // Vocabulary-long rows (the two-pass argmax), with planted ties of the
+    // row's maximum (the lower index wins), NaN and -inf, and a row of NaN.
+    for vocab in [154_880usize, 151_936, 2049, 7] {
+        let rows = 5;
+        let mut v = random(&mut rng, &[rows, vocab], 4.0).to_f32_vec().unwrap();
+        for r in 0..rows {
+            let row = &mut v[r * vocab..(r + 1) * vocab];
+            let (a, b) = (rng.random_range(0..vocab), rng.random_range(0..vocab));
+            row[a] = 9.0;
+            row[b] = 9.0;
+            row[rng.random_range(0..vocab)] = f32::NAN;
+            row[rng.random_range(0..vocab)] = f32::NEG_INFINITY;
+        }
+        v[(rows - 1) * vocab..].iter_mut().for_each(|x| *x = f32::NAN);
+        let x = Tensor::from_vec(v, &[rows, vocab]).unwrap();
+        let want = ops::argmax(&x).unwrap().to_vec::<u32>().unwrap();
+        let got = ops::argmax(&x.to_device(&dev).unwrap())
+            .unwrap()
+            .to_vec::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "argmax over rows of {vocab}");
+    }
 }
 
 #[test]

@@ -301,7 +301,8 @@ pub(crate) struct ExpertTrace {
 #[derive(Debug)]
 struct Moe {
     trace: Arc<ExpertTrace>,
-    /// `[experts, hidden]` in f32 on every device (HF routes in f32).
+    /// `[experts, hidden]` (bf16 on a GPU, exact for bf16 checkpoints: the
+    /// logits are still f32 products, as HF computes them).
     router: Tensor,
     correction_bias: Tensor,
     experts: ExpertBank,
@@ -329,7 +330,7 @@ impl Moe {
         }
         Ok(Moe {
             trace: trace.clone(),
-            router: w.vector(&format!("{prefix}.gate.weight"), &[e, h], device)?,
+            router: w.matrix(&format!("{prefix}.gate.weight"), &[e, h], device)?,
             correction_bias: w.vector(&format!("{prefix}.gate.e_score_correction_bias"), &[e], device)?,
             experts: ExpertBank::new(gate, up, down)?,
             shared: Mlp::load(
@@ -343,11 +344,10 @@ impl Moe {
         })
     }
 
-    /// The shared expert plus the routed experts of each token (routed as
+    /// `x += shared(normed) + the routed experts of each token` (routed as
     /// HF does: see [`asynctls_kernels::cpu::moe::route`]), on the device.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let logits = ops::linear(x, &self.router, None)?;
-        let (ids, weights) = moe::moe_route(&logits, &self.correction_bias, &self.route)?;
+    fn forward_into(&self, normed: &Tensor, x: &mut Tensor) -> Result<()> {
+        let (ids, weights) = moe::moe_route(normed, &self.router, &self.correction_bias, &self.route)?;
         if self.trace.on.load(std::sync::atomic::Ordering::Relaxed) {
             let mut chosen = ids.to_vec::<u32>()?;
             chosen.sort_unstable();
@@ -358,10 +358,10 @@ impl Moe {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(chosen.len());
         }
-        let xb = ops::gemm_input(x)?;
-        let mut out = self.shared.forward(&xb)?;
-        moe::moe_experts(&xb, &self.experts, &ids, &weights, &mut out)?;
-        Ok(out)
+        let xb = ops::gemm_input(normed)?;
+        let shared = self.shared.forward(&xb)?;
+        moe::moe_experts(&xb, &self.experts, &ids, &weights, &shared, x)?;
+        Ok(())
     }
 }
 
@@ -553,11 +553,10 @@ impl Layer for GlmLayer {
             .map_err(attn_err)?;
         ops::add_(&mut x, &self.self_attn.output(&out, c)?)?;
         let normed = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        let m = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-            FeedForward::Moe(moe) => moe.forward(&normed)?,
-        };
-        ops::add_(&mut x, &m)?;
+        match &self.mlp {
+            FeedForward::Dense(mlp) => ops::add_(&mut x, &mlp.forward(&normed)?)?,
+            FeedForward::Moe(moe) => moe.forward_into(&normed, &mut x)?,
+        }
         Ok(x)
     }
 }

@@ -78,6 +78,21 @@ pub fn route(logits: &[f32], bias: &[f32], c: &RouteConfig) -> (Vec<u32>, Vec<f3
     (top, weights)
 }
 
+/// [`route`] of each row of `x` (`[n, h]`) through the f32 `router`
+/// (`[experts, h]`): the experts and weights, `[n, top_k]` each.
+pub fn route_rows(x: &[f32], router: &[f32], bias: &[f32], h: usize, c: &RouteConfig) -> Result<(Vec<u32>, Vec<f32>)> {
+    let n = x.len() / h.max(1);
+    let mut logits = vec![0.0; n * c.experts];
+    matmul_nt(x, router, &mut logits, n, h, c.experts)?;
+    let (mut ids, mut weights) = (Vec::with_capacity(n * c.top_k), Vec::with_capacity(n * c.top_k));
+    for row in logits.chunks_exact(c.experts) {
+        let (i, w) = route(row, bias, c);
+        ids.extend(i);
+        weights.extend(w);
+    }
+    Ok((ids, weights))
+}
+
 /// One expert's SwiGLU weights as f32 slices (`[inter, h]`, `[inter, h]`, `[h, inter]`).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
@@ -86,8 +101,9 @@ pub struct ExpertRef<'a> {
     pub down: &'a [f32],
 }
 
-/// `out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t])` for `x`
-/// `[n, h]`, `ids` / `weights` `[n, k]`, in slot order (as `moe_combine`).
+/// `out[t] += base[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`
+/// for `x` `[n, h]`, `ids` / `weights` `[n, k]`, summed in slot order onto
+/// `base` and then added to `out` (as `moe_combine`).
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
     x: &[f32],
@@ -97,10 +113,11 @@ pub fn experts_forward(
     k: usize,
     h: usize,
     inter: usize,
+    base: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
     let n = x.len() / h.max(1);
-    if x.len() != n * h || out.len() != n * h || ids.len() != n * k || weights.len() != n * k {
+    if x.len() != n * h || out.len() != n * h || base.len() != n * h || ids.len() != n * k || weights.len() != n * k {
         return Err(invalid(
             "moe_experts",
             format!(
@@ -115,6 +132,7 @@ pub fn experts_forward(
     let (mut gate, mut up, mut y) = (vec![0.0; inter], vec![0.0; inter], vec![0.0; h]);
     for t in 0..n {
         let row = &x[t * h..(t + 1) * h];
+        let mut acc = base[t * h..(t + 1) * h].to_vec();
         for j in 0..k {
             let e = experts.get(ids[t * k + j] as usize).ok_or_else(|| {
                 invalid(
@@ -126,8 +144,9 @@ pub fn experts_forward(
             matmul_nt(row, e.up, &mut up, 1, h, inter)?;
             silu_mul(&mut gate, &up)?;
             matmul_nt(&gate, e.down, &mut y, 1, inter, h)?;
-            super::axpy(weights[t * k + j], &y, &mut out[t * h..(t + 1) * h]);
+            super::axpy(weights[t * k + j], &y, &mut acc);
         }
+        out[t * h..(t + 1) * h].iter_mut().zip(&acc).for_each(|(o, a)| *o += a);
     }
     Ok(())
 }

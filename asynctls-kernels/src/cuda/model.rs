@@ -260,20 +260,42 @@ impl CudaOps {
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
     pub unsafe fn argmax_raw(&self, x: u64, rows: usize, n: usize, out: u64) -> Result<()> {
-        if rows == 0 {
+        if rows == 0 || n == 0 {
             return Ok(());
         }
-        let f = self.function(&self.elementwise, "argmax_rows_f32")?;
-        let nn = n as i32;
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&x).arg(&nn).arg(&out);
+        // Slices of about 2048 values, so a row of 150k is ~75 CTAs.
+        let parts = n.div_ceil(2048).clamp(1, 128);
+        let part_len = n.div_ceil(parts);
+        let stream = self.device.stream();
+        // SAFETY: every key is written by the first launch before the second reads it.
+        let keys = unsafe { stream.alloc::<u64>(rows * parts) }?;
+        let keys_ptr = {
+            use cudarc::driver::DevicePtr;
+            let (p, _sync) = keys.device_ptr(&stream);
+            p
+        };
+        let (nn, pl, pp) = (n as i32, part_len as i32, parts as i32);
+        let f = self.function(&self.elementwise, "argmax_partial_f32")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&nn).arg(&pl).arg(&keys_ptr);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (rows as u32, parts as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: x holds rows x n, out holds rows.
+        // SAFETY: x holds rows x n; keys rows x parts.
         unsafe { b.launch(cfg) }?;
+        let f = self.function(&self.elementwise, "argmax_final")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&keys_ptr).arg(&pp).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: keys holds rows x parts, out holds rows.
+        unsafe { b.launch(cfg) }?;
+        drop(keys);
         Ok(())
     }
 

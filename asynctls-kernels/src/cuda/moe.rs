@@ -12,32 +12,37 @@ use crate::Result;
 pub const ROUTE_MAX_EXPERTS: usize = 256;
 /// (token, slot) pairs one grouped launch may carry (the kernel's pair list).
 pub const GROUPED_MAX_PAIRS: usize = 1024;
-const ROUTE_WARPS: usize = 4;
+const ROUTE_WARPS: usize = 8;
 const MOE_WARPS: usize = 8;
 
 impl CudaOps {
     /// The experts and weights (`[n, top_k]` u32 and f32) of `n` tokens'
-    /// f32 router `logits` (`[n, experts]`) with the correction `bias`.
+    /// f32 hidden states `x` (`[n, h]`) through the bf16 `router` (`[experts,
+    /// h]`, logits in f32) with the correction `bias`.
     ///
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply; `c` passed [`RouteConfig::check`] and has
-    /// at most [`ROUTE_MAX_EXPERTS`] experts.
+    /// at most [`ROUTE_MAX_EXPERTS`] experts; `h % 8 == 0`, x and the router
+    /// 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn moe_route_raw(
         &self,
-        logits: u64,
+        x: u64,
+        router: u64,
         bias: u64,
         ids: u64,
         weights: u64,
         n: usize,
+        h: usize,
         c: &RouteConfig,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         let f = self.function(&self.moe, "moe_route_f32")?;
-        let (n32, e, g, tg, k, norm) = (
-            n as i32,
+        let (h32, e, g, tg, k, norm) = (
+            h as i32,
             c.experts as i32,
             c.groups as i32,
             c.top_groups as i32,
@@ -46,11 +51,12 @@ impl CudaOps {
         );
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&logits)
+        b.arg(&x)
+            .arg(&router)
             .arg(&bias)
             .arg(&ids)
             .arg(&weights)
-            .arg(&n32)
+            .arg(&h32)
             .arg(&e)
             .arg(&g)
             .arg(&tg)
@@ -58,7 +64,7 @@ impl CudaOps {
             .arg(&norm)
             .arg(&c.scaling);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(ROUTE_WARPS) as u32, 1, 1),
+            grid_dim: (n as u32, 1, 1),
             block_dim: ((ROUTE_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -128,14 +134,24 @@ impl CudaOps {
         Ok(())
     }
 
-    /// `out[t] += sum_j w[t, j] * y[t * k + j]` over f32 rows of `h`.
+    /// `out[t] += base[t] + sum_j w[t, j] * y[t * k + j]` over f32 rows of `h`.
     ///
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
-    pub unsafe fn moe_combine_raw(&self, out: u64, y: u64, w: u64, n: usize, k: usize, h: usize) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn moe_combine_raw(
+        &self,
+        out: u64,
+        base: u64,
+        y: u64,
+        w: u64,
+        n: usize,
+        k: usize,
+        h: usize,
+    ) -> Result<()> {
         let (n64, k32, h32) = (n as i64, k as i32, h as i32);
         let moe = self.moe.clone();
-        self.launch_grid_stride_in(&moe, "moe_combine_f32", n * h, &[&out, &y, &w, &n64, &k32, &h32])
+        self.launch_grid_stride_in(&moe, "moe_combine_f32", n * h, &[&out, &base, &y, &w, &n64, &k32, &h32])
     }
 }

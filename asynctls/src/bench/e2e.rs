@@ -40,8 +40,8 @@ pub struct E2eBenchConfig {
     pub seed: u64,
     /// Replay decode steps from CUDA graphs (GPU).
     pub cuda_graphs: bool,
-    /// After the listed batches, also the largest batch whose cache fits in
-    /// the GPU memory left (on a GPU; larger than every listed batch).
+    /// Besides the listed batches, the largest batch whose cache fits in the
+    /// GPU memory left (on a GPU; listed batches larger than it are skipped).
     pub largest_batch: bool,
 }
 
@@ -232,8 +232,12 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
         }
         let mut batches = config.batches.clone();
         if config.largest_batch {
+            // Also when a listed batch is larger (it is then skipped as not fitting).
             match largest_batch(model, config, ctx) {
-                Some(b) if batches.iter().all(|&l| l < b) => batches.push(b),
+                Some(b) if !batches.contains(&b) => {
+                    batches.push(b);
+                    batches.sort_unstable();
+                }
                 Some(_) => {}
                 None => report
                     .skipped
