@@ -271,7 +271,7 @@ impl CudaOps {
         let keys = unsafe { stream.alloc::<u64>(rows * parts) }?;
         let keys_ptr = {
             use cudarc::driver::DevicePtr;
-            let (p, _sync) = keys.device_ptr(&stream);
+            let (p, _sync) = keys.device_ptr(stream);
             p
         };
         let (nn, pl, pp) = (n as i32, part_len as i32, parts as i32);
