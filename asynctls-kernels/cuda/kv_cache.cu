@@ -95,7 +95,20 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     __nv_bfloat16* min = max + d;
     for (int c = threadIdx.x; c < d; c += THREADS) {
         float mx = -INFINITY, mn = INFINITY;
-        for (int s = 0; s < fill; s++) {
+        // Eight rows' loads in flight at a time (one at a time, a decode
+        // step's refresh of 47 layers took 37 us per layer at batch 8).
+        int s = 0;
+        for (; s + 8 <= fill; s += 8) {
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = __bfloat162float(keys[base + (size_t)(s + j) * d + c]);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                mx = fmaxf(mx, v[j]);
+                mn = fminf(mn, v[j]);
+            }
+        }
+        for (; s < fill; s++) {
             const float v = __bfloat162float(keys[base + (size_t)s * d + c]);
             mx = fmaxf(mx, v);
             mn = fminf(mn, v);

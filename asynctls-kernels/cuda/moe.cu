@@ -24,7 +24,7 @@
 
 // At most this many experts per router (GLM-4.7-Flash has 64, DeepSeek-V3 256).
 #define ROUTE_MAX_EXPERTS 256
-#define ROUTE_WARPS 8
+#define ROUTE_WARPS 4
 
 // The selection order of cpu::topk_indices: larger first, ties to the lower
 // index, NaN after everything.
@@ -67,30 +67,31 @@ __device__ __forceinline__ void bf16x8(uint4 v, float* f) {
     }
 }
 
-// One CTA of ROUTE_WARPS warps per token: the router logits x . W[e] in
-// f32 (x as computed, the bf16 weight widened exactly: HF routes in f32),
-// a warp per expert in turn, then warp 0 routes. ids/weights: [n, k].
-// groups divides experts; the kept groups are the top_groups groups by the
-// sum of their two best biased scores; the others are masked to -inf
-// before the top-k. h % 8 == 0, W 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    moe_route_f32(const float* __restrict__ x, const __nv_bfloat16* __restrict__ router, const float* __restrict__ bias,
-                  unsigned* __restrict__ ids, float* __restrict__ weights, int h, int experts, int groups,
-                  int top_groups, int k, int norm, float scaling) {
-    __shared__ float s_score[ROUTE_MAX_EXPERTS];
-    __shared__ float s_choice[ROUTE_MAX_EXPERTS];
-    __shared__ unsigned char s_taken[ROUTE_MAX_EXPERTS];
-    __shared__ float s_group[ROUTE_MAX_EXPERTS];
-    __shared__ unsigned char s_gtaken[ROUTE_MAX_EXPERTS];
+// logits[t, e] = x[t] . W[e] in f32 (x as computed, the bf16 router
+// widened exactly: HF routes in f32). Grid (ceil(experts / 8), n), a warp
+// per (token, expert) with its loads in flight. h % 8 == 0, W 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_logits(const float* __restrict__ x, const __nv_bfloat16* __restrict__ router,
+                      float* __restrict__ logits, int h, int experts) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = blockIdx.x;
+    const int e = blockIdx.x * 8 + warp, t = blockIdx.y;
+    if (e >= experts) return;
     const float* xr = x + (size_t)t * h;
-    for (int e = warp; e < experts; e += ROUTE_WARPS) {
-        const __nv_bfloat16* wr = router + (size_t)e * h;
-        float acc = 0.0f;
-        for (int c = lane * 8; c < h; c += 32 * 8) {
+    const __nv_bfloat16* wr = router + (size_t)e * h;
+    float acc = 0.0f;
+    for (int base = lane * 8; base < h; base += 32 * 8 * 4) {
+        uint4 wv[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int c = base + j * 32 * 8;
+            wv[j] = c < h ? __ldg(reinterpret_cast<const uint4*>(wr + c)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int c = base + j * 32 * 8;
+            if (c >= h) break;
             float w8[8];
-            bf16x8(__ldg(reinterpret_cast<const uint4*>(wr + c)), w8);
+            bf16x8(wv[j], w8);
             const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
             acc = fmaf(a.x, w8[0], acc);
             acc = fmaf(a.y, w8[1], acc);
@@ -101,16 +102,32 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
             acc = fmaf(b.z, w8[6], acc);
             acc = fmaf(b.w, w8[7], acc);
         }
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        if (lane == 0) s_score[e] = acc;
     }
-    __syncthreads();
-    if (warp != 0) return;
-    float* score = s_score;
-    float* choice = s_choice;
-    unsigned char* taken = s_taken;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (lane == 0) logits[(size_t)t * experts + e] = acc;
+}
+
+// One warp per token from its logits. ids/weights: [n, k]. groups divides
+// experts; the kept groups are the top_groups groups by the sum of their
+// two best biased scores; the others are masked to -inf before the top-k.
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_f32(const float* __restrict__ logits, const float* __restrict__ bias, unsigned* __restrict__ ids,
+                  float* __restrict__ weights, int n, int experts, int groups, int top_groups, int k, int norm,
+                  float scaling) {
+    __shared__ float s_score[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ float s_choice[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ unsigned char s_taken[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ float s_group[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ unsigned char s_gtaken[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= n) return;
+    float* score = s_score[warp];
+    float* choice = s_choice[warp];
+    unsigned char* taken = s_taken[warp];
+    const float* row = logits + (size_t)t * experts;
     for (int e = lane; e < experts; e += 32) {
-        const float s = 1.0f / (1.0f + expf(-score[e]));
+        const float s = 1.0f / (1.0f + expf(-row[e]));
         score[e] = s;
         choice[e] = s + bias[e];
         taken[e] = 0;
@@ -118,8 +135,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     __syncwarp();
     if (groups > 1) {
         const int per = experts / groups;
-        float* gs = s_group;
-        unsigned char* gt = s_gtaken;
+        float* gs = s_group[warp];
+        unsigned char* gt = s_gtaken[warp];
         for (int g = lane; g < groups; g += 32) {
             // The two best of the group (ties to the lower index), summed best first.
             int a = -1, b = -1;

@@ -12,7 +12,7 @@ use crate::Result;
 pub const ROUTE_MAX_EXPERTS: usize = 256;
 /// (token, slot) pairs one grouped launch may carry (the kernel's pair list).
 pub const GROUPED_MAX_PAIRS: usize = 1024;
-const ROUTE_WARPS: usize = 8;
+const ROUTE_WARPS: usize = 4;
 const MOE_WARPS: usize = 8;
 
 impl CudaOps {
@@ -40,23 +40,38 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
+        let stream = self.device.stream();
+        // SAFETY: every logit is written by the first launch before the second reads it.
+        let logits = unsafe { stream.alloc::<f32>(n * c.experts) }?;
+        let logits_ptr = {
+            use cudarc::driver::DevicePtr;
+            let (p, _sync) = logits.device_ptr(stream);
+            p
+        };
+        let (n32, h32, e) = (n as i32, h as i32, c.experts as i32);
+        let f = self.function(&self.moe, "moe_router_logits")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&router).arg(&logits_ptr).arg(&h32).arg(&e);
+        let cfg = LaunchConfig {
+            grid_dim: (c.experts.div_ceil(8) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's buffers hold the sizes above.
+        unsafe { b.launch(cfg) }?;
         let f = self.function(&self.moe, "moe_route_f32")?;
-        let (h32, e, g, tg, k, norm) = (
-            h as i32,
-            c.experts as i32,
+        let (g, tg, k, norm) = (
             c.groups as i32,
             c.top_groups as i32,
             c.top_k as i32,
             i32::from(c.normalize),
         );
-        let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&router)
+        b.arg(&logits_ptr)
             .arg(&bias)
             .arg(&ids)
             .arg(&weights)
-            .arg(&h32)
+            .arg(&n32)
             .arg(&e)
             .arg(&g)
             .arg(&tg)
@@ -64,12 +79,13 @@ impl CudaOps {
             .arg(&norm)
             .arg(&c.scaling);
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
+            grid_dim: (n.div_ceil(ROUTE_WARPS) as u32, 1, 1),
             block_dim: ((ROUTE_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the caller's buffers hold the sizes above.
+        // SAFETY: logits holds n x experts; the outputs n x top_k.
         unsafe { b.launch(cfg) }?;
+        drop(logits);
         Ok(())
     }
 
