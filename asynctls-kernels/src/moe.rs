@@ -288,29 +288,40 @@ pub fn moe_experts(
             )
         }?;
     } else {
-        // Tokens sorted by expert on the host (prefill is not a graph).
+        // Tokens sorted by expert on the host (prefill is not a graph), and
+        // the sorted lists uploaded once: each expert's rows are a window.
         let routed = ids.to_vec::<u32>()?;
-        let mut tokens = vec![Vec::new(); bank.experts()];
-        let mut slots = vec![Vec::new(); bank.experts()];
-        for (p, &e) in routed.iter().enumerate() {
-            let list = tokens
+        let mut counts = vec![0usize; bank.experts()];
+        for &e in &routed {
+            *counts
                 .get_mut(e as usize)
-                .ok_or_else(|| invalid(OP, format!("expert {e} of {}", bank.experts())))?;
-            list.push((p / k) as u32);
-            slots[e as usize].push(p as u32);
+                .ok_or_else(|| invalid(OP, format!("expert {e} of {}", bank.experts())))? += 1;
         }
+        let mut starts = Vec::with_capacity(bank.experts() + 1);
+        starts.push(0usize);
+        for c in &counts {
+            starts.push(starts.last().copied().unwrap_or(0) + c);
+        }
+        let (mut tokens, mut slots) = (vec![0u32; pairs], vec![0u32; pairs]);
+        let mut next = starts.clone();
+        for (p, &e) in routed.iter().enumerate() {
+            let at = next[e as usize];
+            tokens[at] = (p / k) as u32;
+            slots[at] = p as u32;
+            next[e as usize] += 1;
+        }
+        let tokens = Tensor::from_vec(tokens, &[pairs])?.to_device(&device)?;
+        let slots = Tensor::from_vec(slots, &[pairs])?.to_device(&device)?;
         for e in 0..bank.experts() {
-            if tokens[e].is_empty() {
+            let (at, m) = (starts[e], counts[e]);
+            if m == 0 {
                 continue;
             }
-            let m = tokens[e].len();
-            let t_idx = Tensor::from_vec(std::mem::take(&mut tokens[e]), &[m])?.to_device(&device)?;
-            let s_idx = Tensor::from_vec(std::mem::take(&mut slots[e]), &[m])?.to_device(&device)?;
-            let xs = ops::gather_rows(&xb, &t_idx)?;
+            let xs = ops::gather_rows(&xb, &tokens.narrow_rows(at, m)?)?;
             let mut g = ops::linear(&xs, &bank.gate[e], None)?;
             ops::silu_mul_(&mut g, &ops::linear(&xs, &bank.up[e], None)?)?;
             let d = ops::linear(&g, &bank.down[e], None)?;
-            ops::scatter_rows(&mut y, &s_idx, &d)?;
+            ops::scatter_rows(&mut y, &slots.narrow_rows(at, m)?, &d)?;
         }
     }
     // SAFETY: out and base [n, h], y [n * k, h] (every pair written above), weights [n, k].
