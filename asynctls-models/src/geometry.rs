@@ -87,17 +87,21 @@ impl KnownModel {
                     head_dim: 128,
                 },
             },
-            KnownModel::Glm47Flash => AttentionGeometry {
-                name: "glm-4.7-flash",
-                num_layers: 47,
-                q_heads: 20,
-                kind: AttentionKind::Mla {
-                    kv_lora_rank: 512,
-                    rope_dim: 64,
-                    qk_nope_head_dim: 192,
-                    v_head_dim: 256,
-                },
-            },
+            // The one table of GLM's sizes is its config's real-size constructor.
+            KnownModel::Glm47Flash => {
+                let c = crate::GlmConfig::glm_4_7_flash();
+                AttentionGeometry {
+                    name: "glm-4.7-flash",
+                    num_layers: c.num_hidden_layers,
+                    q_heads: c.num_attention_heads,
+                    kind: AttentionKind::Mla {
+                        kv_lora_rank: c.kv_lora_rank,
+                        rope_dim: c.qk_rope_head_dim,
+                        qk_nope_head_dim: c.qk_nope_head_dim,
+                        v_head_dim: c.v_head_dim,
+                    },
+                }
+            }
         }
     }
 }
