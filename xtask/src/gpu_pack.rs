@@ -166,7 +166,9 @@ pub fn gpu_pack(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     std::fs::rename(&archive, out.join("pack.tar.xz")).map_err(|e| e.to_string())?;
     std::fs::write(out.join("run.sh"), UNPACK_SH).map_err(|e| e.to_string())?;
-    let bytes = std::fs::metadata(out.join("pack.tar.xz")).map_err(|e| e.to_string())?.len();
+    let bytes = std::fs::metadata(out.join("pack.tar.xz"))
+        .map_err(|e| e.to_string())?
+        .len();
     println!(
         "gpu-pack: {} test binaries in {} (pack.tar.xz, {:.1} MB) and run.sh",
         tests.len(),

@@ -9,6 +9,10 @@ use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
 use asynctls_models::{load_model_on, CausalLm, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights};
 
+/// k_b of tls over an MLA latent cache unless `--block-topk` says otherwise
+/// (docs/decisions/0003-mla-sparse-defaults.md).
+const MLA_BLOCK_TOPK: usize = 256;
+
 /// The `--model-shape` of GLM-4.7-Flash (`GlmConfig::glm_4_7_flash`).
 const GLM_SHAPE: &str = "glm-4.7-flash";
 use clap::Args;
@@ -36,9 +40,10 @@ pub struct E2eArgs {
     /// Token budgets of the sparse policies (each sparse policy runs at each).
     #[arg(long, value_delimiter = ',', default_value = "1024")]
     budget: Vec<usize>,
-    /// k_b of tls (raised to cover the budget when smaller).
-    #[arg(long, default_value_t = 128)]
-    block_topk: usize,
+    /// k_b of tls (raised to cover the budget when smaller); default 128
+    /// for GQA and 256 for MLA (docs/decisions/0003-mla-sparse-defaults.md).
+    #[arg(long)]
+    block_topk: Option<usize>,
     #[arg(long, default_value_t = 2)]
     dense_layers: usize,
     #[arg(long, default_value_t = 16)]
@@ -105,7 +110,17 @@ pub fn run(args: E2eArgs) -> Result<()> {
         contexts: args.ctx.clone(),
         batches: args.batch.clone(),
         policies,
-        block_topk: args.block_topk,
+        block_topk: args.block_topk.unwrap_or_else(|| {
+            let latent = matches!(
+                model.cache_config(1, KvDType::BF16).values,
+                asynctls_kvcache::ValueLayout::KeyPrefix { .. }
+            );
+            if latent {
+                MLA_BLOCK_TOPK
+            } else {
+                128
+            }
+        }),
         dense_layers: args.dense_layers,
         decode_tokens: args.decode_tokens,
         prefill_tokens: args.prefill_tokens.unwrap_or(args.ctx.first().copied().unwrap_or(0)),
