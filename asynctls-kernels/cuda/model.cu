@@ -61,6 +61,17 @@ extern "C" __global__ void rms_norm_out_f32(const float* x, const float* w, floa
     for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = row[i] * inv * w[i];
 }
 
+// rms_norm_out_f32 written as bf16: a norm whose output only feeds GEMMs
+// (the same values the f32 norm then a cast give, one launch fewer).
+extern "C" __global__ void rms_norm_out_bf16(const float* x, const float* w, __nv_bfloat16* out, int h, float eps) {
+    const float* row = x + (size_t)blockIdx.x * h;
+    __nv_bfloat16* dst = out + (size_t)blockIdx.x * h;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) sq += row[i] * row[i];
+    float inv = rsqrtf(block_sum_256(sq) / h + eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = __float2bfloat16_rn(row[i] * inv * w[i]);
+}
+
 // The uniform draw of element i of a stream: splitmix64 of seed + i, top 24
 // bits to [-1, 1). The CPU twin (cpu::uniform_at) computes the same bits.
 __device__ __forceinline__ float uniform_at(unsigned long long seed, unsigned long long i) {
@@ -199,5 +210,25 @@ extern "C" __global__ void concat_cols_f32(const float* a, const float* b, float
         const long long r = i / w;
         const int c = (int)(i % w);
         out[i] = c < wa ? a[r * wa + c] : b[r * wb + c - wa];
+    }
+}
+
+// out[r] = [a[r], rope(b[r])] for rows r = token * heads + head: a NeoX
+// rotation of b's rd channels (the math of rope_f32) written after a's wa
+// channels, one launch for MLA's rope and concat. Grid: tokens x heads.
+extern "C" __global__ void rope_concat_f32(const float* a, const float* b, float* out, const float* cos_t,
+                                           const float* sin_t, const int* positions, int heads, int wa, int rd) {
+    const int token = blockIdx.x, head = blockIdx.y, half = rd / 2;
+    const size_t r = (size_t)token * heads + head;
+    const float* ar = a + r * wa;
+    const float* br = b + r * rd;
+    float* o = out + r * (wa + rd);
+    for (int i = threadIdx.x; i < wa; i += blockDim.x) o[i] = ar[i];
+    const int pos = positions[token];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
+        const float x0 = br[i], x1 = br[i + half];
+        o[wa + i] = x0 * c - x1 * s;
+        o[wa + i + half] = x0 * s + x1 * c;
     }
 }

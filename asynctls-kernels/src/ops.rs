@@ -296,6 +296,35 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     }
 }
 
+/// [`rms_norm`] of `x` as a GEMM input: bf16 on a GPU (written by the norm
+/// itself, the same values as the f32 norm then [`cast`]), f32 on the CPU.
+pub fn rms_norm_gemm_input(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "rms_norm";
+    let Some(ops) = cuda_ops(x)? else {
+        return rms_norm(x, weight, eps);
+    };
+    let h = x.last_dim();
+    check_shape(OP, "x (last dim)", &[h], "weight", weight.shape())?;
+    require_dtype(OP, "x", x, DType::F32)?;
+    require_dtype(OP, "weight", weight, DType::F32)?;
+    same_device(OP, x, &[weight])?;
+    let out = Tensor::uninit_on(x.shape(), DType::BF16, &x.device())?;
+    let rows = x.elem_count() / h.max(1);
+    // SAFETY: shapes, dtypes and devices checked above.
+    unsafe {
+        ops.rms_norm_into(
+            x.device_ptr()?,
+            weight.device_ptr()?,
+            out.device_ptr()?,
+            rows,
+            h,
+            eps,
+            true,
+        )
+    }?;
+    Ok(out)
+}
+
 /// A RoPE table on a device: the CPU table and, on a GPU, its cos/sin.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -374,6 +403,63 @@ pub fn rope_(x: &mut Tensor, rope: &Rope, positions: &Tensor, style: RopeStyle) 
             }
         }
     }
+}
+
+/// `[a | rope(b)]`: f32 `a` (`[tokens * heads, wa]`) and `b` (`[tokens,
+/// heads, rd]`) rotated NeoX-style at `positions` (i32 `[tokens]`), as
+/// `[tokens * heads, wa + rd]`: [`rope_`] then [`concat_cols`] in one
+/// launch on the GPU (MLA's query and cache rows).
+pub fn rope_concat(a: &Tensor, b: &Tensor, rope: &Rope, positions: &Tensor) -> Result<Tensor> {
+    const OP: &str = "rope_concat";
+    let [tokens, heads, rd] = b.shape()[..] else {
+        return Err(invalid(
+            OP,
+            format!("b must be [tokens, heads, rd], got {:?}", b.shape()),
+        ));
+    };
+    let (rows, wa) = a.dims2(OP)?;
+    check_shape(OP, "a rows", &[rows], "tokens x heads", &[tokens * heads])?;
+    let Some(ops) = cuda_ops(a)? else {
+        let mut rotated = copy(b)?;
+        rope_(&mut rotated, rope, positions, RopeStyle::Neox)?;
+        return concat_cols(a, &rotated.reshaped(&[rows, rd])?);
+    };
+    check_shape(OP, "b tokens", &[tokens], "positions", positions.shape())?;
+    require_dtype(OP, "a", a, DType::F32)?;
+    require_dtype(OP, "b", b, DType::F32)?;
+    require_dtype(OP, "positions", positions, DType::I32)?;
+    same_device(OP, a, &[b, positions])?;
+    let (cos, sin) = rope
+        .device_tables
+        .as_ref()
+        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
+    if rd != rope.table.rotary_dim() {
+        return Err(invalid(
+            OP,
+            format!(
+                "rope width {rd} is not the table's rotary dim {}",
+                rope.table.rotary_dim()
+            ),
+        ));
+    }
+    let out = Tensor::uninit_on(&[rows, wa + rd], DType::F32, &a.device())?;
+    // SAFETY: shapes, dtypes and devices checked above; positions come from
+    // the backend's step (below the table's length).
+    unsafe {
+        ops.rope_concat_raw(
+            a.device_ptr()?,
+            b.device_ptr()?,
+            out.device_ptr()?,
+            cos.device_ptr()?,
+            sin.device_ptr()?,
+            positions.device_ptr()?,
+            tokens,
+            heads,
+            wa,
+            rd,
+        )
+    }?;
+    Ok(out)
 }
 
 /// `gate = silu(gate) * up` in place (f32).

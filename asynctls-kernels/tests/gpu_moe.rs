@@ -11,12 +11,17 @@
 //!   rounds the SwiGLU activation to bf16 before the down projection);
 //! - `gather_rows`, `scatter_rows`, `concat_cols`: exact;
 //! - `head_matmul` (both weight layouts) and the f32-weight linear:
-//!   <= 2e-3 and <= 1e-5.
+//!   <= 2e-3 and <= 1e-5;
+//! - `rope_concat` (MLA's rotated rows after the latent) <= 1e-6 against the
+//!   CPU's rope then concat; `rms_norm_gemm_input` (bf16 out) <= 4e-3
+//!   against the CPU norm (bf16 rounding).
 //!
 //! Without a GPU every test prints `skipped: no CUDA device` and passes.
 
 use asynctls_kernels::cpu::moe::RouteConfig;
+use asynctls_kernels::cpu::RopeTable;
 use asynctls_kernels::moe::{moe_experts, moe_route, ExpertBank};
+use asynctls_kernels::ops::Rope;
 use asynctls_kernels::{ops, CudaDevice, DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -214,5 +219,43 @@ fn head_matmul_and_f32_linear_match_the_cpu() {
         let e = rel_err(&got, &want);
         println!("f32 linear (router) [{n}, {k}] x [{out}, {k}]^T: rel err {e:.2e}");
         assert!(e <= 1e-5, "rel err {e}");
+    }
+}
+
+#[test]
+fn rope_concat_and_bf16_norm_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = rng();
+    let table = RopeTable::new(64, 10_000.0, 4096).unwrap();
+    let (cpu_rope, gpu_rope) = (
+        Rope::new(table.clone(), &Device::Cpu).unwrap(),
+        Rope::new(table, &dev).unwrap(),
+    );
+    for (tokens, heads) in [(1usize, 20usize), (37, 20), (5, 1), (300, 1)] {
+        let a = random(&mut rng, &[tokens * heads, 512], 1.0);
+        let b = random(&mut rng, &[tokens, heads, 64], 1.0);
+        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
+        let positions = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let want = ops::rope_concat(&a, &b, &cpu_rope, &positions).unwrap();
+        let got = ops::rope_concat(
+            &a.to_device(&dev).unwrap(),
+            &b.to_device(&dev).unwrap(),
+            &gpu_rope,
+            &positions.to_device(&dev).unwrap(),
+        )
+        .unwrap();
+        let e = rel_err(&got, &want);
+        println!("rope_concat {tokens} tokens x {heads} heads: rel err {e:.2e}");
+        assert!(e <= 1e-6, "rel err {e}");
+    }
+    for (rows, h) in [(1usize, 2048usize), (64, 768), (7, 4096)] {
+        let x = random(&mut rng, &[rows, h], 3.0);
+        let w = random(&mut rng, &[h], 1.5);
+        let want = ops::rms_norm(&x, &w, 1e-6).unwrap();
+        let got = ops::rms_norm_gemm_input(&x.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), 1e-6).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let e = rel_err(&got.to_dtype(DType::F32).unwrap(), &want);
+        println!("rms_norm_gemm_input [{rows}, {h}] (bf16 out): rel err {e:.2e}");
+        assert!(e <= 4e-3, "rel err {e}");
     }
 }

@@ -109,14 +109,15 @@ impl Layer for DecoderLayer {
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         let attn = &self.self_attn;
-        let normed = ops::rms_norm(&x, &self.input_layernorm, self.eps)?;
+        // Both norms feed only GEMMs: bf16 straight from the norm on a GPU.
+        let normed = ops::rms_norm_gemm_input(&x, &self.input_layernorm, self.eps)?;
         let (q, k, v) = attn.project(&normed, step, &self.rope)?;
         backend.write_kv(step, layer, &k, &v).map_err(attn_err)?;
         let out = backend
             .attend(step, layer, &q, &attn.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
         ops::add_(&mut x, &attn.o_proj.forward(&out)?)?;
-        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        let normed = ops::rms_norm_gemm_input(&x, &self.post_attention_layernorm, self.eps)?;
         ops::add_(&mut x, &self.mlp.forward(&normed)?)?;
         Ok(x)
     }

@@ -166,10 +166,33 @@ impl CudaOps {
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
     pub unsafe fn rms_norm_raw(&self, x: u64, w: u64, out: u64, rows: usize, h: usize, eps: f32) -> Result<()> {
+        unsafe { self.rms_norm_into(x, w, out, rows, h, eps, false) }
+    }
+
+    /// [`Self::rms_norm_raw`] with `out` bf16 when `bf16_out`.
+    ///
+    /// # Safety
+    /// As [`Self::rms_norm_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rms_norm_into(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        rows: usize,
+        h: usize,
+        eps: f32,
+        bf16_out: bool,
+    ) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, "rms_norm_out_f32")?;
+        let name = if bf16_out {
+            "rms_norm_out_bf16"
+        } else {
+            "rms_norm_out_f32"
+        };
+        let f = self.function(&self.model, name)?;
         let hh = h as i32;
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&x).arg(&w).arg(&out).arg(&hh).arg(&eps);
@@ -364,6 +387,53 @@ impl CudaOps {
     pub unsafe fn scatter_rows_raw(&self, src: u64, idx: u64, dst: u64, m: usize, w: usize) -> Result<()> {
         let (m64, w32) = (m as i64, w as i32);
         self.launch_grid_stride("scatter_rows_f32", m * w, &[&src, &idx, &dst, &m64, &w32])
+    }
+
+    /// `out[r] = [a[r], rope(b[r])]` for `tokens * heads` rows: `a` f32
+    /// `[rows, wa]`, `b` f32 `[tokens, heads, rd]` rotated NeoX-style at the
+    /// i32 `positions` with the tables `[max_pos, rd / 2]`.
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply; positions are below the tables' length.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_concat_raw(
+        &self,
+        a: u64,
+        b: u64,
+        out: u64,
+        cos: u64,
+        sin: u64,
+        positions: u64,
+        tokens: usize,
+        heads: usize,
+        wa: usize,
+        rd: usize,
+    ) -> Result<()> {
+        if tokens == 0 || heads == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, "rope_concat_f32")?;
+        let (h, wa32, rd32) = (heads as i32, wa as i32, rd as i32);
+        let stream = self.device.stream();
+        let mut bl = stream.launch_builder(&f);
+        bl.arg(&a)
+            .arg(&b)
+            .arg(&out)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&positions)
+            .arg(&h)
+            .arg(&wa32)
+            .arg(&rd32);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's buffers hold the sizes above.
+        unsafe { bl.launch(cfg) }?;
+        Ok(())
     }
 
     /// `out[r] = [a[r], b[r]]` for `rows` f32 rows of `wa` and `wb`.
