@@ -38,6 +38,6 @@ pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
 pub use gqa::{load_gqa, GqaModel};
-pub use model::{load_model, load_model_on, CausalLm};
+pub use model::{load_model, load_model_on, CausalLm, ModelShape};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

@@ -209,3 +209,42 @@ pub fn load_model_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
         }
     }
 }
+
+/// A built-in real-model shape (`--model-shape`): the GQA presets and GLM-4.7-Flash.
+#[derive(Debug, Clone)]
+pub enum ModelShape {
+    Gqa(GqaConfig),
+    Glm(GlmConfig),
+}
+
+impl ModelShape {
+    /// The names [`ModelShape::named`] knows.
+    pub fn names() -> Vec<&'static str> {
+        let mut names = GqaConfig::PRESETS.to_vec();
+        names.push(crate::KnownModel::Glm47Flash.name());
+        names
+    }
+
+    /// The shape called `name`, or `None` (the caller names [`Self::names`]).
+    pub fn named(name: &str) -> Option<Self> {
+        if name == crate::KnownModel::Glm47Flash.name() {
+            return Some(ModelShape::Glm(GlmConfig::glm_4_7_flash()));
+        }
+        GqaConfig::preset(name).map(ModelShape::Gqa)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelShape::Gqa(c) => c.vocab_size,
+            ModelShape::Glm(c) => c.vocab_size,
+        }
+    }
+
+    /// The model at this shape with `weights` (random, generated on `device`).
+    pub fn load(&self, weights: &dyn crate::WeightSource, device: &Device) -> Result<Box<dyn CausalLm>> {
+        Ok(match self {
+            ModelShape::Gqa(c) => Box::new(GqaModel::load_on(c.clone(), weights, device)?),
+            ModelShape::Glm(c) => Box::new(GlmModel::load_on(c.clone(), weights, device)?),
+        })
+    }
+}

@@ -7,14 +7,12 @@ use asynctls::bench::e2e::{self, E2eBenchConfig};
 use asynctls_attn::Policy;
 use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
-use asynctls_models::{load_model_on, CausalLm, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights};
+use asynctls_models::{load_model_on, ModelShape, RandomWeights};
 
 /// k_b of tls over an MLA latent cache unless `--block-topk` says otherwise
 /// (docs/decisions/0003-mla-sparse-defaults.md).
 const MLA_BLOCK_TOPK: usize = 256;
 
-/// The `--model-shape` of GLM-4.7-Flash (`GlmConfig::glm_4_7_flash`).
-const GLM_SHAPE: &str = "glm-4.7-flash";
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -80,18 +78,14 @@ pub fn run(args: E2eArgs) -> Result<()> {
                 seed: args.seed,
                 std: 0.02,
             };
-            let model: Box<dyn CausalLm> = if args.model_shape == GLM_SHAPE {
-                Box::new(GlmModel::load_on(GlmConfig::glm_4_7_flash(), &weights, &device)?)
-            } else {
-                let config = GqaConfig::preset(&args.model_shape).with_context(|| {
-                    format!(
-                        "unknown --model-shape `{}` (known: {}, {GLM_SHAPE})",
-                        args.model_shape,
-                        GqaConfig::PRESETS.join(", ")
-                    )
-                })?;
-                Box::new(GqaModel::load_on(config, &weights, &device)?)
-            };
+            let shape = ModelShape::named(&args.model_shape).with_context(|| {
+                format!(
+                    "unknown --model-shape `{}` (known: {})",
+                    args.model_shape,
+                    ModelShape::names().join(", ")
+                )
+            })?;
+            let model = shape.load(&weights, &device)?;
             (format!("{} (random weights)", args.model_shape), model)
         }
     };

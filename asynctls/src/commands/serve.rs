@@ -19,7 +19,7 @@ use clap::Args;
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// Serve random bf16 weights at a real model's shape instead of a model
-    /// (qwen3-8b, qwen3-14b, ...; for load tests): the vocabulary is the
+    /// (qwen3-8b, qwen3-14b, glm-4.7-flash, ...; for load tests): the vocabulary is the
     /// token ids as decimal words, and there is no chat template.
     #[arg(long, conflicts_with = "model")]
     pub model_shape: Option<String>,
@@ -110,7 +110,7 @@ pub struct ServeArgs {
 /// What the server loads: a model directory, or random weights at a shape.
 enum Source {
     Dir(PathBuf),
-    Shape(asynctls_models::GqaConfig, String),
+    Shape(asynctls_models::ModelShape, String),
 }
 
 /// Loads the model on the scheduler thread and builds the server's state:
@@ -122,10 +122,10 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
     let source = match (model, &engine.model_shape) {
         (Some(model), None) => Source::Dir(asynctls::registry::resolve_model(model, engine.cache_dir.as_deref())?),
         (None, Some(shape)) => {
-            let config = asynctls_models::GqaConfig::preset(shape).with_context(|| {
+            let config = asynctls_models::ModelShape::named(shape).with_context(|| {
                 format!(
                     "unknown --model-shape `{shape}` (known: {})",
-                    asynctls_models::GqaConfig::PRESETS.join(", ")
+                    asynctls_models::ModelShape::names().join(", ")
                 )
             })?;
             Source::Shape(config, shape.clone())
@@ -143,7 +143,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
             }
             Arc::new(Tokenizer::from_dir(dir)?)
         }
-        Source::Shape(config, _) => Arc::new(Tokenizer::numeric(config.vocab_size)?),
+        Source::Shape(config, _) => Arc::new(Tokenizer::numeric(config.vocab_size())?),
     };
     let kv_dtype = match engine.kv_dtype.as_str() {
         "f32" => KvDType::F32,
@@ -195,7 +195,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
                     seed: 0x5eed,
                     std: 0.02,
                 };
-                Ok(Box::new(asynctls_models::GqaModel::load_on(config, &weights, &device)?))
+                Ok(config.load(&weights, &device)?)
             }
         }
     };
