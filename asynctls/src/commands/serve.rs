@@ -110,7 +110,7 @@ pub struct ServeArgs {
 /// What the server loads: a model directory, or random weights at a shape.
 enum Source {
     Dir(PathBuf),
-    Shape(asynctls_models::ModelShape, String),
+    Shape(Box<asynctls_models::ModelShape>, String),
 }
 
 /// Loads the model on the scheduler thread and builds the server's state:
@@ -128,7 +128,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
                     asynctls_models::ModelShape::names().join(", ")
                 )
             })?;
-            Source::Shape(config, shape.clone())
+            Source::Shape(Box::new(config), shape.clone())
         }
         (Some(_), Some(_)) => bail!("give --model or --model-shape, not both"),
         (None, None) => bail!("give --model (a directory or pulled name) or --model-shape"),
