@@ -107,14 +107,13 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 0) logits[(size_t)t * experts + e] = acc;
 }
 
-// One warp per token from its logits. ids/weights: [n, k + shared]; with
-// `shared`, slot 0 is the shared expert (id experts, weight 1). groups divides
+// One warp per token from its logits. ids/weights: [n, k]. groups divides
 // experts; the kept groups are the top_groups groups by the sum of their
 // two best biased scores; the others are masked to -inf before the top-k.
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     moe_route_f32(const float* __restrict__ logits, const float* __restrict__ bias, unsigned* __restrict__ ids,
                   float* __restrict__ weights, int n, int experts, int groups, int top_groups, int k, int norm,
-                  float scaling, int shared) {
+                  float scaling) {
     __shared__ float s_score[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
     __shared__ float s_choice[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
     __shared__ unsigned char s_taken[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
@@ -162,13 +161,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
             if (!gt[e / per]) choice[e] = -INFINITY;
         __syncwarp();
     }
-    // With a shared expert its slot comes first (id `experts`, weight 1).
-    unsigned* out_ids = ids + (size_t)t * (k + shared) + shared;
-    float* out_w = weights + (size_t)t * (k + shared) + shared;
-    if (shared && lane == 0) {
-        out_ids[-1] = (unsigned)experts;
-        out_w[-1] = 1.0f;
-    }
+    unsigned* out_ids = ids + (size_t)t * k;
+    float* out_w = weights + (size_t)t * k;
     for (int r = 0; r < k; r++) {
         const int e = warp_best(choice, taken, experts);
         if (lane == 0) {
@@ -345,13 +339,13 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
 }
 
 // out[t, c] += base[t, c] + sum_j w[t, j] * y[t * k + j, c], slots in order
-// (base: the shared expert's output, or null for none; out: the residual stream).
+// (base: the shared expert's output; out: the residual stream).
 extern "C" __global__ void moe_combine_f32(float* __restrict__ out, const float* __restrict__ base,
                                            const float* __restrict__ y, const float* __restrict__ w, long long n,
                                            int k, int h) {
     FOR_EACH(i, n * h) {
         const long long t = i / h, c = i % h;
-        float acc = base ? base[i] : 0.0f;
+        float acc = base[i];
         for (int j = 0; j < k; j++) acc += w[t * k + j] * y[(t * k + j) * h + c];
         out[i] += acc;
     }

@@ -122,8 +122,8 @@ impl ExpertBank {
     }
 }
 
-/// The experts (u32 `[n, c.slots()]`, best first after the shared slot, if
-/// any) and weights (f32, same shape) of `n` tokens' f32 hidden states `x` (`[n, h]`) through the
+/// The experts (u32 `[n, top_k]`, best first) and weights (f32 `[n,
+/// top_k]`) of `n` tokens' f32 hidden states `x` (`[n, h]`) through the
 /// `router` (`[experts, h]`; f32 on the CPU, bf16 on the GPU, where its
 /// values widen exactly: the logits are f32 products of f32 `x` on both)
 /// and the f32 correction `bias` (`[experts]`): see [`crate::cpu::moe::route`].
@@ -151,8 +151,8 @@ pub fn moe_route(x: &Tensor, router: &Tensor, bias: &Tensor, c: &RouteConfig) ->
             let w = router.to_f32_vec()?;
             let (ids, weights) = crate::cpu::moe::route_rows(x.as_slice::<f32>()?, &w, bias.as_slice::<f32>()?, h, c)?;
             Ok((
-                Tensor::from_vec(ids, &[n, c.slots()])?,
-                Tensor::from_vec(weights, &[n, c.slots()])?,
+                Tensor::from_vec(ids, &[n, c.top_k])?,
+                Tensor::from_vec(weights, &[n, c.top_k])?,
             ))
         }
         Storage::Cuda { device, .. } => {
@@ -173,8 +173,8 @@ pub fn moe_route(x: &Tensor, router: &Tensor, bias: &Tensor, c: &RouteConfig) ->
             }
             let ops = device.ops()?;
             let d = x.device();
-            let ids = Tensor::uninit_on(&[n, c.slots()], DType::U32, &d)?;
-            let weights = Tensor::uninit_on(&[n, c.slots()], DType::F32, &d)?;
+            let ids = Tensor::uninit_on(&[n, c.top_k], DType::U32, &d)?;
+            let weights = Tensor::uninit_on(&[n, c.top_k], DType::F32, &d)?;
             // SAFETY: shapes, dtypes, alignment and the config checked above.
             unsafe {
                 ops.moe_route_raw(
@@ -195,8 +195,7 @@ pub fn moe_route(x: &Tensor, router: &Tensor, bias: &Tensor, c: &RouteConfig) ->
 
 /// `out[t] += base[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`:
 /// the routed experts of `n` tokens added, with `base` (the shared
-/// expert's output when it is not a slot; `None`: nothing), to `out` (the
-/// residual stream). `x` f32 `[n, hidden]`
+/// expert's output), to `out` (the residual stream). `x` f32 `[n, hidden]`
 /// (on the GPU also bf16), `ids` u32 and `weights` f32 `[n, k]` as
 /// [`moe_route`] gives them, `base` and `out` f32 `[n, hidden]`. Ids must be
 /// below the bank's expert count: on the CPU they are checked; on the GPU
@@ -206,7 +205,7 @@ pub fn moe_experts(
     bank: &ExpertBank,
     ids: &Tensor,
     weights: &Tensor,
-    base: Option<&Tensor>,
+    base: &Tensor,
     out: &mut Tensor,
 ) -> Result<()> {
     const OP: &str = "moe_experts";
@@ -215,18 +214,16 @@ pub fn moe_experts(
     check_shape(OP, "x", &[n, h], "tokens x bank hidden", &[n2, bank.hidden])?;
     check_shape(OP, "weights", weights.shape(), "ids", &[n2, k])?;
     check_shape(OP, "out", out.shape(), "x", &[n, h])?;
-    if let Some(b) = base {
-        check_shape(OP, "base", b.shape(), "x", &[n, h])?;
-    }
+    check_shape(OP, "base", base.shape(), "x", &[n, h])?;
     if ids.dtype() != DType::U32
         || weights.dtype() != DType::F32
         || out.dtype() != DType::F32
-        || base.is_some_and(|b| b.dtype() != DType::F32)
+        || base.dtype() != DType::F32
     {
         return Err(invalid(OP, "ids must be u32, weights, base and out f32"));
     }
     let device = x.device();
-    for t in [ids, weights, &*out, &bank.gate[0]].into_iter().chain(base) {
+    for t in [ids, weights, base, &*out, &bank.gate[0]] {
         if !t.device().same_device(&device) {
             return Err(Error::DeviceMismatch {
                 lhs: format!("{OP}: {device}"),
@@ -246,7 +243,7 @@ pub fn moe_experts(
             .collect::<Result<_>>()?;
         let xv = x.as_slice::<f32>()?.to_vec();
         let (iv, wv) = (ids.as_slice::<u32>()?.to_vec(), weights.as_slice::<f32>()?.to_vec());
-        let base = base.map(|b| b.as_slice::<f32>().map(<[f32]>::to_vec)).transpose()?;
+        let base = base.as_slice::<f32>()?.to_vec();
         return crate::cpu::moe::experts_forward(
             &xv,
             &experts,
@@ -255,7 +252,7 @@ pub fn moe_experts(
             k,
             h,
             bank.inter,
-            base.as_deref(),
+            &base,
             out.as_slice_mut::<f32>()?,
         );
     };
@@ -331,7 +328,7 @@ pub fn moe_experts(
     unsafe {
         ops_.moe_combine_raw(
             out.device_ptr()?,
-            base.map_or(Ok(0), |b| b.device_ptr())?,
+            base.device_ptr()?,
             y.device_ptr()?,
             weights.device_ptr()?,
             n,

@@ -74,8 +74,6 @@ fn router_picks_the_cpus_experts() {
             top_k,
             normalize,
             scaling: 1.8,
-            // The shared expert as slot 0 on half the configs.
-            shared_slot: experts % 16 == 0,
         };
         let h = 2048;
         let router = bf16_rounded(&random(&mut rng, &[experts, h], 0.1));
@@ -93,17 +91,7 @@ fn router_picks_the_cpus_experts() {
             .unwrap();
             assert_eq!(gi.to_vec::<u32>().unwrap(), ci.to_vec::<u32>().unwrap(), "{c:?} n {n}");
             let e = rel_err(&gw, &cw);
-            if c.shared_slot {
-                let ids = ci.to_vec::<u32>().unwrap();
-                assert!(
-                    ids.chunks_exact(top_k + 1).all(|row| row[0] == experts as u32),
-                    "shared slot first"
-                );
-            }
-            println!(
-                "route {experts} experts / {groups} groups, top {top_k}, shared slot {}, {n} tokens: ids equal, weights rel err {e:.1e}",
-                c.shared_slot
-            );
+            println!("route {experts} experts / {groups} groups, top {top_k}, {n} tokens: ids equal, weights rel err {e:.1e}");
             assert!(e <= 1e-5, "weights rel err {e}");
         }
     }
@@ -141,7 +129,6 @@ fn experts_match_the_cpu_grouped_and_sorted() {
             top_k: k,
             normalize: true,
             scaling: 1.8,
-            shared_slot: false,
         };
         // 1, 8 and 64 tokens take the grouped kernels; 200 the sorted GEMMs.
         for n in [1usize, 8, 64, 200] {
@@ -150,14 +137,14 @@ fn experts_match_the_cpu_grouped_and_sorted() {
             let (ids, weights) = moe_route(&x, &router, &random(&mut rng, &[experts], 0.2), &c).unwrap();
             let (start, base) = (random(&mut rng, &[n, h], 0.5), random(&mut rng, &[n, h], 0.5));
             let mut want = start.clone();
-            moe_experts(&x, &cpu_bank, &ids, &weights, Some(&base), &mut want).unwrap();
+            moe_experts(&x, &cpu_bank, &ids, &weights, &base, &mut want).unwrap();
             let mut got = start.to_device(&dev).unwrap();
             moe_experts(
                 &x.to_device(&dev).unwrap(),
                 &gpu_bank,
                 &ids.to_device(&dev).unwrap(),
                 &weights.to_device(&dev).unwrap(),
-                Some(&base.to_device(&dev).unwrap()),
+                &base.to_device(&dev).unwrap(),
                 &mut got,
             )
             .unwrap();

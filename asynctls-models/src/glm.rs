@@ -285,9 +285,6 @@ fn route_config(c: &GlmConfig) -> RouteConfig {
         top_k: c.num_experts_per_tok,
         normalize: c.norm_topk_prob,
         scaling: c.routed_scaling_factor,
-        // One shared expert has the routed experts' shape: it runs as slot 0
-        // of the same expert kernels (weight 1) instead of as its own MLP.
-        shared_slot: c.n_shared_experts == 1,
     }
 }
 
@@ -308,10 +305,8 @@ struct Moe {
     /// logits are still f32 products, as HF computes them).
     router: Tensor,
     correction_bias: Tensor,
-    /// The routed experts, and the shared one last when it is a slot.
     experts: ExpertBank,
-    /// The shared expert(s) as their own MLP when they are not a slot.
-    shared: Option<Mlp>,
+    shared: Mlp,
     route: RouteConfig,
 }
 
@@ -333,24 +328,19 @@ impl Moe {
             up.push(expert(x, "up_proj", &[i, h])?);
             down.push(expert(x, "down_proj", &[h, i])?);
         }
-        let route = route_config(c);
-        let shared_name = format!("{prefix}.shared_experts");
-        let shared = if route.shared_slot {
-            let part = |name: &str, shape: &[usize]| w.matrix(&format!("{shared_name}.{name}.weight"), shape, device);
-            gate.push(part("gate_proj", &[i, h])?);
-            up.push(part("up_proj", &[i, h])?);
-            down.push(part("down_proj", &[h, i])?);
-            None
-        } else {
-            Some(Mlp::load(w, &shared_name, h, i * c.n_shared_experts, device)?)
-        };
         Ok(Moe {
             trace: trace.clone(),
             router: w.matrix(&format!("{prefix}.gate.weight"), &[e, h], device)?,
             correction_bias: w.vector(&format!("{prefix}.gate.e_score_correction_bias"), &[e], device)?,
             experts: ExpertBank::new(gate, up, down)?,
-            shared,
-            route,
+            shared: Mlp::load(
+                w,
+                &format!("{prefix}.shared_experts"),
+                h,
+                i * c.n_shared_experts,
+                device,
+            )?,
+            route: route_config(c),
         })
     }
 
@@ -359,9 +349,7 @@ impl Moe {
     fn forward_into(&self, normed: &Tensor, x: &mut Tensor) -> Result<()> {
         let (ids, weights) = moe::moe_route(normed, &self.router, &self.correction_bias, &self.route)?;
         if self.trace.on.load(std::sync::atomic::Ordering::Relaxed) {
-            // The routed experts only (the shared one is counted apart).
-            let routed = self.route.experts as u32;
-            let mut chosen: Vec<u32> = ids.to_vec::<u32>()?.into_iter().filter(|&e| e < routed).collect();
+            let mut chosen = ids.to_vec::<u32>()?;
             chosen.sort_unstable();
             chosen.dedup();
             self.trace
@@ -371,8 +359,8 @@ impl Moe {
                 .push(chosen.len());
         }
         let xb = ops::gemm_input(normed)?;
-        let shared = self.shared.as_ref().map(|mlp| mlp.forward(&xb)).transpose()?;
-        moe::moe_experts(&xb, &self.experts, &ids, &weights, shared.as_ref(), x)?;
+        let shared = self.shared.forward(&xb)?;
+        moe::moe_experts(&xb, &self.experts, &ids, &weights, &shared, x)?;
         Ok(())
     }
 }

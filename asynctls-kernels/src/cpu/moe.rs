@@ -20,17 +20,9 @@ pub struct RouteConfig {
     pub normalize: bool,
     /// Factor on every weight after normalising (`routed_scaling_factor`).
     pub scaling: f32,
-    /// A shared expert as slot 0 of every token (id `experts`, weight 1),
-    /// so the expert kernels run it with the routed ones.
-    pub shared_slot: bool,
 }
 
 impl RouteConfig {
-    /// Slots per token: the routed experts, and the shared one if a slot.
-    pub fn slots(&self) -> usize {
-        self.top_k + usize::from(self.shared_slot)
-    }
-
     /// Checks the sizes hold together (a model config is untrusted input).
     pub fn check(&self) -> Result<()> {
         let c = self;
@@ -87,18 +79,13 @@ pub fn route(logits: &[f32], bias: &[f32], c: &RouteConfig) -> (Vec<u32>, Vec<f3
 }
 
 /// [`route`] of each row of `x` (`[n, h]`) through the f32 `router`
-/// (`[experts, h]`): the experts and weights, `[n, c.slots()]` each (the
-/// shared expert's slot first when `c.shared_slot`).
+/// (`[experts, h]`): the experts and weights, `[n, top_k]` each.
 pub fn route_rows(x: &[f32], router: &[f32], bias: &[f32], h: usize, c: &RouteConfig) -> Result<(Vec<u32>, Vec<f32>)> {
     let n = x.len() / h.max(1);
     let mut logits = vec![0.0; n * c.experts];
     matmul_nt(x, router, &mut logits, n, h, c.experts)?;
-    let (mut ids, mut weights) = (Vec::with_capacity(n * c.slots()), Vec::with_capacity(n * c.slots()));
+    let (mut ids, mut weights) = (Vec::with_capacity(n * c.top_k), Vec::with_capacity(n * c.top_k));
     for row in logits.chunks_exact(c.experts) {
-        if c.shared_slot {
-            ids.push(c.experts as u32);
-            weights.push(1.0);
-        }
         let (i, w) = route(row, bias, c);
         ids.extend(i);
         weights.extend(w);
@@ -116,7 +103,7 @@ pub struct ExpertRef<'a> {
 
 /// `out[t] += base[t] + sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`
 /// for `x` `[n, h]`, `ids` / `weights` `[n, k]`, summed in slot order onto
-/// `base` (zeros when `None`) and then added to `out` (as `moe_combine`).
+/// `base` and then added to `out` (as `moe_combine`).
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
     x: &[f32],
@@ -126,16 +113,11 @@ pub fn experts_forward(
     k: usize,
     h: usize,
     inter: usize,
-    base: Option<&[f32]>,
+    base: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
     let n = x.len() / h.max(1);
-    if x.len() != n * h
-        || out.len() != n * h
-        || base.is_some_and(|b| b.len() != n * h)
-        || ids.len() != n * k
-        || weights.len() != n * k
-    {
+    if x.len() != n * h || out.len() != n * h || base.len() != n * h || ids.len() != n * k || weights.len() != n * k {
         return Err(invalid(
             "moe_experts",
             format!(
@@ -150,7 +132,7 @@ pub fn experts_forward(
     let (mut gate, mut up, mut y) = (vec![0.0; inter], vec![0.0; inter], vec![0.0; h]);
     for t in 0..n {
         let row = &x[t * h..(t + 1) * h];
-        let mut acc = base.map_or_else(|| vec![0.0; h], |b| b[t * h..(t + 1) * h].to_vec());
+        let mut acc = base[t * h..(t + 1) * h].to_vec();
         for j in 0..k {
             let e = experts.get(ids[t * k + j] as usize).ok_or_else(|| {
                 invalid(

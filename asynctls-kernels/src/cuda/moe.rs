@@ -16,7 +16,7 @@ const ROUTE_WARPS: usize = 4;
 const MOE_WARPS: usize = 8;
 
 impl CudaOps {
-    /// The experts and weights (`[n, c.slots()]` u32 and f32) of `n` tokens'
+    /// The experts and weights (`[n, top_k]` u32 and f32) of `n` tokens'
     /// f32 hidden states `x` (`[n, h]`) through the bf16 `router` (`[experts,
     /// h]`, logits in f32) with the correction `bias`.
     ///
@@ -60,12 +60,11 @@ impl CudaOps {
         // SAFETY: the caller's buffers hold the sizes above.
         unsafe { b.launch(cfg) }?;
         let f = self.function(&self.moe, "moe_route_f32")?;
-        let (g, tg, k, norm, shared) = (
+        let (g, tg, k, norm) = (
             c.groups as i32,
             c.top_groups as i32,
             c.top_k as i32,
             i32::from(c.normalize),
-            i32::from(c.shared_slot),
         );
         let mut b = stream.launch_builder(&f);
         b.arg(&logits_ptr)
@@ -78,8 +77,7 @@ impl CudaOps {
             .arg(&tg)
             .arg(&k)
             .arg(&norm)
-            .arg(&c.scaling)
-            .arg(&shared);
+            .arg(&c.scaling);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(ROUTE_WARPS) as u32, 1, 1),
             block_dim: ((ROUTE_WARPS * 32) as u32, 1, 1),
@@ -152,8 +150,7 @@ impl CudaOps {
         Ok(())
     }
 
-    /// `out[t] += base[t] + sum_j w[t, j] * y[t * k + j]` over f32 rows of
-    /// `h` (`base` 0: none).
+    /// `out[t] += base[t] + sum_j w[t, j] * y[t * k + j]` over f32 rows of `h`.
     ///
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
