@@ -584,6 +584,9 @@ impl GlmModel {
     pub fn load_on(config: GlmConfig, w: &dyn WeightSource, device: &Device) -> Result<Self> {
         crate::weights::check_layer_count(w, config.num_hidden_layers)?;
         if let Device::Cuda(dev) = device {
+            // Refused before any weight is allocated rather than at the first
+            // prompt: the shapes the GPU kernels are built for.
+            check_gpu_shapes(&config)?;
             let need = config.weight_bytes(2);
             let (free, _) = dev.memory_info()?;
             if need > free {
@@ -800,8 +803,94 @@ impl GlmConfig {
     }
 }
 
+/// The GLM shapes the GPU kernels take: the MLA decode and prefill kernels'
+/// latent (512 + 64) and head counts, the router's expert count, and widths
+/// the 16-byte loads of the expert and router kernels divide.
+fn check_gpu_shapes(c: &GlmConfig) -> Result<()> {
+    use asynctls_kernels::cuda::attention::{MLA_HEADS, MLA_KEY_DIM, MLA_VALUE_DIM};
+    use asynctls_kernels::cuda::moe::ROUTE_MAX_EXPERTS;
+    let mut wrong = Vec::new();
+    if c.kv_lora_rank + c.qk_rope_head_dim != MLA_KEY_DIM || c.kv_lora_rank != MLA_VALUE_DIM {
+        wrong.push(format!(
+            "kv_lora_rank {} + qk_rope_head_dim {} (the MLA kernels take {MLA_VALUE_DIM} + {})",
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            MLA_KEY_DIM - MLA_VALUE_DIM
+        ));
+    }
+    if !MLA_HEADS.contains(&c.num_attention_heads) {
+        wrong.push(format!(
+            "num_attention_heads {} (the MLA kernels take {MLA_HEADS:?})",
+            c.num_attention_heads
+        ));
+    }
+    if c.n_routed_experts > ROUTE_MAX_EXPERTS {
+        wrong.push(format!(
+            "n_routed_experts {} (the router kernel takes up to {ROUTE_MAX_EXPERTS})",
+            c.n_routed_experts
+        ));
+    }
+    if c.hidden_size % 8 != 0 || c.moe_intermediate_size % 8 != 0 {
+        wrong.push(format!(
+            "hidden_size {} / moe_intermediate_size {} (multiples of 8 on the GPU)",
+            c.hidden_size, c.moe_intermediate_size
+        ));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelError::Unsupported(format!(
+            "this GLM on the GPU: {}; use --device cpu",
+            wrong.join(", ")
+        )))
+    }
+}
+
 /// Reads a `glm4_moe_lite` config.json.
 pub fn read_glm_config(path: &Path) -> Result<GlmConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| io_err(path, "cannot read config", e))?;
     GlmConfig::from_json(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_shape_check_names_what_the_kernels_do_not_take() {
+        assert!(check_gpu_shapes(&GlmConfig::glm_4_7_flash()).is_ok());
+        let tiny = GlmConfig {
+            kv_lora_rank: 32,
+            qk_rope_head_dim: 16,
+            num_attention_heads: 4,
+            n_routed_experts: 300,
+            hidden_size: 60,
+            ..GlmConfig::glm_4_7_flash()
+        };
+        let err = check_gpu_shapes(&tiny).unwrap_err().to_string();
+        for field in [
+            "kv_lora_rank 32",
+            "num_attention_heads 4",
+            "n_routed_experts 300",
+            "hidden_size 60",
+        ] {
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn weight_bytes_count_every_matrix_and_only_touched_experts() {
+        let c = GlmConfig::glm_4_7_flash();
+        // 29.94 B parameters at 2 bytes (HF's count of the same config);
+        // the f32 router adds a little.
+        let gib = c.weight_bytes(2) as f64 / (1u64 << 30) as f64;
+        assert!((55.5..56.5).contains(&gib), "{gib}");
+        let touched = c.weight_bytes_touched(2, c.num_experts_per_tok);
+        let expert = 3 * c.hidden_size * c.moe_intermediate_size * 2;
+        assert_eq!(
+            c.weight_bytes_touched(2, c.num_experts_per_tok + 1) - touched,
+            expert * 46,
+            "one more expert in each of the 46 MoE layers"
+        );
+    }
 }

@@ -248,3 +248,25 @@ impl ModelShape {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ModelShape;
+
+    #[test]
+    fn model_shapes_name_gqa_presets_and_glm() {
+        let names = ModelShape::names();
+        assert!(
+            names.contains(&"qwen3-8b") && names.contains(&"glm-4.7-flash"),
+            "{names:?}"
+        );
+        for name in &names {
+            assert!(ModelShape::named(name).is_some(), "{name}");
+        }
+        match ModelShape::named("glm-4.7-flash") {
+            Some(ModelShape::Glm(c)) => assert_eq!((c.num_hidden_layers, c.vocab_size), (47, 154_880)),
+            other => panic!("{other:?}"),
+        }
+        assert!(ModelShape::named("gpt-5").is_none());
+    }
+}
