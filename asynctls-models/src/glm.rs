@@ -570,6 +570,8 @@ pub struct GlmModel {
     trace: Arc<ExpertTrace>,
     rope_positions: usize,
     device: Device,
+    /// Calibrated label channels, when given (else the defaults).
+    calibrated: Option<LabelChannels>,
 }
 
 impl GlmModel {
@@ -641,6 +643,7 @@ impl GlmModel {
             rope_positions,
             config,
             device: device.clone(),
+            calibrated: None,
         })
     }
 
@@ -664,15 +667,24 @@ impl GlmModel {
         }
     }
 
-    /// The default label channels: the rope key plus the leading latent
-    /// channels (no calibration yet).
+    /// The label channels: calibrated ones when set, else the rope key plus
+    /// the leading latent channels.
     pub fn label_channels(&self, config: &CacheConfig) -> LabelChannels {
+        if let Some(c) = &self.calibrated {
+            return c.clone();
+        }
         let rank = self.config.kv_lora_rank;
         let rope: Vec<u16> = (rank..config.key_dim).map(|c| c as u16).collect();
         let mut head: Vec<u16> = (0..(config.label_channels - rope.len().min(config.label_channels)) as u16).collect();
         head.extend(rope.iter().take(config.label_channels - head.len()));
         head.sort_unstable();
         LabelChannels::new(vec![vec![head]; config.num_layers])
+    }
+
+    /// Uses `channels` (checked against the cache by
+    /// [`crate::read_label_channels`]) instead of the default label channels.
+    pub fn set_label_channels(&mut self, channels: LabelChannels) {
+        self.calibrated = Some(channels);
     }
 
     /// A host cache holding only the latent and the rope key per token.

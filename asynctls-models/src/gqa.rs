@@ -130,6 +130,8 @@ pub struct GqaModel {
     io: TokenIo,
     layers: Vec<DecoderLayer>,
     device: Device,
+    /// Calibrated label channels, when given (else the defaults).
+    calibrated: Option<LabelChannels>,
 }
 
 impl GqaModel {
@@ -176,6 +178,7 @@ impl GqaModel {
             io,
             layers,
             device: device.clone(),
+            calibrated: None,
         })
     }
 
@@ -200,12 +203,20 @@ impl GqaModel {
         }
     }
 
-    /// The default label channels (the lowest RoPE frequencies, which carry
-    /// the position-independent part of a key) until calibration provides
-    /// better ones.
+    /// The label channels: calibrated ones when set, else the lowest RoPE
+    /// frequencies (which carry the position-independent part of a key).
     pub fn label_channels(&self, config: &CacheConfig) -> LabelChannels {
+        if let Some(c) = &self.calibrated {
+            return c.clone();
+        }
         let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
         LabelChannels::new(vec![vec![head; config.kv_heads]; config.num_layers])
+    }
+
+    /// Uses `channels` (checked against the cache by
+    /// [`crate::read_label_channels`]) instead of the default label channels.
+    pub fn set_label_channels(&mut self, channels: LabelChannels) {
+        self.calibrated = Some(channels);
     }
 
     /// A host cache for this model.

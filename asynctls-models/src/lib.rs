@@ -20,6 +20,7 @@
 //! assert_eq!(glm.cached_width_per_layer(), 576);
 //! ```
 
+mod channels;
 mod config;
 mod decoder;
 mod error;
@@ -32,6 +33,7 @@ mod tokenizer;
 mod weights;
 
 pub use asynctls_attn::{AttentionBackend, AttentionPlan, AttentionStats};
+pub use channels::{read_label_channels, ChannelsFile, LABEL_CHANNELS_FILE};
 pub use config::{Family, GqaConfig, RopeScaling};
 pub use decoder::{DecodeGraphs, DEFAULT_PREFILL_CHUNK};
 pub use error::{ModelError, Result};

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use asynctls_attn::{AttentionBackend, AttentionPlan};
 use asynctls_kernels::{Device, Tensor};
-use asynctls_kvcache::{CacheConfig, KvDType, SeqId};
+use asynctls_kvcache::{CacheConfig, KvDType, LabelChannels, SeqId};
 
 use crate::decoder::DecodeGraphs;
 use crate::error::io_err;
@@ -24,6 +24,9 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// Where the weights are and the forward runs.
     fn device(&self) -> &Device;
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig;
+    /// Label channels for every cache this model makes from now on, instead
+    /// of its defaults (check them first with [`crate::read_label_channels`]).
+    fn set_label_channels(&mut self, channels: LabelChannels);
     /// Bytes of weights one decode step reads (every matrix once, the LM
     /// head included), in the dtype they are stored in on the model's device;
     /// 0 when not known. The bytes floor of a step is this plus its KV reads.
@@ -132,6 +135,9 @@ impl CausalLm for GqaModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GqaModel::cache_config(self, num_blocks, kv_dtype)
     }
+    fn set_label_channels(&mut self, channels: LabelChannels) {
+        GqaModel::set_label_channels(self, channels)
+    }
     fn new_backend(
         &self,
         num_blocks: usize,
@@ -168,6 +174,9 @@ impl CausalLm for GlmModel {
     fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> CacheConfig {
         GlmModel::cache_config(self, num_blocks, kv_dtype)
     }
+    fn set_label_channels(&mut self, channels: LabelChannels) {
+        GlmModel::set_label_channels(self, channels)
+    }
     fn new_backend(
         &self,
         num_blocks: usize,
@@ -198,16 +207,23 @@ pub fn load_model_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
         .and_then(|v| v.as_str())
         .map(String::from);
     let weights = || Weights::open(dir);
-    match model_type.as_deref() {
+    let mut model: Box<dyn CausalLm> = match model_type.as_deref() {
         Some("glm4_moe_lite") => {
             let config = GlmConfig::from_json(&config_path, &text)?;
-            Ok(Box::new(GlmModel::load_on(config, &weights()?, device)?))
+            Box::new(GlmModel::load_on(config, &weights()?, device)?)
         }
         _ => {
             let config = GqaConfig::from_json(&config_path, &text)?;
-            Ok(Box::new(GqaModel::load_on(config, &weights()?, device)?))
+            Box::new(GqaModel::load_on(config, &weights()?, device)?)
         }
+    };
+    // Calibrated label channels beside the weights (`asynctls calibrate`).
+    let channels = dir.join(crate::LABEL_CHANNELS_FILE);
+    if channels.is_file() {
+        let config = model.cache_config(1, KvDType::BF16);
+        model.set_label_channels(crate::read_label_channels(&channels, &config)?);
     }
+    Ok(model)
 }
 
 /// A built-in real-model shape (`--model-shape`): the GQA presets and GLM-4.7-Flash.

@@ -21,6 +21,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// RULER-style accuracy evals: every task x context x policy x budget.
     Eval(commands::eval::EvalArgs),
+    /// Label channels of a model from calibration text, written where it loads them.
+    Calibrate(commands::calibrate::CalibrateArgs),
     /// Continue a prompt with a model directory (HF config.json + safetensors).
     Generate(commands::generate::GenerateArgs),
     /// An OpenAI-compatible HTTP server (chat and completions, streaming) on a
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Calibrate(args) => commands::calibrate::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::Pull(args) => commands::pull::run(args),

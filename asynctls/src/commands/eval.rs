@@ -50,6 +50,11 @@ pub struct EvalArgs {
     /// Leading layers that always attend densely.
     #[arg(long, default_value_t = 2)]
     dense_layers: usize,
+    /// Calibrated label channels (`asynctls calibrate --out FILE`) instead
+    /// of the model's own (its directory's label_channels.json or the
+    /// defaults); rows are keyed by it, so one results file can hold both.
+    #[arg(long)]
+    label_channels: Option<PathBuf>,
     /// Measure the attended fraction and recall of dense attention mass at
     /// every decode step (runs a dense pass beside each sparse one: slow).
     #[arg(long)]
@@ -127,8 +132,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if !model_dir.join("tokenizer.json").is_file() {
         bail!("{} has no tokenizer.json; eval prompts are text", model_dir.display());
     }
-    let model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
+    let mut model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let own = model_dir.join(asynctls_models::LABEL_CHANNELS_FILE);
+    let channels_name = match &args.label_channels {
+        Some(path) => {
+            let config = model.cache_config(1, asynctls_kvcache::KvDType::BF16);
+            model.set_label_channels(asynctls_models::read_label_channels(path, &config)?);
+            path.display().to_string()
+        }
+        None if own.is_file() => own.display().to_string(),
+        None => "default".to_string(),
+    };
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let template_tokens = if tokenizer.has_chat_template() {
         let empty = tokenizer.apply_chat_template(&[ChatMessage::user(String::new())], true)?;
@@ -196,6 +211,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 dense_layers: args.dense_layers,
                 samples: args.samples,
                 seed: args.seed,
+                label_channels: channels_name.clone(),
             };
             let pending: Vec<Setting> = settings
                 .iter()

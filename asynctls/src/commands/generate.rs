@@ -67,6 +67,10 @@ pub struct GenerateArgs {
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
+    /// Calibrated label channels (`asynctls calibrate --out FILE`) instead of
+    /// the model's own (its directory's label_channels.json, or the defaults).
+    #[arg(long)]
+    label_channels: Option<PathBuf>,
     /// Where to run: cpu, cuda, cuda:N or auto (the GPU when one is
     /// present; the K/V is then bf16 whatever --kv-dtype says).
     #[arg(long, default_value = "auto")]
@@ -122,8 +126,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
+    let mut model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    if let Some(path) = &args.label_channels {
+        let config = model.cache_config(1, KvDType::BF16);
+        model.set_label_channels(asynctls_models::read_label_channels(path, &config)?);
+    }
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let tokenizer = if model_dir.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_dir(&model_dir)?)

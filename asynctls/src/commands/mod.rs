@@ -6,6 +6,7 @@ pub mod bench_kv;
 pub mod bench_offload;
 pub mod bench_prefill;
 pub mod bench_serve;
+pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod generate;

@@ -21,6 +21,14 @@ pub struct RowKey {
     pub dense_layers: usize,
     pub samples: usize,
     pub seed: u64,
+    /// The label channels: `default`, or the calibration file used
+    /// (`--label-channels`); rows of files from before have `default`.
+    #[serde(default = "default_channels")]
+    pub label_channels: String,
+}
+
+fn default_channels() -> String {
+    "default".into()
 }
 
 /// One (task, context, policy, budget) cell of the table.
