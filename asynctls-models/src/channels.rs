@@ -44,7 +44,7 @@ impl ChannelsFile {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| ModelError::Config {
+        let text = serde_json::to_string(self).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             what: e.to_string(),
         })?;
@@ -140,9 +140,9 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         for (from, to, says) in [
             ("15", "16", "below the key dim"),
-            ("\"r\": 4", "\"r\": 3", "channels per head"),
+            ("\"r\":4", "\"r\":3", "channels per head"),
             ("asynctls-label-channels", "other", "format"),
-            ("[\n", "", ""),
+            ("]]]", "]]", ""),
         ] {
             std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
             let err = read_label_channels(&path, &config).unwrap_err().to_string();
