@@ -43,7 +43,7 @@ mod shape;
 pub use backend::{
     reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Sequences, Step, StepKind,
 };
-pub use config::{GroupReduce, Policy, SparseConfig};
+pub use config::{GroupReduce, Policy, SparseConfig, MLA_TLS_BLOCK_TOPK};
 pub use cuda_backend::CudaAttention;
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};

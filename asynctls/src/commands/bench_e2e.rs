@@ -9,10 +9,6 @@ use asynctls_kernels::{Device, DeviceRequest};
 use asynctls_kvcache::KvDType;
 use asynctls_models::{load_model_on, ModelShape, RandomWeights};
 
-/// k_b of tls over an MLA latent cache unless `--block-topk` says otherwise
-/// (docs/decisions/0003-mla-sparse-defaults.md).
-const MLA_BLOCK_TOPK: usize = 256;
-
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -105,15 +101,9 @@ pub fn run(args: E2eArgs) -> Result<()> {
         batches: args.batch.clone(),
         policies,
         block_topk: args.block_topk.unwrap_or_else(|| {
-            let latent = matches!(
-                model.cache_config(1, KvDType::BF16).values,
-                asynctls_kvcache::ValueLayout::KeyPrefix { .. }
-            );
-            if latent {
-                MLA_BLOCK_TOPK
-            } else {
-                128
-            }
+            let mut sparse = asynctls_attn::SparseConfig::with_budget(Policy::Tls, 0, 64);
+            sparse.fit_to_cache(&model.cache_config(1, KvDType::BF16));
+            sparse.block_topk
         }),
         dense_layers: args.dense_layers,
         decode_tokens: args.decode_tokens,

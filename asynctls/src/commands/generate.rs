@@ -181,13 +181,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         },
         _ => SamplingParams::greedy(),
     };
-    let plan = AttentionPlan {
+    let mut plan = AttentionPlan {
         sparse: SparseConfig {
             dense_below: args.dense_below,
             ..SparseConfig::with_budget(args.attention, args.budget, 64)
         },
         dense_layers: args.dense_layers,
     };
+    plan.sparse.fit_to_cache(&model.cache_config(1, KvDType::BF16));
     if args.offload_slots == Some(0) {
         anyhow::bail!("--offload-slots must be positive (leave it out to keep the whole cache in host memory)");
     }

@@ -301,11 +301,12 @@ impl Loop {
     fn new(
         load: impl FnOnce() -> anyhow::Result<Box<dyn CausalLm>>,
         detokenizer: Arc<dyn Detokenize + Send + Sync>,
-        config: SchedulerConfig,
+        mut config: SchedulerConfig,
         metrics: Arc<Metrics>,
         queued: Arc<AtomicUsize>,
     ) -> anyhow::Result<Loop> {
         let model = load()?;
+        config.plan.sparse.fit_to_cache(&model.cache_config(1, config.kv_dtype));
         let positions = model.max_positions();
         let max_context = config.max_context.unwrap_or(positions).min(positions);
         anyhow::ensure!(max_context > 1, "--max-context must be at least 2");
