@@ -99,6 +99,36 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// The attention block's contribution to the residual stream:
+    /// `o_proj(attend(q, k, v))` of `norm(x)` (with the step's K/V written).
+    /// Under tensor parallelism each rank's share, summed across ranks.
+    pub(crate) fn attention_out(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        layer: usize,
+        backend: &mut dyn AttentionBackend,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        let attn = &self.self_attn;
+        // Both norms feed only GEMMs: bf16 straight from the norm on a GPU.
+        let normed = ops::rms_norm_gemm_input(x, &self.input_layernorm, self.eps)?;
+        let (q, k, v) = attn.project(&normed, step, &self.rope)?;
+        backend.write_kv(step, layer, &k, &v).map_err(attn_err)?;
+        let out = backend
+            .attend(step, layer, &q, &attn.shape, &plan.for_layer(layer))
+            .map_err(attn_err)?;
+        attn.o_proj.forward(&out)
+    }
+
+    /// The MLP block's contribution: `mlp(norm(x))`.
+    pub(crate) fn mlp_out(&self, x: &Tensor) -> Result<Tensor> {
+        let normed = ops::rms_norm_gemm_input(x, &self.post_attention_layernorm, self.eps)?;
+        self.mlp.forward(&normed)
+    }
+}
+
 impl Layer for DecoderLayer {
     fn forward(
         &self,
@@ -108,17 +138,10 @@ impl Layer for DecoderLayer {
         backend: &mut dyn AttentionBackend,
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
-        let attn = &self.self_attn;
-        // Both norms feed only GEMMs: bf16 straight from the norm on a GPU.
-        let normed = ops::rms_norm_gemm_input(&x, &self.input_layernorm, self.eps)?;
-        let (q, k, v) = attn.project(&normed, step, &self.rope)?;
-        backend.write_kv(step, layer, &k, &v).map_err(attn_err)?;
-        let out = backend
-            .attend(step, layer, &q, &attn.shape, &plan.for_layer(layer))
-            .map_err(attn_err)?;
-        ops::add_(&mut x, &attn.o_proj.forward(&out)?)?;
-        let normed = ops::rms_norm_gemm_input(&x, &self.post_attention_layernorm, self.eps)?;
-        ops::add_(&mut x, &self.mlp.forward(&normed)?)?;
+        let attn = self.attention_out(&x, step, layer, backend, plan)?;
+        ops::add_(&mut x, &attn)?;
+        let mlp = self.mlp_out(&x)?;
+        ops::add_(&mut x, &mlp)?;
         Ok(x)
     }
 }
@@ -258,6 +281,14 @@ impl GqaModel {
                 Ok(Box::new(CudaAttention::new(dev, &config, channels)?))
             }
         }
+    }
+
+    pub(crate) fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    pub(crate) fn io(&self) -> &TokenIo {
+        &self.io
     }
 
     pub(crate) fn decoder(&self) -> Decoder<'_, DecoderLayer> {

@@ -29,6 +29,7 @@ pub mod gguf;
 mod glm;
 mod gqa;
 mod model;
+mod tensor_parallel;
 mod tokenizer;
 mod weights;
 
@@ -41,5 +42,6 @@ pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
 pub use gqa::{load_gqa, GqaModel};
 pub use model::{load_model, load_model_on, CausalLm, ModelShape};
+pub use tensor_parallel::{ShardWeights, TensorParallelGqa};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};
