@@ -41,7 +41,7 @@ pub use error::{ModelError, Result};
 pub use geometry::{AttentionGeometry, AttentionKind, KnownModel};
 pub use glm::{read_glm_config, GlmConfig, GlmModel};
 pub use gqa::{load_gqa, GqaModel};
-pub use model::{load_model, load_model_on, CausalLm, ModelShape};
+pub use model::{load_model, load_model_on, load_model_tensor_parallel, CausalLm, ModelShape};
 pub use tensor_parallel::{ShardWeights, TensorParallelGqa};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};
 pub use weights::{RandomWeights, WeightSource, Weights};

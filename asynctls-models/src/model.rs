@@ -265,6 +265,28 @@ impl ModelShape {
     }
 }
 
+/// Loads a GQA model directory split over `ranks` tensor-parallel ranks on
+/// the CPU (the CPU twin of the multi-GPU form; [`crate::TensorParallelGqa`]).
+pub fn load_model_tensor_parallel(dir: &Path, ranks: usize) -> Result<Box<dyn CausalLm>> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, "cannot read config", e))?;
+    if text.contains("\"glm4_moe_lite\"") {
+        return Err(ModelError::Unsupported(
+            "--tensor-parallel for GLM-4.7-Flash (the GQA family only for now)".into(),
+        ));
+    }
+    let config = GqaConfig::from_json(&config_path, &text)?;
+    // The whole model's cache geometry, which a channel file describes.
+    let whole = CacheConfig::gqa(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 1);
+    let mut model: Box<dyn CausalLm> = Box::new(crate::TensorParallelGqa::load(config, &Weights::open(dir)?, ranks)?);
+    let channels = dir.join(crate::LABEL_CHANNELS_FILE);
+    if channels.is_file() {
+        // Checked against every KV head, then split by rank.
+        model.set_label_channels(crate::read_label_channels(&channels, &whole)?);
+    }
+    Ok(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::ModelShape;

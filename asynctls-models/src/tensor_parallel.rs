@@ -235,3 +235,195 @@ fn all_reduce_into(x: &mut Tensor, partials: &[Tensor]) -> Result<()> {
     }
     Ok(ops::add_(x, &sum)?)
 }
+
+/// The backends of a tensor-parallel model's ranks, as the one backend the
+/// engine holds: sequences are added, forked and freed on every rank at
+/// once (so their ids agree); the steps themselves are driven by
+/// [`TensorParallelGqa`], which hands each rank its own backend.
+#[derive(Debug)]
+pub struct RankBackends {
+    ranks: Vec<Box<dyn AttentionBackend>>,
+    device: Device,
+}
+
+impl RankBackends {
+    fn driven_by_the_model() -> asynctls_attn::AttnError {
+        asynctls_attn::AttnError::Config("a tensor-parallel backend is driven by its model's ranks".into())
+    }
+}
+
+impl AttentionBackend for RankBackends {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn sequences(&self) -> &dyn asynctls_attn::Sequences {
+        self.ranks[0].sequences()
+    }
+    fn sequences_mut(&mut self) -> &mut dyn asynctls_attn::Sequences {
+        self.ranks[0].sequences_mut()
+    }
+    fn add_sequence(&mut self) -> SeqId {
+        let ids: Vec<SeqId> = self.ranks.iter_mut().map(|b| b.add_sequence()).collect();
+        debug_assert!(ids.windows(2).all(|w| w[0] == w[1]), "ranks' sequence ids diverged");
+        ids[0]
+    }
+    fn free(&mut self, seq: SeqId) -> asynctls_attn::Result<usize> {
+        let mut freed = 0;
+        for (r, b) in self.ranks.iter_mut().enumerate() {
+            let n = b.free(seq)?;
+            if r == 0 {
+                freed = n;
+            }
+        }
+        Ok(freed)
+    }
+    fn fork(&mut self, seq: SeqId) -> asynctls_attn::Result<SeqId> {
+        let mut ids = Vec::with_capacity(self.ranks.len());
+        for b in self.ranks.iter_mut() {
+            ids.push(b.fork(seq)?);
+        }
+        Ok(ids[0])
+    }
+    fn begin_prefill(&mut self, _seq: SeqId, _n: usize, _limit: usize) -> asynctls_attn::Result<asynctls_attn::Step> {
+        Err(Self::driven_by_the_model())
+    }
+    fn begin_decode(&mut self, _seqs: &[SeqId], _limit: usize) -> asynctls_attn::Result<asynctls_attn::Step> {
+        Err(Self::driven_by_the_model())
+    }
+    fn write_kv(
+        &mut self,
+        _step: &asynctls_attn::Step,
+        _layer: usize,
+        _keys: &Tensor,
+        _values: &Tensor,
+    ) -> asynctls_attn::Result<()> {
+        Err(Self::driven_by_the_model())
+    }
+    fn attend(
+        &mut self,
+        _step: &asynctls_attn::Step,
+        _layer: usize,
+        _q: &Tensor,
+        _shape: &asynctls_attn::AttnShape,
+        _sparse: &asynctls_attn::SparseConfig,
+    ) -> asynctls_attn::Result<Tensor> {
+        Err(Self::driven_by_the_model())
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+fn rank_backends(backend: &mut dyn AttentionBackend) -> Result<&mut RankBackends> {
+    backend
+        .as_any_mut()
+        .downcast_mut::<RankBackends>()
+        .ok_or_else(|| ModelError::Unsupported("a tensor-parallel model over another model's backend".into()))
+}
+
+/// The engine's view: every rank's shard behind one model and one backend.
+impl crate::CausalLm for TensorParallelGqa {
+    fn vocab_size(&self) -> usize {
+        TensorParallelGqa::vocab_size(self)
+    }
+    fn max_positions(&self) -> usize {
+        self.ranks[0].config().max_position_embeddings
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.ranks[0].config().eos_token_ids.clone()
+    }
+    fn device(&self) -> &Device {
+        self.ranks[0].device()
+    }
+    /// One rank's cache (its share of the KV heads).
+    fn cache_config(&self, num_blocks: usize, kv_dtype: KvDType) -> asynctls_kvcache::CacheConfig {
+        self.ranks[0].cache_config(num_blocks, kv_dtype)
+    }
+    /// Channels for the whole model's KV heads, each rank taking its own.
+    fn set_label_channels(&mut self, channels: asynctls_kvcache::LabelChannels) {
+        let c = self.ranks[0].cache_config(1, KvDType::F32);
+        for (r, m) in self.ranks.iter_mut().enumerate() {
+            let own = (0..c.num_layers)
+                .map(|l| {
+                    (0..c.kv_heads)
+                        .map(|h| channels.get(l, r * c.kv_heads + h).to_vec())
+                        .collect()
+                })
+                .collect();
+            m.set_label_channels(asynctls_kvcache::LabelChannels::new(own));
+        }
+    }
+    fn new_backend(
+        &self,
+        num_blocks: usize,
+        kv_dtype: KvDType,
+        resident_slots: Option<usize>,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        if resident_slots.is_some() {
+            return Err(ModelError::Unsupported("--offload-slots with --tensor-parallel".into()));
+        }
+        Ok(Box::new(RankBackends {
+            ranks: self.new_backends(num_blocks, kv_dtype)?,
+            device: Device::Cpu,
+        }))
+    }
+    fn prefill(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seq: SeqId,
+        tokens: &[u32],
+        all_logits: bool,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let start = backend.seq_len(seq).map_err(attn_err)?;
+        if start + tokens.len() > self.max_positions() {
+            return Err(ModelError::ContextTooLong {
+                prompt: start + tokens.len(),
+                new: 0,
+                context: self.max_positions(),
+            });
+        }
+        let ranks = rank_backends(backend)?;
+        let vocab = self.vocab_size();
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        for part in tokens.chunks(chunk.max(1)) {
+            let logits = TensorParallelGqa::prefill(self, &mut ranks.ranks, seq, part)?.to_f32_vec()?;
+            last = logits[logits.len() - vocab..].to_vec();
+            if all_logits {
+                all.extend(logits);
+            }
+        }
+        if all_logits {
+            Ok(Tensor::from_vec(all, &[tokens.len(), vocab])?)
+        } else {
+            Ok(Tensor::from_vec(last, &[1, vocab])?)
+        }
+    }
+    fn decode_step(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &Tensor,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        let ids = ids.to_vec::<u32>()?;
+        let ranks = rank_backends(backend)?;
+        self.decode(&mut ranks.ranks, seqs, &ids, plan)
+    }
+    fn decode_greedy(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+        _graphs: &mut crate::DecodeGraphs,
+    ) -> Result<Vec<u32>> {
+        let ranks = rank_backends(backend)?;
+        let logits = self.decode(&mut ranks.ranks, seqs, ids, plan)?;
+        Ok(ops::argmax(&logits)?.to_vec::<u32>()?)
+    }
+}

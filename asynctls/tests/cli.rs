@@ -310,3 +310,64 @@ fn bench_e2e_runs_the_engine_path_on_the_cpu() {
     }
     assert!(doc["skipped"].as_array().unwrap().is_empty(), "{doc}");
 }
+
+#[test]
+fn generate_over_two_tensor_parallel_ranks_gives_hf_greedy_tokens() {
+    for name in ["qwen3-tiny", "qwen2-bias", "llama-mha"] {
+        let dir = fixture(name);
+        let golden = Weights::open_file(&dir.join("golden.safetensors")).unwrap();
+        let prompt: Vec<String> = ids(&golden, "input_ids_1").iter().map(|t| t.to_string()).collect();
+        let want = ids(&golden, "greedy_1");
+        let prompt = prompt.join(",");
+        for attention in ["dense", "tls"] {
+            let out = asynctls(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &prompt,
+                "--max-new-tokens",
+                "12",
+                "--greedy",
+                "--json",
+                "--device",
+                "cpu",
+                "--attention",
+                attention,
+                "--dense-below",
+                "0",
+                "--tensor-parallel",
+                "2",
+            ]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<u32> = doc["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(got, want, "{name} {attention} over 2 ranks");
+        }
+    }
+    // What it cannot split is refused, saying why.
+    for (name, ranks, says) in [
+        ("qwen3-tiny", "3", "divide"),
+        ("glm-tiny-grouped", "2", "GLM"),
+        ("qwen3-tiny", "0", "at least 1"),
+    ] {
+        let out = asynctls(&[
+            "generate",
+            "--model",
+            fixture(name).to_str().unwrap(),
+            "--prompt-ids",
+            "1,2,3",
+            "--device",
+            "cpu",
+            "--tensor-parallel",
+            ranks,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{name} x{ranks}: {err}");
+    }
+}

@@ -67,6 +67,11 @@ pub struct GenerateArgs {
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
+    /// Split the model over this many tensor-parallel ranks (attention heads,
+    /// KV heads and MLP columns; the GQA family). On the CPU the ranks run
+    /// as threads (the twin of the multi-GPU form, which is not built yet).
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
     /// Calibrated label channels (`asynctls calibrate --out FILE`) instead of
     /// the model's own (its directory's label_channels.json, or the defaults).
     #[arg(long)]
@@ -126,8 +131,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("loading {}", model_dir.display()));
     let load_start = Instant::now();
-    let mut model = asynctls::engine::load_for_request(&model_dir, args.device, &device)
-        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    if args.tensor_parallel == 0 {
+        anyhow::bail!("--tensor-parallel must be at least 1");
+    }
+    let mut model = if args.tensor_parallel > 1 {
+        if device.is_cuda() {
+            anyhow::bail!(
+                "--tensor-parallel {} on {device}: the multi-GPU form (NCCL) is not built yet; \
+                 --device cpu runs its CPU twin",
+                args.tensor_parallel
+            );
+        }
+        asynctls_models::load_model_tensor_parallel(&model_dir, args.tensor_parallel).map_err(anyhow::Error::from)
+    } else {
+        asynctls::engine::load_for_request(&model_dir, args.device, &device)
+    }
+    .with_context(|| format!("loading model from {}", model_dir.display()))?;
     if let Some(path) = &args.label_channels {
         let config = model.cache_config(1, KvDType::BF16);
         model.set_label_channels(asynctls_models::read_label_channels(path, &config)?);
