@@ -683,3 +683,18 @@ async fn a_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding() {
     let chunks = client.metric("asynctls_prefill_chunks_total").await.unwrap().unwrap();
     assert!(chunks >= 61.0, "{chunks} prefill chunks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_over_two_tensor_parallel_ranks_answers_as_one_rank_does() {
+    let body = chat_body("What is the capital of France?", 16, false);
+    let mut texts = Vec::new();
+    for extra in [&[][..], &["--tensor-parallel", "2"][..]] {
+        let server = Server::start(extra);
+        let full = server.client().post_json("/v1/chat/completions", &body).await.unwrap();
+        assert_eq!(full.status, 200, "{}", full.text());
+        let full = full.json().unwrap();
+        texts.push(full["choices"][0]["message"]["content"].as_str().unwrap().to_string());
+        assert!(server.terminate().success());
+    }
+    assert_eq!(texts[0], texts[1], "greedy text over 2 ranks");
+}

@@ -23,6 +23,11 @@ pub struct EngineArgs {
     /// token ids as decimal words, and there is no chat template.
     #[arg(long, conflicts_with = "model")]
     pub model_shape: Option<String>,
+    /// Split the model over this many tensor-parallel ranks (the GQA
+    /// family; on the CPU, ranks as threads: the multi-GPU form is not
+    /// built yet).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
     /// Model cache for names (see `asynctls pull --help`).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -187,8 +192,21 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
         }
         Source::Shape(_, shape) => (format!("random weights at the {shape} shape"), shape.clone()),
     };
+    let tensor_parallel = engine.tensor_parallel;
+    if tensor_parallel == 0 {
+        bail!("--tensor-parallel must be at least 1");
+    }
+    if tensor_parallel > 1 && (device.is_cuda() || !matches!(source, Source::Dir(_))) {
+        bail!(
+            "--tensor-parallel {tensor_parallel} runs on the CPU over a model directory for now \
+             (the multi-GPU form, NCCL, is not built yet)"
+        );
+    }
     let load = move || -> Result<Box<dyn asynctls_models::CausalLm>> {
         match source {
+            Source::Dir(dir) if tensor_parallel > 1 => {
+                Ok(asynctls_models::load_model_tensor_parallel(&dir, tensor_parallel)?)
+            }
             Source::Dir(dir) => asynctls::engine::load_for_request(&dir, device_request, &device),
             Source::Shape(config, _) => {
                 let weights = asynctls_models::RandomWeights {
