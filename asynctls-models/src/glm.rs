@@ -11,14 +11,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, CudaAttention, Step};
+use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, Step};
 use asynctls_kernels::cpu::moe::RouteConfig;
 use asynctls_kernels::cpu::{RopeStyle, RopeTable};
 use asynctls_kernels::moe::{self, ExpertBank};
 use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
-use asynctls_offload::KvStore;
 use serde::Deserialize;
 
 use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
@@ -585,20 +584,12 @@ impl GlmModel {
     /// the GPU's free memory cannot hold them.
     pub fn load_on(config: GlmConfig, w: &dyn WeightSource, device: &Device) -> Result<Self> {
         crate::weights::check_layer_count(w, config.num_hidden_layers)?;
-        if let Device::Cuda(dev) = device {
+        if device.is_cuda() {
             // Refused before any weight is allocated rather than at the first
             // prompt: the shapes the GPU kernels are built for.
             check_gpu_shapes(&config)?;
-            let need = config.weight_bytes(2);
-            let (free, _) = dev.memory_info()?;
-            if need > free {
-                return Err(ModelError::WeightsDoNotFit {
-                    device: device.to_string(),
-                    need_gib: need as f64 / (1u64 << 30) as f64,
-                    free_gib: free as f64 / (1u64 << 30) as f64,
-                });
-            }
         }
+        crate::model::check_weights_fit(device, config.weight_bytes(2))?;
         let config = Arc::new(config);
         let c = &*config;
         let h = c.hidden_size;
@@ -712,25 +703,14 @@ impl GlmModel {
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        match &self.device {
-            Device::Cpu => {
-                let host = self.host_storage(num_blocks, kv_dtype)?;
-                Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
-                    host,
-                    resident_slots,
-                ))?)))
-            }
-            Device::Cuda(dev) => {
-                if resident_slots.is_some() {
-                    return Err(ModelError::Unsupported(
-                        "--offload-slots on the GPU (the offload engine is not in the GPU engine yet)".into(),
-                    ));
-                }
-                let config = self.cache_config(num_blocks, KvDType::BF16);
-                let channels = self.label_channels(&config);
-                Ok(Box::new(CudaAttention::new(dev, &config, channels)?))
-            }
-        }
+        crate::model::backend_on(
+            &self.device,
+            num_blocks,
+            kv_dtype,
+            resident_slots,
+            &|n, d| self.cache_config(n, d),
+            &|c| self.label_channels(c),
+        )
     }
 
     /// Bytes of the weights a decode step of one token reads: every matrix

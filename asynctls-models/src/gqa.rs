@@ -3,16 +3,15 @@
 //! safetensors names. Attention does not own a KV cache: every forward is
 //! handed the paged cache, so paging, sparsity and offload stay in their crates.
 
-use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, CpuAttention, CudaAttention, Step};
+use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, Step};
 use asynctls_kernels::cpu::{RopeStyle, RopeTable};
 use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
-use asynctls_offload::KvStore;
 
 use crate::decoder::{attn_err, Decoder, Layer, Linear, Mlp, TokenIo};
 use crate::weights::{WeightSource, Weights};
-use crate::{GqaConfig, ModelError, Result};
+use crate::{GqaConfig, Result};
 
 #[derive(Debug)]
 struct Attention {
@@ -168,19 +167,9 @@ impl GqaModel {
     pub fn load_on(config: GqaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
         let c = &config;
         crate::weights::check_layer_count(weights, c.num_hidden_layers)?;
-        if let Device::Cuda(dev) = device {
-            // Refused before any weight is allocated.
-            let need =
-                gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
-            let (free, _) = dev.memory_info()?;
-            if need > free {
-                return Err(ModelError::WeightsDoNotFit {
-                    device: device.to_string(),
-                    need_gib: need as f64 / (1u64 << 30) as f64,
-                    free_gib: free as f64 / (1u64 << 30) as f64,
-                });
-            }
-        }
+        // Refused before any weight is allocated.
+        let need = gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
+        crate::model::check_weights_fit(device, need)?;
         let io = TokenIo::load(
             weights,
             c.vocab_size,
@@ -262,25 +251,14 @@ impl GqaModel {
         kv_dtype: KvDType,
         resident_slots: Option<usize>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        match &self.device {
-            Device::Cpu => {
-                let host = self.host_storage(num_blocks, kv_dtype)?;
-                Ok(Box::new(CpuAttention::new(PagedKvCache::new(KvStore::new(
-                    host,
-                    resident_slots,
-                ))?)))
-            }
-            Device::Cuda(dev) => {
-                if resident_slots.is_some() {
-                    return Err(ModelError::Unsupported(
-                        "--offload-slots on the GPU (the offload engine is not in the GPU engine yet)".into(),
-                    ));
-                }
-                let config = self.cache_config(num_blocks, KvDType::BF16);
-                let channels = self.label_channels(&config);
-                Ok(Box::new(CudaAttention::new(dev, &config, channels)?))
-            }
-        }
+        crate::model::backend_on(
+            &self.device,
+            num_blocks,
+            kv_dtype,
+            resident_slots,
+            &|n, d| self.cache_config(n, d),
+            &|c| self.label_channels(c),
+        )
     }
 
     pub(crate) fn layers(&self) -> &[DecoderLayer] {

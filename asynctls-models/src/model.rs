@@ -81,6 +81,55 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<u32>>;
 }
 
+/// The backend of a model on `device` over a cache of `cache(blocks,
+/// dtype)` with `channels(config)`: the host reference (optionally behind
+/// the offload engine with `resident_slots`) on the CPU, the GPU-resident
+/// cache and kernels on a GPU (bf16 there). Every family's `new_backend`.
+pub(crate) fn backend_on(
+    device: &Device,
+    num_blocks: usize,
+    kv_dtype: KvDType,
+    resident_slots: Option<usize>,
+    cache: &dyn Fn(usize, KvDType) -> CacheConfig,
+    channels: &dyn Fn(&CacheConfig) -> LabelChannels,
+) -> Result<Box<dyn AttentionBackend>> {
+    match device {
+        Device::Cpu => {
+            let config = cache(num_blocks, kv_dtype);
+            let host = asynctls_kvcache::HostKvStorage::new(&config, channels(&config))?;
+            Ok(Box::new(asynctls_attn::CpuAttention::new(
+                asynctls_kvcache::PagedKvCache::new(asynctls_offload::KvStore::new(host, resident_slots))?,
+            )))
+        }
+        Device::Cuda(dev) => {
+            if resident_slots.is_some() {
+                return Err(ModelError::Unsupported(
+                    "--offload-slots on the GPU (the offload engine is not in the GPU engine yet)".into(),
+                ));
+            }
+            let config = cache(num_blocks, KvDType::BF16);
+            let channels = channels(&config);
+            Ok(Box::new(asynctls_attn::CudaAttention::new(dev, &config, channels)?))
+        }
+    }
+}
+
+/// Refuses, before any weight is allocated, a model of `need` bytes of
+/// weights that `device`'s free memory cannot hold (a no-op off a GPU).
+pub(crate) fn check_weights_fit(device: &Device, need: usize) -> Result<()> {
+    if let Device::Cuda(dev) = device {
+        let (free, _) = dev.memory_info()?;
+        if need > free {
+            return Err(ModelError::WeightsDoNotFit {
+                device: device.to_string(),
+                need_gib: need as f64 / (1u64 << 30) as f64,
+                free_gib: free as f64 / (1u64 << 30) as f64,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The forward methods of a family whose `decoder()` is the shared loop.
 macro_rules! forward_through_the_decoder {
     () => {
