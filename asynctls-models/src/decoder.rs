@@ -211,6 +211,39 @@ pub(crate) fn attn_err(e: AttnError) -> ModelError {
     }
 }
 
+/// What every prefill checks and promises, around `run` (which prefills
+/// `tokens` of `seq` into `backend`): a non-empty prompt of ids below the
+/// vocabulary that fits the `max_positions`, refused before anything is
+/// reserved; and a prefill that fails after reserving positions frees the
+/// sequence (a half-written one is unusable), while one refused up front
+/// leaves it as it was (a multi-turn history is not lost).
+pub(crate) fn guarded_prefill(
+    io: &TokenIo,
+    max_positions: usize,
+    backend: &mut dyn AttentionBackend,
+    seq: SeqId,
+    tokens: &[u32],
+    run: impl FnOnce(&mut dyn AttentionBackend) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if tokens.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    io.check_ids(tokens)?;
+    let before = backend.seq_len(seq).map_err(attn_err)?;
+    if before + tokens.len() > max_positions {
+        return Err(ModelError::ContextTooLong {
+            prompt: before + tokens.len(),
+            new: 0,
+            context: max_positions,
+        });
+    }
+    let result = run(&mut *backend);
+    if result.is_err() && backend.seq_len(seq).is_ok_and(|n| n != before) {
+        let _ = backend.free(seq);
+    }
+    result
+}
+
 /// A model as the loop sees it: token interface, layers, context limit.
 pub(crate) struct Decoder<'a, L: Layer> {
     pub io: &'a TokenIo,
@@ -246,20 +279,9 @@ impl<L: Layer> Decoder<'_, L> {
         all_logits: bool,
         chunk: usize,
     ) -> Result<Tensor> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        self.io.check_ids(tokens)?;
-        let before = backend.seq_len(seq).map_err(attn_err)?;
-        let result = self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1));
-        // A chunk that was reserved and failed leaves the sequence half
-        // written: free it. A prefill refused before reserving anything
-        // (context too long, pool full at the first chunk) keeps the
-        // sequence as it was (a multi-turn history is not lost).
-        if result.is_err() && backend.seq_len(seq).is_ok_and(|n| n != before) {
-            let _ = backend.free(seq);
-        }
-        result
+        guarded_prefill(self.io, self.max_positions, backend, seq, tokens, |backend| {
+            self.prefill_chunks(backend, seq, tokens, all_logits, chunk.max(1))
+        })
     }
 
     fn prefill_chunks(
@@ -270,14 +292,6 @@ impl<L: Layer> Decoder<'_, L> {
         all_logits: bool,
         chunk: usize,
     ) -> Result<Tensor> {
-        let start = backend.seq_len(seq).map_err(attn_err)?;
-        if start + tokens.len() > self.max_positions {
-            return Err(ModelError::ContextTooLong {
-                prompt: start + tokens.len(),
-                new: 0,
-                context: self.max_positions,
-            });
-        }
         let device = self.io.device();
         let plan = AttentionPlan::dense();
         let mut all: Vec<f32> = Vec::new();

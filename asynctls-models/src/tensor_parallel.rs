@@ -375,33 +375,25 @@ impl crate::CausalLm for TensorParallelGqa {
         all_logits: bool,
         chunk: usize,
     ) -> Result<Tensor> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        let start = backend.seq_len(seq).map_err(attn_err)?;
-        if start + tokens.len() > self.max_positions() {
-            return Err(ModelError::ContextTooLong {
-                prompt: start + tokens.len(),
-                new: 0,
-                context: self.max_positions(),
-            });
-        }
-        let ranks = rank_backends(backend)?;
-        let vocab = self.vocab_size();
-        let mut all = Vec::new();
-        let mut last = Vec::new();
-        for part in tokens.chunks(chunk.max(1)) {
-            let logits = TensorParallelGqa::prefill(self, &mut ranks.ranks, seq, part)?.to_f32_vec()?;
-            last = logits[logits.len() - vocab..].to_vec();
-            if all_logits {
-                all.extend(logits);
+        let io = self.ranks[0].io();
+        crate::decoder::guarded_prefill(io, self.max_positions(), backend, seq, tokens, |backend| {
+            let ranks = rank_backends(backend)?;
+            let vocab = self.vocab_size();
+            let mut all = Vec::new();
+            let mut last = Vec::new();
+            for part in tokens.chunks(chunk.max(1)) {
+                let logits = TensorParallelGqa::prefill(self, &mut ranks.ranks, seq, part)?.to_f32_vec()?;
+                last = logits[logits.len() - vocab..].to_vec();
+                if all_logits {
+                    all.extend(logits);
+                }
             }
-        }
-        if all_logits {
-            Ok(Tensor::from_vec(all, &[tokens.len(), vocab])?)
-        } else {
-            Ok(Tensor::from_vec(last, &[1, vocab])?)
-        }
+            if all_logits {
+                Ok(Tensor::from_vec(all, &[tokens.len(), vocab])?)
+            } else {
+                Ok(Tensor::from_vec(last, &[1, vocab])?)
+            }
+        })
     }
     fn decode_step(
         &self,
