@@ -193,37 +193,30 @@ impl TensorParallelGqa {
         let mut x = io.embed(&Tensor::from_vec(ids.to_vec(), &[ids.len()])?)?;
         for l in 0..self.ranks[0].layers().len() {
             // Attention: every rank's heads at once, then the all-reduce.
-            let partials = std::thread::scope(|s| {
-                let x = &x;
-                let handles: Vec<_> = self
-                    .ranks
-                    .iter()
-                    .zip(backends.iter_mut())
-                    .zip(steps)
-                    .map(|((m, b), step)| s.spawn(move || m.layers()[l].attention_out(x, step, l, b.as_mut(), plan)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a rank's thread panicked"))
-                    .collect::<Result<Vec<_>>>()
+            let x_ref = &x;
+            let work = self.ranks.iter().zip(backends.iter_mut()).zip(steps);
+            let partials = on_every_rank(work, |((m, b), step)| {
+                m.layers()[l].attention_out(x_ref, step, l, b.as_mut(), plan)
             })?;
             all_reduce_into(&mut x, &partials)?;
-            let partials = std::thread::scope(|s| {
-                let x = &x;
-                let handles: Vec<_> = self
-                    .ranks
-                    .iter()
-                    .map(|m| s.spawn(move || m.layers()[l].mlp_out(x)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a rank's thread panicked"))
-                    .collect::<Result<Vec<_>>>()
-            })?;
+            let x_ref = &x;
+            let partials = on_every_rank(self.ranks.iter(), |m| m.layers()[l].mlp_out(x_ref))?;
             all_reduce_into(&mut x, &partials)?;
         }
         io.logits(&x)
     }
+}
+
+/// `f` of each rank's `work` on a thread of its own; the results in rank order.
+fn on_every_rank<T: Send, R: Send>(work: impl Iterator<Item = T>, f: impl Fn(T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = work.map(|w| s.spawn(move || f(w))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank's thread panicked"))
+            .collect()
+    })
 }
 
 /// `x += sum of partials`, the partials summed first in rank order (as an
