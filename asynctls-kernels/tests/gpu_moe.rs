@@ -18,35 +18,15 @@
 //!
 //! Without a GPU every test prints `skipped: no CUDA device` and passes.
 
+mod common;
+
 use asynctls_kernels::cpu::moe::RouteConfig;
 use asynctls_kernels::cpu::RopeTable;
 use asynctls_kernels::moe::{moe_experts, moe_route, ExpertBank};
 use asynctls_kernels::ops::Rope;
-use asynctls_kernels::{ops, CudaDevice, DType, Device, Tensor};
-use rand::{rngs::StdRng, Rng, SeedableRng};
-
-fn gpu() -> Option<Device> {
-    CudaDevice::for_tests().map(Device::Cuda)
-}
-
-fn rng() -> StdRng {
-    let seed: u64 = rand::random();
-    println!("seed {seed}");
-    StdRng::seed_from_u64(seed)
-}
-
-fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(
-        (0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>(),
-        shape,
-    )
-    .unwrap()
-}
-
-fn bf16_rounded(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
-}
+use asynctls_kernels::{ops, DType, Device, Tensor};
+use common::{bf16_rounded, gpu, random, rng};
+use rand::{rngs::StdRng, Rng};
 
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.shape(), want.shape());

@@ -6,35 +6,14 @@
 //! (f32 accumulation in another order). Without a GPU every test prints
 //! `skipped: no CUDA device` and passes.
 
+mod common;
+
 use asynctls_kernels::cpu::{RopeStyle, RopeTable};
 use asynctls_kernels::ops::{self, Rope};
-use asynctls_kernels::{CudaDevice, DType, Device, Tensor};
+use asynctls_kernels::{DType, Device, Tensor};
+use common::{bf16_rounded, gpu, random, rng};
 use half::bf16;
-use rand::{rngs::StdRng, Rng, SeedableRng};
-
-fn gpu() -> Option<Device> {
-    CudaDevice::for_tests().map(Device::Cuda)
-}
-
-fn rng() -> StdRng {
-    let seed: u64 = rand::random();
-    println!("seed {seed}");
-    StdRng::seed_from_u64(seed)
-}
-
-fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(
-        (0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>(),
-        shape,
-    )
-    .unwrap()
-}
-
-/// `t` with every value rounded through bf16 (what the GPU computes from).
-fn bf16_rounded(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
-}
+use rand::Rng;
 
 fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}");
