@@ -20,6 +20,18 @@ fn asynctls(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// The `generated_ids` of a successful `generate --json`.
+fn generated_ids(out: &std::process::Output) -> Vec<u32> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn ids(w: &Weights, name: &str) -> Vec<u32> {
     w.get_ints(name).unwrap().into_iter().map(|x| x as u32).collect()
 }
@@ -64,14 +76,7 @@ fn generate_json_reproduces_hf_greedy_tokens() {
             ];
             args.extend(&attention);
             let out = asynctls(&args);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let got: Vec<u32> = doc["generated_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let got = generated_ids(&out);
             assert_eq!(got, want, "{name} {attention:?}");
             assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), prompt.split(',').count());
             assert!(doc["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -339,14 +344,7 @@ fn generate_over_two_tensor_parallel_ranks_gives_hf_greedy_tokens() {
                 "--tensor-parallel",
                 "2",
             ]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let got: Vec<u32> = doc["generated_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let got = generated_ids(&out);
             assert_eq!(got, want, "{name} {attention} over 2 ranks");
         }
     }
