@@ -20,16 +20,17 @@ fn asynctls(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
-/// The `generated_ids` of a successful `generate --json`.
-fn generated_ids(out: &std::process::Output) -> Vec<u32> {
+/// The document of a successful `generate --json` and its `generated_ids`.
+fn generate_json(out: &std::process::Output) -> (serde_json::Value, Vec<u32>) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    doc["generated_ids"]
+    let ids = doc["generated_ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+        .collect();
+    (doc, ids)
 }
 
 fn ids(w: &Weights, name: &str) -> Vec<u32> {
@@ -76,7 +77,7 @@ fn generate_json_reproduces_hf_greedy_tokens() {
             ];
             args.extend(&attention);
             let out = asynctls(&args);
-            let got = generated_ids(&out);
+            let (doc, got) = generate_json(&out);
             assert_eq!(got, want, "{name} {attention:?}");
             assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), prompt.split(',').count());
             assert!(doc["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -344,7 +345,7 @@ fn generate_over_two_tensor_parallel_ranks_gives_hf_greedy_tokens() {
                 "--tensor-parallel",
                 "2",
             ]);
-            let got = generated_ids(&out);
+            let (_, got) = generate_json(&out);
             assert_eq!(got, want, "{name} {attention} over 2 ranks");
         }
     }
