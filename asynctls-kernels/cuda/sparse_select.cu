@@ -20,6 +20,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "select_range.cuh"
+
 #define THREADS 256
 #define WARPS (THREADS / 32)
 // The top-k kernels run one CTA per row. The token stage ranks 8-16k
@@ -28,17 +30,6 @@
 // outweighed their share of the items.
 #define TOPK_THREADS 1024
 #define BLOCK_TOPK_THREADS 256
-
-// The rankable (not forced) logical blocks of a sequence of `len` tokens are
-// [first, last): after the sink, before the local window and partial block.
-__device__ __forceinline__ void rankable_range(int len, int block_size, int sink_blocks, int local_blocks, int* first,
-                                               int* last) {
-    const int num_blocks = (len + block_size - 1) / block_size;
-    const int partial = len % block_size != 0;
-    const int sink = min(sink_blocks, num_blocks);
-    *first = sink;
-    *last = max(num_blocks - local_blocks - partial, sink);
-}
 
 __device__ __forceinline__ float combine(float a, float b, int reduce_max) { return reduce_max ? fmaxf(a, b) : a + b; }
 

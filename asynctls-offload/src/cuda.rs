@@ -89,6 +89,129 @@ impl Drop for Pinned {
     }
 }
 
+/// Per layer, the host tier (pinned, mapped) and the resident slot pool on
+/// the device: what both the host-driven engine ([`CudaBackend`]) and the
+/// device-side resolver ([`crate::gpu_resolver::GpuResidency`]) move units between.
+pub struct KvPools {
+    layout: CudaLayout,
+    host_keys: Vec<Pinned>,
+    host_values: Vec<Pinned>,
+    /// `[slots, block_size, key_dim]` per layer: what the attention reads.
+    pub slot_keys: Vec<CudaSlice<bf16>>,
+    /// `[slots, block_size, value_dim]` per layer (GQA only).
+    pub slot_values: Vec<CudaSlice<bf16>>,
+}
+
+impl std::fmt::Debug for KvPools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPools").field("layout", &self.layout).finish()
+    }
+}
+
+impl KvPools {
+    /// Zeroed host and slot pools for `layout`, allocated on `stream`.
+    pub fn new(stream: &Arc<CudaStream>, layout: CudaLayout) -> Result<Self> {
+        Self::with_host_tiers(stream, layout, layout.num_layers)
+    }
+
+    /// As [`Self::new`], but with only `tiers` host pools, layer `l` using
+    /// pool `l % tiers`: for benchmarks whose every layer's host tier would
+    /// not fit the machine's memory (the layers' data then alias; their
+    /// residency, slots and traffic stay their own).
+    pub fn with_host_tiers(stream: &Arc<CudaStream>, layout: CudaLayout, tiers: usize) -> Result<Self> {
+        if tiers == 0 || tiers > layout.num_layers.max(1) {
+            return Err(OffloadError::Config(format!(
+                "{tiers} host tiers for {} layers (need 1 to one per layer)",
+                layout.num_layers
+            )));
+        }
+        if layout.key_unit() * 2 % 16 != 0 || layout.value_unit() * 2 % 16 != 0 {
+            return Err(OffloadError::Config("unit rows must be whole 16-byte words".into()));
+        }
+        let host_units = layout
+            .host_blocks
+            .checked_mul(layout.kv_heads)
+            .ok_or_else(|| OffloadError::Config("host pool size overflows".into()))?;
+        let mut pools = KvPools {
+            layout,
+            host_keys: Vec::new(),
+            host_values: Vec::new(),
+            slot_keys: Vec::new(),
+            slot_values: Vec::new(),
+        };
+        for layer in 0..layout.num_layers {
+            if layer < tiers {
+                pools.host_keys.push(Pinned::new(host_units * layout.key_unit())?);
+                if layout.value_dim > 0 {
+                    pools.host_values.push(Pinned::new(host_units * layout.value_unit())?);
+                }
+            }
+            pools
+                .slot_keys
+                .push(stream.alloc_zeros::<bf16>(layout.slots_per_layer * layout.key_unit())?);
+            if layout.value_dim > 0 {
+                pools
+                    .slot_values
+                    .push(stream.alloc_zeros::<bf16>(layout.slots_per_layer * layout.value_unit())?);
+            }
+        }
+        Ok(pools)
+    }
+
+    pub fn layout(&self) -> &CudaLayout {
+        &self.layout
+    }
+
+    /// The host pool of `layer` (`[host_blocks, kv_heads, block_size, dim]`),
+    /// keys and values; no copy from or to it may be in flight.
+    pub fn host_mut(&mut self, layer: usize) -> (&mut [bf16], Option<&mut [bf16]>) {
+        let tier = self.tier(layer);
+        let values = self.host_values.get_mut(tier).map(Pinned::slice_mut);
+        (self.host_keys[tier].slice_mut(), values)
+    }
+
+    pub fn host(&self, layer: usize) -> (&[bf16], Option<&[bf16]>) {
+        let tier = self.tier(layer);
+        (
+            self.host_keys[tier].slice(),
+            self.host_values.get(tier).map(Pinned::slice),
+        )
+    }
+
+    /// The host pool `layer` uses.
+    pub fn tier(&self, layer: usize) -> usize {
+        layer % self.host_keys.len().max(1)
+    }
+
+    /// Host bytes of the pools (pinned).
+    pub fn host_bytes(&self) -> usize {
+        self.host_keys.iter().chain(&self.host_values).map(|p| p.len * 2).sum()
+    }
+
+    /// Device addresses of `layer`'s host pools (keys, values; 0 without
+    /// values), for kernels that read units in place.
+    pub fn host_device_ptrs(&self, layer: usize) -> (u64, u64) {
+        let tier = self.tier(layer);
+        (
+            self.host_keys[tier].device_ptr,
+            self.host_values.get(tier).map_or(0, |p| p.device_ptr),
+        )
+    }
+
+    /// Device addresses of `layer`'s slot pools (keys, values; 0 without values).
+    pub fn slot_device_ptrs(&self, layer: usize, stream: &CudaStream) -> (u64, u64) {
+        (
+            self.slot_keys[layer].device_ptr(stream).0,
+            self.slot_values.get(layer).map_or(0, |s| s.device_ptr(stream).0),
+        )
+    }
+
+    /// Bytes of one unit's keys and of its values.
+    pub fn unit_bytes(&self) -> (usize, usize) {
+        (self.layout.key_unit() * 2, self.layout.value_unit() * 2)
+    }
+}
+
 /// How the transfers went out (cumulative).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TransferCounts {
@@ -104,12 +227,8 @@ pub struct CudaBackend {
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     layout: CudaLayout,
-    host_keys: Vec<Pinned>,
-    host_values: Vec<Pinned>,
-    /// `[slots, block_size, key_dim]` per layer: what the attention reads.
-    pub slot_keys: Vec<CudaSlice<bf16>>,
-    /// `[slots, block_size, value_dim]` per layer (GQA only).
-    pub slot_values: Vec<CudaSlice<bf16>>,
+    /// The host tier and the resident slots of every layer.
+    pub pools: KvPools,
     /// `[host_blocks * kv_heads]` per layer: each unit's slot or -1, as the
     /// attention kernel looks it up; updated on the copy stream with the copies.
     pub unit_slots: Vec<CudaSlice<i32>>,
@@ -138,26 +257,14 @@ impl CudaBackend {
     /// Pinned host pools and device slot pools for `layout`; the attention
     /// runs on the device's stream, copies on a new one.
     pub fn new(device: &CudaDevice, layout: CudaLayout) -> Result<Self> {
-        if layout.key_unit() * 2 % 16 != 0 || layout.value_unit() * 2 % 16 != 0 {
-            return Err(OffloadError::Config("unit rows must be whole 16-byte words".into()));
-        }
         let ops = CudaOps::new(device)?;
         let compute = device.stream().clone();
         let copy = device.context().new_stream()?;
+        let pools = KvPools::new(&compute, layout)?;
         let host_units = layout.host_blocks * layout.kv_heads;
-        let mut host_keys = Vec::new();
-        let mut host_values = Vec::new();
-        let mut slot_keys = Vec::new();
-        let mut slot_values = Vec::new();
         let mut unit_slots = Vec::new();
         for _ in 0..layout.num_layers {
             unit_slots.push(compute.clone_htod(&vec![-1i32; host_units])?);
-            host_keys.push(Pinned::new(host_units * layout.key_unit())?);
-            slot_keys.push(compute.alloc_zeros::<bf16>(layout.slots_per_layer * layout.key_unit())?);
-            if layout.value_dim > 0 {
-                host_values.push(Pinned::new(host_units * layout.value_unit())?);
-                slot_values.push(compute.alloc_zeros::<bf16>(layout.slots_per_layer * layout.value_unit())?);
-            }
         }
         compute.synchronize()?;
         Ok(CudaBackend {
@@ -165,10 +272,7 @@ impl CudaBackend {
             compute,
             copy,
             layout,
-            host_keys,
-            host_values,
-            slot_keys,
-            slot_values,
+            pools,
             unit_slots,
             pending: vec![Vec::new(); layout.num_layers],
             reads_done: (0..layout.num_layers).map(|_| None).collect(),
@@ -184,20 +288,19 @@ impl CudaBackend {
         &self.layout
     }
 
-    /// The host pool of `layer` (`[host_blocks, kv_heads, block_size, dim]`),
-    /// keys and values; call [`TransferBackend::synchronize`] first if copies may be in flight.
+    /// The host pool of `layer`; call [`TransferBackend::synchronize`] first
+    /// if copies may be in flight.
     pub fn host_mut(&mut self, layer: usize) -> (&mut [bf16], Option<&mut [bf16]>) {
-        let values = self.host_values.get_mut(layer).map(Pinned::slice_mut);
-        (self.host_keys[layer].slice_mut(), values)
+        self.pools.host_mut(layer)
     }
 
-    /// Device addresses of `layer`'s host pools (keys, values), for kernels
-    /// that read units without a slot in place.
+    pub fn host(&self, layer: usize) -> (&[bf16], Option<&[bf16]>) {
+        self.pools.host(layer)
+    }
+
+    /// Device addresses of `layer`'s host pools (keys, values).
     pub fn host_device_ptrs(&self, layer: usize) -> (u64, u64) {
-        (
-            self.host_keys[layer].device_ptr,
-            self.host_values.get(layer).map_or(0, |p| p.device_ptr),
-        )
+        self.pools.host_device_ptrs(layer)
     }
 
     /// Issues the pending unit -> slot table updates of `layer` on `stream`.
@@ -223,13 +326,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub fn host(&self, layer: usize) -> (&[bf16], Option<&[bf16]>) {
-        (
-            self.host_keys[layer].slice(),
-            self.host_values.get(layer).map(Pinned::slice),
-        )
-    }
-
     fn event(&self, timing: bool) -> Result<CudaEvent> {
         let flags = if timing {
             CUevent_flags::CU_EVENT_DEFAULT
@@ -244,13 +340,12 @@ impl CudaBackend {
     fn host_to_slots(&mut self, layer: usize, copies: &[(Unit, Slot)]) -> Result<()> {
         let heads = self.layout.kv_heads;
         let pools: Vec<(u64, u64, usize)> = {
-            let mut p = vec![(
-                self.host_keys[layer].device_ptr,
-                self.slot_keys[layer].device_ptr(&self.copy).0,
-                self.layout.key_unit() * 2,
-            )];
-            if let (Some(h), Some(s)) = (self.host_values.get(layer), self.slot_values.get(layer)) {
-                p.push((h.device_ptr, s.device_ptr(&self.copy).0, self.layout.value_unit() * 2));
+            let (host_k, host_v) = self.pools.host_device_ptrs(layer);
+            let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
+            let (key_bytes, value_bytes) = self.pools.unit_bytes();
+            let mut p = vec![(host_k, slot_k, key_bytes)];
+            if value_bytes > 0 {
+                p.push((host_v, slot_v, value_bytes));
             }
             p
         };
@@ -270,11 +365,8 @@ impl CudaBackend {
         for &(index, slot, len) in &runs {
             if len * unit_bytes >= self.memcpy_min_bytes {
                 for (k, &(_, dst, bytes)) in pools.iter().enumerate() {
-                    let host = if k == 0 {
-                        self.host_keys[layer].slice()
-                    } else {
-                        self.host_values[layer].slice()
-                    };
+                    let (host_k, host_v) = self.pools.host(layer);
+                    let host = if k == 0 { host_k } else { host_v.unwrap_or(host_k) };
                     let elems = bytes / 2;
                     let src = &host[index * elems..(index + len) * elems];
                     // SAFETY: the slot range lies in the slot pool (slots <
@@ -366,14 +458,17 @@ impl TransferBackend for CudaBackend {
         for &(slot, unit) in copies {
             let index = unit.index(heads);
             let elems = self.layout.key_unit();
-            let src = self.slot_keys[layer].device_ptr(&self.copy).0 + (slot as usize * elems * 2) as u64;
-            let dst = &mut self.host_keys[layer].slice_mut()[index * elems..(index + 1) * elems];
+            let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
+            let src = slot_k + (slot as usize * elems * 2) as u64;
+            let (host_k, host_v) = self.pools.host_mut(layer);
+            let dst = &mut host_k[index * elems..(index + 1) * elems];
             // SAFETY: pinned destination owned by the backend; the slot is in range.
             unsafe { result::memcpy_dtoh_async(dst, src, self.copy.cu_stream()) }?;
             if self.layout.value_dim > 0 {
                 let elems = self.layout.value_unit();
-                let src = self.slot_values[layer].device_ptr(&self.copy).0 + (slot as usize * elems * 2) as u64;
-                let dst = &mut self.host_values[layer].slice_mut()[index * elems..(index + 1) * elems];
+                let src = slot_v + (slot as usize * elems * 2) as u64;
+                let Some(host_v) = host_v else { continue };
+                let dst = &mut host_v[index * elems..(index + 1) * elems];
                 // SAFETY: as above.
                 unsafe { result::memcpy_dtoh_async(dst, src, self.copy.cu_stream()) }?;
             }

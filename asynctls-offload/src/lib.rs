@@ -24,6 +24,12 @@
 //! engine's ordering) and [`cuda::CudaBackend`] (pinned host pool, a copy
 //! stream, `cuMemcpyHtoDAsync` of contiguous runs, CUDA events).
 //!
+//! The same policy without the host: [`resolver`] keeps a layer's
+//! residency in tables the device updates itself (resolve the selection,
+//! promote its misses by the clock, copy them on a copy stream), its host
+//! twin tested against the kernels; [`gpu_resolver::GpuResidency`] runs it
+//! on the GPU so an offloaded step is one CUDA graph.
+//!
 //! [`OffloadedStorage`] puts the engine behind asynctls-kvcache's storage
 //! trait (host tier + resident copies), so the CPU two-level decode of
 //! asynctls-attn runs over it unchanged, GQA and MLA.
@@ -36,8 +42,10 @@ pub mod cuda;
 mod engine;
 mod error;
 mod evict;
+pub mod gpu_resolver;
 mod host;
 mod predict;
+pub mod resolver;
 pub mod sim;
 pub mod storage;
 
@@ -47,6 +55,7 @@ pub use error::{OffloadError, Result};
 pub use evict::{EvictionPolicy, FirstLoaded, LeastRecentlySelected, UnitStats};
 pub use host::HostPool;
 pub use predict::{OneStepLag, Predictor, UnionOfLastTwo};
+pub use resolver::{PromotePolicy, Residency, ResidencyStats, StepSelection};
 pub use storage::{KvStore, OffloadedStorage};
 
 /// One block of one KV head in one layer: the unit of residency and transfer.

@@ -59,8 +59,8 @@ fn acquired_slots_hold_host_data_on_the_gpu() {
                 let selected: Vec<Unit> = cand.iter().copied().filter(|_| rng.random_bool(0.6)).collect();
                 let got = engine.acquire(layer, &selected).unwrap();
                 let stream = device.stream();
-                let slots_k = stream.clone_dtoh(&engine.backend().slot_keys[layer]).unwrap();
-                let slots_v = stream.clone_dtoh(&engine.backend().slot_values[layer]).unwrap();
+                let slots_k = stream.clone_dtoh(&engine.backend().pools.slot_keys[layer]).unwrap();
+                let slots_v = stream.clone_dtoh(&engine.backend().pools.slot_values[layer]).unwrap();
                 let (host_k, host_v) = engine.backend().host(layer);
                 let host_v = host_v.unwrap();
                 for (u, &s) in selected.iter().zip(&got.slots) {
@@ -104,7 +104,7 @@ fn acquired_slots_hold_host_data_on_the_gpu() {
         {
             let stream = device.stream().clone();
             let backend = engine.backend_mut();
-            let mut view = backend.slot_keys[1].slice_mut(slot * unit..(slot + 1) * unit);
+            let mut view = backend.pools.slot_keys[1].slice_mut(slot * unit..(slot + 1) * unit);
             stream.memcpy_htod(&fresh, &mut view).unwrap();
         }
         engine.flush(1, &[unit_id]).unwrap();

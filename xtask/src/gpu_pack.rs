@@ -76,8 +76,9 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" prefill "* ]]; then
             | tee "$out_dir/prefill_mla_vs_sdpa.txt"
 fi
 if [ -x ./asynctls ] && [[ " $BENCH " == *" offload "* ]]; then
-    ./asynctls bench offload --device cuda --ctx "${OFFLOAD_CTX:-49152,98304}" --batch "${OFFLOAD_BATCH:-1,2,4,8}" \
-        --json > "$out_dir/offload.json" && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['rows']]" "$out_dir/offload.json" | tail -40
+    ./asynctls bench offload --device cuda --ctx "${OFFLOAD_CTX:-98304}" --batch "${OFFLOAD_BATCH:-1,8}" \
+        ${OFFLOAD_ARGS:-} --json > "$out_dir/offload.json" \
+        && python3 -c "import json,sys; [print({k: v for k, v in r.items() if k != 'telemetry'}) for r in json.load(open(sys.argv[1]))['rows']]" "$out_dir/offload.json" | tail -40
 fi
 if [ -x ./asynctls ] && [[ " $BENCH " == *" attn "* ]]; then
     CTX="${BENCH_CTX:-32768,49152,65536,98304,131072}"; BATCH="${BENCH_BATCH:-1,2,4,8}"; BUDGET="${BENCH_BUDGET:-512,1024,2048}"

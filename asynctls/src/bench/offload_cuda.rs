@@ -1,38 +1,50 @@
 //! `asynctls bench offload --device cuda`: two-level sparse decode with the
 //! K/V resident on the GPU against the same decode with the K/V offloaded to
-//! pinned host memory behind the offload engine, on the same selections.
+//! pinned host memory, on the same selections, over all the layers of a
+//! step.
 //!
 //! Each of `layers` layers of the Qwen3-8B shape has a paged pool written by
-//! the append kernel; the offloaded run copies it to the engine's pinned
-//! host pool, and its attention reads only the resident slots (and, for a
-//! unit without a slot, the host pool in place through the device mapping).
-//! Queries drift: every step each layer's query is the last plus uniform
-//! noise of amplitude `drift`, so consecutive selections overlap as in
-//! decoding.
+//! the append kernel (its keys give the selection's GPU-resident metadata:
+//! block bounds and INT4 labels). Queries drift: every step each layer's
+//! query is the last plus uniform noise of amplitude `drift`, so consecutive
+//! selections overlap as in decoding. Modes, each on the same queries:
 //!
-//! Per step and layer, in both modes, the GPU selection (block bounds,
-//! top-k_b, labels, top-k_t) runs on GPU-resident metadata and the attention
-//! follows on the GPU with no host round trip. Offloaded, the attention is
-//! ordered after the copies into its slots and finds them through the
-//! device-side unit -> slot table; after the step's launches, off the
-//! critical path, the host reads back each layer's candidate blocks,
-//! counts what the attention found resident (hits) or read from host memory
-//! (misses), and prefetches those blocks for the next step (one-step lag:
-//! only the ones not resident move, on the copy stream). Time per step is
-//! the wall time of the timed steps over their number, after a warm-up,
-//! with the streams synchronized at both ends (both modes alike).
+//! - `gpu-resident`: selection, then attention over the full paged pool;
+//! - `offloaded-device` (one per predictor): the K/V in the host tier, the
+//!   attention over the resident slots through the device's unit -> slot
+//!   table (a miss read in place from the host tier over PCIe), and after
+//!   each layer's attention the device-side resolver
+//!   (asynctls-offload's `gpu_resolver`): resolve on the compute stream,
+//!   promotion and copies on a copy stream overlapping the next layers,
+//!   joined at the end of the step. No host round trip: the step is
+//!   launches only;
+//! - `offloaded-host` (one per `memcpy_min_bytes`, when asked): the
+//!   host-driven offload engine, whose host reads back each layer's
+//!   candidates and prefetches for the next step.
+//!
+//! Timing: after warm-up, `steps` steps issued eagerly (host launch time
+//! measured) and the same number replayed as CUDA graphs, one graph per
+//! step captured beforehand (each reads its step's queries in place); step
+//! time = wall time over the steps with the streams synchronized at both
+//! ends. The device resolver's telemetry (hits, misses, overlap, promoted,
+//! bytes, copy time and the part of it the compute waited for) comes from
+//! separately synchronized eager steps with copy-stream timing events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use asynctls_kernels::cuda::gather::ResolveInput;
 use asynctls_kernels::cuda::{
     attention::{decode_splits, DecodeKernel},
     CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams, SelectScratch,
 };
 use asynctls_kernels::CudaDevice;
 use asynctls_offload::cuda::{CudaBackend, CudaLayout};
-use asynctls_offload::{OffloadConfig, OffloadEngine, OneStepLag, Predictor, StepMetrics, Unit};
+use asynctls_offload::gpu_resolver::GpuResidency;
+use asynctls_offload::{
+    OffloadConfig, OffloadEngine, OneStepLag, Predictor, PromotePolicy, ResidencyStats, StepMetrics, Unit,
+};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
@@ -40,6 +52,9 @@ use serde::Serialize;
 use super::attn_cuda::{fill_pool, multiprocessors, random_on_device};
 
 const BLOCK: usize = 64;
+const SINK_BLOCKS: usize = 1;
+const LOCAL_BLOCKS: usize = 1;
+const WARMUP: usize = 3;
 
 /// What to sweep.
 #[derive(Debug, Clone)]
@@ -56,9 +71,41 @@ pub struct OffloadSweep {
     /// Query drift per step (noise scale relative to the query's).
     pub drift: f32,
     pub steps: usize,
-    /// memcpy threshold(s) of the backend to compare (bytes; 0 = all memcpy,
-    /// usize::MAX = all gather).
+    /// The device resolver's predictors to run (`one-step-lag`, `union`).
+    pub predictors: Vec<PromotePolicyKind>,
+    /// memcpy threshold(s) of the host-driven engine to compare (bytes; 0 =
+    /// all memcpy, usize::MAX = all gather); empty: that mode does not run.
     pub memcpy_min_bytes: Vec<usize>,
+    /// Pinned host memory the host tiers may take; beyond it the layers
+    /// share host pools (their data alias; residency and traffic stay their own).
+    pub host_budget_bytes: usize,
+}
+
+/// Which predictor the device resolver follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromotePolicyKind {
+    OneStepLag,
+    UnionOfLastTwo,
+}
+
+impl PromotePolicyKind {
+    fn policy(self, max_promote: usize) -> PromotePolicy {
+        match self {
+            PromotePolicyKind::OneStepLag => PromotePolicy::one_step_lag(max_promote),
+            PromotePolicyKind::UnionOfLastTwo => PromotePolicy::union_of_last_two(max_promote),
+        }
+    }
+}
+
+impl std::str::FromStr for PromotePolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "one-step-lag" | "lag" => Ok(PromotePolicyKind::OneStepLag),
+            "union" | "union-of-last-two" => Ok(PromotePolicyKind::UnionOfLastTwo),
+            other => Err(format!("unknown predictor {other:?} (one-step-lag or union)")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,34 +114,79 @@ pub struct OffloadRow {
     pub batch: usize,
     pub layers: usize,
     pub mode: String,
+    /// The device resolver's predictor.
+    pub predictor: Option<String>,
     pub memcpy_min_bytes: Option<usize>,
-    pub step_us_median: f64,
-    /// Offloaded step time over the GPU-resident one (same run).
+    /// Step time with the step replayed as a CUDA graph (not for the host-driven engine).
+    pub graph_step_us: Option<f64>,
+    /// Step time with every launch issued from the host.
+    pub eager_step_us: f64,
+    /// The offloaded step over the GPU-resident one, graph against graph
+    /// where both have one, else eager against eager (same run).
     pub vs_resident: Option<f64>,
     pub hit_rate: Option<f64>,
     pub miss_rate: Option<f64>,
+    /// Of the units a step attended, the resident ones the previous step attended too.
+    pub overlap_rate: Option<f64>,
     pub late_per_step: Option<f64>,
     pub h2d_bytes_per_step: Option<f64>,
+    /// Misses left without a slot per step.
+    pub unplaced_per_step: Option<f64>,
+    pub transfer_us_per_step: Option<f64>,
+    pub exposed_us_per_step: Option<f64>,
     pub hidden_fraction: Option<f64>,
     pub memcpy_units: Option<usize>,
     pub gathered_units: Option<usize>,
-    /// Host wall time per step spent issuing the step's GPU work (selection,
-    /// attention, and for the offload engine its ordering and release calls).
+    /// Host wall time per step issuing the step's GPU work (eager; for
+    /// graphs, the launch call).
     pub host_launch_us_per_step: f64,
-    /// Host wall time per step in the offload engine's bookkeeping off the
-    /// critical path (waiting for a layer's read-back, hit/miss accounting,
-    /// prefetch decisions and copy issue, end of step).
+    pub host_graph_launch_us_per_step: Option<f64>,
+    /// Host wall time per step in the host-driven engine's bookkeeping off
+    /// the critical path (waiting for a layer's read-back, hit/miss
+    /// accounting, prefetch decisions and copy issue, end of step).
     pub host_bookkeeping_us_per_step: Option<f64>,
     /// GPU bytes one sequence holds per layer in this mode (K/V or slots, plus bounds and labels).
     pub gpu_bytes_per_seq_layer: usize,
     /// The same over the sequence's dense K/V per layer.
     pub gpu_fraction_of_dense_kv: f64,
+    /// Host pools behind the layers (fewer than the layers: shared).
+    pub host_tiers: Option<usize>,
+    /// Per telemetry step, per layer: the device resolver's counters.
+    pub telemetry: Option<Vec<StepTelemetry>>,
+}
+
+/// One telemetry step of the device resolver.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTelemetry {
+    pub transfer_us: f64,
+    pub exposed_us: f64,
+    pub layers: Vec<ResidencyStats>,
 }
 
 struct Layer {
     pool: GpuKvPool,
     table: CudaSlice<i32>,
     table_host: Vec<i32>,
+}
+
+/// What every mode of one (ctx, batch) point shares.
+struct Point<'a> {
+    ops: &'a CudaOps,
+    device: &'a CudaDevice,
+    sweep: &'a OffloadSweep,
+    ctx: usize,
+    batch: usize,
+    blocks_per_seq: usize,
+    rows: usize,
+    layers: Vec<Layer>,
+    lens: CudaSlice<i32>,
+    /// `[step][layer]`, on the device.
+    queries: Vec<Vec<CudaSlice<f32>>>,
+    params: SelectParams,
+    splits: usize,
+    scale: f32,
+    dense_kv_per_seq_layer: usize,
+    metadata_per_seq_layer: usize,
 }
 
 /// Runs the sweep.
@@ -104,15 +196,14 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
     let sms = multiprocessors(device)?;
     let (qh, kvh, d) = (sweep.q_heads, sweep.kv_heads, sweep.head_dim);
     let r = 32.min(d);
-    let scale = 1.0 / (d as f32).sqrt();
     let mut rng = StdRng::seed_from_u64(11);
     let random = random_on_device(device, &mut rng)?;
     let channels: Vec<u16> = (0..kvh).flat_map(|_| 0..r as u16).collect();
     let params = SelectParams {
         block_topk: sweep.block_topk,
         token_topk: sweep.token_topk,
-        sink_blocks: 1,
-        local_blocks: 1,
+        sink_blocks: SINK_BLOCKS,
+        local_blocks: LOCAL_BLOCKS,
         reduce_max: false,
     };
     let mut rows_out = Vec::new();
@@ -142,9 +233,10 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 });
             }
             let lens = stream.clone_htod(&vec![ctx as i32; batch])?;
-            // The drifting queries of every step, the same for every mode.
-            let total_steps = sweep.steps + 3;
-            let mut queries: Vec<Vec<CudaSlice<f32>>> = Vec::new(); // [step][layer], on the device
+            // The drifting queries of every step (warm-up, eager, graph and
+            // telemetry steps), the same for every mode.
+            let total_steps = WARMUP + 2 * sweep.steps + TELEMETRY_STEPS;
+            let mut queries: Vec<Vec<CudaSlice<f32>>> = Vec::new();
             let mut q_now: Vec<Vec<f32>> = (0..sweep.layers)
                 .map(|_| (0..batch * qh * d).map(|_| rng.random_range(-1.0f32..1.0)).collect())
                 .collect();
@@ -162,205 +254,501 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 );
             }
             let max_tokens_guess = ctx.min(sweep.token_topk + 3 * BLOCK);
-            let splits = decode_splits(rows, max_tokens_guess, DecodeKernel::GqaSparse, sms);
-            let dense_kv_per_seq_layer = ctx * kvh * d * 2 * 2;
-            let metadata_per_seq_layer = blocks_per_seq * kvh * 2 * d * 4 + ctx * kvh * (r / 2 + 4);
-            let mut select_scratch = SelectScratch::new(&ops)?;
-            let mut scratch = DecodeScratch::new(&ops)?;
-            let mut out = stream.alloc_zeros::<f32>(batch * qh * d)?;
-
-            // GPU-resident sparse decode.
-            progress(&format!("ctx {ctx} batch {batch}: resident"));
-            let warmup = 3;
-            let mut start = Instant::now();
-            let mut launch = Duration::ZERO;
-            for (step, qs) in queries.iter().enumerate() {
-                if step == warmup {
-                    stream.synchronize()?;
-                    start = Instant::now();
-                    launch = Duration::ZERO;
-                }
-                let issued = Instant::now();
-                for (layer, q) in layers.iter().zip(qs) {
-                    ops.sparse_select(
-                        q,
-                        &layer.pool,
-                        &layer.table,
-                        blocks_per_seq,
-                        &lens,
-                        qh,
-                        &params,
-                        &mut select_scratch,
-                    )?;
-                    let view = layer.pool.view(&layer.table, blocks_per_seq, &lens);
-                    let lists = select_scratch.lists();
-                    ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
-                }
-                launch += issued.elapsed();
-            }
-            stream.synchronize()?;
-            let timed_steps = (queries.len() - warmup) as f64;
-            let resident_us = start.elapsed().as_secs_f64() * 1e6 / timed_steps;
-            let resident_bytes = dense_kv_per_seq_layer + metadata_per_seq_layer;
-            rows_out.push(OffloadRow {
+            let mut point = Point {
+                ops: &ops,
+                device,
+                sweep,
                 ctx,
                 batch,
-                layers: sweep.layers,
-                mode: "gpu-resident".into(),
-                memcpy_min_bytes: None,
-                step_us_median: resident_us,
-                vs_resident: None,
-                hit_rate: None,
-                miss_rate: None,
-                late_per_step: None,
-                h2d_bytes_per_step: None,
-                hidden_fraction: None,
-                memcpy_units: None,
-                gathered_units: None,
-                host_launch_us_per_step: launch.as_secs_f64() * 1e6 / timed_steps,
-                host_bookkeeping_us_per_step: None,
-                gpu_bytes_per_seq_layer: resident_bytes,
-                gpu_fraction_of_dense_kv: resident_bytes as f64 / dense_kv_per_seq_layer as f64,
-            });
-
+                blocks_per_seq,
+                rows,
+                layers,
+                lens,
+                queries,
+                params,
+                splits: decode_splits(rows, max_tokens_guess, DecodeKernel::GqaSparse, sms),
+                scale: 1.0 / (d as f32).sqrt(),
+                dense_kv_per_seq_layer: ctx * kvh * d * 2 * 2,
+                metadata_per_seq_layer: blocks_per_seq * kvh * 2 * d * 2 + ctx * kvh * (r / 2 + 4),
+            };
+            progress(&format!("ctx {ctx} batch {batch}: resident"));
+            let resident = point.resident()?;
+            let resident_graph = resident.graph_step_us;
+            let resident_eager = resident.eager_step_us;
+            rows_out.push(resident);
+            let ratio = |row: &mut OffloadRow| {
+                row.vs_resident = Some(match (row.graph_step_us, resident_graph) {
+                    (Some(g), Some(rg)) => g / rg,
+                    _ => row.eager_step_us / resident_eager,
+                });
+            };
+            // The host tiers are filled from the GPU pools; then the pools'
+            // K/V leave the GPU (the offloaded modes keep only the metadata).
+            let tiers = host_tiers(sweep, num_blocks * kvh * BLOCK * d * 2 * 2);
+            let entries = rows * (SINK_BLOCKS + sweep.block_topk + LOCAL_BLOCKS + 1);
+            let Some(&first) = sweep.predictors.first() else {
+                continue;
+            };
+            // Every miss of a step can be promoted (the copy list is sized for it).
+            let mut residency =
+                GpuResidency::with_host_tiers(device, point.layout()?, first.policy(entries), entries, tiers)?;
+            for (l, layer) in point.layers.iter().enumerate().take(tiers) {
+                let (hk, hv) = residency.host_mut(l)?;
+                stream.memcpy_dtoh(&layer.pool.keys, hk)?;
+                stream.memcpy_dtoh(
+                    layer.pool.values.as_ref().context("a GQA pool has values")?,
+                    hv.context("values")?,
+                )?;
+            }
+            stream.synchronize()?;
+            for layer in point.layers.iter_mut() {
+                layer.pool.keys = stream.alloc_zeros(8)?;
+                layer.pool.values = Some(stream.alloc_zeros(8)?);
+            }
+            for &kind in &sweep.predictors {
+                progress(&format!(
+                    "ctx {ctx} batch {batch}: offloaded, device resolver ({kind:?})"
+                ));
+                residency.reset(kind.policy(entries))?;
+                let mut row = point.device_resolver(&mut residency, tiers)?;
+                ratio(&mut row);
+                progress(&format!(
+                    "ctx {ctx} batch {batch}: device resolver {:.0} us vs resident {:.0} us",
+                    row.graph_step_us.unwrap_or(row.eager_step_us),
+                    resident_graph.unwrap_or(resident_eager)
+                ));
+                rows_out.push(row);
+            }
             for &memcpy_min_bytes in &sweep.memcpy_min_bytes {
                 progress(&format!(
-                    "ctx {ctx} batch {batch}: offloaded (memcpy >= {memcpy_min_bytes} B)"
+                    "ctx {ctx} batch {batch}: offloaded, host engine (memcpy >= {memcpy_min_bytes} B)"
                 ));
-                let config = OffloadConfig::with_slack(rows, sweep.block_topk, 3, sweep.slack)?;
-                let layout = CudaLayout {
-                    num_layers: sweep.layers,
-                    kv_heads: kvh,
-                    host_blocks: num_blocks,
-                    block_size: BLOCK,
-                    key_dim: d,
-                    value_dim: d,
-                    slots_per_layer: config.slots_per_layer,
-                };
-                let mut backend = CudaBackend::new(device, layout)?;
-                backend.memcpy_min_bytes = memcpy_min_bytes;
-                for (l, layer) in layers.iter().enumerate() {
-                    let (hk, hv) = backend.host_mut(l);
-                    stream.memcpy_dtoh(&layer.pool.keys, hk)?;
-                    stream.memcpy_dtoh(layer.pool.values.as_ref().expect("gqa"), hv.expect("gqa"))?;
-                }
-                stream.synchronize()?;
-                let mut engine = OffloadEngine::new(backend);
-                let mut predictor = OneStepLag;
-                let mut readback = Readback::new(device, sweep.layers, rows, kvh, blocks_per_seq, sweep.block_topk)?;
-                let mut pending: Option<usize> = None;
-                let warmup = 3;
-                let mut start = Instant::now();
-                let mut metrics: Vec<StepMetrics> = Vec::new();
-                let (mut launch, mut bookkeeping) = (Duration::ZERO, Duration::ZERO);
-                for (step, qs) in queries.iter().enumerate() {
-                    if step == warmup {
-                        stream.synchronize()?;
-                        start = Instant::now();
-                        (launch, bookkeeping) = (Duration::ZERO, Duration::ZERO);
-                    }
-                    engine.begin_step();
-                    // The critical path: selection, then attention over the
-                    // slots (after the copies into them), nothing on the host.
-                    for (l, (layer, q)) in layers.iter().zip(qs).enumerate() {
-                        let issued = Instant::now();
-                        ops.sparse_select(
-                            q,
-                            &layer.pool,
-                            &layer.table,
-                            blocks_per_seq,
-                            &lens,
-                            qh,
-                            &params,
-                            &mut select_scratch,
-                        )?;
-                        engine.order_before_attention(l)?;
-                        let backend = engine.backend();
-                        let (host_keys, host_values) = backend.host_device_ptrs(l);
-                        let view = PagedKvView {
-                            keys: &backend.slot_keys[l],
-                            values: Some(&backend.slot_values[l]),
-                            offload: Some(OffloadedKv {
-                                unit_slots: &backend.unit_slots[l],
-                                host_keys,
-                                host_values,
-                            }),
-                            ..layer.pool.view(&layer.table, blocks_per_seq, &lens)
-                        };
-                        let lists = select_scratch.lists();
-                        ops.decode_attention(q, &view, Some(&lists), qh, scale, splits, &mut scratch, &mut out)?;
-                        engine.release(l)?;
-                        launch += issued.elapsed();
-                        let booked = Instant::now();
-                        // Off the critical path: the layer launched before this
-                        // one (here or in the last step) has finished on the GPU
-                        // by now or soon; its candidate and forced blocks are
-                        // what it read (counted) and what its next step will
-                        // read (prefetched).
-                        if let Some(prev) = pending.replace(l) {
-                            readback.account_and_prefetch(
-                                &mut engine,
-                                &mut predictor,
-                                prev,
-                                &layers[prev].table_host,
-                            )?;
-                        }
-                        readback.issue(&stream, l, &select_scratch)?;
-                        bookkeeping += booked.elapsed();
-                    }
-                    let booked = Instant::now();
-                    let m = engine.end_step()?;
-                    bookkeeping += booked.elapsed();
-                    if step >= warmup {
-                        metrics.push(m);
-                    }
-                }
-                stream.synchronize()?;
-                let t = start.elapsed().as_secs_f64() * 1e6 / (queries.len() - warmup) as f64;
-                if let Some(prev) = pending.take() {
-                    readback.account_and_prefetch(&mut engine, &mut predictor, prev, &layers[prev].table_host)?;
-                }
-                let n = metrics.len().max(1) as f64;
-                let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
-                let requested = sum(|m| m.requested as f64).max(1.0);
-                let transfer = sum(|m| m.transfer_us);
-                let exposed = sum(|m| m.exposed_us);
-                let counts = engine.backend().counts;
-                // Slots and the unit -> slot table, per sequence and layer.
-                let slots_bytes =
-                    (engine.backend().layout().resident_bytes() / sweep.layers + num_blocks * kvh * 4) / batch;
-                let offload_bytes = slots_bytes + metadata_per_seq_layer;
-                rows_out.push(OffloadRow {
-                    ctx,
-                    batch,
-                    layers: sweep.layers,
-                    mode: "offloaded".into(),
-                    memcpy_min_bytes: Some(memcpy_min_bytes),
-                    step_us_median: t,
-                    vs_resident: Some(t / resident_us),
-                    hit_rate: Some(sum(|m| m.hits as f64) / requested),
-                    miss_rate: Some(sum(|m| m.misses as f64) / requested),
-                    late_per_step: Some(sum(|m| m.late as f64) / n),
-                    h2d_bytes_per_step: Some(sum(|m| m.h2d_bytes as f64) / n),
-                    hidden_fraction: Some(if transfer > 0.0 {
-                        (1.0 - exposed / transfer).clamp(0.0, 1.0)
-                    } else {
-                        1.0
-                    }),
-                    memcpy_units: Some(counts.memcpy_units),
-                    gathered_units: Some(counts.gathered_units),
-                    host_launch_us_per_step: launch.as_secs_f64() * 1e6 / n,
-                    host_bookkeeping_us_per_step: Some(bookkeeping.as_secs_f64() * 1e6 / n),
-                    gpu_bytes_per_seq_layer: offload_bytes,
-                    gpu_fraction_of_dense_kv: offload_bytes as f64 / dense_kv_per_seq_layer as f64,
-                });
-                progress(&format!(
-                    "ctx {ctx} batch {batch}: offloaded {t:.0} us vs resident {resident_us:.0} us"
-                ));
+                let mut row = point.host_engine(memcpy_min_bytes, &residency, tiers)?;
+                ratio(&mut row);
+                rows_out.push(row);
             }
         }
     }
     Ok(rows_out)
+}
+
+const TELEMETRY_STEPS: usize = 5;
+
+/// Host pools for the layers within the budget (at least one).
+fn host_tiers(sweep: &OffloadSweep, bytes_per_layer: usize) -> usize {
+    (sweep.host_budget_bytes / bytes_per_layer.max(1)).clamp(1, sweep.layers.max(1))
+}
+
+/// Per step: eager wall time and its host launch time, and (when captured)
+/// the graphs' wall time and host launch time, in us.
+struct Timed {
+    eager: f64,
+    launch: f64,
+    graph: Option<(f64, f64)>,
+}
+
+impl Point<'_> {
+    fn stream(&self) -> Arc<CudaStream> {
+        self.device.stream().clone()
+    }
+
+    fn row(&self, mode: &str, eager_step_us: f64, launch_us: f64, gpu_bytes: usize) -> OffloadRow {
+        OffloadRow {
+            ctx: self.ctx,
+            batch: self.batch,
+            layers: self.sweep.layers,
+            mode: mode.into(),
+            predictor: None,
+            memcpy_min_bytes: None,
+            graph_step_us: None,
+            eager_step_us,
+            vs_resident: None,
+            hit_rate: None,
+            miss_rate: None,
+            overlap_rate: None,
+            late_per_step: None,
+            h2d_bytes_per_step: None,
+            unplaced_per_step: None,
+            transfer_us_per_step: None,
+            exposed_us_per_step: None,
+            hidden_fraction: None,
+            memcpy_units: None,
+            gathered_units: None,
+            host_launch_us_per_step: launch_us,
+            host_graph_launch_us_per_step: None,
+            host_bookkeeping_us_per_step: None,
+            gpu_bytes_per_seq_layer: gpu_bytes,
+            gpu_fraction_of_dense_kv: gpu_bytes as f64 / self.dense_kv_per_seq_layer as f64,
+            host_tiers: None,
+            telemetry: None,
+        }
+    }
+
+    /// Times `step` (which issues step `i`'s work) over the eager steps and
+    /// then over graphs captured of the graph steps.
+    fn time_modes(&self, mut step: impl FnMut(usize) -> Result<()>, graphs: bool) -> Result<Timed> {
+        let stream = self.stream();
+        let steps = self.sweep.steps;
+        for i in 0..WARMUP {
+            step(i)?;
+        }
+        stream.synchronize()?;
+        let start = Instant::now();
+        for i in WARMUP..WARMUP + steps {
+            step(i)?;
+        }
+        let launch = start.elapsed();
+        stream.synchronize()?;
+        let eager = start.elapsed().as_secs_f64() * 1e6 / steps as f64;
+        let launch = launch.as_secs_f64() * 1e6 / steps as f64;
+        if !graphs {
+            return Ok(Timed {
+                eager,
+                launch,
+                graph: None,
+            });
+        }
+        let mut captured = Vec::with_capacity(steps);
+        for i in WARMUP + steps..WARMUP + 2 * steps {
+            let (g, ()) = self.device.capture(|| step(i))?;
+            captured.push(g);
+        }
+        // One replay to warm the graphs' first launch.
+        captured[0].launch()?;
+        stream.synchronize()?;
+        let start = Instant::now();
+        let mut launching = Duration::ZERO;
+        for g in &captured {
+            let issued = Instant::now();
+            g.launch()?;
+            launching += issued.elapsed();
+        }
+        stream.synchronize()?;
+        let graph = start.elapsed().as_secs_f64() * 1e6 / steps as f64;
+        let graph_launch = launching.as_secs_f64() * 1e6 / steps as f64;
+        Ok(Timed {
+            eager,
+            launch,
+            graph: Some((graph, graph_launch)),
+        })
+    }
+
+    fn resident(&mut self) -> Result<OffloadRow> {
+        let mut select = SelectScratch::new(self.ops)?;
+        let mut scratch = DecodeScratch::new(self.ops)?;
+        let (qh, d) = (self.sweep.q_heads, self.sweep.head_dim);
+        let mut out = self.stream().alloc_zeros::<f32>(self.batch * qh * d)?;
+        let this = &*self;
+        let Timed { eager, launch, graph } = this.time_modes(
+            |i| {
+                for (layer, q) in this.layers.iter().zip(&this.queries[i]) {
+                    this.ops.sparse_select(
+                        q,
+                        &layer.pool,
+                        &layer.table,
+                        this.blocks_per_seq,
+                        &this.lens,
+                        qh,
+                        &this.params,
+                        &mut select,
+                    )?;
+                    let view = layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens);
+                    this.ops.decode_attention(
+                        q,
+                        &view,
+                        Some(&select.lists()),
+                        qh,
+                        this.scale,
+                        this.splits,
+                        &mut scratch,
+                        &mut out,
+                    )?;
+                }
+                Ok(())
+            },
+            true,
+        )?;
+        let bytes = self.dense_kv_per_seq_layer + self.metadata_per_seq_layer;
+        let mut row = self.row("gpu-resident", eager, launch, bytes);
+        if let Some((g, gl)) = graph {
+            row.graph_step_us = Some(g);
+            row.host_graph_launch_us_per_step = Some(gl);
+        }
+        Ok(row)
+    }
+
+    fn layout(&self) -> Result<CudaLayout> {
+        let config = OffloadConfig::with_slack(self.rows, self.sweep.block_topk, 3, self.sweep.slack)?;
+        Ok(CudaLayout {
+            num_layers: self.sweep.layers,
+            kv_heads: self.sweep.kv_heads,
+            host_blocks: self.batch * self.blocks_per_seq,
+            block_size: BLOCK,
+            key_dim: self.sweep.head_dim,
+            value_dim: self.sweep.head_dim,
+            slots_per_layer: config.slots_per_layer,
+        })
+    }
+
+    /// What the resolver reads of `layer`'s step: the selection's candidates.
+    fn resolve_input<'a>(&'a self, select: &'a SelectScratch, layer: &'a Layer) -> ResolveInput<'a> {
+        let (candidates, candidate_counts) = select.candidates();
+        ResolveInput {
+            candidates,
+            candidate_counts,
+            lens: &self.lens,
+            block_table: &layer.table,
+            max_blocks: self.blocks_per_seq,
+            kv_heads: self.sweep.kv_heads,
+            block_size: BLOCK,
+            block_topk: self.sweep.block_topk,
+            sink_blocks: SINK_BLOCKS,
+            local_blocks: LOCAL_BLOCKS,
+        }
+    }
+
+    fn device_resolver(&mut self, residency: &mut GpuResidency, tiers: usize) -> Result<OffloadRow> {
+        let layout = self.layout()?;
+        let policy = residency.policy();
+        let mut select = SelectScratch::new(self.ops)?;
+        let mut scratch = DecodeScratch::new(self.ops)?;
+        let (qh, d) = (self.sweep.q_heads, self.sweep.head_dim);
+        let mut out = self.stream().alloc_zeros::<f32>(self.batch * qh * d)?;
+        let this = &*self;
+        let mut step = |i: usize, residency: &mut GpuResidency| -> Result<()> {
+            residency.begin_step()?;
+            for (l, (layer, q)) in this.layers.iter().zip(&this.queries[i]).enumerate() {
+                this.ops.sparse_select(
+                    q,
+                    &layer.pool,
+                    &layer.table,
+                    this.blocks_per_seq,
+                    &this.lens,
+                    qh,
+                    &this.params,
+                    &mut select,
+                )?;
+                let (keys, values, offload) = residency.offloaded(l);
+                let view = PagedKvView {
+                    keys,
+                    values,
+                    offload: Some(offload),
+                    ..layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens)
+                };
+                this.ops.decode_attention(
+                    q,
+                    &view,
+                    Some(&select.lists()),
+                    qh,
+                    this.scale,
+                    this.splits,
+                    &mut scratch,
+                    &mut out,
+                )?;
+                let input = this.resolve_input(&select, layer);
+                // SAFETY: `fill_pool`'s block table maps each sequence's
+                // blocks to distinct physical blocks of the pool, which the
+                // host tier mirrors.
+                unsafe { residency.after_attention(l, &input) }?;
+            }
+            residency.end_step()?;
+            Ok(())
+        };
+        let before = residency.stats()?;
+        let Timed { eager, launch, graph } = this.time_modes(|i| step(i, residency), true)?;
+        let timed = residency.stats()?;
+        // Telemetry: synchronized eager steps with copy-stream timing.
+        residency.timing = true;
+        let mut telemetry = Vec::with_capacity(TELEMETRY_STEPS);
+        let first = WARMUP + 2 * this.sweep.steps;
+        for i in first..first + TELEMETRY_STEPS {
+            let was = residency.stats()?;
+            step(i, residency)?;
+            let timing = residency.copy_timing()?.unwrap_or_default();
+            let now = residency.stats()?;
+            telemetry.push(StepTelemetry {
+                transfer_us: timing.transfer.as_secs_f64() * 1e6,
+                exposed_us: timing.exposed.as_secs_f64() * 1e6,
+                layers: now.iter().zip(&was).map(|(n, w)| n.since(*w)).collect(),
+            });
+        }
+        // Counters over the timed (eager and graph) steps, all layers.
+        let total = timed
+            .iter()
+            .zip(&before)
+            .fold(ResidencyStats::default(), |acc, (t, b)| acc + t.since(*b));
+        let timed_steps = (2 * this.sweep.steps) as f64;
+        // Slots, the tables (unit -> slot, slot -> unit and recency) per sequence and layer.
+        let slots_bytes = (layout.resident_bytes() / this.sweep.layers
+            + layout.host_blocks * layout.kv_heads * 4
+            + layout.slots_per_layer * 8)
+            / this.batch;
+        let bytes = slots_bytes + this.metadata_per_seq_layer;
+        let mut row = this.row("offloaded-device", eager, launch, bytes);
+        row.predictor = Some(policy.name().into());
+        if let Some((g, gl)) = graph {
+            row.graph_step_us = Some(g);
+            row.host_graph_launch_us_per_step = Some(gl);
+        }
+        row.hit_rate = Some(total.hit_rate());
+        row.miss_rate = Some(total.miss_rate());
+        row.overlap_rate = Some(total.overlap_rate());
+        row.h2d_bytes_per_step = Some(total.h2d_bytes as f64 / timed_steps);
+        row.unplaced_per_step = Some(total.unplaced as f64 / timed_steps);
+        let n = telemetry.len().max(1) as f64;
+        let transfer: f64 = telemetry.iter().map(|t| t.transfer_us).sum();
+        let exposed: f64 = telemetry.iter().map(|t| t.exposed_us).sum();
+        row.transfer_us_per_step = Some(transfer / n);
+        row.exposed_us_per_step = Some(exposed / n);
+        row.hidden_fraction = Some(if transfer > 0.0 {
+            (1.0 - exposed / transfer).clamp(0.0, 1.0)
+        } else {
+            1.0
+        });
+        row.host_tiers = Some(tiers);
+        row.telemetry = Some(telemetry);
+        Ok(row)
+    }
+
+    fn host_engine(&mut self, memcpy_min_bytes: usize, tier: &GpuResidency, tiers: usize) -> Result<OffloadRow> {
+        let stream = self.stream();
+        let layout = self.layout()?;
+        if tiers < layout.num_layers {
+            anyhow::bail!(
+                "the host-driven engine keeps a host pool per layer: {} layers do not fit the host budget \
+                 (lower --layers or raise --host-budget-gb)",
+                layout.num_layers
+            );
+        }
+        let (qh, d, kvh) = (self.sweep.q_heads, self.sweep.head_dim, self.sweep.kv_heads);
+        let mut backend = CudaBackend::new(self.device, layout)?;
+        backend.memcpy_min_bytes = memcpy_min_bytes;
+        for l in 0..layout.num_layers {
+            let (k, v) = tier.pools.host(l);
+            let (hk, hv) = backend.host_mut(l);
+            hk.copy_from_slice(k);
+            hv.context("values")?
+                .copy_from_slice(v.context("a GQA host tier has values")?);
+        }
+        let mut engine = OffloadEngine::new(backend);
+        let mut predictor = OneStepLag;
+        let mut readback = Readback::new(
+            self.device,
+            self.sweep.layers,
+            self.rows,
+            kvh,
+            self.blocks_per_seq,
+            self.sweep.block_topk,
+        )?;
+        let mut select = SelectScratch::new(self.ops)?;
+        let mut scratch = DecodeScratch::new(self.ops)?;
+        let mut out = stream.alloc_zeros::<f32>(self.batch * qh * d)?;
+        let mut pending: Option<usize> = None;
+        let mut start = Instant::now();
+        let mut metrics: Vec<StepMetrics> = Vec::new();
+        let (mut launch, mut bookkeeping) = (Duration::ZERO, Duration::ZERO);
+        let steps = WARMUP + self.sweep.steps;
+        for (step, qs) in self.queries[..steps].iter().enumerate() {
+            if step == WARMUP {
+                stream.synchronize()?;
+                start = Instant::now();
+                (launch, bookkeeping) = (Duration::ZERO, Duration::ZERO);
+            }
+            engine.begin_step();
+            // The critical path: selection, then attention over the slots
+            // (after the copies into them), nothing on the host.
+            for (l, (layer, q)) in self.layers.iter().zip(qs).enumerate() {
+                let issued = Instant::now();
+                self.ops.sparse_select(
+                    q,
+                    &layer.pool,
+                    &layer.table,
+                    self.blocks_per_seq,
+                    &self.lens,
+                    qh,
+                    &self.params,
+                    &mut select,
+                )?;
+                engine.order_before_attention(l)?;
+                let backend = engine.backend();
+                let (host_keys, host_values) = backend.host_device_ptrs(l);
+                let view = PagedKvView {
+                    keys: &backend.pools.slot_keys[l],
+                    values: Some(&backend.pools.slot_values[l]),
+                    offload: Some(OffloadedKv {
+                        unit_slots: &backend.unit_slots[l],
+                        host_keys,
+                        host_values,
+                    }),
+                    ..layer.pool.view(&layer.table, self.blocks_per_seq, &self.lens)
+                };
+                self.ops.decode_attention(
+                    q,
+                    &view,
+                    Some(&select.lists()),
+                    qh,
+                    self.scale,
+                    self.splits,
+                    &mut scratch,
+                    &mut out,
+                )?;
+                engine.release(l)?;
+                launch += issued.elapsed();
+                let booked = Instant::now();
+                // Off the critical path: the layer launched before this one
+                // (here or in the last step) has finished on the GPU by now
+                // or soon; its candidate and forced blocks are what it read
+                // (counted) and what its next step will read (prefetched).
+                if let Some(prev) = pending.replace(l) {
+                    readback.account_and_prefetch(&mut engine, &mut predictor, prev, &self.layers[prev].table_host)?;
+                }
+                readback.issue(&stream, l, &select)?;
+                bookkeeping += booked.elapsed();
+            }
+            let booked = Instant::now();
+            let m = engine.end_step()?;
+            bookkeeping += booked.elapsed();
+            if step >= WARMUP {
+                metrics.push(m);
+            }
+        }
+        stream.synchronize()?;
+        let t = start.elapsed().as_secs_f64() * 1e6 / self.sweep.steps as f64;
+        if let Some(prev) = pending.take() {
+            readback.account_and_prefetch(&mut engine, &mut predictor, prev, &self.layers[prev].table_host)?;
+        }
+        let n = metrics.len().max(1) as f64;
+        let sum = |f: fn(&StepMetrics) -> f64| metrics.iter().map(f).sum::<f64>();
+        let requested = sum(|m| m.requested as f64).max(1.0);
+        let transfer = sum(|m| m.transfer_us);
+        let exposed = sum(|m| m.exposed_us);
+        let counts = engine.backend().counts;
+        // Slots and the unit -> slot table, per sequence and layer.
+        let slots_bytes = (layout.resident_bytes() / self.sweep.layers + layout.host_blocks * kvh * 4) / self.batch;
+        let mut row = self.row(
+            "offloaded-host",
+            t,
+            launch.as_secs_f64() * 1e6 / n,
+            slots_bytes + self.metadata_per_seq_layer,
+        );
+        row.memcpy_min_bytes = Some(memcpy_min_bytes);
+        row.hit_rate = Some(sum(|m| m.hits as f64) / requested);
+        row.miss_rate = Some(sum(|m| m.misses as f64) / requested);
+        row.late_per_step = Some(sum(|m| m.late as f64) / n);
+        row.h2d_bytes_per_step = Some(sum(|m| m.h2d_bytes as f64) / n);
+        row.transfer_us_per_step = Some(transfer / n);
+        row.exposed_us_per_step = Some(exposed / n);
+        row.hidden_fraction = Some(if transfer > 0.0 {
+            (1.0 - exposed / transfer).clamp(0.0, 1.0)
+        } else {
+            1.0
+        });
+        row.memcpy_units = Some(counts.memcpy_units);
+        row.gathered_units = Some(counts.gathered_units);
+        row.host_bookkeeping_us_per_step = Some(bookkeeping.as_secs_f64() * 1e6 / n);
+        row.host_tiers = Some(layout.num_layers);
+        Ok(row)
+    }
 }
 
 /// Each layer's candidate blocks, read back to pinned host memory after its

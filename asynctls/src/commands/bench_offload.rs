@@ -1,7 +1,7 @@
 //! `asynctls bench offload`.
 
 use anyhow::{bail, Context, Result};
-use asynctls::bench::offload_cuda::{self, OffloadSweep};
+use asynctls::bench::offload_cuda::{self, OffloadSweep, PromotePolicyKind};
 use asynctls_kernels::{Device, DeviceRequest};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,14 +12,14 @@ pub struct OffloadArgs {
     #[arg(long, default_value = "cuda")]
     device: DeviceRequest,
     /// Context lengths (tokens), comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "49152,98304")]
+    #[arg(long, value_delimiter = ',', default_value = "98304")]
     ctx: Vec<usize>,
     /// Batch sizes, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
-    /// Layers simulated per step (each with its own pool; prefetches of one
-    /// layer overlap the compute of the others).
-    #[arg(long, default_value_t = 4)]
+    /// Layers per step (each with its own pool, selection and residency;
+    /// Qwen3-8B has 36). One layer's copies overlap the next layers.
+    #[arg(long, default_value_t = 36)]
     layers: usize,
     /// Query heads and KV heads, head dim (Qwen3-8B by default).
     #[arg(long, default_value_t = 32)]
@@ -43,11 +43,21 @@ pub struct OffloadArgs {
     /// Timed steps per configuration (after 3 warm-up steps).
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Runs of contiguous units at least this many bytes go by memcpy, the
-    /// rest by the mapped-memory gather; several values compare them
-    /// (0: all memcpy; a huge value: all gather).
-    #[arg(long, value_delimiter = ',', default_value = "0,262144,18446744073709551615")]
+    /// Predictors of the device-side resolver to run: one-step-lag, union
+    /// (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "one-step-lag,union")]
+    predictor: Vec<PromotePolicyKind>,
+    /// Also run the host-driven offload engine, once per value: runs of
+    /// contiguous units at least this many bytes go by memcpy, the rest by
+    /// the mapped-memory gather (0: all memcpy; a huge value: all gather).
+    /// It keeps a host pool per layer, so it needs --layers within the host budget.
+    #[arg(long, value_delimiter = ',')]
     memcpy_min_bytes: Vec<usize>,
+    /// Pinned host memory (GiB) the host tiers may take; beyond it layers
+    /// share host pools (their data alias; each layer's residency, slots and
+    /// traffic stay its own).
+    #[arg(long, default_value_t = 48.0)]
+    host_budget_gb: f64,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -73,7 +83,9 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         slack: args.slack,
         drift: args.drift,
         steps: args.steps.max(3),
+        predictors: args.predictor.clone(),
         memcpy_min_bytes: args.memcpy_min_bytes.clone(),
+        host_budget_bytes: (args.host_budget_gb.max(0.0) * (1u64 << 30) as f64) as usize,
     };
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::default_spinner());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -86,7 +98,7 @@ pub fn run(args: OffloadArgs) -> Result<()> {
                 "bench": "offload", "device": gpu.name().unwrap_or_default(),
                 "q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                 "layers": args.layers, "block_topk": args.block_topk, "budget": args.budget,
-                "slack": args.slack, "drift": args.drift, "rows": rows
+                "slack": args.slack, "drift": args.drift, "host_budget_gb": args.host_budget_gb, "rows": rows
             }))?
         );
         return Ok(());
@@ -104,45 +116,49 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         args.drift
     );
     println!(
-        "{:>7} {:>5} {:>13} {:>10} {:>10} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10} {:>8} {:>9} {:>9}",
+        "{:>7} {:>5} {:>16} {:>12} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>10} {:>7} {:>8} {:>9} {:>9} {:>8}",
         "ctx",
         "batch",
         "mode",
-        "memcpy>=",
-        "step us",
+        "predictor",
+        "graph us",
+        "eager us",
         "x res.",
         "hit",
         "miss",
-        "late",
+        "overlap",
         "H2D MB/st",
         "hidden",
-        "GPU MB/seq",
         "x dense",
         "launch us",
+        "graph-l us",
         "book us"
     );
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
+        let label = match (&r.predictor, r.memcpy_min_bytes) {
+            (Some(p), _) => p.clone(),
+            (None, Some(usize::MAX)) => "gather".into(),
+            (None, Some(b)) => format!("memcpy>={b}"),
+            (None, None) => "-".into(),
+        };
         println!(
-            "{:>7} {:>5} {:>13} {:>10} {:>10.0} {:>8} {:>6} {:>6} {:>6} {:>11} {:>7} {:>10.1} {:>8.3} {:>9.0} {:>9}",
+            "{:>7} {:>5} {:>16} {:>12} {:>9} {:>9.0} {:>7} {:>6} {:>6} {:>7} {:>10} {:>7} {:>8.3} {:>9.0} {:>9} {:>8}",
             r.ctx,
             r.batch,
             r.mode,
-            r.memcpy_min_bytes.map_or("-".into(), |b| if b == usize::MAX {
-                "never".into()
-            } else {
-                b.to_string()
-            }),
-            r.step_us_median,
+            label,
+            opt(r.graph_step_us, 0),
+            r.eager_step_us,
             opt(r.vs_resident, 2),
             opt(r.hit_rate, 3),
-            opt(r.miss_rate, 3),
-            opt(r.late_per_step, 0),
+            opt(r.miss_rate, 4),
+            opt(r.overlap_rate, 3),
             opt(r.h2d_bytes_per_step.map(|b| b / 1e6), 2),
             opt(r.hidden_fraction, 2),
-            r.gpu_bytes_per_seq_layer as f64 / 1e6 * r.layers as f64,
             r.gpu_fraction_of_dense_kv,
             r.host_launch_us_per_step,
+            opt(r.host_graph_launch_us_per_step, 0),
             opt(r.host_bookkeeping_us_per_step, 0)
         );
     }

@@ -1,0 +1,404 @@
+//! The offloaded K/V with its residency decided on the device: the host
+//! tier and resident slots of [`KvPools`], per layer the tables of
+//! [`crate::resolver`] in device memory, and the kernels that resolve a
+//! step's selection, promote its misses and copy them, so an offloaded
+//! decode step is launches only (no read-back, no host bookkeeping) and can
+//! be captured as one CUDA graph.
+//!
+//! Per step: [`GpuResidency::begin_step`] moves the device's step counter
+//! on; per layer, after the selection and the attention (which reads the
+//! slots through [`GpuResidency::offloaded`], a miss in place from the host
+//! tier), [`GpuResidency::after_attention`] resolves on the compute stream
+//! and forks the promotion and its copies to a copy stream, where they
+//! overlap the next layers; [`GpuResidency::end_step`] joins the copy stream
+//! back, so the next step sees every table update and copy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use asynctls_kernels::cuda::gather::{ResidencyTables, ResolveInput, ResolveScratch, RESIDENCY_STATS};
+use asynctls_kernels::cuda::{CudaOps, OffloadedKv};
+use asynctls_kernels::CudaDevice;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+
+use crate::cuda::{CudaLayout, KvPools};
+use crate::resolver::{PromotePolicy, Residency, ResidencyStats, STATS};
+use crate::{OffloadError, Result};
+
+/// One layer's device tables and scratch (scratch per layer: a layer's
+/// promotion runs on the copy stream while the next layer resolves).
+struct LayerTables {
+    unit_slot: CudaSlice<i32>,
+    slot_unit: CudaSlice<i32>,
+    slot_last: CudaSlice<u32>,
+    hand: CudaSlice<u32>,
+    stats: CudaSlice<u64>,
+    miss_units: CudaSlice<i32>,
+    miss_list: CudaSlice<i32>,
+    copy_units: CudaSlice<i64>,
+    copy_slots: CudaSlice<i32>,
+    copy_count: CudaSlice<i32>,
+    /// Recorded on the compute stream after the layer's resolve (the fork).
+    resolved: CudaEvent,
+    /// Recorded on the copy stream after the layer's copies.
+    copied: CudaEvent,
+}
+
+/// Copy-stream timing of one step, when asked for ([`GpuResidency::timing`]).
+struct Timing {
+    /// Per layer: copy work (start, end).
+    copies: Vec<(CudaEvent, CudaEvent)>,
+    /// On the compute stream where the step ends, before the join.
+    ready: CudaEvent,
+}
+
+/// What the copy stream did in one timed step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CopyTiming {
+    /// Time the copy stream spent on promotions and copies (all layers).
+    pub transfer: Duration,
+    /// Time the compute stream waited at the join for them.
+    pub exposed: Duration,
+}
+
+/// The offloaded K/V of a batch, its residency kept by the device.
+pub struct GpuResidency {
+    ops: CudaOps,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    /// The host tier and the slots.
+    pub pools: KvPools,
+    layers: Vec<LayerTables>,
+    step: CudaSlice<u32>,
+    policy: PromotePolicy,
+    entries: usize,
+    copy_grid: usize,
+    /// Time the copy stream (record events) on the steps from now on.
+    pub timing: bool,
+    timed: Option<Timing>,
+}
+
+impl std::fmt::Debug for GpuResidency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuResidency")
+            .field("layout", self.pools.layout())
+            .field("policy", &self.policy)
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl GpuResidency {
+    /// Pools for `layout` and empty residency tables, for steps of at most
+    /// `entries` attended (row, block) pairs per layer
+    /// (`rows * ResolveInput::max_entries()`).
+    pub fn new(device: &CudaDevice, layout: CudaLayout, policy: PromotePolicy, entries: usize) -> Result<Self> {
+        Self::with_host_tiers(device, layout, policy, entries, layout.num_layers)
+    }
+
+    /// As [`Self::new`] with `tiers` host pools shared by the layers
+    /// ([`KvPools::with_host_tiers`]).
+    pub fn with_host_tiers(
+        device: &CudaDevice,
+        layout: CudaLayout,
+        policy: PromotePolicy,
+        entries: usize,
+        tiers: usize,
+    ) -> Result<Self> {
+        let ops = CudaOps::new(device)?;
+        let compute = device.stream().clone();
+        let copy = device.context().new_stream()?;
+        let units = layout
+            .host_blocks
+            .checked_mul(layout.kv_heads)
+            .filter(|&u| u <= i32::MAX as usize)
+            .ok_or_else(|| OffloadError::Config("more host units than a 32-bit table indexes".into()))?;
+        let slots = layout.slots_per_layer;
+        if slots == 0 || slots > i32::MAX as usize || policy.protect == 0 || entries == 0 {
+            return Err(OffloadError::Config(format!(
+                "{slots} slots, protect {}, {entries} entries per step (need nonzero and 32-bit)",
+                policy.protect
+            )));
+        }
+        let max_promote = policy.max_promote.clamp(1, entries);
+        let pools = KvPools::with_host_tiers(&compute, layout, tiers)?;
+        let event = || -> Result<CudaEvent> {
+            Ok(compute
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+        };
+        let mut layers = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            layers.push(LayerTables {
+                unit_slot: compute.clone_htod(&vec![-1i32; units])?,
+                slot_unit: compute.clone_htod(&vec![-1i32; slots])?,
+                slot_last: compute.alloc_zeros::<u32>(slots)?,
+                hand: compute.alloc_zeros::<u32>(1)?,
+                stats: compute.alloc_zeros::<u64>(RESIDENCY_STATS)?,
+                miss_units: compute.alloc_zeros::<i32>(entries)?,
+                miss_list: compute.alloc_zeros::<i32>(entries)?,
+                copy_units: compute.alloc_zeros::<i64>(max_promote)?,
+                copy_slots: compute.alloc_zeros::<i32>(max_promote)?,
+                copy_count: compute.alloc_zeros::<i32>(1)?,
+                resolved: event()?,
+                copied: event()?,
+            });
+        }
+        let step = compute.alloc_zeros::<u32>(1)?;
+        compute.synchronize()?;
+        let sms = device
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        Ok(GpuResidency {
+            ops,
+            compute,
+            copy,
+            pools,
+            layers,
+            step,
+            policy: PromotePolicy { max_promote, ..policy },
+            entries,
+            // A few CTAs per SM keep PCIe busy without taking the SMs from
+            // the attention the copies overlap.
+            copy_grid: sms.max(1),
+            timing: false,
+            timed: None,
+        })
+    }
+
+    pub fn policy(&self) -> PromotePolicy {
+        self.policy
+    }
+
+    /// Empties the residency (every unit back to the host tier only, counters
+    /// zeroed) and follows `policy` from now on; the host tier keeps its data.
+    pub fn reset(&mut self, policy: PromotePolicy) -> Result<()> {
+        if policy.protect == 0 {
+            return Err(OffloadError::Config(
+                "protect 0 would evict the step's own selection".into(),
+            ));
+        }
+        self.copy.synchronize()?;
+        self.compute.synchronize()?;
+        for t in &mut self.layers {
+            self.compute
+                .memcpy_htod(&vec![-1i32; t.unit_slot.len()], &mut t.unit_slot)?;
+            self.compute
+                .memcpy_htod(&vec![-1i32; t.slot_unit.len()], &mut t.slot_unit)?;
+            self.compute.memset_zeros(&mut t.slot_last)?;
+            self.compute.memset_zeros(&mut t.hand)?;
+            self.compute.memset_zeros(&mut t.stats)?;
+        }
+        self.compute.memset_zeros(&mut self.step)?;
+        self.compute.synchronize()?;
+        self.policy = PromotePolicy {
+            max_promote: policy
+                .max_promote
+                .clamp(1, self.layers.first().map_or(1, |t| t.copy_units.len())),
+            ..policy
+        };
+        Ok(())
+    }
+
+    /// Starts a step: the device's step counter moves on (on the compute stream).
+    pub fn begin_step(&mut self) -> Result<()> {
+        self.ops.residency_next_step(&self.compute, &mut self.step)?;
+        if self.timing {
+            let mut copies = Vec::with_capacity(self.layers.len());
+            for _ in 0..self.layers.len() {
+                copies.push((self.timing_event()?, self.timing_event()?));
+            }
+            self.timed = Some(Timing {
+                copies,
+                ready: self.timing_event()?,
+            });
+        }
+        Ok(())
+    }
+
+    fn timing_event(&self) -> Result<CudaEvent> {
+        Ok(self
+            .compute
+            .context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
+    /// What `layer`'s attention reads: its slot pools (keys, values) and the
+    /// unit -> slot table with the host tier for misses.
+    pub fn offloaded(&self, layer: usize) -> (&CudaSlice<half::bf16>, Option<&CudaSlice<half::bf16>>, OffloadedKv<'_>) {
+        let (host_keys, host_values) = self.pools.host_device_ptrs(layer);
+        (
+            &self.pools.slot_keys[layer],
+            self.pools.slot_values.get(layer),
+            OffloadedKv {
+                unit_slots: &self.layers[layer].unit_slot,
+                host_keys,
+                host_values,
+            },
+        )
+    }
+
+    /// After `layer`'s attention (in stream order): resolves the step's
+    /// selection `input` on the compute stream, then promotes the misses and
+    /// copies them on the copy stream.
+    ///
+    /// # Safety
+    /// `input.block_table` must map every attended logical block of each
+    /// sequence to a distinct physical block below the pool's `host_blocks`
+    /// (the table lives on the device and the kernels do not check it).
+    pub unsafe fn after_attention(&mut self, layer: usize, input: &ResolveInput<'_>) -> Result<()> {
+        let entries = input.rows() * input.max_entries();
+        if entries > self.entries {
+            return Err(OffloadError::Config(format!(
+                "a step of {entries} attended blocks in layer {layer}; the resolver was sized for {}",
+                self.entries
+            )));
+        }
+        if input.kv_heads != self.pools.layout().kv_heads {
+            return Err(OffloadError::Config(format!(
+                "a selection of {} KV heads for a pool of {}",
+                input.kv_heads,
+                self.pools.layout().kv_heads
+            )));
+        }
+        let (key_bytes, value_bytes) = self.pools.unit_bytes();
+        let (host_k, host_v) = self.pools.host_device_ptrs(layer);
+        let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
+        let t = &mut self.layers[layer];
+        let mut tables = ResidencyTables {
+            unit_slot: &mut t.unit_slot,
+            slot_unit: &mut t.slot_unit,
+            slot_last: &mut t.slot_last,
+            hand: &mut t.hand,
+            stats: &mut t.stats,
+        };
+        let mut scratch = ResolveScratch {
+            miss_units: &mut t.miss_units,
+            miss_list: &mut t.miss_list,
+            copy_units: &mut t.copy_units,
+            copy_slots: &mut t.copy_slots,
+            copy_count: &mut t.copy_count,
+        };
+        // SAFETY: the caller's block table maps each sequence's blocks to
+        // distinct physical blocks of this host pool (`after_attention`'s
+        // contract), whose units are exactly the entries of `unit_slot`.
+        unsafe {
+            self.ops
+                .residency_resolve(&self.compute, input, &mut tables, &self.step, &mut scratch)
+        }?;
+        t.resolved.record(&self.compute)?;
+        self.copy.wait(&t.resolved)?;
+        if let Some(timed) = &self.timed {
+            timed.copies[layer].0.record(&self.copy)?;
+        }
+        // SAFETY: the misses were written by the resolve just ordered before.
+        unsafe {
+            self.ops.residency_promote(
+                &self.copy,
+                entries,
+                &mut tables,
+                &self.step,
+                self.policy.protect,
+                self.policy.max_promote,
+                key_bytes + value_bytes,
+                &mut scratch,
+            )
+        }?;
+        // SAFETY: the host tier is this layer's pinned, mapped pool and the
+        // slots its slot pool; the promote names units and slots of both.
+        unsafe {
+            self.ops.gather_units_counted(
+                &self.copy,
+                (host_k, slot_k),
+                key_bytes,
+                (host_v, slot_v),
+                value_bytes,
+                &scratch,
+                self.copy_grid,
+            )
+        }?;
+        t.copied.record(&self.copy)?;
+        if let Some(timed) = &self.timed {
+            timed.copies[layer].1.record(&self.copy)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a step: the compute stream waits for every layer's copies.
+    pub fn end_step(&mut self) -> Result<()> {
+        if let Some(timed) = &self.timed {
+            timed.ready.record(&self.compute)?;
+        }
+        for t in &self.layers {
+            self.compute.wait(&t.copied)?;
+        }
+        Ok(())
+    }
+
+    /// The last timed step's copy timing (synchronizes); `None` when the
+    /// step was not timed.
+    pub fn copy_timing(&mut self) -> Result<Option<CopyTiming>> {
+        let Some(timed) = self.timed.take() else {
+            return Ok(None);
+        };
+        self.compute.synchronize()?;
+        let mut timing = CopyTiming::default();
+        let mut last_end: Option<&CudaEvent> = None;
+        for (start, end) in &timed.copies {
+            timing.transfer += Duration::from_secs_f64(start.elapsed_ms(end)?.max(0.0) as f64 * 1e-3);
+            last_end = Some(end);
+        }
+        if let Some(end) = last_end {
+            // The copy stream runs layer after layer; the compute stream
+            // stalled from `ready` until the last layer's copies ended.
+            timing.exposed = Duration::from_secs_f64(timed.ready.elapsed_ms(end)?.max(0.0) as f64 * 1e-3);
+        }
+        Ok(Some(timing))
+    }
+
+    /// Every layer's cumulative counters (synchronizes the compute stream).
+    pub fn stats(&self) -> Result<Vec<ResidencyStats>> {
+        self.compute.synchronize()?;
+        self.layers
+            .iter()
+            .map(|t| {
+                let v = self.compute.clone_dtoh(&t.stats)?;
+                let mut a = [0u64; STATS];
+                a.copy_from_slice(&v[..STATS]);
+                Ok(ResidencyStats::from_array(a))
+            })
+            .collect()
+    }
+
+    /// `layer`'s tables as the host twin holds them (synchronizes), for tests.
+    pub fn tables(&self, layer: usize) -> Result<Residency> {
+        self.compute.synchronize()?;
+        let t = &self.layers[layer];
+        let stats = self.compute.clone_dtoh(&t.stats)?;
+        let mut a = [0u64; STATS];
+        a.copy_from_slice(&stats[..STATS]);
+        Ok(Residency {
+            unit_slot: self.compute.clone_dtoh(&t.unit_slot)?,
+            slot_unit: self.compute.clone_dtoh(&t.slot_unit)?,
+            slot_last: self.compute.clone_dtoh(&t.slot_last)?,
+            hand: self.compute.clone_dtoh(&t.hand)?[0],
+            stats: ResidencyStats::from_array(a),
+        })
+    }
+
+    /// The host tier's pools of `layer` to fill (synchronizes both streams first).
+    pub fn host_mut(&mut self, layer: usize) -> Result<(&mut [half::bf16], Option<&mut [half::bf16]>)> {
+        self.copy.synchronize()?;
+        self.compute.synchronize()?;
+        Ok(self.pools.host_mut(layer))
+    }
+}
+
+impl Drop for GpuResidency {
+    fn drop(&mut self) {
+        let _ = self.copy.synchronize();
+        let _ = self.compute.synchronize();
+    }
+}
