@@ -7,7 +7,7 @@
 
 use asynctls_attn::metrics::relative_l2;
 use asynctls_attn::{decode, prefill, AttnShape, Policy, SparseConfig};
-use asynctls_kernels::cuda::{CudaOps, DecodeScratch, OffloadedKv, PagedKvView, TokenLists};
+use asynctls_kernels::cuda::{CudaOps, DecodeScratch, OffloadedKv, PagedKvView, SlotLookup, TokenLists};
 use asynctls_kvcache::{
     BlockId, CacheConfig, HostKvStorage, HostReadable, KvDType, LabelChannels, PagedKvCache, SeqId,
 };
@@ -115,30 +115,51 @@ fn decode_kernel_matches_cpu_dense_and_sparse() {
             slot_v.resize(slot_v.len().max(unit), bf16::ZERO);
             let (dsk, dsv) = (stream.clone_htod(&slot_k).unwrap(), stream.clone_htod(&slot_v).unwrap());
             let dus = stream.clone_htod(&unit_slots).unwrap();
-            let slot_view = PagedKvView {
-                keys: &dsk,
-                values: Some(&dsv),
-                offload: Some(OffloadedKv {
-                    unit_slots: &dus,
-                    host_keys: dk.device_ptr(&stream).0,
-                    host_values: dv.device_ptr(&stream).0,
-                }),
-                ..view
-            };
-            let mut via_slots = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
-            ops.decode_attention(
-                &dq,
-                &slot_view,
-                lists_view.as_ref(),
-                q_heads,
-                shape.scale,
-                5,
-                &mut scratch,
-                &mut via_slots,
-            )
-            .unwrap();
-            let err = relative_l2(&stream.clone_dtoh(&via_slots).unwrap(), &want);
-            assert!(err <= 1e-2, "{policy} offloaded layout: rel err {err}");
+            // The same lookup per (sequence, KV head) row and logical block,
+            // as the offload resolver writes it: slot, or -(unit + 1) in place.
+            let rows = lens.len() * kv_heads;
+            let mut row_slots = vec![0i32; rows * max_blocks];
+            for row in 0..rows {
+                let (seq, head) = (row / kv_heads, row % kv_heads);
+                for b in 0..max_blocks {
+                    let u = table[seq * max_blocks + b] as usize * kv_heads + head;
+                    row_slots[row * max_blocks + b] = if unit_slots[u] >= 0 {
+                        unit_slots[u]
+                    } else {
+                        -(u as i32) - 1
+                    };
+                }
+            }
+            let drs = stream.clone_htod(&row_slots).unwrap();
+            for (lookup, name) in [
+                (SlotLookup::ByUnit(&dus), "by unit"),
+                (SlotLookup::ByRow(&drs), "by row"),
+            ] {
+                let slot_view = PagedKvView {
+                    keys: &dsk,
+                    values: Some(&dsv),
+                    offload: Some(OffloadedKv {
+                        slots: lookup,
+                        host_keys: dk.device_ptr(&stream).0,
+                        host_values: dv.device_ptr(&stream).0,
+                    }),
+                    ..view
+                };
+                let mut via_slots = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
+                ops.decode_attention(
+                    &dq,
+                    &slot_view,
+                    lists_view.as_ref(),
+                    q_heads,
+                    shape.scale,
+                    5,
+                    &mut scratch,
+                    &mut via_slots,
+                )
+                .unwrap();
+                let err = relative_l2(&stream.clone_dtoh(&via_slots).unwrap(), &want);
+                assert!(err <= 1e-2, "{policy} offloaded layout, slots {name}: rel err {err}");
+            }
             for splits in [1usize, 7, 32] {
                 let mut out = stream.clone_htod(&vec![f32::NAN; q.len()]).unwrap();
                 ops.decode_attention(

@@ -14,7 +14,10 @@
 // the slot of each (block, head) unit or -1, and a unit without a slot is
 // read in place from host_k/host_v ([num_blocks, kv_heads, BLOCK, D], pinned
 // host memory mapped into the device: a miss served on the critical path
-// without a host round trip);
+// without a host round trip); with offload_rows set, block_table is instead
+// [batch * kv_heads, max_blocks] per (sequence, KV head) row, each attended
+// block's slot or -(unit + 1) for one read in place (written by the offload
+// resolver's residency_resolve), one lookup per token instead of two;
 // tokens [batch * kv_heads, max_tokens] i32 sorted positions and
 // token_counts [batch * kv_heads] (or null for dense);
 // partial_acc [batch, q_heads, splits, D], partial_ml [batch, q_heads, splits, 2].
@@ -49,19 +52,27 @@ __device__ __forceinline__ void stage_tile(__nv_bfloat16* stage, int t0, int beg
                                            const int* __restrict__ row_tokens, const int* __restrict__ block_table,
                                            const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, int kv_heads,
                                            int block_size, int max_blocks, const int* __restrict__ unit_slots,
-                                           const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {
+                                           const __nv_bfloat16* host_k, const __nv_bfloat16* host_v,
+                                           int offload_rows) {
     using T = DecodeTraits<D>;
     const int c = (threadIdx.x % T::CHUNKS) * 8, r0 = threadIdx.x / T::CHUNKS;
+    const size_t table_row = (size_t)(offload_rows ? seq * kv_heads + head : seq) * max_blocks;
 #pragma unroll
     for (int k = 0; k < TILE / T::ROWS_PER_PASS; k++) {
         const int r = r0 + k * T::ROWS_PER_PASS;
         const int t = t0 + r < end ? t0 + r : begin;
         const int pos = row_tokens != nullptr ? row_tokens[t] : t;
-        const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
+        const int block = block_table[table_row + pos / block_size];
         const __nv_bfloat16* kp = k_pool;
         const __nv_bfloat16* vp = v_pool;
         size_t row;
-        if (unit_slots != nullptr) {
+        if (offload_rows) {
+            if (block < 0) {
+                kp = host_k;
+                vp = host_v;
+            }
+            row = ((size_t)(block >= 0 ? block : -block - 1) * block_size + pos % block_size) * D;
+        } else if (unit_slots != nullptr) {
             const int unit = block * kv_heads + head;
             const int slot = unit_slots[unit];
             if (slot < 0) {
@@ -84,7 +95,7 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
                              const int* __restrict__ token_counts, float* __restrict__ partial_acc,
                              float* __restrict__ partial_ml, int kv_heads, int block_size, int max_blocks,
                              int max_tokens, float scale, const int* __restrict__ unit_slots,
-                             const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {
+                             const __nv_bfloat16* host_k, const __nv_bfloat16* host_v, int offload_rows) {
     using T = DecodeTraits<D>;
     static_assert(G <= 8, "the group's heads are rows 0..7 of the mma tile");
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -108,7 +119,7 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < tiles)
             stage_tile<D>(stages + s * T::STAGE_ELEMS, begin + s * TILE, begin, end, seq, head, row_tokens,
-                          block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots, host_k, host_v);
+                          block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots, host_k, host_v, offload_rows);
         cp_async_commit();
     }
     for (int i = threadIdx.x; i < 16 * D / 2; i += T::THREADS) {
@@ -141,7 +152,7 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
         if (ahead < tiles)
             stage_tile<D>(stages + (ahead % STAGES) * T::STAGE_ELEMS, begin + ahead * TILE, begin, end, seq, head,
                           row_tokens, block_table, k_pool, v_pool, kv_heads, block_size, max_blocks, unit_slots,
-                          host_k, host_v);
+                          host_k, host_v, offload_rows);
         cp_async_commit();
         const __nv_bfloat16* ks = stages + (t % STAGES) * T::STAGE_ELEMS + warp * 16 * T::LD;
         const __nv_bfloat16* vs = ks + T::ROW_ELEMS;
@@ -239,9 +250,10 @@ __device__ void decode_split(const float* __restrict__ q, const __nv_bfloat16* _
         const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,       \
         const int* lens, const int* tokens, const int* token_counts, float* partial_acc, float* partial_ml,    \
         int kv_heads, int block_size, int max_blocks, int max_tokens, float scale, const int* unit_slots,       \
-        const __nv_bfloat16* host_k, const __nv_bfloat16* host_v) {                                             \
+        const __nv_bfloat16* host_k, const __nv_bfloat16* host_v, int offload_rows) {                           \
         decode_split<D, G, S>(q, k_pool, v_pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, \
-                           kv_heads, block_size, max_blocks, max_tokens, scale, unit_slots, host_k, host_v);    \
+                           kv_heads, block_size, max_blocks, max_tokens, scale, unit_slots, host_k, host_v,     \
+                           offload_rows);                                                                        \
     }
 
 // Dense: three stages of K/V tiles in flight (two CTAs of 108 KB per SM at

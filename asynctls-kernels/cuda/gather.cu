@@ -95,14 +95,16 @@ __device__ int block_exclusive_scan(int v, int* shared32, int* total) {
 // the local window and partial block; entry e of the row is its e-th block.
 // A resident unit is a hit (its slot's recency becomes this step); any other
 // is a miss, written to miss_units [rows, max_entries] (-1 elsewhere) for
-// residency_promote. The attention reads a miss in place from host memory.
+// residency_promote. Each attended block's slot, or -(unit + 1) for a miss,
+// goes to row_slots [rows, max_blocks]: the table the attention then reads
+// (decode_attention's offload_rows), which reads a miss in place from host memory.
 extern "C" __global__ void __launch_bounds__(256)
     residency_resolve(const int* __restrict__ candidates, const int* __restrict__ candidate_counts,
                       const int* __restrict__ lens, const int* __restrict__ block_table, int max_blocks, int kv_heads,
                       int block_size, int block_topk, int sink_blocks, int local_blocks,
                       const int* __restrict__ unit_slot, unsigned* __restrict__ slot_last,
                       const unsigned* __restrict__ step_ptr, int* __restrict__ miss_units, int max_entries,
-                      unsigned long long* __restrict__ stats) {
+                      int* __restrict__ row_slots, unsigned long long* __restrict__ stats) {
     __shared__ int shared32[32];
     const int row = blockIdx.x, seq = row / kv_heads, head = row % kv_heads;
     const unsigned step = *step_ptr;
@@ -121,6 +123,7 @@ extern "C" __global__ void __launch_bounds__(256)
                                                   : last + (e - first - count);
             const int unit = block_table[seq * max_blocks + block] * kv_heads + head;
             const int slot = unit_slot[unit];
+            row_slots[(size_t)row * max_blocks + block] = slot >= 0 ? slot : -unit - 1;
             if (slot >= 0) {
                 ++hits;
                 overlap += slot_last[slot] + 1 == step;
@@ -143,15 +146,26 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// Ages (steps since a slot's unit was last selected) in the promotion's
+// histogram; a free slot, and any age past the last bucket, count as the oldest.
+#define AGE_BUCKETS 256
+
+__device__ __forceinline__ int slot_age(int unit, unsigned last, unsigned step) {
+    return unit < 0 ? AGE_BUCKETS - 1 : (int)min(step - last, (unsigned)(AGE_BUCKETS - 1));
+}
+
 // One CTA of 1024 threads per layer, after the layer's attention: gives the
 // step's misses (in row and entry order, at most max_promote of them) slots,
 // so the next step finds them resident (the one-step-lag prediction: what a
-// step selected, the next one selects again). Victims are taken in clock
-// order from the hand among slots that are free or whose unit no step in the
-// last `protect` selected (1: not this step; 2: not this step nor the last,
-// the union-of-two predictor). Writes the copies to make (copy_units[i] ->
-// copy_slots[i], *copy_count of them) for gather_units_counted, and updates
-// the tables as if they were done (the copies follow on the same stream).
+// step selected, the next one selects again). Victims are the least
+// recently selected slots among those no step of the last `protect`
+// selected (1: not this step; 2: not this step nor the last, the
+// union-of-two predictor), free slots first: a histogram of the slots' ages
+// gives the age threshold, and among slots of the threshold age the clock
+// order from the hand decides (the hand then moves past the last victim).
+// Writes the copies to make (copy_units[i] -> copy_slots[i], *copy_count of
+// them, victims in clock order) for gather_units_counted, and updates the
+// tables as if they were done (the copies follow on the same stream).
 extern "C" __global__ void __launch_bounds__(1024)
     residency_promote(const int* __restrict__ miss_units, int entries, int* __restrict__ miss_list,
                       int* __restrict__ unit_slot, int* __restrict__ slot_unit, unsigned* __restrict__ slot_last,
@@ -160,7 +174,8 @@ extern "C" __global__ void __launch_bounds__(1024)
                       int* __restrict__ copy_slots, int* __restrict__ copy_count,
                       unsigned long long* __restrict__ stats, int unit_bytes) {
     __shared__ int shared32[32];
-    __shared__ int last_victim;
+    __shared__ int histogram[AGE_BUCKETS];
+    __shared__ int threshold, need_at_threshold, found, last_victim;
     const unsigned step = *step_ptr;
     // The misses, compacted in order.
     int misses = 0;
@@ -173,26 +188,46 @@ extern "C" __global__ void __launch_bounds__(1024)
         misses += total;
     }
     const int want = min(misses, max_promote);
-    // Victims in clock order.
+    // The ages of the evictable slots.
+    for (int a = threadIdx.x; a < AGE_BUCKETS; a += blockDim.x) histogram[a] = 0;
+    __syncthreads();
+    if (want > 0)
+        for (int s = threadIdx.x; s < slots; s += blockDim.x) {
+            const int age = slot_age(slot_unit[s], slot_last[s], step);
+            if (age >= protect) atomicAdd(&histogram[age], 1);
+        }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // The oldest buckets that hold `want` victims; all evictable when fewer.
+        int taken = 0, a = AGE_BUCKETS - 1;
+        for (; a > protect && taken + histogram[a] < want; --a) taken += histogram[a];
+        threshold = a;
+        need_at_threshold = min(want - taken, histogram[a]);
+        found = taken + need_at_threshold;
+        last_victim = -1;
+    }
+    __syncthreads();
     const unsigned hand = slots > 0 ? *hand_ptr % (unsigned)slots : 0;
-    if (threadIdx.x == 0) last_victim = -1;
-    int found = 0;
-    for (int base = 0; base < slots && found < want; base += blockDim.x) {
+    const int victims = found;
+    int taken = 0, equal_before = 0;
+    for (int base = 0; base < slots && taken < victims; base += blockDim.x) {
         const int k = base + threadIdx.x;
         const int slot = k < slots ? (int)((hand + k) % slots) : 0;
-        const bool evictable =
-            k < slots && (slot_unit[slot] < 0 || (unsigned long long)slot_last[slot] + protect <= step);
-        int total;
-        const int rank = block_exclusive_scan(evictable, shared32, &total);
-        if (evictable && found + rank < want) {
-            copy_slots[found + rank] = slot;
-            if (found + rank == want - 1) last_victim = k;
+        const int age = k < slots ? slot_age(slot_unit[slot], slot_last[slot], step) : -1;
+        int equal_total, total;
+        const int equal_rank = block_exclusive_scan(age == threshold, shared32, &equal_total);
+        const bool chosen = age > threshold || (age == threshold && equal_before + equal_rank < need_at_threshold);
+        equal_before += equal_total;
+        const int rank = block_exclusive_scan(chosen, shared32, &total);
+        if (chosen) {
+            copy_slots[taken + rank] = slot;
+            if (taken + rank == victims - 1) last_victim = k;
         }
-        found = min(found + total, want);
+        taken += total;
     }
     __syncthreads();
     int evicted = 0;
-    for (int i = threadIdx.x; i < found; i += blockDim.x) {
+    for (int i = threadIdx.x; i < victims; i += blockDim.x) {
         const int slot = copy_slots[i], unit = miss_list[i], old = slot_unit[slot];
         if (old >= 0) {
             unit_slot[old] = -1;
@@ -205,13 +240,12 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     evicted = block_sum(evicted, shared32);
     if (threadIdx.x == 0) {
-        *copy_count = found;
-        // When fewer victims than wanted were found the whole pool was scanned.
-        if (found > 0) *hand_ptr = (hand + (found == want ? last_victim : slots - 1) + 1) % slots;
-        stats[STAT_PROMOTED] += found;
+        *copy_count = victims;
+        if (victims > 0) *hand_ptr = (hand + last_victim + 1) % slots;
+        stats[STAT_PROMOTED] += victims;
         stats[STAT_EVICTED] += evicted;
-        stats[STAT_UNPLACED] += misses - found;
-        stats[STAT_H2D_BYTES] += (unsigned long long)found * unit_bytes;
+        stats[STAT_UNPLACED] += misses - victims;
+        stats[STAT_H2D_BYTES] += (unsigned long long)victims * unit_bytes;
     }
 }
 

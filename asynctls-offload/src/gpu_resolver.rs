@@ -6,18 +6,19 @@
 //! be captured as one CUDA graph.
 //!
 //! Per step: [`GpuResidency::begin_step`] moves the device's step counter
-//! on; per layer, after the selection and the attention (which reads the
-//! slots through [`GpuResidency::offloaded`], a miss in place from the host
-//! tier), [`GpuResidency::after_attention`] resolves on the compute stream
-//! and forks the promotion and its copies to a copy stream, where they
-//! overlap the next layers; [`GpuResidency::end_step`] joins the copy stream
-//! back, so the next step sees every table update and copy.
+//! on; per layer, after the selection, [`GpuResidency::resolve`] maps the
+//! attended blocks to slots (or the host tier) on the compute stream, the
+//! attention reads them through [`GpuResidency::offloaded`] (a miss in
+//! place from the host tier), and [`GpuResidency::after_attention`] forks
+//! the promotion and its copies to a copy stream, where they overlap the
+//! next layers; [`GpuResidency::end_step`] joins the copy stream back, so
+//! the next step sees every table update and copy.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use asynctls_kernels::cuda::gather::{ResidencyTables, ResolveInput, ResolveScratch, RESIDENCY_STATS};
-use asynctls_kernels::cuda::{CudaOps, OffloadedKv};
+use asynctls_kernels::cuda::{CudaOps, OffloadedKv, SlotLookup};
 use asynctls_kernels::CudaDevice;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
@@ -62,6 +63,18 @@ pub struct CopyTiming {
     pub exposed: Duration,
 }
 
+/// The largest step a [`GpuResidency`] serves (its scratch is sized once,
+/// so a captured graph keeps its addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolverSizing {
+    /// (sequence, KV head) rows.
+    pub rows: usize,
+    /// Blocks one row attends at most (`ResolveInput::max_entries()`).
+    pub max_entries: usize,
+    /// Logical blocks of the longest sequence (the block table's width).
+    pub max_blocks: usize,
+}
+
 /// The offloaded K/V of a batch, its residency kept by the device.
 pub struct GpuResidency {
     ops: CudaOps,
@@ -70,10 +83,17 @@ pub struct GpuResidency {
     /// The host tier and the slots.
     pub pools: KvPools,
     layers: Vec<LayerTables>,
+    /// `[rows, max_blocks]`: the last resolve's row slot table (layers take
+    /// turns in stream order, so one serves all).
+    row_slots: CudaSlice<i32>,
+    /// Entries of each layer's last resolve (taken by its promotion).
+    resolved: Vec<Option<usize>>,
     step: CudaSlice<u32>,
     policy: PromotePolicy,
     entries: usize,
-    copy_grid: usize,
+    /// CTAs of the copy kernel (each copies whole units over PCIe; they
+    /// share the SMs with the attention they overlap).
+    pub copy_ctas: usize,
     /// Time the copy stream (record events) on the steps from now on.
     pub timing: bool,
     timed: Option<Timing>,
@@ -91,10 +111,11 @@ impl std::fmt::Debug for GpuResidency {
 
 impl GpuResidency {
     /// Pools for `layout` and empty residency tables, for steps of at most
-    /// `entries` attended (row, block) pairs per layer
-    /// (`rows * ResolveInput::max_entries()`).
-    pub fn new(device: &CudaDevice, layout: CudaLayout, policy: PromotePolicy, entries: usize) -> Result<Self> {
-        Self::with_host_tiers(device, layout, policy, entries, layout.num_layers)
+    /// `rows` (sequence, KV head) rows attending up to `max_entries` blocks
+    /// each (`ResolveInput::max_entries()`) of at most `max_blocks` logical
+    /// blocks.
+    pub fn new(device: &CudaDevice, layout: CudaLayout, policy: PromotePolicy, sizing: ResolverSizing) -> Result<Self> {
+        Self::with_host_tiers(device, layout, policy, sizing, layout.num_layers)
     }
 
     /// As [`Self::new`] with `tiers` host pools shared by the layers
@@ -103,9 +124,11 @@ impl GpuResidency {
         device: &CudaDevice,
         layout: CudaLayout,
         policy: PromotePolicy,
-        entries: usize,
+        sizing: ResolverSizing,
         tiers: usize,
     ) -> Result<Self> {
+        let entries = sizing.rows.saturating_mul(sizing.max_entries);
+        let table = sizing.rows.saturating_mul(sizing.max_blocks);
         let ops = CudaOps::new(device)?;
         let compute = device.stream().clone();
         let copy = device.context().new_stream()?;
@@ -115,7 +138,7 @@ impl GpuResidency {
             .filter(|&u| u <= i32::MAX as usize)
             .ok_or_else(|| OffloadError::Config("more host units than a 32-bit table indexes".into()))?;
         let slots = layout.slots_per_layer;
-        if slots == 0 || slots > i32::MAX as usize || policy.protect == 0 || entries == 0 {
+        if slots == 0 || slots > i32::MAX as usize || !(1..256).contains(&policy.protect) || entries == 0 {
             return Err(OffloadError::Config(format!(
                 "{slots} slots, protect {}, {entries} entries per step (need nonzero and 32-bit)",
                 policy.protect
@@ -146,6 +169,7 @@ impl GpuResidency {
             });
         }
         let step = compute.alloc_zeros::<u32>(1)?;
+        let row_slots = compute.alloc_zeros::<i32>(table.max(1))?;
         compute.synchronize()?;
         let sms = device
             .context()
@@ -156,13 +180,14 @@ impl GpuResidency {
             compute,
             copy,
             pools,
+            resolved: vec![None; layers.len()],
             layers,
+            row_slots,
             step,
             policy: PromotePolicy { max_promote, ..policy },
             entries,
-            // A few CTAs per SM keep PCIe busy without taking the SMs from
-            // the attention the copies overlap.
-            copy_grid: sms.max(1),
+            // One per SM by default; `bench offload --copy-ctas` measures others.
+            copy_ctas: sms.max(1),
             timing: false,
             timed: None,
         })
@@ -175,10 +200,8 @@ impl GpuResidency {
     /// Empties the residency (every unit back to the host tier only, counters
     /// zeroed) and follows `policy` from now on; the host tier keeps its data.
     pub fn reset(&mut self, policy: PromotePolicy) -> Result<()> {
-        if policy.protect == 0 {
-            return Err(OffloadError::Config(
-                "protect 0 would evict the step's own selection".into(),
-            ));
+        if !(1..256).contains(&policy.protect) {
+            return Err(OffloadError::Config("protect must be 1 to 255 steps".into()));
         }
         self.copy.synchronize()?;
         self.compute.synchronize()?;
@@ -225,35 +248,50 @@ impl GpuResidency {
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
     }
 
-    /// What `layer`'s attention reads: its slot pools (keys, values) and the
-    /// unit -> slot table with the host tier for misses.
+    /// What `layer`'s attention reads after its [`Self::resolve`]: its slot
+    /// pools (keys, values) and the row slot table, with the host tier for misses.
     pub fn offloaded(&self, layer: usize) -> (&CudaSlice<half::bf16>, Option<&CudaSlice<half::bf16>>, OffloadedKv<'_>) {
         let (host_keys, host_values) = self.pools.host_device_ptrs(layer);
         (
             &self.pools.slot_keys[layer],
             self.pools.slot_values.get(layer),
             OffloadedKv {
-                unit_slots: &self.layers[layer].unit_slot,
+                slots: SlotLookup::ByRow(&self.row_slots),
                 host_keys,
                 host_values,
             },
         )
     }
 
-    /// After `layer`'s attention (in stream order): resolves the step's
-    /// selection `input` on the compute stream, then promotes the misses and
-    /// copies them on the copy stream.
+    /// The row slot table the last resolve wrote (synchronizes), for tests.
+    pub fn row_slots(&self) -> Result<Vec<i32>> {
+        self.compute.synchronize()?;
+        Ok(self.compute.clone_dtoh(&self.row_slots)?)
+    }
+
+    /// Before `layer`'s attention (in stream order, after its selection):
+    /// counts the step's hits and misses, marks the hits' recency and writes
+    /// the row slot table the attention reads.
     ///
     /// # Safety
     /// `input.block_table` must map every attended logical block of each
     /// sequence to a distinct physical block below the pool's `host_blocks`
     /// (the table lives on the device and the kernels do not check it).
-    pub unsafe fn after_attention(&mut self, layer: usize, input: &ResolveInput<'_>) -> Result<()> {
+    pub unsafe fn resolve(&mut self, layer: usize, input: &ResolveInput<'_>) -> Result<()> {
         let entries = input.rows() * input.max_entries();
-        if entries > self.entries {
+        let t = self.layers.get_mut(layer).ok_or(OffloadError::LayerOutOfRange {
+            layer,
+            num_layers: self.pools.layout().num_layers,
+        })?;
+        if entries > t.miss_units.len() || input.rows() * input.max_blocks > self.row_slots.len() {
             return Err(OffloadError::Config(format!(
-                "a step of {entries} attended blocks in layer {layer}; the resolver was sized for {}",
-                self.entries
+                "a step of {} rows attending up to {} of {} blocks in layer {layer}; the resolver was sized \
+                 for {} entries and a table of {}",
+                input.rows(),
+                input.max_entries(),
+                input.max_blocks,
+                t.miss_units.len(),
+                self.row_slots.len()
             )));
         }
         if input.kv_heads != self.pools.layout().kv_heads {
@@ -263,37 +301,37 @@ impl GpuResidency {
                 self.pools.layout().kv_heads
             )));
         }
-        let (key_bytes, value_bytes) = self.pools.unit_bytes();
-        let (host_k, host_v) = self.pools.host_device_ptrs(layer);
-        let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
-        let t = &mut self.layers[layer];
-        let mut tables = ResidencyTables {
-            unit_slot: &mut t.unit_slot,
-            slot_unit: &mut t.slot_unit,
-            slot_last: &mut t.slot_last,
-            hand: &mut t.hand,
-            stats: &mut t.stats,
-        };
-        let mut scratch = ResolveScratch {
-            miss_units: &mut t.miss_units,
-            miss_list: &mut t.miss_list,
-            copy_units: &mut t.copy_units,
-            copy_slots: &mut t.copy_slots,
-            copy_count: &mut t.copy_count,
-        };
-        // SAFETY: the caller's block table maps each sequence's blocks to
-        // distinct physical blocks of this host pool (`after_attention`'s
-        // contract), whose units are exactly the entries of `unit_slot`.
+        let (mut tables, mut scratch) = layer_parts(t, &mut self.row_slots);
+        // SAFETY: the caller's contract (above); the physical blocks' units
+        // are exactly the entries of `unit_slot`.
         unsafe {
             self.ops
                 .residency_resolve(&self.compute, input, &mut tables, &self.step, &mut scratch)
         }?;
+        self.resolved[layer] = Some(entries);
+        Ok(())
+    }
+
+    /// After `layer`'s attention (in stream order): promotes the misses of
+    /// its last [`Self::resolve`] and copies them, on the copy stream.
+    pub fn after_attention(&mut self, layer: usize) -> Result<()> {
+        let Some(entries) = self.resolved.get_mut(layer).and_then(Option::take) else {
+            return Err(OffloadError::Config(format!(
+                "layer {layer}: after_attention without a resolve before it"
+            )));
+        };
+        let (key_bytes, value_bytes) = self.pools.unit_bytes();
+        let (host_k, host_v) = self.pools.host_device_ptrs(layer);
+        let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
+        let t = &mut self.layers[layer];
         t.resolved.record(&self.compute)?;
         self.copy.wait(&t.resolved)?;
         if let Some(timed) = &self.timed {
             timed.copies[layer].0.record(&self.copy)?;
         }
-        // SAFETY: the misses were written by the resolve just ordered before.
+        let (mut tables, mut scratch) = layer_parts(t, &mut self.row_slots);
+        // SAFETY: the misses were written by the resolve ordered before
+        // (its contract keeps every unit inside `unit_slot`).
         unsafe {
             self.ops.residency_promote(
                 &self.copy,
@@ -316,7 +354,7 @@ impl GpuResidency {
                 (host_v, slot_v),
                 value_bytes,
                 &scratch,
-                self.copy_grid,
+                self.copy_ctas,
             )
         }?;
         t.copied.record(&self.copy)?;
@@ -394,6 +432,30 @@ impl GpuResidency {
         self.compute.synchronize()?;
         Ok(self.pools.host_mut(layer))
     }
+}
+
+/// A layer's tables and scratch as the kernels take them.
+fn layer_parts<'a>(
+    t: &'a mut LayerTables,
+    row_slots: &'a mut CudaSlice<i32>,
+) -> (ResidencyTables<'a>, ResolveScratch<'a>) {
+    (
+        ResidencyTables {
+            unit_slot: &mut t.unit_slot,
+            slot_unit: &mut t.slot_unit,
+            slot_last: &mut t.slot_last,
+            hand: &mut t.hand,
+            stats: &mut t.stats,
+        },
+        ResolveScratch {
+            row_slots,
+            miss_units: &mut t.miss_units,
+            miss_list: &mut t.miss_list,
+            copy_units: &mut t.copy_units,
+            copy_slots: &mut t.copy_slots,
+            copy_count: &mut t.copy_count,
+        },
+    )
 }
 
 impl Drop for GpuResidency {

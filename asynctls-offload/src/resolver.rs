@@ -11,11 +11,11 @@
 //! 2. **promote**: after the attention, the step's misses (in row and entry
 //!    order, at most `max_promote`) take slots, so the next step finds them
 //!    resident: the one-step-lag prediction, decided without the host.
-//!    Victims are free slots or slots whose unit no step of the last
-//!    `protect` selected, taken in clock order from a hand that moves past
-//!    the last victim (a CLOCK approximation of least-recently-selected: an
-//!    exact LRU would need a sort of the slots' recency every step);
-//!    `protect = 2` keeps the last two selections resident, the
+//!    Victims are the least recently selected slots (free ones first) among
+//!    those no step of the last `protect` selected: a histogram of the
+//!    slots' ages (capped at [`AGE_BUCKETS`] steps) gives the age threshold,
+//!    and among slots of that age a clock hand decides, moving past the last
+//!    victim. `protect = 2` keeps the last two selections resident, the
 //!    union-of-two predictor;
 //! 3. the copies the promotion decided run on a copy stream, overlapped with
 //!    the next layers.
@@ -48,6 +48,10 @@ pub struct ResidencyStats {
     /// Bytes copied host to device by the promotions.
     pub h2d_bytes: u64,
 }
+
+/// Age buckets of the promotion's histogram (the kernel's `AGE_BUCKETS`):
+/// slots unselected for this many steps or more, and free ones, rank oldest.
+pub const AGE_BUCKETS: usize = 256;
 
 /// Number of counters in [`ResidencyStats`] (`RESIDENCY_STATS` of the kernels).
 pub const STATS: usize = 8;
@@ -288,9 +292,20 @@ impl Residency {
         Ok(misses)
     }
 
+    /// The age bucket of `slot` at `step` (as the kernel's `slot_age`): steps
+    /// since its unit was selected, free slots and old ones in the last bucket.
+    fn age(&self, slot: usize, step: u32) -> usize {
+        if self.slot_unit[slot] < 0 {
+            AGE_BUCKETS - 1
+        } else {
+            (step.wrapping_sub(self.slot_last[slot]) as usize).min(AGE_BUCKETS - 1)
+        }
+    }
+
     /// Promotes the step's misses (as [`Self::resolve`] returned them) by
-    /// `policy`, as `residency_promote` does; returns the copies to make
-    /// (unit -> slot), in order.
+    /// `policy`, as `residency_promote` does: the least recently selected
+    /// evictable slots (free ones first), ties in clock order from the hand;
+    /// returns the copies to make (unit -> slot), in order.
     pub fn promote(
         &mut self,
         miss_units: &[i32],
@@ -301,22 +316,42 @@ impl Residency {
         let misses: Vec<u32> = miss_units.iter().filter(|&&u| u >= 0).map(|&u| u as u32).collect();
         let want = misses.len().min(policy.max_promote);
         let slots = self.slots();
+        let protect = policy.protect as usize;
+        let mut histogram = [0usize; AGE_BUCKETS];
+        if want > 0 {
+            for slot in 0..slots {
+                let age = self.age(slot, step);
+                if age >= protect {
+                    histogram[age] += 1;
+                }
+            }
+        }
+        // The oldest buckets that hold `want` victims; all evictable when fewer.
+        let (mut taken, mut threshold) = (0, AGE_BUCKETS - 1);
+        while threshold > protect && taken + histogram[threshold] < want {
+            taken += histogram[threshold];
+            threshold -= 1;
+        }
+        let need_at_threshold = (want - taken).min(histogram[threshold]);
+        let found = taken + need_at_threshold;
         let hand = self.hand as usize % slots;
-        let mut victims = Vec::with_capacity(want);
-        let mut last_victim = 0;
+        let mut victims = Vec::with_capacity(found);
+        let (mut equal_before, mut last_victim) = (0, 0);
         for k in 0..slots {
-            if victims.len() == want {
+            if victims.len() == found {
                 break;
             }
             let slot = (hand + k) % slots;
-            if self.slot_unit[slot] < 0
-                || u64::from(self.slot_last[slot]) + u64::from(policy.protect) <= u64::from(step)
-            {
+            let age = self.age(slot, step);
+            let chosen = age > threshold || (age == threshold && equal_before < need_at_threshold);
+            if age == threshold {
+                equal_before += 1;
+            }
+            if chosen {
                 victims.push(slot as u32);
                 last_victim = k;
             }
         }
-        let found = victims.len();
         let mut copies = Vec::with_capacity(found);
         for (&slot, &unit) in victims.iter().zip(&misses) {
             let old = self.slot_unit[slot as usize];
@@ -330,8 +365,7 @@ impl Residency {
             copies.push((unit, slot));
         }
         if found > 0 {
-            let advance = if found == want { last_victim } else { slots - 1 };
-            self.hand = ((hand + advance + 1) % slots) as u32;
+            self.hand = ((hand + last_victim + 1) % slots) as u32;
         }
         self.stats.promoted += found as u64;
         self.stats.unplaced += (misses.len() - found) as u64;

@@ -2,8 +2,10 @@
 //! batches and drifting selections, both predictors, eager steps and a
 //! captured graph replayed with new selections; after every step each
 //! layer's tables (unit -> slot, slot -> unit, recency, hand, counters) equal
-//! the twin's entry for entry, and at the end every resident slot holds its
-//! unit's host data (keys and values). Prints `skipped: no CUDA device`
+//! the twin's entry for entry, the row slot table the attention reads names
+//! each attended block's slot (or its unit in the host tier) as the twin's
+//! tables did before the promotion, and at the end every resident slot
+//! holds its unit's host data (keys and values). Prints `skipped: no CUDA device`
 //! without a GPU.
 
 mod common;
@@ -11,7 +13,7 @@ mod common;
 use asynctls_kernels::cuda::gather::ResolveInput;
 use asynctls_kernels::cuda::CudaOps;
 use asynctls_offload::cuda::CudaLayout;
-use asynctls_offload::gpu_resolver::GpuResidency;
+use asynctls_offload::gpu_resolver::{GpuResidency, ResolverSizing};
 use asynctls_offload::{PromotePolicy, Residency};
 use common::Batch;
 use cudarc::driver::CudaSlice;
@@ -74,8 +76,12 @@ fn device_residency_matches_the_host_twin() {
             value_dim: if case == 3 { 0 } else { 32 },
             slots_per_layer: slots,
         };
-        let entries = batch.rows() * batch.max_entries();
-        let mut gpu = GpuResidency::new(&device, layout, policy, entries).unwrap();
+        let sizing = ResolverSizing {
+            rows: batch.rows(),
+            max_entries: batch.max_entries(),
+            max_blocks: batch.max_blocks,
+        };
+        let mut gpu = GpuResidency::new(&device, layout, policy, sizing).unwrap();
         for layer in 0..layers {
             let (k, v) = gpu.host_mut(layer).unwrap();
             k.iter_mut()
@@ -99,6 +105,7 @@ fn device_residency_matches_the_host_twin() {
             })
             .collect();
         let mut graph = None;
+        let mut expected_rows: Vec<(usize, i32)> = Vec::new();
         for step in 1..=10u32 {
             // New selections into the same device buffers (what a captured step reads).
             for layer in 0..layers {
@@ -109,6 +116,22 @@ fn device_residency_matches_the_host_twin() {
                     .unwrap();
                 stream.memcpy_htod(&counts, &mut device_sel[layer].counts).unwrap();
                 let sel = batch.selection(&candidates, &counts);
+                if layer == layers - 1 {
+                    // What the attention of the last layer reads.
+                    expected_rows.clear();
+                    for row in 0..batch.rows() {
+                        let seq = row / batch.kv_heads;
+                        for b in sel.attended_blocks(row) {
+                            let unit = batch.table[seq * batch.max_blocks + b] as usize * batch.kv_heads
+                                + row % batch.kv_heads;
+                            let slot = twins[layer].unit_slot[unit];
+                            expected_rows.push((
+                                row * batch.max_blocks + b,
+                                if slot >= 0 { slot } else { -(unit as i32) - 1 },
+                            ));
+                        }
+                    }
+                }
                 let misses = twins[layer].resolve(&sel, step).unwrap();
                 twins[layer].promote(&misses, step, policy, key_bytes + value_bytes);
                 last[layer] = Some(rows);
@@ -118,7 +141,8 @@ fn device_residency_matches_the_host_twin() {
                 gpu.begin_step().unwrap();
                 for (layer, sel) in device_sel.iter().enumerate() {
                     // SAFETY: the table maps to distinct blocks of the pool.
-                    unsafe { gpu.after_attention(layer, &input(&batch, sel)) }.unwrap();
+                    unsafe { gpu.resolve(layer, &input(&batch, sel)) }.unwrap();
+                    gpu.after_attention(layer).unwrap();
                 }
                 gpu.end_step().unwrap();
             } else {
@@ -128,7 +152,8 @@ fn device_residency_matches_the_host_twin() {
                             gpu.begin_step()?;
                             for (layer, sel) in device_sel.iter().enumerate() {
                                 // SAFETY: as above.
-                                unsafe { gpu.after_attention(layer, &input(&batch, sel)) }?;
+                                unsafe { gpu.resolve(layer, &input(&batch, sel)) }?;
+                                gpu.after_attention(layer)?;
                             }
                             gpu.end_step()
                         })
@@ -136,6 +161,10 @@ fn device_residency_matches_the_host_twin() {
                     graph = Some(g);
                 }
                 graph.as_ref().unwrap().launch().unwrap();
+            }
+            let rows = gpu.row_slots().unwrap();
+            for &(at, want) in &expected_rows {
+                assert_eq!(rows[at], want, "case {case} step {step}: row slot table at {at}");
             }
             for (layer, twin) in twins.iter().enumerate() {
                 let got = gpu.tables(layer).unwrap();

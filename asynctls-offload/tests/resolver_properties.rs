@@ -3,7 +3,8 @@
 //! predictors: the two tables stay each other's inverse; every attended unit
 //! is a hit or a miss and every miss is promoted or counted unplaced; no hit
 //! is evicted in its own step, and with the union predictor no unit of the
-//! last step either; a pool that holds a step's selection places every
+//! last step either; victims are the least recently selected evictable
+//! slots; a pool that holds a step's selection places every
 //! miss, so the same selection again is all hits; a block table outside the
 //! pool is an error that changes nothing.
 
@@ -72,7 +73,22 @@ proptest! {
             prop_assert_eq!(missed.len(), resolved.misses as usize);
             prop_assert!(missed.iter().all(|u| !resident_before.contains(u)));
 
+            let age = |t: &Residency, slot: usize| {
+                if t.slot_unit[slot] < 0 { u32::MAX } else { step - t.slot_last[slot] }
+            };
+            let ages: Vec<u32> = (0..slots).map(|s| age(&table, s)).collect();
             let copies = table.promote(&misses, step, policy, unit_bytes);
+            // Victims are the least recently selected evictable slots.
+            let chosen: HashSet<usize> = copies.iter().map(|&(_, s)| s as usize).collect();
+            let youngest_victim = chosen.iter().map(|&s| ages[s]).min();
+            let oldest_kept = (0..slots)
+                .filter(|s| !chosen.contains(s) && ages[*s] >= policy.protect)
+                .map(|s| ages[s].min(255))
+                .max();
+            if let (Some(v), Some(k)) = (youngest_victim, oldest_kept) {
+                prop_assert!(v.min(255) >= k, "a victim of age {} while one of age {} stays", v, k);
+            }
+            prop_assert!(chosen.iter().all(|&s| ages[s] >= policy.protect));
             table.check().map_err(TestCaseError::fail)?;
             let stepped = table.stats.since(before.stats);
             prop_assert_eq!(stepped.promoted as usize, copies.len());

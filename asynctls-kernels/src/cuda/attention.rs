@@ -99,15 +99,27 @@ pub struct PagedKvView<'a> {
 }
 
 /// Where an offloaded cache's units are: `keys`/`values` of the view are the
-/// resident slots (`[slots, block_size, head_dim]`); `unit_slots`
-/// (`[num_blocks * kv_heads]`) names the slot of each (block, head) or -1,
-/// and a unit without a slot is read in place from the host pools
+/// resident slots (`[slots, block_size, head_dim]`), `slots` finds each
+/// unit's slot, and a unit without one is read in place from the host pools
 /// (`[num_blocks, kv_heads, block_size, head_dim]`, device-mapped addresses).
 #[derive(Debug, Clone, Copy)]
 pub struct OffloadedKv<'a> {
-    pub unit_slots: &'a CudaSlice<i32>,
+    pub slots: SlotLookup<'a>,
     pub host_keys: u64,
     pub host_values: u64,
+}
+
+/// How the attention finds a unit's slot.
+#[derive(Debug, Clone, Copy)]
+pub enum SlotLookup<'a> {
+    /// `[num_blocks * kv_heads]`: the slot of each (physical block, head)
+    /// unit or -1, looked up after the view's block table.
+    ByUnit(&'a CudaSlice<i32>),
+    /// `[batch * kv_heads, max_blocks]`: per (sequence, KV head) row and
+    /// logical block, the slot or `-(unit + 1)` for a unit read in place,
+    /// used instead of the block table (one lookup per token, not two;
+    /// written by the offload resolver for the blocks a step attends).
+    ByRow(&'a CudaSlice<i32>),
 }
 
 /// Per (sequence, KV head): the sorted positions to attend (sparse decode).
@@ -183,8 +195,25 @@ impl CudaOps {
                 let f = self.function(&self.attention, &format!("decode_attention_d{d}_g{group}{suffix}"))?;
                 let kvh = kv.kv_heads as i32;
 
+                let table = match kv.offload.map(|o| o.slots) {
+                    Some(SlotLookup::ByRow(rows)) => {
+                        if rows.len() < batch * kv.kv_heads * kv.max_blocks {
+                            return Err(invalid(
+                                "decode_attention",
+                                format!(
+                                    "a row slot table of {} entries for {} rows of {} blocks",
+                                    rows.len(),
+                                    batch * kv.kv_heads,
+                                    kv.max_blocks
+                                ),
+                            ));
+                        }
+                        rows
+                    }
+                    _ => kv.block_table,
+                };
                 let mut b = stream.launch_builder(&f);
-                b.arg(q).arg(kv.keys).arg(values).arg(kv.block_table).arg(kv.lens);
+                b.arg(q).arg(kv.keys).arg(values).arg(table).arg(kv.lens);
                 match lists {
                     Some(l) => b.arg(l.tokens).arg(l.counts),
                     None => b.arg(&null).arg(&null),
@@ -196,9 +225,17 @@ impl CudaOps {
                     .arg(&mb)
                     .arg(&mt)
                     .arg(&scale);
+                let (by_row, by_unit): (i32, i32) = (1, 0);
                 match &kv.offload {
-                    Some(o) => b.arg(o.unit_slots).arg(&o.host_keys).arg(&o.host_values),
-                    None => b.arg(&null).arg(&null).arg(&null),
+                    Some(OffloadedKv {
+                        slots: SlotLookup::ByUnit(units),
+                        host_keys,
+                        host_values,
+                    }) => b.arg(*units).arg(host_keys).arg(host_values).arg(&by_unit),
+                    Some(OffloadedKv {
+                        host_keys, host_values, ..
+                    }) => b.arg(&null).arg(host_keys).arg(host_values).arg(&by_row),
+                    None => b.arg(&null).arg(&null).arg(&null).arg(&by_unit),
                 };
                 // Q (16 padded rows) and the stages of K and V tiles of 64
                 // rows, bf16 rows padded by 8, as the kernel lays them out.

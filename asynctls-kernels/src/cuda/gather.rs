@@ -141,6 +141,9 @@ pub struct ResidencyTables<'a> {
 /// Scratch of one layer's resolve and promote.
 #[derive(Debug)]
 pub struct ResolveScratch<'a> {
+    /// `[rows, max_blocks]`: each attended block's slot or `-(unit + 1)`,
+    /// what the attention reads ([`super::SlotLookup::ByRow`]).
+    pub row_slots: &'a mut CudaSlice<i32>,
     /// `[rows * max_entries]`: the step's misses by entry, -1 elsewhere.
     pub miss_units: &'a mut CudaSlice<i32>,
     /// `[rows * max_entries]`: the misses, compacted.
@@ -163,7 +166,8 @@ impl CudaOps {
     }
 
     /// On `stream`: counts the step's hits and misses of one layer, marks
-    /// the hits' recency, and writes the misses by entry (see `cuda/gather.cu`).
+    /// the hits' recency, writes the misses by entry and the row slot table
+    /// the attention reads (see `cuda/gather.cu`).
     ///
     /// # Safety
     /// Every physical block of `input.block_table` reached by a row's
@@ -188,6 +192,7 @@ impl CudaOps {
             || input.candidates.len() < rows * input.block_topk
             || input.block_table.len() < input.lens.len() * input.max_blocks
             || scratch.miss_units.len() < rows * max_entries
+            || scratch.row_slots.len() < rows * input.max_blocks
             || tables.stats.len() < RESIDENCY_STATS
         {
             return Err(invalid(
@@ -229,6 +234,7 @@ impl CudaOps {
             .arg(step)
             .arg(&mut *scratch.miss_units)
             .arg(&max_entries)
+            .arg(&mut *scratch.row_slots)
             .arg(&mut *tables.stats);
         // SAFETY: sizes checked above; the caller vouches for the block table.
         unsafe { b.launch(super::rows_config(rows, 256)) }?;
@@ -237,7 +243,8 @@ impl CudaOps {
 
     /// On `stream`: gives up to `max_promote` of the step's misses (written
     /// by [`Self::residency_resolve`] over `entries` entries) resident slots
-    /// by the clock among slots not selected in the last `protect` steps,
+    /// by age (least recently selected first, ties by the clock) among slots
+    /// not selected in the last `protect` steps (1 to 255),
     /// updates the tables and writes the copies to make.
     ///
     /// # Safety
@@ -262,6 +269,7 @@ impl CudaOps {
             || scratch.copy_slots.len() < max_promote
             || tables.slot_last.len() != slots
             || protect == 0
+            || protect >= 256
             || slots > i32::MAX as usize
         {
             return Err(invalid(

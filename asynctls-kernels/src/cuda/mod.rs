@@ -33,7 +33,7 @@ pub mod prefill;
 pub mod sampling;
 pub mod select;
 
-pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, TokenLists, DECODE_VARIANTS, MLA_HEADS};
+pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, SlotLookup, TokenLists, DECODE_VARIANTS, MLA_HEADS};
 pub use kv::{GpuKvPool, KvGeometry};
 pub use select::{SelectParams, SelectScratch};
 

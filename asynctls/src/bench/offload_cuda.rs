@@ -35,13 +35,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use asynctls_kernels::cuda::gather::ResolveInput;
+use asynctls_kernels::cuda::graph::StepGraph;
 use asynctls_kernels::cuda::{
     attention::{decode_splits, DecodeKernel},
-    CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams, SelectScratch,
+    CudaOps, DecodeScratch, GpuKvPool, KvGeometry, OffloadedKv, PagedKvView, SelectParams, SelectScratch, SlotLookup,
 };
 use asynctls_kernels::CudaDevice;
 use asynctls_offload::cuda::{CudaBackend, CudaLayout};
-use asynctls_offload::gpu_resolver::GpuResidency;
+use asynctls_offload::gpu_resolver::{GpuResidency, ResolverSizing};
 use asynctls_offload::{
     OffloadConfig, OffloadEngine, OneStepLag, Predictor, PromotePolicy, ResidencyStats, StepMetrics, Unit,
 };
@@ -73,6 +74,8 @@ pub struct OffloadSweep {
     pub steps: usize,
     /// The device resolver's predictors to run (`one-step-lag`, `union`).
     pub predictors: Vec<PromotePolicyKind>,
+    /// CTAs of the device resolver's copy kernel, one run per value (0: one per SM).
+    pub copy_ctas: Vec<usize>,
     /// memcpy threshold(s) of the host-driven engine to compare (bytes; 0 =
     /// all memcpy, usize::MAX = all gather); empty: that mode does not run.
     pub memcpy_min_bytes: Vec<usize>,
@@ -114,8 +117,9 @@ pub struct OffloadRow {
     pub batch: usize,
     pub layers: usize,
     pub mode: String,
-    /// The device resolver's predictor.
+    /// The device resolver's predictor and its copy kernel's CTAs.
     pub predictor: Option<String>,
+    pub copy_ctas: Option<usize>,
     pub memcpy_min_bytes: Option<usize>,
     /// Step time with the step replayed as a CUDA graph (not for the host-driven engine).
     pub graph_step_us: Option<f64>,
@@ -137,9 +141,9 @@ pub struct OffloadRow {
     pub hidden_fraction: Option<f64>,
     pub memcpy_units: Option<usize>,
     pub gathered_units: Option<usize>,
-    /// Host wall time per step issuing the step's GPU work (eager; for
-    /// graphs, the launch call).
+    /// Host wall time per step issuing the step's GPU work eagerly.
     pub host_launch_us_per_step: f64,
+    /// Host wall time of one step's graph launch on an idle GPU (median).
     pub host_graph_launch_us_per_step: Option<f64>,
     /// Host wall time per step in the host-driven engine's bookkeeping off
     /// the critical path (waiting for a layer's read-back, hit/miss
@@ -285,13 +289,18 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
             // The host tiers are filled from the GPU pools; then the pools'
             // K/V leave the GPU (the offloaded modes keep only the metadata).
             let tiers = host_tiers(sweep, num_blocks * kvh * BLOCK * d * 2 * 2);
-            let entries = rows * (SINK_BLOCKS + sweep.block_topk + LOCAL_BLOCKS + 1);
+            let sizing = ResolverSizing {
+                rows,
+                max_entries: SINK_BLOCKS + sweep.block_topk + LOCAL_BLOCKS + 1,
+                max_blocks: blocks_per_seq,
+            };
+            let entries = sizing.rows * sizing.max_entries;
             let Some(&first) = sweep.predictors.first() else {
                 continue;
             };
             // Every miss of a step can be promoted (the copy list is sized for it).
             let mut residency =
-                GpuResidency::with_host_tiers(device, point.layout()?, first.policy(entries), entries, tiers)?;
+                GpuResidency::with_host_tiers(device, point.layout()?, first.policy(entries), sizing, tiers)?;
             for (l, layer) in point.layers.iter().enumerate().take(tiers) {
                 let (hk, hv) = residency.host_mut(l)?;
                 stream.memcpy_dtoh(&layer.pool.keys, hk)?;
@@ -305,12 +314,20 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 layer.pool.keys = stream.alloc_zeros(8)?;
                 layer.pool.values = Some(stream.alloc_zeros(8)?);
             }
-            for &kind in &sweep.predictors {
+            let default_ctas = residency.copy_ctas;
+            let ctas = if sweep.copy_ctas.is_empty() {
+                vec![0]
+            } else {
+                sweep.copy_ctas.clone()
+            };
+            for (&kind, &copy_ctas) in sweep.predictors.iter().flat_map(|k| ctas.iter().map(move |c| (k, c))) {
                 progress(&format!(
-                    "ctx {ctx} batch {batch}: offloaded, device resolver ({kind:?})"
+                    "ctx {ctx} batch {batch}: offloaded, device resolver ({kind:?}, {copy_ctas} copy CTAs)"
                 ));
                 residency.reset(kind.policy(entries))?;
+                residency.copy_ctas = if copy_ctas == 0 { default_ctas } else { copy_ctas };
                 let mut row = point.device_resolver(&mut residency, tiers)?;
+                row.copy_ctas = Some(residency.copy_ctas);
                 ratio(&mut row);
                 progress(&format!(
                     "ctx {ctx} batch {batch}: device resolver {:.0} us vs resident {:.0} us",
@@ -339,12 +356,29 @@ fn host_tiers(sweep: &OffloadSweep, bytes_per_layer: usize) -> usize {
     (sweep.host_budget_bytes / bytes_per_layer.max(1)).clamp(1, sweep.layers.max(1))
 }
 
-/// Per step: eager wall time and its host launch time, and (when captured)
-/// the graphs' wall time and host launch time, in us.
+/// Per step: eager wall time and its host launch time, and the graphs' wall
+/// time, in us; and the graphs.
 struct Timed {
     eager: f64,
     launch: f64,
-    graph: Option<(f64, f64)>,
+    graph: f64,
+    graphs: Vec<StepGraph>,
+}
+
+/// The host's cost of a step as a graph: one launch on an idle GPU (median
+/// over `graphs`; in a timed loop a launch also waits while the launch
+/// queue is full). Replays the graphs.
+fn launch_latency(stream: &CudaStream, graphs: &[StepGraph]) -> Result<Option<f64>> {
+    let mut launches: Vec<f64> = Vec::with_capacity(graphs.len());
+    for g in graphs {
+        stream.synchronize()?;
+        let issued = Instant::now();
+        g.launch()?;
+        launches.push(issued.elapsed().as_secs_f64() * 1e6);
+    }
+    stream.synchronize()?;
+    launches.sort_by(f64::total_cmp);
+    Ok(launches.get(launches.len() / 2).copied())
 }
 
 impl Point<'_> {
@@ -359,6 +393,7 @@ impl Point<'_> {
             layers: self.sweep.layers,
             mode: mode.into(),
             predictor: None,
+            copy_ctas: None,
             memcpy_min_bytes: None,
             graph_step_us: None,
             eager_step_us,
@@ -385,13 +420,11 @@ impl Point<'_> {
     }
 
     /// Times `step` (which issues step `i`'s work) over the eager steps and
-    /// then over graphs captured of the graph steps.
-    fn time_modes(&self, mut step: impl FnMut(usize) -> Result<()>, graphs: bool) -> Result<Timed> {
+    /// then over graphs captured of the graph steps (after the caller's
+    /// [`WARMUP`] steps).
+    fn time_modes(&self, mut step: impl FnMut(usize) -> Result<()>) -> Result<Timed> {
         let stream = self.stream();
         let steps = self.sweep.steps;
-        for i in 0..WARMUP {
-            step(i)?;
-        }
         stream.synchronize()?;
         let start = Instant::now();
         for i in WARMUP..WARMUP + steps {
@@ -401,35 +434,26 @@ impl Point<'_> {
         stream.synchronize()?;
         let eager = start.elapsed().as_secs_f64() * 1e6 / steps as f64;
         let launch = launch.as_secs_f64() * 1e6 / steps as f64;
-        if !graphs {
-            return Ok(Timed {
-                eager,
-                launch,
-                graph: None,
-            });
-        }
         let mut captured = Vec::with_capacity(steps);
         for i in WARMUP + steps..WARMUP + 2 * steps {
             let (g, ()) = self.device.capture(|| step(i))?;
             captured.push(g);
         }
-        // One replay to warm the graphs' first launch.
-        captured[0].launch()?;
+        for g in &captured {
+            g.upload()?;
+        }
         stream.synchronize()?;
         let start = Instant::now();
-        let mut launching = Duration::ZERO;
         for g in &captured {
-            let issued = Instant::now();
             g.launch()?;
-            launching += issued.elapsed();
         }
         stream.synchronize()?;
         let graph = start.elapsed().as_secs_f64() * 1e6 / steps as f64;
-        let graph_launch = launching.as_secs_f64() * 1e6 / steps as f64;
         Ok(Timed {
             eager,
             launch,
-            graph: Some((graph, graph_launch)),
+            graph,
+            graphs: captured,
         })
     }
 
@@ -439,41 +463,40 @@ impl Point<'_> {
         let (qh, d) = (self.sweep.q_heads, self.sweep.head_dim);
         let mut out = self.stream().alloc_zeros::<f32>(self.batch * qh * d)?;
         let this = &*self;
-        let Timed { eager, launch, graph } = this.time_modes(
-            |i| {
-                for (layer, q) in this.layers.iter().zip(&this.queries[i]) {
-                    this.ops.sparse_select(
-                        q,
-                        &layer.pool,
-                        &layer.table,
-                        this.blocks_per_seq,
-                        &this.lens,
-                        qh,
-                        &this.params,
-                        &mut select,
-                    )?;
-                    let view = layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens);
-                    this.ops.decode_attention(
-                        q,
-                        &view,
-                        Some(&select.lists()),
-                        qh,
-                        this.scale,
-                        this.splits,
-                        &mut scratch,
-                        &mut out,
-                    )?;
-                }
-                Ok(())
-            },
-            true,
-        )?;
-        let bytes = self.dense_kv_per_seq_layer + self.metadata_per_seq_layer;
-        let mut row = self.row("gpu-resident", eager, launch, bytes);
-        if let Some((g, gl)) = graph {
-            row.graph_step_us = Some(g);
-            row.host_graph_launch_us_per_step = Some(gl);
+        let mut step = |i: usize| -> Result<()> {
+            for (layer, q) in this.layers.iter().zip(&this.queries[i]) {
+                this.ops.sparse_select(
+                    q,
+                    &layer.pool,
+                    &layer.table,
+                    this.blocks_per_seq,
+                    &this.lens,
+                    qh,
+                    &this.params,
+                    &mut select,
+                )?;
+                let view = layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens);
+                this.ops.decode_attention(
+                    q,
+                    &view,
+                    Some(&select.lists()),
+                    qh,
+                    this.scale,
+                    this.splits,
+                    &mut scratch,
+                    &mut out,
+                )?;
+            }
+            Ok(())
+        };
+        for i in 0..WARMUP {
+            step(i)?;
         }
+        let timed = this.time_modes(step)?;
+        let bytes = self.dense_kv_per_seq_layer + self.metadata_per_seq_layer;
+        let mut row = self.row("gpu-resident", timed.eager, timed.launch, bytes);
+        row.graph_step_us = Some(timed.graph);
+        row.host_graph_launch_us_per_step = launch_latency(&self.stream(), &timed.graphs)?;
         Ok(row)
     }
 
@@ -528,6 +551,11 @@ impl Point<'_> {
                     &this.params,
                     &mut select,
                 )?;
+                let input = this.resolve_input(&select, layer);
+                // SAFETY: `fill_pool`'s block table maps each sequence's
+                // blocks to distinct physical blocks of the pool, which the
+                // host tier mirrors.
+                unsafe { residency.resolve(l, &input) }?;
                 let (keys, values, offload) = residency.offloaded(l);
                 let view = PagedKvView {
                     keys,
@@ -545,17 +573,17 @@ impl Point<'_> {
                     &mut scratch,
                     &mut out,
                 )?;
-                let input = this.resolve_input(&select, layer);
-                // SAFETY: `fill_pool`'s block table maps each sequence's
-                // blocks to distinct physical blocks of the pool, which the
-                // host tier mirrors.
-                unsafe { residency.after_attention(l, &input) }?;
+                residency.after_attention(l)?;
             }
             residency.end_step()?;
             Ok(())
         };
+        for i in 0..WARMUP {
+            step(i, residency)?;
+        }
+        // Counted from the first timed step (the first steps miss everything).
         let before = residency.stats()?;
-        let Timed { eager, launch, graph } = this.time_modes(|i| step(i, residency), true)?;
+        let timed_run = this.time_modes(|i| step(i, residency))?;
         let timed = residency.stats()?;
         // Telemetry: synchronized eager steps with copy-stream timing.
         residency.timing = true;
@@ -584,12 +612,11 @@ impl Point<'_> {
             + layout.slots_per_layer * 8)
             / this.batch;
         let bytes = slots_bytes + this.metadata_per_seq_layer;
-        let mut row = this.row("offloaded-device", eager, launch, bytes);
+        let mut row = this.row("offloaded-device", timed_run.eager, timed_run.launch, bytes);
         row.predictor = Some(policy.name().into());
-        if let Some((g, gl)) = graph {
-            row.graph_step_us = Some(g);
-            row.host_graph_launch_us_per_step = Some(gl);
-        }
+        row.graph_step_us = Some(timed_run.graph);
+        // Last: the replays move the residency on.
+        row.host_graph_launch_us_per_step = launch_latency(&this.stream(), &timed_run.graphs)?;
         row.hit_rate = Some(total.hit_rate());
         row.miss_rate = Some(total.miss_rate());
         row.overlap_rate = Some(total.overlap_rate());
@@ -676,7 +703,7 @@ impl Point<'_> {
                     keys: &backend.pools.slot_keys[l],
                     values: Some(&backend.pools.slot_values[l]),
                     offload: Some(OffloadedKv {
-                        unit_slots: &backend.unit_slots[l],
+                        slots: SlotLookup::ByUnit(&backend.unit_slots[l]),
                         host_keys,
                         host_values,
                     }),

@@ -47,6 +47,9 @@ pub struct OffloadArgs {
     /// (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "one-step-lag,union")]
     predictor: Vec<PromotePolicyKind>,
+    /// CTAs of the device resolver's copy kernel, one run per value (0: one per SM).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    copy_ctas: Vec<usize>,
     /// Also run the host-driven offload engine, once per value: runs of
     /// contiguous units at least this many bytes go by memcpy, the rest by
     /// the mapped-memory gather (0: all memcpy; a huge value: all gather).
@@ -84,6 +87,7 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         drift: args.drift,
         steps: args.steps.max(3),
         predictors: args.predictor.clone(),
+        copy_ctas: args.copy_ctas.clone(),
         memcpy_min_bytes: args.memcpy_min_bytes.clone(),
         host_budget_bytes: (args.host_budget_gb.max(0.0) * (1u64 << 30) as f64) as usize,
     };
@@ -137,7 +141,7 @@ pub fn run(args: OffloadArgs) -> Result<()> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for r in &rows {
         let label = match (&r.predictor, r.memcpy_min_bytes) {
-            (Some(p), _) => p.clone(),
+            (Some(p), _) => format!("{p}/{}", r.copy_ctas.unwrap_or(0)),
             (None, Some(usize::MAX)) => "gather".into(),
             (None, Some(b)) => format!("memcpy>={b}"),
             (None, None) => "-".into(),
