@@ -6,13 +6,15 @@
 //! be captured as one CUDA graph.
 //!
 //! Per step: [`GpuResidency::begin_step`] moves the device's step counter
-//! on; per layer, after the selection, [`GpuResidency::resolve`] maps the
-//! attended blocks to slots (or the host tier) on the compute stream, the
-//! attention reads them through [`GpuResidency::offloaded`] (a miss in
-//! place from the host tier), and [`GpuResidency::after_attention`] forks
-//! the promotion and its copies to a copy stream, where they overlap the
-//! next layers; [`GpuResidency::end_step`] joins the copy stream back, so
-//! the next step sees every table update and copy.
+//! on; per layer, once the selection's candidate blocks are issued,
+//! [`GpuResidency::resolve`] maps the attended blocks to slots (or the host
+//! tier) on a resolve stream, overlapping the selection's token stage;
+//! [`GpuResidency::before_attention`] joins it, the attention reads the
+//! slots through [`GpuResidency::offloaded`] (a miss in place from the host
+//! tier), and [`GpuResidency::after_attention`] forks the promotion and its
+//! copies to a copy stream, where they overlap the next layers;
+//! [`GpuResidency::end_step`] joins the copy stream back, so the next step
+//! sees every table update and copy.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,8 +42,14 @@ struct LayerTables {
     copy_units: CudaSlice<i64>,
     copy_slots: CudaSlice<i32>,
     copy_count: CudaSlice<i32>,
-    /// Recorded on the compute stream after the layer's resolve (the fork).
+    /// `[rows, max_blocks]`: the last resolve's row slot table.
+    row_slots: CudaSlice<i32>,
+    /// Recorded on the compute stream when the candidates are issued, on
+    /// the resolve stream after the resolve, on the compute stream after
+    /// the attention.
+    candidates: CudaEvent,
     resolved: CudaEvent,
+    attended: CudaEvent,
     /// Recorded on the copy stream after the layer's copies.
     copied: CudaEvent,
 }
@@ -79,15 +87,14 @@ pub struct ResolverSizing {
 pub struct GpuResidency {
     ops: CudaOps,
     compute: Arc<CudaStream>,
+    resolver: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     /// The host tier and the slots.
     pub pools: KvPools,
     layers: Vec<LayerTables>,
-    /// `[rows, max_blocks]`: the last resolve's row slot table (layers take
-    /// turns in stream order, so one serves all).
-    row_slots: CudaSlice<i32>,
-    /// Entries of each layer's last resolve (taken by its promotion).
-    resolved: Vec<Option<usize>>,
+    /// Entries of each layer's last resolve (taken by its promotion), and
+    /// whether the compute stream has joined it.
+    resolved: Vec<Option<(usize, bool)>>,
     step: CudaSlice<u32>,
     policy: PromotePolicy,
     entries: usize,
@@ -132,6 +139,7 @@ impl GpuResidency {
         let ops = CudaOps::new(device)?;
         let compute = device.stream().clone();
         let copy = device.context().new_stream()?;
+        let resolver = device.context().new_stream()?;
         let units = layout
             .host_blocks
             .checked_mul(layout.kv_heads)
@@ -164,12 +172,14 @@ impl GpuResidency {
                 copy_units: compute.alloc_zeros::<i64>(max_promote)?,
                 copy_slots: compute.alloc_zeros::<i32>(max_promote)?,
                 copy_count: compute.alloc_zeros::<i32>(1)?,
+                row_slots: compute.alloc_zeros::<i32>(table.max(1))?,
+                candidates: event()?,
                 resolved: event()?,
+                attended: event()?,
                 copied: event()?,
             });
         }
         let step = compute.alloc_zeros::<u32>(1)?;
-        let row_slots = compute.alloc_zeros::<i32>(table.max(1))?;
         compute.synchronize()?;
         let sms = device
             .context()
@@ -178,11 +188,11 @@ impl GpuResidency {
         Ok(GpuResidency {
             ops,
             compute,
+            resolver,
             copy,
             pools,
             resolved: vec![None; layers.len()],
             layers,
-            row_slots,
             step,
             policy: PromotePolicy { max_promote, ..policy },
             entries,
@@ -203,8 +213,10 @@ impl GpuResidency {
         if !(1..256).contains(&policy.protect) {
             return Err(OffloadError::Config("protect must be 1 to 255 steps".into()));
         }
+        self.resolver.synchronize()?;
         self.copy.synchronize()?;
         self.compute.synchronize()?;
+        self.resolved.iter_mut().for_each(|r| *r = None);
         for t in &mut self.layers {
             self.compute
                 .memcpy_htod(&vec![-1i32; t.unit_slot.len()], &mut t.unit_slot)?;
@@ -256,22 +268,24 @@ impl GpuResidency {
             &self.pools.slot_keys[layer],
             self.pools.slot_values.get(layer),
             OffloadedKv {
-                slots: SlotLookup::ByRow(&self.row_slots),
+                slots: SlotLookup::ByRow(&self.layers[layer].row_slots),
                 host_keys,
                 host_values,
             },
         )
     }
 
-    /// The row slot table the last resolve wrote (synchronizes), for tests.
-    pub fn row_slots(&self) -> Result<Vec<i32>> {
+    /// The row slot table `layer`'s last resolve wrote (synchronizes), for tests.
+    pub fn row_slots(&self, layer: usize) -> Result<Vec<i32>> {
+        self.resolver.synchronize()?;
         self.compute.synchronize()?;
-        Ok(self.compute.clone_dtoh(&self.row_slots)?)
+        Ok(self.compute.clone_dtoh(&self.layers[layer].row_slots)?)
     }
 
-    /// Before `layer`'s attention (in stream order, after its selection):
-    /// counts the step's hits and misses, marks the hits' recency and writes
-    /// the row slot table the attention reads.
+    /// Once `layer`'s candidate blocks are issued on the compute stream (see
+    /// `CudaOps::sparse_select_staged`): on the resolve stream, counts the
+    /// step's hits and misses, marks the hits' recency and writes the row
+    /// slot table the attention reads after [`Self::before_attention`].
     ///
     /// # Safety
     /// `input.block_table` must map every attended logical block of each
@@ -283,7 +297,7 @@ impl GpuResidency {
             layer,
             num_layers: self.pools.layout().num_layers,
         })?;
-        if entries > t.miss_units.len() || input.rows() * input.max_blocks > self.row_slots.len() {
+        if entries > t.miss_units.len() || input.rows() * input.max_blocks > t.row_slots.len() {
             return Err(OffloadError::Config(format!(
                 "a step of {} rows attending up to {} of {} blocks in layer {layer}; the resolver was sized \
                  for {} entries and a table of {}",
@@ -291,7 +305,7 @@ impl GpuResidency {
                 input.max_entries(),
                 input.max_blocks,
                 t.miss_units.len(),
-                self.row_slots.len()
+                t.row_slots.len()
             )));
         }
         if input.kv_heads != self.pools.layout().kv_heads {
@@ -301,35 +315,54 @@ impl GpuResidency {
                 self.pools.layout().kv_heads
             )));
         }
-        let (mut tables, mut scratch) = layer_parts(t, &mut self.row_slots);
+        t.candidates.record(&self.compute)?;
+        self.resolver.wait(&t.candidates)?;
+        let (mut tables, mut scratch) = layer_parts(t);
         // SAFETY: the caller's contract (above); the physical blocks' units
         // are exactly the entries of `unit_slot`.
         unsafe {
             self.ops
-                .residency_resolve(&self.compute, input, &mut tables, &self.step, &mut scratch)
+                .residency_resolve(&self.resolver, input, &mut tables, &self.step, &mut scratch)
         }?;
-        self.resolved[layer] = Some(entries);
+        t.resolved.record(&self.resolver)?;
+        self.resolved[layer] = Some((entries, false));
         Ok(())
+    }
+
+    /// Orders the compute stream after `layer`'s resolve: call before the
+    /// attention that reads [`Self::offloaded`].
+    pub fn before_attention(&mut self, layer: usize) -> Result<()> {
+        match self.resolved.get_mut(layer) {
+            Some(Some((_, joined))) => {
+                if !*joined {
+                    self.compute.wait(&self.layers[layer].resolved)?;
+                    *joined = true;
+                }
+                Ok(())
+            }
+            _ => Err(OffloadError::Config(format!(
+                "layer {layer}: an attention without a resolve before it"
+            ))),
+        }
     }
 
     /// After `layer`'s attention (in stream order): promotes the misses of
     /// its last [`Self::resolve`] and copies them, on the copy stream.
     pub fn after_attention(&mut self, layer: usize) -> Result<()> {
-        let Some(entries) = self.resolved.get_mut(layer).and_then(Option::take) else {
-            return Err(OffloadError::Config(format!(
-                "layer {layer}: after_attention without a resolve before it"
-            )));
+        self.before_attention(layer)?;
+        let Some((entries, _)) = self.resolved[layer].take() else {
+            unreachable!("before_attention checked the resolve");
         };
         let (key_bytes, value_bytes) = self.pools.unit_bytes();
         let (host_k, host_v) = self.pools.host_device_ptrs(layer);
         let (slot_k, slot_v) = self.pools.slot_device_ptrs(layer, &self.copy);
         let t = &mut self.layers[layer];
-        t.resolved.record(&self.compute)?;
-        self.copy.wait(&t.resolved)?;
+        t.attended.record(&self.compute)?;
+        self.copy.wait(&t.attended)?;
         if let Some(timed) = &self.timed {
             timed.copies[layer].0.record(&self.copy)?;
         }
-        let (mut tables, mut scratch) = layer_parts(t, &mut self.row_slots);
+        let (mut tables, mut scratch) = layer_parts(t);
         // SAFETY: the misses were written by the resolve ordered before
         // (its contract keeps every unit inside `unit_slot`).
         unsafe {
@@ -398,6 +431,7 @@ impl GpuResidency {
 
     /// Every layer's cumulative counters (synchronizes the compute stream).
     pub fn stats(&self) -> Result<Vec<ResidencyStats>> {
+        self.resolver.synchronize()?;
         self.compute.synchronize()?;
         self.layers
             .iter()
@@ -412,6 +446,8 @@ impl GpuResidency {
 
     /// `layer`'s tables as the host twin holds them (synchronizes), for tests.
     pub fn tables(&self, layer: usize) -> Result<Residency> {
+        self.resolver.synchronize()?;
+        self.copy.synchronize()?;
         self.compute.synchronize()?;
         let t = &self.layers[layer];
         let stats = self.compute.clone_dtoh(&t.stats)?;
@@ -428,6 +464,7 @@ impl GpuResidency {
 
     /// The host tier's pools of `layer` to fill (synchronizes both streams first).
     pub fn host_mut(&mut self, layer: usize) -> Result<(&mut [half::bf16], Option<&mut [half::bf16]>)> {
+        self.resolver.synchronize()?;
         self.copy.synchronize()?;
         self.compute.synchronize()?;
         Ok(self.pools.host_mut(layer))
@@ -435,10 +472,7 @@ impl GpuResidency {
 }
 
 /// A layer's tables and scratch as the kernels take them.
-fn layer_parts<'a>(
-    t: &'a mut LayerTables,
-    row_slots: &'a mut CudaSlice<i32>,
-) -> (ResidencyTables<'a>, ResolveScratch<'a>) {
+fn layer_parts(t: &mut LayerTables) -> (ResidencyTables<'_>, ResolveScratch<'_>) {
     (
         ResidencyTables {
             unit_slot: &mut t.unit_slot,
@@ -448,7 +482,7 @@ fn layer_parts<'a>(
             stats: &mut t.stats,
         },
         ResolveScratch {
-            row_slots,
+            row_slots: &mut t.row_slots,
             miss_units: &mut t.miss_units,
             miss_list: &mut t.miss_list,
             copy_units: &mut t.copy_units,
@@ -460,6 +494,7 @@ fn layer_parts<'a>(
 
 impl Drop for GpuResidency {
     fn drop(&mut self) {
+        let _ = self.resolver.synchronize();
         let _ = self.copy.synchronize();
         let _ = self.compute.synchronize();
     }

@@ -143,6 +143,29 @@ impl CudaOps {
         params: &SelectParams,
         scratch: &mut SelectScratch,
     ) -> Result<()> {
+        self.sparse_select_staged(q, pool, block_table, max_blocks, lens, q_heads, params, scratch, |_| {
+            Ok(())
+        })
+    }
+
+    /// As [`Self::sparse_select`], calling `between` once the block stage's
+    /// candidates are issued (`scratch.candidates()`, in stream order) and
+    /// before the token stage: work that needs only the candidates (the
+    /// offload resolver) can start on another stream while the tokens are
+    /// scored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_select_staged<E: From<crate::Error>>(
+        &self,
+        q: &CudaSlice<f32>,
+        pool: &GpuKvPool,
+        block_table: &CudaSlice<i32>,
+        max_blocks: usize,
+        lens: &CudaSlice<i32>,
+        q_heads: usize,
+        params: &SelectParams,
+        scratch: &mut SelectScratch,
+        mut between: impl FnMut(&SelectScratch) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         let g = pool.geometry;
         let batch = lens.len();
         let group = q_heads / g.kv_heads.max(1);
@@ -153,7 +176,8 @@ impl CudaOps {
                     "{q_heads} query heads over {} KV heads (group at most {MAX_SELECT_GROUP})",
                     g.kv_heads
                 ),
-            ));
+            )
+            .into());
         }
         if q.len() != batch * q_heads * g.key_dim || block_table.len() < batch * max_blocks {
             return Err(invalid(
@@ -163,10 +187,11 @@ impl CudaOps {
                     q.len(),
                     block_table.len()
                 ),
-            ));
+            )
+            .into());
         }
         if params.block_topk == 0 || params.token_topk == 0 {
-            return Err(invalid("sparse_select", "k_b and k_t must be positive"));
+            return Err(invalid("sparse_select", "k_b and k_t must be positive").into());
         }
         if max_blocks > MAX_TOPK_ITEMS || params.block_topk * g.block_size > MAX_TOPK_ITEMS {
             return Err(invalid(
@@ -176,7 +201,8 @@ impl CudaOps {
                      items one top-k ranks",
                     params.block_topk, g.block_size
                 ),
-            ));
+            )
+            .into());
         }
         if g.key_dim > MAX_SELECT_KEY_DIM || g.key_dim % 2 != 0 {
             return Err(invalid(
@@ -185,13 +211,15 @@ impl CudaOps {
                     "key dim {} (the block kernel takes even dims up to {MAX_SELECT_KEY_DIM})",
                     g.key_dim
                 ),
-            ));
+            )
+            .into());
         }
         if g.label_channels > MAX_LABEL_CHANNELS {
             return Err(invalid(
                 "sparse_select",
                 format!("{} label channels (at most {MAX_LABEL_CHANNELS})", g.label_channels),
-            ));
+            )
+            .into());
         }
         let rows = batch * g.kv_heads;
         scratch.ensure(self, rows, max_blocks, params, g.block_size)?;
@@ -240,7 +268,7 @@ impl CudaOps {
             shared_mem_bytes: (group.max(2) * g.key_dim * 4) as u32,
         };
         // SAFETY: buffers sized by `ensure` and checked above.
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.map_err(crate::Error::from)?;
 
         let f = self.function(&self.select, "select_blocks")?;
         let shared = super::allow_dynamic_shared(&f, max_blocks * 4)?;
@@ -256,7 +284,8 @@ impl CudaOps {
             .arg(&sink)
             .arg(&local);
         // SAFETY: as above; the shared size was allowed.
-        unsafe { b.launch(with_shared(rows, BLOCK_TOPK_THREADS, shared)) }?;
+        unsafe { b.launch(with_shared(rows, BLOCK_TOPK_THREADS, shared)) }.map_err(crate::Error::from)?;
+        between(scratch)?;
 
         // Stage two: label scores of the candidates' tokens, then top-k_t.
         // The variant holding enough label words (8 channels each) for r.
@@ -300,7 +329,7 @@ impl CudaOps {
             shared_mem_bytes: ((group * g.label_channels + group) * 4) as u32,
         };
         // SAFETY: as above.
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.map_err(crate::Error::from)?;
 
         let f = self.function(&self.select, "select_tokens")?;
         let shared = super::allow_dynamic_shared(&f, candidates_per_row * 4)?;
@@ -319,7 +348,7 @@ impl CudaOps {
             .arg(&local)
             .arg(&mt);
         // SAFETY: as above.
-        unsafe { b.launch(with_shared(rows, TOPK_THREADS, shared)) }?;
+        unsafe { b.launch(with_shared(rows, TOPK_THREADS, shared)) }.map_err(crate::Error::from)?;
         Ok(())
     }
 }

@@ -541,7 +541,9 @@ impl Point<'_> {
         let mut step = |i: usize, residency: &mut GpuResidency| -> Result<()> {
             residency.begin_step()?;
             for (l, (layer, q)) in this.layers.iter().zip(&this.queries[i]).enumerate() {
-                this.ops.sparse_select(
+                // The resolve needs only the candidates: it runs on its own
+                // stream while the token stage scores.
+                this.ops.sparse_select_staged(
                     q,
                     &layer.pool,
                     &layer.table,
@@ -550,12 +552,16 @@ impl Point<'_> {
                     qh,
                     &this.params,
                     &mut select,
+                    |select| -> Result<()> {
+                        let input = this.resolve_input(select, layer);
+                        // SAFETY: `fill_pool`'s block table maps each
+                        // sequence's blocks to distinct physical blocks of
+                        // the pool, which the host tier mirrors.
+                        unsafe { residency.resolve(l, &input) }?;
+                        Ok(())
+                    },
                 )?;
-                let input = this.resolve_input(&select, layer);
-                // SAFETY: `fill_pool`'s block table maps each sequence's
-                // blocks to distinct physical blocks of the pool, which the
-                // host tier mirrors.
-                unsafe { residency.resolve(l, &input) }?;
+                residency.before_attention(l)?;
                 let (keys, values, offload) = residency.offloaded(l);
                 let view = PagedKvView {
                     keys,
