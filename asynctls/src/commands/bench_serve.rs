@@ -33,6 +33,11 @@ pub struct BenchServeArgs {
     /// Generated tokens per request (the stop token is ignored).
     #[arg(long, default_value_t = 64)]
     output_tokens: usize,
+    /// Once every stream of a level has its first token, send one more
+    /// request with this many prompt tokens (and one output token) and
+    /// report the streams' time per token while it is prefilled.
+    #[arg(long)]
+    interfere_prompt_tokens: Option<usize>,
     /// Seconds each level starts requests for.
     #[arg(long, default_value_t = 30.0)]
     duration_s: f64,
@@ -115,6 +120,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 max_requests: args.max_requests,
                 vocab_size,
                 seed: args.seed,
+                interfere_prompt_tokens: args.interfere_prompt_tokens,
             };
             if !args.json {
                 eprintln!("bench serve: concurrency {concurrency} ...");
@@ -188,6 +194,27 @@ fn print_table(model: &str, reports: &[LoadReport]) {
             r.ttft_p99_ms,
             r.tpot_p50_ms,
             r.tpot_p99_ms
+        );
+    }
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!();
+    println!("| concurrency | steady window s | steady tok/s | steady TPOT mean / p50 / p99 ms | interfering prompt | its TTFT ms | TPOT during its prefill mean / p50 / p99 ms | x steady (means) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in reports {
+        println!(
+            "| {} | {:.2} | {} | {} / {} / {} | {} | {} | {} / {} / {} | {} |",
+            r.concurrency,
+            r.steady_window_s,
+            opt(r.steady_output_tokens_per_s),
+            opt(r.steady_tpot_mean_ms),
+            opt(r.steady_tpot_p50_ms),
+            opt(r.steady_tpot_p99_ms),
+            r.interfere_prompt_tokens.map_or("-".into(), |t| t.to_string()),
+            opt(r.interfere_ttft_ms),
+            opt(r.tpot_during_prefill_mean_ms),
+            opt(r.tpot_during_prefill_p50_ms),
+            opt(r.tpot_during_prefill_p99_ms),
+            opt(r.tpot_during_prefill_ratio)
         );
     }
 }
