@@ -250,6 +250,8 @@ fn prefill_kernel_matches_cpu() {
     for &(q_heads, kv_heads, d, start, n) in &[
         (32usize, 8usize, 128usize, 0usize, 777usize),
         (32, 8, 128, 1000, 300),
+        // A short chunk at a long offset: the keys split across CTAs.
+        (32, 8, 128, 6000, 64),
         (14, 2, 64, 200, 130),
         (8, 8, 64, 0, 64),
     ] {

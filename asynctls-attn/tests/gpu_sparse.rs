@@ -433,6 +433,8 @@ fn prefill_kernel_matches_cpu_over_the_gpu_pool() {
     for (shape, start, n) in [
         (AttnShape::mla(20, 512, 64, 0.07), 0usize, 777usize),
         (AttnShape::mla(16, 512, 64, 0.1), 1000, 130),
+        // A short chunk at a long offset: the keys split across CTAs.
+        (AttnShape::mla(20, 512, 64, 0.07), 3000, 40),
         (AttnShape::gqa(32, 8, 128), 64, 450),
         (AttnShape::gqa(14, 2, 64), 0, 301),
     ] {

@@ -20,6 +20,12 @@
 // 64, DV] bf16, or (MLA, V_IN_K) V is the first DV columns of each key row;
 // block_table [max_blocks] of the sequence; out [n, q_heads, DV] f32. Query
 // token i sees keys 0..=start+i.
+//
+// Splits. A short chunk at a long offset has few row tiles, each walking
+// the whole prefix: grid.z splits a row tile's key tiles into `splits`
+// ranges, each CTA writing its normalised partial output and (max, sum)
+// (base 2) to partial_acc [n, q_heads, splits, DV] / partial_ml [n,
+// q_heads, splits, 2]; prefill_combine merges them into out.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -70,7 +76,8 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* ks, __nv_bfloat16* v
 template <int DK, int DV, bool V_IN_K, int WM, int WN, int MT>
 __device__ void prefill_mma(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
                             const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ block_table,
-                            float* __restrict__ out, int n, int start, int q_heads, int kv_heads, float scale) {
+                            float* __restrict__ out, int n, int start, int q_heads, int kv_heads, float scale,
+                            float* __restrict__ partial_acc, float* __restrict__ partial_ml, int splits) {
     using T = PrefillTraits<DK, DV, V_IN_K, WM, WN, MT>;
     extern __shared__ __align__(128) unsigned char smem[];
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);  // [BR][LK], scaled by scale * log2(e)
@@ -88,11 +95,19 @@ __device__ void prefill_mma(const float* __restrict__ q, const __nv_bfloat16* __
     const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
 
     const int last_row = min(rows, row0 + T::BR) - 1;
-    const int tiles = (start + last_row / group) / BC + 1;
+    const int all_tiles = (start + last_row / group) / BC + 1;
     const int first_qpos = start + row0 / group;
+    // This split's key tiles [t_begin, tiles).
+    const int split = blockIdx.z;
+    const int per_split = (all_tiles + splits - 1) / splits;
+    const int t_begin = min(all_tiles, split * per_split);
+    const int tiles = min(all_tiles, t_begin + per_split);
 
     // Prologue: the first K/V tile in flight while Q is converted.
-    load_kv_tile<DK, DV, V_IN_K, WM, WN, MT>(ks, vs, k_pool, v_pool, block_table[0], kv_heads, kvh);
+    if (t_begin < tiles)
+        load_kv_tile<DK, DV, V_IN_K, WM, WN, MT>(ks + (t_begin % STAGES) * T::K_ELEMS,
+                                                 vs + (t_begin % STAGES) * T::V_ELEMS, k_pool, v_pool,
+                                                 block_table[t_begin], kv_heads, kvh);
     cp_async_commit();
     const float qscale = scale * LOG2E;
     for (int i = threadIdx.x; i < T::BR * DK / 4; i += T::THREADS) {
@@ -128,7 +143,7 @@ __device__ void prefill_mma(const float* __restrict__ q, const __nv_bfloat16* __
     const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);  // B from V (trans)
     const __nv_bfloat16* q_warp = qs + wm * MT * 16 * T::LK;
 
-    for (int t = 0; t < tiles; t++) {
+    for (int t = t_begin; t < tiles; t++) {
         const int stage = t % STAGES;
         if (t + 1 < tiles) {
             const int next = (t + 1) % STAGES;
@@ -273,21 +288,48 @@ __device__ void prefill_mma(const float* __restrict__ q, const __nv_bfloat16* __
             const int row = row0 + (wm * MT + mt) * 16 + g + 8 * h;
             if (row >= rows) continue;
             const int token = row / group, head = kvh * group + row % group;
-            float* dst = out + ((size_t)token * q_heads + head) * DV + wn * (DV / WN) + 2 * tq;
+            const size_t out_row = (size_t)token * q_heads + head;
+            float* dst = splits == 1 ? out + out_row * DV : partial_acc + (out_row * splits + split) * DV;
+            dst += wn * (DV / WN) + 2 * tq;
             const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
             for (int j = 0; j < T::O_TILES; j++)
                 *reinterpret_cast<float2*>(dst + j * 8) =
                     make_float2(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+            if (splits > 1 && wn == 0 && tq == 0)
+                *reinterpret_cast<float2*>(partial_ml + (out_row * splits + split) * 2) =
+                    make_float2(m_run[mt][h], l);
         }
+}
+
+// Merges the splits' partial outputs: out = sum_s w_s acc_s / sum_s w_s with
+// w_s = 2^(m_s - max m) l_s. One CTA per (token, head) row.
+extern "C" __global__ void prefill_combine(const float* __restrict__ partial_acc, const float* __restrict__ partial_ml,
+                                           float* __restrict__ out, int splits, int dv) {
+    const size_t row = blockIdx.x;
+    const float* ml = partial_ml + row * splits * 2;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; s++) m = fmaxf(m, ml[2 * s]);
+    float total = 0.f;
+    for (int s = 0; s < splits; s++) total += ml[2 * s] == -INFINITY ? 0.f : exp2f(ml[2 * s] - m) * ml[2 * s + 1];
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < splits; s++) {
+            const float w = ml[2 * s] == -INFINITY ? 0.f : exp2f(ml[2 * s] - m) * ml[2 * s + 1];
+            acc += w * partial_acc[(row * splits + s) * dv + d];
+        }
+        out[row * dv + d] = acc * inv;
+    }
 }
 
 #define PREFILL_KERNEL(NAME, DK, DV, V_IN_K, WM, WN, MT)                                                          \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN) NAME(                                              \
         const float* q, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, const int* block_table,        \
-        float* out, int n, int start, int q_heads, int kv_heads, float scale) {                                  \
+        float* out, int n, int start, int q_heads, int kv_heads, float scale, float* partial_acc,                \
+        float* partial_ml, int splits) {                                                                          \
         prefill_mma<DK, DV, V_IN_K, WM, WN, MT>(q, k_pool, v_pool, block_table, out, n, start, q_heads,          \
-                                                kv_heads, scale);                                                 \
+                                                kv_heads, scale, partial_acc, partial_ml, splits);                \
     }
 
 // GQA: 128 rows, each warp 32 rows (two m-tiles, so every K and V fragment

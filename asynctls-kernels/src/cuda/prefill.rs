@@ -149,25 +149,85 @@ impl CudaOps {
         let values = kv.values.unwrap_or(kv.keys);
         let (nn, st, qh, kvh) = (n as i32, start as i32, q_heads as i32, kv.kv_heads as i32);
         let stream = self.device.stream();
+        let rows = n * (q_heads / kv.kv_heads);
+        let row_tiles = rows.div_ceil(variant.rows());
+        let sms = self
+            .device
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        let splits = prefill_splits(row_tiles * kv.kv_heads, (start + n).div_ceil(BC), sms);
+        // The splits' partial outputs and (max, sum), merged below.
+        let (mut partial_acc, mut partial_ml) = if splits > 1 {
+            (
+                stream.alloc_zeros::<f32>(n * q_heads * splits * vd)?,
+                stream.alloc_zeros::<f32>(n * q_heads * splits * 2)?,
+            )
+        } else {
+            (stream.alloc_zeros::<f32>(1)?, stream.alloc_zeros::<f32>(1)?)
+        };
+        let splits_arg = splits as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(q)
             .arg(kv.keys)
             .arg(values)
             .arg(kv.block_table)
-            .arg(out)
+            .arg(&mut *out)
             .arg(&nn)
             .arg(&st)
             .arg(&qh)
             .arg(&kvh)
-            .arg(&scale);
-        let rows = n * (q_heads / kv.kv_heads);
+            .arg(&scale)
+            .arg(&mut partial_acc)
+            .arg(&mut partial_ml)
+            .arg(&splits_arg);
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(variant.rows()) as u32, kv.kv_heads as u32, 1),
+            grid_dim: (row_tiles as u32, kv.kv_heads as u32, splits as u32),
             block_dim: ((32 * variant.wm * variant.wn) as u32, 1, 1),
             shared_mem_bytes: shared,
         };
         // SAFETY: shapes checked above; the table holds the sequence's blocks.
         unsafe { b.launch(cfg) }?;
+        if splits > 1 {
+            let f = self.function(&self.prefill, "prefill_combine")?;
+            let dv = vd as i32;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&partial_acc).arg(&partial_ml).arg(out).arg(&splits_arg).arg(&dv);
+            let cfg = LaunchConfig {
+                grid_dim: ((n * q_heads) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the partials were sized for n x q_heads rows of `splits`.
+            unsafe { b.launch(cfg) }?;
+        }
         Ok(())
+    }
+}
+
+/// Key splits of a prefill launch: one while its `ctas` (row tiles x KV
+/// heads) fill the GPU's `sms`, else enough to fill about two waves, each
+/// split keeping at least 4 of the `key_tiles` tiles of 64 keys.
+pub fn prefill_splits(ctas: usize, key_tiles: usize, sms: usize) -> usize {
+    if ctas == 0 || ctas >= sms || key_tiles < 8 {
+        return 1;
+    }
+    (2 * sms).div_ceil(ctas).min(key_tiles / 4).clamp(1, 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_splits;
+
+    #[test]
+    fn prefill_splits_fill_the_gpu_only_when_the_row_tiles_do_not() {
+        // A 2,048-token chunk of Qwen3-8B: 64 row tiles x 8 KV heads.
+        assert_eq!(prefill_splits(512, 512, 132), 1);
+        // A 256-token chunk at 32k: 8 x 8 CTAs over 516 key tiles.
+        assert_eq!(prefill_splits(64, 516, 132), 5);
+        // Short prefixes keep at least 4 key tiles a split.
+        assert_eq!(prefill_splits(4, 12, 132), 3);
+        assert_eq!(prefill_splits(4, 7, 132), 1);
+        assert_eq!(prefill_splits(1, 100_000, 132), 32);
     }
 }
