@@ -82,6 +82,10 @@ pub struct OffloadSweep {
     /// Pinned host memory the host tiers may take; beyond it the layers
     /// share host pools (their data alias; residency and traffic stay their own).
     pub host_budget_bytes: usize,
+    /// Run the GPU-resident mode too. Without it the K/V never sit on the
+    /// GPU all at once: each layer is filled, copied to the host tier and
+    /// dropped, so batches whose K/V exceed GPU memory run offloaded.
+    pub resident: bool,
 }
 
 /// Which predictor the device resolver follows.
@@ -225,11 +229,32 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 separate_values: true,
                 label_channels: r,
             };
+            let tiers = host_tiers(sweep, num_blocks * kvh * BLOCK * d * 2 * 2);
+            let sizing = ResolverSizing {
+                rows,
+                max_entries: SINK_BLOCKS + sweep.block_topk + LOCAL_BLOCKS + 1,
+                max_blocks: blocks_per_seq,
+            };
+            let entries = sizing.rows * sizing.max_entries;
+            let first = sweep
+                .predictors
+                .first()
+                .copied()
+                .unwrap_or(PromotePolicyKind::OneStepLag);
+            let layout = offload_layout(sweep, rows, batch * blocks_per_seq)?;
+            // Every miss of a step can be promoted (the copy list is sized for it).
+            let new_residency = || GpuResidency::with_host_tiers(device, layout, first.policy(entries), sizing, tiers);
+            // Without the resident mode, each layer's K/V goes to the host
+            // tier as soon as it is written and leaves the GPU.
+            let mut residency = if sweep.resident { None } else { Some(new_residency()?) };
             progress(&format!("ctx {ctx} batch {batch}: filling {} layers", sweep.layers));
             let mut layers = Vec::new();
-            for _ in 0..sweep.layers {
+            for l in 0..sweep.layers {
                 let mut pool = GpuKvPool::new(&ops, geometry, &channels)?;
                 let table_host = fill_pool(&ops, &mut pool, batch, ctx, &random, &mut rng).context("filling a pool")?;
+                if let Some(residency) = residency.as_mut() {
+                    to_host_tier(&stream, &mut pool, residency, l, tiers)?;
+                }
                 layers.push(Layer {
                     table: stream.clone_htod(&table_host)?,
                     table_host,
@@ -275,45 +300,35 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 dense_kv_per_seq_layer: ctx * kvh * d * 2 * 2,
                 metadata_per_seq_layer: blocks_per_seq * kvh * 2 * d * 2 + ctx * kvh * (r / 2 + 4),
             };
-            progress(&format!("ctx {ctx} batch {batch}: resident"));
-            let resident = point.resident()?;
-            let resident_graph = resident.graph_step_us;
-            let resident_eager = resident.eager_step_us;
-            rows_out.push(resident);
+            let (mut resident_graph, mut resident_eager) = (None, None);
+            if sweep.resident {
+                progress(&format!("ctx {ctx} batch {batch}: resident"));
+                let resident = point.resident()?;
+                (resident_graph, resident_eager) = (resident.graph_step_us, Some(resident.eager_step_us));
+                rows_out.push(resident);
+            }
             let ratio = |row: &mut OffloadRow| {
-                row.vs_resident = Some(match (row.graph_step_us, resident_graph) {
-                    (Some(g), Some(rg)) => g / rg,
-                    _ => row.eager_step_us / resident_eager,
-                });
+                row.vs_resident = match (row.graph_step_us, resident_graph, resident_eager) {
+                    (Some(g), Some(rg), _) => Some(g / rg),
+                    (_, _, Some(re)) => Some(row.eager_step_us / re),
+                    _ => None,
+                };
             };
+            if sweep.predictors.is_empty() && sweep.memcpy_min_bytes.is_empty() {
+                continue;
+            }
             // The host tiers are filled from the GPU pools; then the pools'
             // K/V leave the GPU (the offloaded modes keep only the metadata).
-            let tiers = host_tiers(sweep, num_blocks * kvh * BLOCK * d * 2 * 2);
-            let sizing = ResolverSizing {
-                rows,
-                max_entries: SINK_BLOCKS + sweep.block_topk + LOCAL_BLOCKS + 1,
-                max_blocks: blocks_per_seq,
+            let mut residency = match residency.take() {
+                Some(r) => r,
+                None => {
+                    let mut r = new_residency()?;
+                    for (l, layer) in point.layers.iter_mut().enumerate() {
+                        to_host_tier(&stream, &mut layer.pool, &mut r, l, tiers)?;
+                    }
+                    r
+                }
             };
-            let entries = sizing.rows * sizing.max_entries;
-            let Some(&first) = sweep.predictors.first() else {
-                continue;
-            };
-            // Every miss of a step can be promoted (the copy list is sized for it).
-            let mut residency =
-                GpuResidency::with_host_tiers(device, point.layout()?, first.policy(entries), sizing, tiers)?;
-            for (l, layer) in point.layers.iter().enumerate().take(tiers) {
-                let (hk, hv) = residency.host_mut(l)?;
-                stream.memcpy_dtoh(&layer.pool.keys, hk)?;
-                stream.memcpy_dtoh(
-                    layer.pool.values.as_ref().context("a GQA pool has values")?,
-                    hv.context("values")?,
-                )?;
-            }
-            stream.synchronize()?;
-            for layer in point.layers.iter_mut() {
-                layer.pool.keys = stream.alloc_zeros(8)?;
-                layer.pool.values = Some(stream.alloc_zeros(8)?);
-            }
             let default_ctas = residency.copy_ctas;
             let ctas = if sweep.copy_ctas.is_empty() {
                 vec![0]
@@ -330,9 +345,8 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
                 row.copy_ctas = Some(residency.copy_ctas);
                 ratio(&mut row);
                 progress(&format!(
-                    "ctx {ctx} batch {batch}: device resolver {:.0} us vs resident {:.0} us",
-                    row.graph_step_us.unwrap_or(row.eager_step_us),
-                    resident_graph.unwrap_or(resident_eager)
+                    "ctx {ctx} batch {batch}: device resolver {:.0} us",
+                    row.graph_step_us.unwrap_or(row.eager_step_us)
                 ));
                 rows_out.push(row);
             }
@@ -350,6 +364,44 @@ pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&
 }
 
 const TELEMETRY_STEPS: usize = 5;
+
+/// The offloaded layout of a point: slack x k_b + 3 slots per row.
+fn offload_layout(sweep: &OffloadSweep, rows: usize, host_blocks: usize) -> Result<CudaLayout> {
+    let config = OffloadConfig::with_slack(rows, sweep.block_topk, 3, sweep.slack)?;
+    Ok(CudaLayout {
+        num_layers: sweep.layers,
+        kv_heads: sweep.kv_heads,
+        host_blocks,
+        block_size: BLOCK,
+        key_dim: sweep.head_dim,
+        value_dim: sweep.head_dim,
+        slots_per_layer: config.slots_per_layer,
+    })
+}
+
+/// Copies `pool`'s K/V into layer `layer`'s host tier (when the layer has a
+/// pool of its own, `layer < tiers`), then drops them from the GPU: the
+/// offloaded modes keep only the metadata there.
+fn to_host_tier(
+    stream: &Arc<CudaStream>,
+    pool: &mut GpuKvPool,
+    residency: &mut GpuResidency,
+    layer: usize,
+    tiers: usize,
+) -> Result<()> {
+    if layer < tiers {
+        let (hk, hv) = residency.host_mut(layer)?;
+        stream.memcpy_dtoh(&pool.keys, hk)?;
+        stream.memcpy_dtoh(
+            pool.values.as_ref().context("a GQA pool has values")?,
+            hv.context("values")?,
+        )?;
+        stream.synchronize()?;
+    }
+    pool.keys = stream.alloc_zeros(8)?;
+    pool.values = Some(stream.alloc_zeros(8)?);
+    Ok(())
+}
 
 /// Host pools for the layers within the budget (at least one).
 fn host_tiers(sweep: &OffloadSweep, bytes_per_layer: usize) -> usize {
@@ -501,16 +553,7 @@ impl Point<'_> {
     }
 
     fn layout(&self) -> Result<CudaLayout> {
-        let config = OffloadConfig::with_slack(self.rows, self.sweep.block_topk, 3, self.sweep.slack)?;
-        Ok(CudaLayout {
-            num_layers: self.sweep.layers,
-            kv_heads: self.sweep.kv_heads,
-            host_blocks: self.batch * self.blocks_per_seq,
-            block_size: BLOCK,
-            key_dim: self.sweep.head_dim,
-            value_dim: self.sweep.head_dim,
-            slots_per_layer: config.slots_per_layer,
-        })
+        offload_layout(self.sweep, self.rows, self.batch * self.blocks_per_seq)
     }
 
     /// What the resolver reads of `layer`'s step: the selection's candidates.

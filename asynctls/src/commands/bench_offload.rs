@@ -61,6 +61,10 @@ pub struct OffloadArgs {
     /// traffic stay its own).
     #[arg(long, default_value_t = 48.0)]
     host_budget_gb: f64,
+    /// Skip the GPU-resident mode: each layer's K/V goes to the host tier as
+    /// soon as it is written, so batches whose K/V exceed GPU memory run.
+    #[arg(long)]
+    no_resident: bool,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -90,6 +94,7 @@ pub fn run(args: OffloadArgs) -> Result<()> {
         copy_ctas: args.copy_ctas.clone(),
         memcpy_min_bytes: args.memcpy_min_bytes.clone(),
         host_budget_bytes: (args.host_budget_gb.max(0.0) * (1u64 << 30) as f64) as usize,
+        resident: !args.no_resident,
     };
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::default_spinner());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
