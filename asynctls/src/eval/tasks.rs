@@ -11,15 +11,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::words::{ADJECTIVES, NOUNS};
-use super::{EvalError, TokenCounter};
+use super::{Essays, EvalError, TokenCounter};
 
 /// RULER's "noise" haystack: one paragraph repeated.
 pub const NOISE: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 
 /// A task of the suite. Names with a RULER counterpart are RULER's; the
 /// `_noise` variants are RULER's multi-key, multi-value and multi-query
-/// tasks on the noise haystack, because RULER's own use the essay haystack,
-/// which is not fetched yet.
+/// tasks on the noise haystack (RULER's own use the essay haystack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
@@ -41,10 +40,15 @@ pub enum Task {
     Cwe,
     /// The three most frequent coded words of a Zipf(2) text (RULER fwe).
     Fwe,
+    /// One word key, one 7-digit number, essay haystack (RULER niah_single_2).
+    NiahSingle2,
+    /// One word key, one UUID, essay haystack (RULER niah_single_3).
+    NiahSingle3,
 }
 
 impl Task {
-    pub const ALL: [Task; 9] = [
+    /// Every task; new ones go at the end (a task's position seeds its samples).
+    pub const ALL: [Task; 11] = [
         Task::NiahSingle1,
         Task::NiahMultikeyNoise,
         Task::NiahMultikey2,
@@ -54,7 +58,14 @@ impl Task {
         Task::Vt,
         Task::Cwe,
         Task::Fwe,
+        Task::NiahSingle2,
+        Task::NiahSingle3,
     ];
+
+    /// Whether the task's haystack is the essays (`asynctls pull paul-graham-essays`).
+    pub fn needs_essays(self) -> bool {
+        matches!(self, Task::NiahSingle2 | Task::NiahSingle3)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +78,8 @@ impl Task {
             Task::Vt => "vt",
             Task::Cwe => "cwe",
             Task::Fwe => "fwe",
+            Task::NiahSingle2 => "niah_single_2",
+            Task::NiahSingle3 => "niah_single_3",
         }
     }
 
@@ -75,8 +88,8 @@ impl Task {
     /// for the answers of each task, restated once.
     pub fn max_new_tokens(self) -> usize {
         match self {
-            Task::NiahSingle1 | Task::NiahMultikeyNoise | Task::NiahMultikey2 => 32,
-            Task::NiahMultikey3 => 48,
+            Task::NiahSingle1 | Task::NiahMultikeyNoise | Task::NiahMultikey2 | Task::NiahSingle2 => 32,
+            Task::NiahMultikey3 | Task::NiahSingle3 => 48,
             Task::NiahMultivalueNoise | Task::NiahMultiqueryNoise => 64,
             Task::Vt => 30,
             Task::Cwe => 64,
@@ -148,9 +161,29 @@ pub fn generate(
     target_tokens: usize,
     counter: &dyn TokenCounter,
 ) -> Result<Sample, EvalError> {
+    generate_with(task, seed, index, target_tokens, counter, None)
+}
+
+/// [`generate`] with the essay haystack, which the essay tasks need.
+pub fn generate_with(
+    task: Task,
+    seed: u64,
+    index: usize,
+    target_tokens: usize,
+    counter: &dyn TokenCounter,
+    essays: Option<&Essays>,
+) -> Result<Sample, EvalError> {
+    let essays = match (task.needs_essays(), essays) {
+        (true, None) => {
+            return Err(EvalError::Haystack(format!(
+                "{task} hides its needle in the Paul Graham essays: run `asynctls pull paul-graham-essays`"
+            )))
+        }
+        (_, e) => e.map(Essays::sentences),
+    };
     let seed = sample_seed(seed, task, index);
     let (min_units, max_units) = unit_range(task);
-    let build = |units: usize| build(task, seed, units);
+    let build = |units: usize| build(task, seed, units, essays.unwrap_or(&[]));
     let count = |b: &Built| counter.count_tokens(&format!("{}{}", b.input, b.answer_prefix));
     let smallest = build(min_units);
     let needed = count(&smallest)?;
@@ -212,9 +245,29 @@ fn unit_range(task: Task) -> (usize, usize) {
     }
 }
 
-fn build(task: Task, seed: u64, units: usize) -> Built {
+fn build(task: Task, seed: u64, units: usize, essays: &[String]) -> Built {
     let mut rng = StdRng::seed_from_u64(seed);
     match task {
+        Task::NiahSingle2 => niah(
+            &mut rng,
+            units,
+            Haystack::Essays(essays),
+            Kind::Words,
+            Kind::Numbers,
+            1,
+            1,
+            1,
+        ),
+        Task::NiahSingle3 => niah(
+            &mut rng,
+            units,
+            Haystack::Essays(essays),
+            Kind::Words,
+            Kind::Uuids,
+            1,
+            1,
+            1,
+        ),
         Task::NiahSingle1 => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 1, 1, 1),
         Task::NiahMultikeyNoise => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 4, 1, 1),
         Task::NiahMultikey2 => niah(&mut rng, units, Haystack::Needles, Kind::Words, Kind::Numbers, 1, 1, 1),
@@ -228,10 +281,13 @@ fn build(task: Task, seed: u64, units: usize) -> Built {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Haystack {
+enum Haystack<'a> {
     Noise,
     /// Needles of other keys (RULER's `needle` haystack).
     Needles,
+    /// The essays' sentences in order, from the first (again from the
+    /// first when more are asked for than there are).
+    Essays(&'a [String]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -294,7 +350,7 @@ fn needle_sentence(value_kind: Kind, key: &str, value: &str) -> String {
 fn niah(
     rng: &mut StdRng,
     units: usize,
-    haystack: Haystack,
+    haystack: Haystack<'_>,
     key_kind: Kind,
     value_kind: Kind,
     num_k: usize,
@@ -333,6 +389,7 @@ fn niah(
                 }
             })
             .collect(),
+        Haystack::Essays(essays) => (0..units).map(|i| essays[i % essays.len().max(1)].clone()).collect(),
     };
     // RULER: positions drawn without replacement, inserted from the back.
     let mut at: Vec<usize> = rand::seq::index::sample(&mut hay_rng, units.max(needles.len()), needles.len()).into_vec();
@@ -347,10 +404,16 @@ fn niah(
         [] => String::new(),
     };
     let v = value_kind.plural();
+    // Essay sentences run on as prose; the other haystacks are one per line.
+    let joiner = if matches!(haystack, Haystack::Essays(_)) {
+        " "
+    } else {
+        "\n"
+    };
     Built {
         input: format!(
             "Some special magic {v} are hidden within the following text. Make sure to memorize it. I will quiz you about the {v} afterwards.\n{}\nWhat are all the special magic {v} for {query} mentioned in the provided text?",
-            sentences.join("\n")
+            sentences.join(joiner)
         ),
         answer_prefix: format!(" The special magic {v} for {query} mentioned in the provided text are"),
         answers: asked.iter().flat_map(|&i| values[i].clone()).collect(),
