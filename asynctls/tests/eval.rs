@@ -28,7 +28,7 @@ fn essays() -> Essays {
 }
 
 fn sample(task: Task, seed: u64, target: usize) -> Sample {
-    generate_with(task, seed, 0, target, &bytes, Some(&essays())).unwrap()
+    generate_with(task, seed, 0, target, &bytes, Some(&essays()), None).unwrap()
 }
 
 /// The context lines of a NIAH prompt, between the instruction line and the question.
@@ -254,7 +254,7 @@ fn prompts_fit_the_target_length() {
 #[test]
 fn generators_are_deterministic_and_vary_by_sample() {
     let essays = essays();
-    let generate = |task, seed, index, target| generate_with(task, seed, index, target, &bytes, Some(&essays));
+    let generate = |task, seed, index, target| generate_with(task, seed, index, target, &bytes, Some(&essays), None);
     for task in Task::ALL {
         let a = generate(task, 42, 0, 5000).unwrap();
         assert_eq!(a, generate(task, 42, 0, 5000).unwrap(), "{task}");
@@ -269,7 +269,7 @@ fn generators_are_deterministic_and_vary_by_sample() {
 fn the_essay_tasks_hide_one_needle_in_the_essays_in_order() {
     let essays = essays();
     for (task, value_is_uuid) in [(Task::NiahSingle2, false), (Task::NiahSingle3, true)] {
-        let s = generate_with(task, 7, 0, 3000, &bytes, Some(&essays)).unwrap();
+        let s = generate_with(task, 7, 0, 3000, &bytes, Some(&essays), None).unwrap();
         assert_eq!(s.answers.len(), 1, "{task}");
         let value = &s.answers[0];
         assert_eq!(
@@ -300,6 +300,33 @@ fn the_essay_tasks_hide_one_needle_in_the_essays_in_order() {
         ["July 2010What hard liquor is.", "It was fine?", "Yes!", "end"]
     );
     assert!(Essays::from_text("  \n ").is_err());
+}
+
+#[test]
+fn the_depth_grid_places_the_needle_at_its_depth() {
+    let essays = essays();
+    for task in [Task::NiahSingle1, Task::NiahSingle2] {
+        let mut positions = Vec::new();
+        for depth in [0.0, 0.5, 1.0] {
+            let s = generate_with(task, 3, 0, 4000, &bytes, Some(&essays), Some(depth)).unwrap();
+            let at = s.input.find("One of the special magic").unwrap();
+            positions.push(at as f64 / s.input.len() as f64);
+            // The same needle at every depth.
+            assert_eq!(
+                s.answers,
+                generate_with(task, 3, 0, 4000, &bytes, Some(&essays), Some(0.0))
+                    .unwrap()
+                    .answers
+            );
+        }
+        assert!(
+            positions[0] < 0.1 && (positions[1] - 0.5).abs() < 0.1 && positions[2] > 0.9,
+            "{task}: {positions:?}"
+        );
+    }
+    // Only one-needle tasks, depths 0 to 1.
+    assert!(generate_with(Task::NiahMultikey2, 3, 0, 4000, &bytes, None, Some(0.5)).is_err());
+    assert!(generate_with(Task::NiahSingle1, 3, 0, 4000, &bytes, None, Some(1.5)).is_err());
 }
 
 #[test]

@@ -42,6 +42,11 @@ pub struct EvalArgs {
     /// Seed of the task generators.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The NIAH depth x length grid: the needle of the single-needle tasks
+    /// at each of these depths (percent of the haystack, comma separated),
+    /// one row each, instead of at a seeded position.
+    #[arg(long, value_delimiter = ',')]
+    depths: Vec<u32>,
     /// k_b of tls's block stage (default 128 blocks of 64 tokens, which keeps
     /// every block up to 8,192 tokens; pass about an eighth of the context's
     /// blocks to exercise it at short contexts).
@@ -108,6 +113,17 @@ struct Setting {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let tasks = eval::parse_tasks(&args.tasks)?;
+    if let Some(&d) = args.depths.iter().find(|&&d| d > 100) {
+        bail!("--depths {d}: depths are percent, 0 to 100");
+    }
+    if let (false, Some(t)) = (args.depths.is_empty(), tasks.iter().find(|t| !t.single_needle())) {
+        bail!("--depths places one needle: {t} has more (the grid takes niah_single_1, niah_single_2, niah_single_3)");
+    }
+    let depths: Vec<Option<u32>> = if args.depths.is_empty() {
+        vec![None]
+    } else {
+        args.depths.iter().copied().map(Some).collect()
+    };
     // The essay tasks' haystack, checked before any model work.
     let essays = if tasks.iter().any(|t| t.needs_essays()) {
         let cache = asynctls::registry::cache_dir(args.cache_dir.as_deref())?;
@@ -187,7 +203,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(path) => Some(ResultFile::open(path)?),
         None => None,
     };
-    let total = (tasks.len() * args.ctx.len() * settings.len()) as u64;
+    let total = (tasks.len() * args.ctx.len() * depths.len() * settings.len()) as u64;
     let bar = if args.json {
         ProgressBar::hidden()
     } else {
@@ -202,7 +218,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut rows: Vec<ResultRow> = Vec::new();
     for &task in &tasks {
         let max_new = args.max_new_tokens.unwrap_or(task.max_new_tokens());
-        for &ctx in &args.ctx {
+        for (&ctx, &depth) in args.ctx.iter().flat_map(|c| depths.iter().map(move |d| (c, d))) {
             let key_of = |s: Setting| RowKey {
                 model: model_name.clone(),
                 task: task.name().to_string(),
@@ -220,6 +236,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 samples: args.samples,
                 seed: args.seed,
                 label_channels: channels_name.clone(),
+                depth,
             };
             let pending: Vec<Setting> = settings
                 .iter()
@@ -245,7 +262,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 .filter(|&t| t > 0)
                 .with_context(|| format!("--ctx {ctx} leaves no room for the prompt after {max_new} new tokens"))?;
             let samples: Vec<Sample> = (0..args.samples)
-                .map(|i| eval::generate_with(task, args.seed, i, target, &counter, essays.as_ref()))
+                .map(|i| {
+                    let depth = depth.map(|d| d as f64 / 100.0);
+                    eval::generate_with(task, args.seed, i, target, &counter, essays.as_ref(), depth)
+                })
                 .collect::<Result<_, _>>()?;
             let requests: Vec<Request> = samples
                 .iter()
@@ -317,9 +337,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     file.append(row.clone())?;
                 }
                 let line = format!(
-                    "{:<22} ctx {:>6}  {:<5} budget {:>5}  score {:>6.1}  ({:.0}s)",
+                    "{:<22} ctx {:>6}{}  {:<5} budget {:>5}  score {:>6.1}  ({:.0}s)",
                     row.key.task,
                     row.key.ctx,
+                    row.key.depth.map_or(String::new(), |d| format!(" depth {d:>3}%")),
                     row.key.policy,
                     row.key.budget.map_or("-".to_string(), |b| b.to_string()),
                     row.score,
@@ -370,15 +391,16 @@ fn selection_stages(setting: Setting, block_topk: Option<usize>, prompt_tokens: 
 
 fn print_table(rows: &[ResultRow]) {
     println!(
-        "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7} {:>8} {:>7} {:>12} {:>7}",
-        "task", "ctx", "policy", "budget", "k_b", "score", "samples", "sparse", "stages", "attend"
+        "{:<22} {:>6} {:>5} {:<6} {:>6} {:>5} {:>7} {:>8} {:>7} {:>12} {:>7}",
+        "task", "ctx", "depth", "policy", "budget", "k_b", "score", "samples", "sparse", "stages", "attend"
     );
     for r in rows {
         let opt = |v: Option<usize>| v.map_or("-".to_string(), |b| b.to_string());
         println!(
-            "{:<22} {:>6} {:<6} {:>6} {:>5} {:>7.1} {:>8} {:>7} {:>12} {:>7}",
+            "{:<22} {:>6} {:>5} {:<6} {:>6} {:>5} {:>7.1} {:>8} {:>7} {:>12} {:>7}",
             r.key.task,
             r.key.ctx,
+            r.key.depth.map_or("-".to_string(), |d| format!("{d}%")),
             r.key.policy,
             opt(r.key.budget),
             opt(r.key.block_topk),

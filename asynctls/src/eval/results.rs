@@ -25,6 +25,10 @@ pub struct RowKey {
     /// (`--label-channels`); rows of files from before have `default`.
     #[serde(default = "default_channels")]
     pub label_channels: String,
+    /// The needle's depth in percent of the haystack (`--depths`); absent
+    /// for a seeded position, as in the rows of files from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
 }
 
 fn default_channels() -> String {

@@ -62,6 +62,11 @@ impl Task {
         Task::NiahSingle3,
     ];
 
+    /// Whether the task hides one needle (the tasks of the depth grid).
+    pub fn single_needle(self) -> bool {
+        matches!(self, Task::NiahSingle1 | Task::NiahSingle2 | Task::NiahSingle3)
+    }
+
     /// Whether the task's haystack is the essays (`asynctls pull paul-graham-essays`).
     pub fn needs_essays(self) -> bool {
         matches!(self, Task::NiahSingle2 | Task::NiahSingle3)
@@ -161,10 +166,13 @@ pub fn generate(
     target_tokens: usize,
     counter: &dyn TokenCounter,
 ) -> Result<Sample, EvalError> {
-    generate_with(task, seed, index, target_tokens, counter, None)
+    generate_with(task, seed, index, target_tokens, counter, None, None)
 }
 
-/// [`generate`] with the essay haystack, which the essay tasks need.
+/// [`generate`] with the essay haystack (which the essay tasks need) and,
+/// for the single-needle tasks, the needle at a fixed `depth` (0 = before
+/// the first haystack sentence, 1 = after the last) instead of a seeded one:
+/// the NIAH depth x length grid.
 pub fn generate_with(
     task: Task,
     seed: u64,
@@ -172,7 +180,15 @@ pub fn generate_with(
     target_tokens: usize,
     counter: &dyn TokenCounter,
     essays: Option<&Essays>,
+    depth: Option<f64>,
 ) -> Result<Sample, EvalError> {
+    if let Some(d) = depth {
+        if !task.single_needle() || !(0.0..=1.0).contains(&d) {
+            return Err(EvalError::Haystack(format!(
+                "a needle depth of {d} for {task}: depths are 0 to 1, for niah_single_1, niah_single_2 and niah_single_3"
+            )));
+        }
+    }
     let essays = match (task.needs_essays(), essays) {
         (true, None) => {
             return Err(EvalError::Haystack(format!(
@@ -183,7 +199,7 @@ pub fn generate_with(
     };
     let seed = sample_seed(seed, task, index);
     let (min_units, max_units) = unit_range(task);
-    let build = |units: usize| build(task, seed, units, essays.unwrap_or(&[]));
+    let build = |units: usize| build(task, seed, units, essays.unwrap_or(&[]), depth);
     let count = |b: &Built| counter.count_tokens(&format!("{}{}", b.input, b.answer_prefix));
     let smallest = build(min_units);
     let needed = count(&smallest)?;
@@ -245,35 +261,68 @@ fn unit_range(task: Task) -> (usize, usize) {
     }
 }
 
-fn build(task: Task, seed: u64, units: usize, essays: &[String]) -> Built {
+fn build(task: Task, seed: u64, units: usize, essays: &[String], depth: Option<f64>) -> Built {
     let mut rng = StdRng::seed_from_u64(seed);
+    let single = |rng: &mut StdRng, haystack, value| niah(rng, units, haystack, Kind::Words, value, 1, 1, 1, depth);
     match task {
-        Task::NiahSingle2 => niah(
+        Task::NiahSingle2 => single(&mut rng, Haystack::Essays(essays), Kind::Numbers),
+        Task::NiahSingle3 => single(&mut rng, Haystack::Essays(essays), Kind::Uuids),
+        Task::NiahSingle1 => single(&mut rng, Haystack::Noise, Kind::Numbers),
+        Task::NiahMultikeyNoise => niah(
             &mut rng,
             units,
-            Haystack::Essays(essays),
+            Haystack::Noise,
+            Kind::Words,
+            Kind::Numbers,
+            4,
+            1,
+            1,
+            None,
+        ),
+        Task::NiahMultikey2 => niah(
+            &mut rng,
+            units,
+            Haystack::Needles,
             Kind::Words,
             Kind::Numbers,
             1,
             1,
             1,
+            None,
         ),
-        Task::NiahSingle3 => niah(
+        Task::NiahMultikey3 => niah(
             &mut rng,
             units,
-            Haystack::Essays(essays),
-            Kind::Words,
+            Haystack::Needles,
+            Kind::Uuids,
             Kind::Uuids,
             1,
             1,
             1,
+            None,
         ),
-        Task::NiahSingle1 => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 1, 1, 1),
-        Task::NiahMultikeyNoise => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 4, 1, 1),
-        Task::NiahMultikey2 => niah(&mut rng, units, Haystack::Needles, Kind::Words, Kind::Numbers, 1, 1, 1),
-        Task::NiahMultikey3 => niah(&mut rng, units, Haystack::Needles, Kind::Uuids, Kind::Uuids, 1, 1, 1),
-        Task::NiahMultivalueNoise => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 1, 4, 1),
-        Task::NiahMultiqueryNoise => niah(&mut rng, units, Haystack::Noise, Kind::Words, Kind::Numbers, 4, 1, 4),
+        Task::NiahMultivalueNoise => niah(
+            &mut rng,
+            units,
+            Haystack::Noise,
+            Kind::Words,
+            Kind::Numbers,
+            1,
+            4,
+            1,
+            None,
+        ),
+        Task::NiahMultiqueryNoise => niah(
+            &mut rng,
+            units,
+            Haystack::Noise,
+            Kind::Words,
+            Kind::Numbers,
+            4,
+            1,
+            4,
+            None,
+        ),
         Task::Vt => variable_tracking(&mut rng, units),
         Task::Cwe => common_words(&mut rng, units),
         Task::Fwe => frequent_words(&mut rng, units),
@@ -356,6 +405,7 @@ fn niah(
     num_k: usize,
     num_v: usize,
     num_q: usize,
+    depth: Option<f64>,
 ) -> Built {
     let mut keys: Vec<String> = Vec::with_capacity(num_k);
     while keys.len() < num_k {
@@ -391,8 +441,12 @@ fn niah(
             .collect(),
         Haystack::Essays(essays) => (0..units).map(|i| essays[i % essays.len().max(1)].clone()).collect(),
     };
-    // RULER: positions drawn without replacement, inserted from the back.
-    let mut at: Vec<usize> = rand::seq::index::sample(&mut hay_rng, units.max(needles.len()), needles.len()).into_vec();
+    // RULER: positions drawn without replacement, inserted from the back;
+    // at a fixed depth for the grid (one needle).
+    let mut at: Vec<usize> = match depth {
+        Some(d) => vec![(d * units as f64).round() as usize],
+        None => rand::seq::index::sample(&mut hay_rng, units.max(needles.len()), needles.len()).into_vec(),
+    };
     at.sort_unstable_by(|a, b| b.cmp(a));
     for (pos, needle) in at.into_iter().zip(needles) {
         sentences.insert(pos.min(sentences.len()), needle);
