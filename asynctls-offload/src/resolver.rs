@@ -13,7 +13,8 @@
 //!    resident: the one-step-lag prediction, decided without the host.
 //!    Victims are the least recently selected slots (free ones first) among
 //!    those no step of the last `protect` selected: a histogram of the
-//!    slots' ages (capped at [`AGE_BUCKETS`] steps) gives the age threshold,
+//!    slots' ages (capped at 254 steps; free slots in a bucket of their
+//!    own) gives the age threshold,
 //!    and among slots of that age a clock hand decides, moving past the last
 //!    victim. `protect = 2` keeps the last two selections resident, the
 //!    union-of-two predictor;
@@ -50,7 +51,8 @@ pub struct ResidencyStats {
 }
 
 /// Age buckets of the promotion's histogram (the kernel's `AGE_BUCKETS`):
-/// slots unselected for this many steps or more, and free ones, rank oldest.
+/// the last holds the free slots, the one before it every slot unselected
+/// for `AGE_BUCKETS - 2` steps or more.
 pub const AGE_BUCKETS: usize = 256;
 
 /// Number of counters in [`ResidencyStats`] (`RESIDENCY_STATS` of the kernels).
@@ -248,15 +250,20 @@ impl Residency {
             let seq = row / kvh;
             let mut row_units = Vec::new();
             for block in selection.attended_blocks(row) {
-                let physical = *selection
-                    .block_table
-                    .get(seq * selection.max_blocks + block)
+                let physical = block
+                    .checked_add(seq * selection.max_blocks)
                     .filter(|_| block < selection.max_blocks)
+                    .and_then(|at| selection.block_table.get(at))
                     .ok_or_else(|| OffloadError::Config(format!("row {row}: logical block {block} has no entry")))?;
-                let unit = physical as i64 * kvh as i64 + (row % kvh) as i64;
-                if physical < 0 || unit as usize >= self.unit_slot.len() {
+                let physical = u32::try_from(*physical).map_err(|_| {
+                    OffloadError::Config(format!(
+                        "row {row}: logical block {block} maps to physical block {physical}"
+                    ))
+                })?;
+                let unit = physical as usize * kvh + row % kvh;
+                if unit >= self.unit_slot.len() {
                     return Err(OffloadError::UnitOutOfRange {
-                        block: physical as u32,
+                        block: physical,
                         head: (row % kvh) as u16,
                         blocks: self.unit_slot.len() / kvh,
                         kv_heads: kvh,
@@ -267,7 +274,7 @@ impl Residency {
                         "unit {unit} attended twice in one step (shared physical blocks are not supported)"
                     )));
                 }
-                row_units.push(unit as usize);
+                row_units.push(unit);
             }
             units.push(row_units);
         }
@@ -293,12 +300,13 @@ impl Residency {
     }
 
     /// The age bucket of `slot` at `step` (as the kernel's `slot_age`): steps
-    /// since its unit was selected, free slots and old ones in the last bucket.
+    /// since its unit was selected, up to `AGE_BUCKETS - 2`; the last bucket
+    /// holds the free slots alone, so they are taken first.
     fn age(&self, slot: usize, step: u32) -> usize {
         if self.slot_unit[slot] < 0 {
             AGE_BUCKETS - 1
         } else {
-            (step.wrapping_sub(self.slot_last[slot]) as usize).min(AGE_BUCKETS - 1)
+            (step.wrapping_sub(self.slot_last[slot]) as usize).min(AGE_BUCKETS - 2)
         }
     }
 

@@ -91,6 +91,10 @@ proptest! {
             prop_assert!(chosen.iter().all(|&s| ages[s] >= policy.protect));
             table.check().map_err(TestCaseError::fail)?;
             let stepped = table.stats.since(before.stats);
+            // Free slots go first: no resident unit leaves while one stays free.
+            if stepped.evicted > 0 {
+                prop_assert!(table.slot_unit.iter().all(|&u| u >= 0), "evicted with a free slot left");
+            }
             prop_assert_eq!(stepped.promoted as usize, copies.len());
             prop_assert_eq!(stepped.promoted + stepped.unplaced, stepped.misses);
             prop_assert!(copies.len() <= max_promote);

@@ -196,6 +196,14 @@ impl CudaOps {
                 let kvh = kv.kv_heads as i32;
 
                 let table = match kv.offload.map(|o| o.slots) {
+                    // The resolver writes the entries of the attended blocks
+                    // only: a dense pass would read the others.
+                    Some(SlotLookup::ByRow(_)) if lists.is_none() => {
+                        return Err(invalid(
+                            "decode_attention",
+                            "a row slot table holds the selected blocks only: dense attention needs SlotLookup::ByUnit",
+                        ));
+                    }
                     Some(SlotLookup::ByRow(rows)) => {
                         if rows.len() < batch * kv.kv_heads * kv.max_blocks {
                             return Err(invalid(

@@ -188,6 +188,7 @@ impl CudaOps {
             return Ok(());
         }
         if input.kv_heads == 0
+            || input.block_size == 0
             || input.candidate_counts.len() < rows
             || input.candidates.len() < rows * input.block_topk
             || input.block_table.len() < input.lens.len() * input.max_blocks

@@ -159,10 +159,15 @@ impl CudaOps {
         let splits = prefill_splits(row_tiles * kv.kv_heads, (start + n).div_ceil(BC), sms);
         // The splits' partial outputs and (max, sum), merged below.
         let (mut partial_acc, mut partial_ml) = if splits > 1 {
-            (
-                stream.alloc_zeros::<f32>(n * q_heads * splits * vd)?,
-                stream.alloc_zeros::<f32>(n * q_heads * splits * 2)?,
-            )
+            // SAFETY: every (token, head, split) entry is written by the
+            // split's CTA (an empty split writes zeros and (-inf, 0)) before
+            // the combine reads it, in stream order.
+            unsafe {
+                (
+                    stream.alloc::<f32>(n * q_heads * splits * vd)?,
+                    stream.alloc::<f32>(n * q_heads * splits * 2)?,
+                )
+            }
         } else {
             (stream.alloc_zeros::<f32>(1)?, stream.alloc_zeros::<f32>(1)?)
         };

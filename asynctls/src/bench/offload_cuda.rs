@@ -14,8 +14,9 @@
 //!   attention over the resident slots through the device's unit -> slot
 //!   table (a miss read in place from the host tier over PCIe), and after
 //!   each layer's attention the device-side resolver
-//!   (asynctls-offload's `gpu_resolver`): resolve on the compute stream,
-//!   promotion and copies on a copy stream overlapping the next layers,
+//!   (asynctls-offload's `gpu_resolver`): resolve on a stream of its own
+//!   beside the token stage, promotion and copies on a copy stream
+//!   overlapping the next layers,
 //!   joined at the end of the step. No host round trip: the step is
 //!   launches only;
 //! - `offloaded-host` (one per `memcpy_min_bytes`, when asked): the

@@ -122,7 +122,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let depths: Vec<Option<u32>> = if args.depths.is_empty() {
         vec![None]
     } else {
-        args.depths.iter().copied().map(Some).collect()
+        let mut d = args.depths.clone();
+        d.sort_unstable();
+        d.dedup();
+        d.into_iter().map(Some).collect()
     };
     // The essay tasks' haystack, checked before any model work.
     let essays = if tasks.iter().any(|t| t.needs_essays()) {

@@ -22,12 +22,15 @@ pub struct PullArgs {
 /// Pulls `name` unless cached, with progress on stderr; returns its directory.
 pub fn ensure_pulled(name: &str, cache_dir: Option<&Path>, quiet: bool) -> Result<PathBuf> {
     let checkpoint = registry::checkpoint(name).with_context(|| {
-        let names: Vec<_> = CHECKPOINTS
-            .iter()
-            .map(|c| c.name)
-            .chain(registry::DATASETS.iter().map(|d| d.name))
-            .collect();
-        format!("unknown model `{name}` (known: {})", names.join(", "))
+        let names: Vec<_> = CHECKPOINTS.iter().map(|c| c.name).collect();
+        if registry::dataset(name).is_some() {
+            format!(
+                "`{name}` is evaluation data, not a model (known models: {})",
+                names.join(", ")
+            )
+        } else {
+            format!("unknown model `{name}` (known: {})", names.join(", "))
+        }
     })?;
     let cache = registry::cache_dir(cache_dir)?;
     let spinner = if quiet {

@@ -65,8 +65,9 @@ pub struct LoadReport {
     pub ttft_p99_ms: f64,
     pub tpot_p50_ms: f64,
     pub tpot_p99_ms: f64,
-    /// Seconds in which every stream had its first token and none had
-    /// finished (0 when there was no such window).
+    /// Seconds in which every stream of the first wave had its first token
+    /// and none had finished, less the interfering prefill (0 when there was
+    /// no such window).
     pub steady_window_s: f64,
     /// Tokens per second over all streams in that window.
     pub steady_output_tokens_per_s: Option<f64>,
@@ -104,7 +105,8 @@ struct Sample {
     tpot_s: Option<f64>,
     prompt_tokens: usize,
     generated: usize,
-    /// When each chunk carrying text arrived.
+    /// When the request was sent, and when each chunk carrying text arrived.
+    sent: Instant,
     arrivals: Vec<Instant>,
 }
 
@@ -166,6 +168,7 @@ async fn one_request(client: &Client, body: &Value, started: &AtomicUsize) -> Re
         tpot_s: (generated > 1).then(|| (last - first).as_secs_f64() / (generated - 1) as f64),
         prompt_tokens,
         generated,
+        sent: start,
         arrivals,
     })
 }
@@ -189,10 +192,17 @@ fn request_body(config: &LoadConfig, rng: &mut impl Rng, prompt_tokens: usize, m
 pub async fn run_load(client: &Client, config: &LoadConfig) -> LoadReport {
     let issued = Arc::new(AtomicUsize::new(0));
     let started = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
     for w in 0..config.concurrency.max(1) {
-        let (client, config, issued, started) = (client.clone(), config.clone(), issued.clone(), started.clone());
+        let (client, config, issued, started, finished) = (
+            client.clone(),
+            config.clone(),
+            issued.clone(),
+            started.clone(),
+            finished.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ (w as u64).wrapping_mul(0x9e37_79b9));
             let mut results = Vec::new();
@@ -200,19 +210,22 @@ pub async fn run_load(client: &Client, config: &LoadConfig) -> LoadReport {
                 let body = request_body(&config, &mut rng, config.prompt_tokens, config.output_tokens);
                 results.push(one_request(&client, &body, &started).await);
             }
+            finished.fetch_add(1, Ordering::SeqCst);
             results
         }));
     }
     // The interfering request: sent half a second after every stream of
     // the first wave has its first token (all of their prompts are in).
     let interferer = config.interfere_prompt_tokens.map(|tokens| {
-        let (client, config, started) = (client.clone(), config.clone(), started.clone());
-        let wave = config.concurrency.max(1).min(config.max_requests);
+        let (client, config, started, finished) = (client.clone(), config.clone(), started.clone(), finished.clone());
+        let workers = config.concurrency.max(1);
+        let wave = workers.min(config.max_requests);
         tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5eed);
             let body = request_body(&config, &mut rng, tokens, 1);
-            while started.load(Ordering::SeqCst) < wave && start.elapsed() < config.duration + Duration::from_secs(600)
-            {
+            // Until the wave has its first tokens (or its workers are done:
+            // a failed request never brings one).
+            while started.load(Ordering::SeqCst) < wave && finished.load(Ordering::SeqCst) < workers {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -275,14 +288,18 @@ fn summarize(
     interfered: Option<(Instant, Instant)>,
     wall_s: f64,
 ) -> LoadReport {
-    // Steady: every stream past its first token, none finished (the
-    // interfering request's window left out).
-    let steady = samples
+    // Steady: the first wave (the `concurrency` requests sent first), from
+    // its last first token to its first last token, without the
+    // interfering request's prefill.
+    let mut wave: Vec<&Sample> = samples.iter().collect();
+    wave.sort_by_key(|s| s.sent);
+    wave.truncate(config.concurrency.max(1));
+    let steady = wave
         .iter()
         .map(|s| s.arrivals.first().copied())
         .collect::<Option<Vec<_>>>()
         .and_then(|firsts| firsts.into_iter().max())
-        .zip(samples.iter().filter_map(|s| s.arrivals.last().copied()).min())
+        .zip(wave.iter().filter_map(|s| s.arrivals.last().copied()).min())
         .filter(|(from, to)| to > from);
     let (steady_window_s, steady_rate, steady_gaps) = match steady {
         Some((from, to)) => {
@@ -291,9 +308,12 @@ fn summarize(
             let tokens = samples
                 .iter()
                 .flat_map(|s| &s.arrivals)
-                .filter(|&&t| t > from && t <= to)
+                .filter(|&&t| t > from && t <= to && outside(t, t))
                 .count();
-            let window = (to - from).as_secs_f64();
+            let overlap = interfered.map_or(0.0, |(a, b)| {
+                (to.min(b).saturating_duration_since(from.max(a))).as_secs_f64()
+            });
+            let window = (to - from).as_secs_f64() - overlap;
             (window, Some(tokens as f64 / window.max(1e-9)), gaps)
         }
         None => (0.0, None, Vec::new()),
@@ -355,6 +375,7 @@ mod tests {
             tpot_s: Some(gap_ms as f64 / 1e3),
             prompt_tokens: 8,
             generated: n,
+            sent: t0 + Duration::from_millis(start_ms / 2),
             arrivals,
         }
     }
@@ -386,8 +407,12 @@ mod tests {
         b.arrivals.extend(later);
         let window = (t0 + Duration::from_millis(500), t0 + Duration::from_millis(700));
         let r = summarize(&config(), &[a, b], 0, Vec::new(), Some(window), 1.0);
-        // Steady from the later first token (200 ms) to the earlier last (890 ms).
-        assert!((r.steady_window_s - 0.69).abs() < 1e-6, "{}", r.steady_window_s);
+        // Steady from the later first token (200 ms) to the earlier last (890
+        // ms), less the 200 ms of the interfering prefill; two streams of one
+        // token per 10 ms outside it.
+        assert!((r.steady_window_s - 0.49).abs() < 1e-6, "{}", r.steady_window_s);
+        let rate = r.steady_output_tokens_per_s.unwrap();
+        assert!((190.0..215.0).contains(&rate), "{rate}");
         assert!((r.steady_tpot_p50_ms.unwrap() - 10.0).abs() < 0.5);
         assert!(
             (r.steady_tpot_mean_ms.unwrap() - 10.0).abs() < 0.5,
