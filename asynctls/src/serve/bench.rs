@@ -8,10 +8,11 @@
 //! divided by the other tokens (`usage` from the last chunk), per request.
 //!
 //! Two figures separate decoding from the prefills around it:
-//! - the **steady state**: the window in which every stream of the level
-//!   has its first token and none has finished (all prompts are in, none
-//!   arrives). In it, tokens per second over all streams, and each
-//!   stream's gaps between tokens;
+//! - the **steady state**: the window in which every stream of the
+//!   level's first wave (its first `concurrency` requests) has its first
+//!   token and none has finished (all prompts are in, none arrives). In it,
+//!   tokens per second over all streams, and each stream's gaps between
+//!   tokens, the interfering prefill below left out of both;
 //! - the **prefill interference** (`interfere_prompt_tokens`): once the
 //!   streams are steady, one more request with a long prompt (one output
 //!   token) is sent; the streams' gaps between tokens while it is
