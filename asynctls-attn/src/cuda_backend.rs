@@ -109,10 +109,7 @@ impl CudaAttention {
         }
         let storage = GpuKvStorage::new(device, config, channels)?;
         let ops = device.ops()?;
-        let sms = device
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(asynctls_kernels::Error::from)? as usize;
+        let sms = device.multiprocessors();
         Ok(CudaAttention {
             cache: PagedKvCache::new(storage)?,
             device: Device::Cuda(device.clone()),

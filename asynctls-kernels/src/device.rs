@@ -43,6 +43,9 @@ pub struct CudaDevice {
     ordinal: usize,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Streaming multiprocessors, read once at open (grid heuristics size
+    /// launches by them on hot paths).
+    multiprocessors: usize,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -88,15 +91,24 @@ impl CudaDevice {
         let stream = context
             .new_stream()
             .map_err(|source| Error::CudaOpen { ordinal, source })?;
+        let multiprocessors = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|source| Error::CudaOpen { ordinal, source })? as usize;
         Ok(CudaDevice {
             ordinal,
             context,
             stream,
+            multiprocessors,
         })
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// Streaming multiprocessors of the GPU (the split heuristics size grids by them).
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

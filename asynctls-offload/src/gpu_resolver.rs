@@ -182,10 +182,7 @@ impl GpuResidency {
         }
         let step = compute.alloc_zeros::<u32>(1)?;
         compute.synchronize()?;
-        let sms = device
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
+        let sms = device.multiprocessors();
         Ok(GpuResidency {
             ops,
             compute,

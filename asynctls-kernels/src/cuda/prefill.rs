@@ -151,12 +151,11 @@ impl CudaOps {
         let stream = self.device.stream();
         let rows = n * (q_heads / kv.kv_heads);
         let row_tiles = rows.div_ceil(variant.rows());
-        let sms = self
-            .device
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-        let splits = prefill_splits(row_tiles * kv.kv_heads, (start + n).div_ceil(BC), sms);
+        let splits = prefill_splits(
+            row_tiles * kv.kv_heads,
+            (start + n).div_ceil(BC),
+            self.device.multiprocessors(),
+        );
         // The splits' partial outputs and (max, sum), merged below.
         let (mut partial_acc, mut partial_ml) = if splits > 1 {
             // SAFETY: every (token, head, split) entry is written by the

@@ -79,14 +79,6 @@ impl Timer {
     }
 }
 
-/// Streaming multiprocessors of the device (the split heuristics size grids by them).
-pub(crate) fn multiprocessors(device: &CudaDevice) -> Result<usize> {
-    let sms = device
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    Ok(sms as usize)
-}
-
 /// 2^25 random f32 in [-1, 1) on the device: the source the benchmarks cut
 /// windows of for keys, values and queries (generating gigabytes on the host is slow).
 pub(crate) fn random_on_device(device: &CudaDevice, rng: &mut StdRng) -> Result<CudaSlice<f32>> {
@@ -180,7 +172,7 @@ pub fn run(device: &CudaDevice, sweep: &CudaSweep, mut progress: impl FnMut(&str
         ctx: device.context().clone(),
     };
     let shape = sweep.shape;
-    let sms = multiprocessors(device)?;
+    let sms = device.multiprocessors();
     let mut scratch = DecodeScratch::new(&ops)?;
     let mut select_scratch = SelectScratch::new(&ops)?;
     let mut rng = StdRng::seed_from_u64(7);

@@ -51,7 +51,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use super::attn_cuda::{fill_pool, multiprocessors, random_on_device};
+use super::attn_cuda::{fill_pool, random_on_device};
 
 const BLOCK: usize = 64;
 const SINK_BLOCKS: usize = 1;
@@ -202,7 +202,7 @@ struct Point<'a> {
 pub fn run(device: &CudaDevice, sweep: &OffloadSweep, mut progress: impl FnMut(&str)) -> Result<Vec<OffloadRow>> {
     let ops = CudaOps::new(device)?;
     let stream = device.stream().clone();
-    let sms = multiprocessors(device)?;
+    let sms = device.multiprocessors();
     let (qh, kvh, d) = (sweep.q_heads, sweep.kv_heads, sweep.head_dim);
     let r = 32.min(d);
     let mut rng = StdRng::seed_from_u64(11);
