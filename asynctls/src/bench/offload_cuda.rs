@@ -510,6 +510,50 @@ impl Point<'_> {
         })
     }
 
+    /// `layer`'s selection for query `q` into `select`, calling `between`
+    /// once its candidates are issued (see `CudaOps::sparse_select_staged`).
+    fn select(
+        &self,
+        q: &CudaSlice<f32>,
+        layer: &Layer,
+        select: &mut SelectScratch,
+        between: impl FnMut(&SelectScratch) -> Result<()>,
+    ) -> Result<()> {
+        self.ops.sparse_select_staged(
+            q,
+            &layer.pool,
+            &layer.table,
+            self.blocks_per_seq,
+            &self.lens,
+            self.sweep.q_heads,
+            &self.params,
+            select,
+            between,
+        )
+    }
+
+    /// The attention of query `q` over `view`, on the tokens `select` chose.
+    fn attend(
+        &self,
+        q: &CudaSlice<f32>,
+        view: &PagedKvView<'_>,
+        select: &SelectScratch,
+        scratch: &mut DecodeScratch,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let lists = select.lists();
+        Ok(self.ops.decode_attention(
+            q,
+            view,
+            Some(&lists),
+            self.sweep.q_heads,
+            self.scale,
+            self.splits,
+            scratch,
+            out,
+        )?)
+    }
+
     fn resident(&mut self) -> Result<OffloadRow> {
         let mut select = SelectScratch::new(self.ops)?;
         let mut scratch = DecodeScratch::new(self.ops)?;
@@ -518,27 +562,9 @@ impl Point<'_> {
         let this = &*self;
         let mut step = |i: usize| -> Result<()> {
             for (layer, q) in this.layers.iter().zip(&this.queries[i]) {
-                this.ops.sparse_select(
-                    q,
-                    &layer.pool,
-                    &layer.table,
-                    this.blocks_per_seq,
-                    &this.lens,
-                    qh,
-                    &this.params,
-                    &mut select,
-                )?;
+                this.select(q, layer, &mut select, |_| Ok(()))?;
                 let view = layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens);
-                this.ops.decode_attention(
-                    q,
-                    &view,
-                    Some(&select.lists()),
-                    qh,
-                    this.scale,
-                    this.splits,
-                    &mut scratch,
-                    &mut out,
-                )?;
+                this.attend(q, &view, &select, &mut scratch, &mut out)?;
             }
             Ok(())
         };
@@ -568,9 +594,11 @@ impl Point<'_> {
             max_blocks: self.blocks_per_seq,
             kv_heads: self.sweep.kv_heads,
             block_size: BLOCK,
-            block_topk: self.sweep.block_topk,
-            sink_blocks: SINK_BLOCKS,
-            local_blocks: LOCAL_BLOCKS,
+            // The selection's own parameters, so the resolver maps exactly
+            // the blocks it chose.
+            block_topk: self.params.block_topk,
+            sink_blocks: self.params.sink_blocks,
+            local_blocks: self.params.local_blocks,
         }
     }
 
@@ -587,24 +615,14 @@ impl Point<'_> {
             for (l, (layer, q)) in this.layers.iter().zip(&this.queries[i]).enumerate() {
                 // The resolve needs only the candidates: it runs on its own
                 // stream while the token stage scores.
-                this.ops.sparse_select_staged(
-                    q,
-                    &layer.pool,
-                    &layer.table,
-                    this.blocks_per_seq,
-                    &this.lens,
-                    qh,
-                    &this.params,
-                    &mut select,
-                    |select| -> Result<()> {
-                        let input = this.resolve_input(select, layer);
-                        // SAFETY: `fill_pool`'s block table maps each
-                        // sequence's blocks to distinct physical blocks of
-                        // the pool, which the host tier mirrors.
-                        unsafe { residency.resolve(l, &input) }?;
-                        Ok(())
-                    },
-                )?;
+                this.select(q, layer, &mut select, |select| -> Result<()> {
+                    let input = this.resolve_input(select, layer);
+                    // SAFETY: `fill_pool`'s block table maps each sequence's
+                    // blocks to distinct physical blocks of the pool, which
+                    // the host tier mirrors.
+                    unsafe { residency.resolve(l, &input) }?;
+                    Ok(())
+                })?;
                 residency.before_attention(l)?;
                 let (keys, values, offload) = residency.offloaded(l);
                 let view = PagedKvView {
@@ -613,16 +631,7 @@ impl Point<'_> {
                     offload: Some(offload),
                     ..layer.pool.view(&layer.table, this.blocks_per_seq, &this.lens)
                 };
-                this.ops.decode_attention(
-                    q,
-                    &view,
-                    Some(&select.lists()),
-                    qh,
-                    this.scale,
-                    this.splits,
-                    &mut scratch,
-                    &mut out,
-                )?;
+                this.attend(q, &view, &select, &mut scratch, &mut out)?;
                 residency.after_attention(l)?;
             }
             residency.end_step()?;
@@ -736,16 +745,7 @@ impl Point<'_> {
             // (after the copies into them), nothing on the host.
             for (l, (layer, q)) in self.layers.iter().zip(qs).enumerate() {
                 let issued = Instant::now();
-                self.ops.sparse_select(
-                    q,
-                    &layer.pool,
-                    &layer.table,
-                    self.blocks_per_seq,
-                    &self.lens,
-                    qh,
-                    &self.params,
-                    &mut select,
-                )?;
+                self.select(q, layer, &mut select, |_| Ok(()))?;
                 engine.order_before_attention(l)?;
                 let backend = engine.backend();
                 let (host_keys, host_values) = backend.host_device_ptrs(l);
@@ -759,16 +759,7 @@ impl Point<'_> {
                     }),
                     ..layer.pool.view(&layer.table, self.blocks_per_seq, &self.lens)
                 };
-                self.ops.decode_attention(
-                    q,
-                    &view,
-                    Some(&select.lists()),
-                    qh,
-                    self.scale,
-                    self.splits,
-                    &mut scratch,
-                    &mut out,
-                )?;
+                self.attend(q, &view, &select, &mut scratch, &mut out)?;
                 engine.release(l)?;
                 launch += issued.elapsed();
                 let booked = Instant::now();

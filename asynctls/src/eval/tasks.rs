@@ -262,67 +262,22 @@ fn unit_range(task: Task) -> (usize, usize) {
 }
 
 fn build(task: Task, seed: u64, units: usize, essays: &[String], depth: Option<f64>) -> Built {
+    use Haystack::{Needles, Noise};
+    use Kind::{Numbers, Uuids, Words};
     let mut rng = StdRng::seed_from_u64(seed);
-    let single = |rng: &mut StdRng, haystack, value| niah(rng, units, haystack, Kind::Words, value, 1, 1, 1, depth);
+    // The single-needle tasks may take a fixed depth (the grid); the others
+    // place their needles at seeded positions.
+    let single = |rng: &mut StdRng, haystack, value| niah(rng, units, haystack, Words, value, 1, 1, 1, depth);
+    let multi = |rng: &mut StdRng, haystack, key, value, k, v, q| niah(rng, units, haystack, key, value, k, v, q, None);
     match task {
-        Task::NiahSingle2 => single(&mut rng, Haystack::Essays(essays), Kind::Numbers),
-        Task::NiahSingle3 => single(&mut rng, Haystack::Essays(essays), Kind::Uuids),
-        Task::NiahSingle1 => single(&mut rng, Haystack::Noise, Kind::Numbers),
-        Task::NiahMultikeyNoise => niah(
-            &mut rng,
-            units,
-            Haystack::Noise,
-            Kind::Words,
-            Kind::Numbers,
-            4,
-            1,
-            1,
-            None,
-        ),
-        Task::NiahMultikey2 => niah(
-            &mut rng,
-            units,
-            Haystack::Needles,
-            Kind::Words,
-            Kind::Numbers,
-            1,
-            1,
-            1,
-            None,
-        ),
-        Task::NiahMultikey3 => niah(
-            &mut rng,
-            units,
-            Haystack::Needles,
-            Kind::Uuids,
-            Kind::Uuids,
-            1,
-            1,
-            1,
-            None,
-        ),
-        Task::NiahMultivalueNoise => niah(
-            &mut rng,
-            units,
-            Haystack::Noise,
-            Kind::Words,
-            Kind::Numbers,
-            1,
-            4,
-            1,
-            None,
-        ),
-        Task::NiahMultiqueryNoise => niah(
-            &mut rng,
-            units,
-            Haystack::Noise,
-            Kind::Words,
-            Kind::Numbers,
-            4,
-            1,
-            4,
-            None,
-        ),
+        Task::NiahSingle2 => single(&mut rng, Haystack::Essays(essays), Numbers),
+        Task::NiahSingle3 => single(&mut rng, Haystack::Essays(essays), Uuids),
+        Task::NiahSingle1 => single(&mut rng, Noise, Numbers),
+        Task::NiahMultikeyNoise => multi(&mut rng, Noise, Words, Numbers, 4, 1, 1),
+        Task::NiahMultikey2 => multi(&mut rng, Needles, Words, Numbers, 1, 1, 1),
+        Task::NiahMultikey3 => multi(&mut rng, Needles, Uuids, Uuids, 1, 1, 1),
+        Task::NiahMultivalueNoise => multi(&mut rng, Noise, Words, Numbers, 1, 4, 1),
+        Task::NiahMultiqueryNoise => multi(&mut rng, Noise, Words, Numbers, 4, 1, 4),
         Task::Vt => variable_tracking(&mut rng, units),
         Task::Cwe => common_words(&mut rng, units),
         Task::Fwe => frequent_words(&mut rng, units),
