@@ -60,11 +60,17 @@ impl StepMetrics {
     }
     /// Fraction of the transfer time the compute hid.
     pub fn hidden_fraction(&self) -> f64 {
-        if self.transfer_us <= 0.0 {
-            1.0
-        } else {
-            (1.0 - self.exposed_us / self.transfer_us).clamp(0.0, 1.0)
-        }
+        hidden_fraction(self.transfer_us, self.exposed_us)
+    }
+}
+
+/// Of `transfer` time spent copying, the fraction the compute did not wait
+/// for (`exposed` is the waiting); 1 when nothing was copied.
+pub fn hidden_fraction(transfer: f64, exposed: f64) -> f64 {
+    if transfer <= 0.0 {
+        1.0
+    } else {
+        (1.0 - exposed / transfer).clamp(0.0, 1.0)
     }
 }
 

@@ -50,7 +50,7 @@ pub mod sim;
 pub mod storage;
 
 pub use backend::{StepTiming, TransferBackend};
-pub use engine::{Acquired, OffloadConfig, OffloadEngine, StepMetrics};
+pub use engine::{hidden_fraction, Acquired, OffloadConfig, OffloadEngine, StepMetrics};
 pub use error::{OffloadError, Result};
 pub use evict::{EvictionPolicy, FirstLoaded, LeastRecentlySelected, UnitStats};
 pub use host::HostPool;

@@ -164,6 +164,16 @@ pub struct OffloadRow {
     pub telemetry: Option<Vec<StepTelemetry>>,
 }
 
+impl OffloadRow {
+    /// The copy time of `steps` steps (us, in all) and the part of it the
+    /// compute waited for: per step, and the fraction hidden.
+    fn copy_times(&mut self, transfer: f64, exposed: f64, steps: f64) {
+        self.transfer_us_per_step = Some(transfer / steps);
+        self.exposed_us_per_step = Some(exposed / steps);
+        self.hidden_fraction = Some(asynctls_offload::hidden_fraction(transfer, exposed));
+    }
+}
+
 /// One telemetry step of the device resolver.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepTelemetry {
@@ -684,13 +694,7 @@ impl Point<'_> {
         let n = telemetry.len().max(1) as f64;
         let transfer: f64 = telemetry.iter().map(|t| t.transfer_us).sum();
         let exposed: f64 = telemetry.iter().map(|t| t.exposed_us).sum();
-        row.transfer_us_per_step = Some(transfer / n);
-        row.exposed_us_per_step = Some(exposed / n);
-        row.hidden_fraction = Some(if transfer > 0.0 {
-            (1.0 - exposed / transfer).clamp(0.0, 1.0)
-        } else {
-            1.0
-        });
+        row.copy_times(transfer, exposed, n);
         row.host_tiers = Some(tiers);
         row.telemetry = Some(telemetry);
         Ok(row)
@@ -804,13 +808,7 @@ impl Point<'_> {
         row.miss_rate = Some(sum(|m| m.misses as f64) / requested);
         row.late_per_step = Some(sum(|m| m.late as f64) / n);
         row.h2d_bytes_per_step = Some(sum(|m| m.h2d_bytes as f64) / n);
-        row.transfer_us_per_step = Some(transfer / n);
-        row.exposed_us_per_step = Some(exposed / n);
-        row.hidden_fraction = Some(if transfer > 0.0 {
-            (1.0 - exposed / transfer).clamp(0.0, 1.0)
-        } else {
-            1.0
-        });
+        row.copy_times(transfer, exposed, n);
         row.memcpy_units = Some(counts.memcpy_units);
         row.gathered_units = Some(counts.gathered_units);
         row.host_bookkeeping_us_per_step = Some(bookkeeping.as_secs_f64() * 1e6 / n);
