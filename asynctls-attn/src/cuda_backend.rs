@@ -4,14 +4,28 @@
 //! tables, lengths) that is built once per step and read by every layer.
 //! The [`SparseConfig`] -> GPU selection parameters conversion lives here,
 //! once.
+//!
+//! Offloaded ([`CudaAttention::offloaded`]), the cache's K/V rows live in
+//! pinned host memory with a pool of resident slots per layer, and the GPU
+//! keeps the block bounds and labels: writes go through to the host tier
+//! (and to a unit's slot when it has one), a sparse decode resolves its
+//! selection to slots on the device ([`GpuResidency`]) and promotes its
+//! misses behind the next layers, dense passes read through the unit ->
+//! slot table, and prefill reads the host tier in place. A decode step
+//! stays launches only, so it is captured as one CUDA graph as before.
 
 use std::any::Any;
 
 use asynctls_kernels::cuda::attention::{decode_splits, DecodeKernel};
-use asynctls_kernels::cuda::{CudaOps, DecodeScratch, SelectParams, SelectScratch};
+use asynctls_kernels::cuda::gather::ResolveInput;
+use asynctls_kernels::cuda::{CudaOps, DecodeScratch, PagedKvView, SelectParams, SelectScratch};
 use asynctls_kernels::{CudaDevice, DType, Device, Tensor};
 use asynctls_kvcache::{CacheConfig, GpuKvStorage, LabelChannels, PagedKvCache, SeqId};
 use cudarc::driver::CudaSlice;
+
+use asynctls_offload::cuda::CudaLayout;
+use asynctls_offload::gpu_resolver::{GpuResidency, ResolverSizing};
+use asynctls_offload::resolver::{PromotePolicy, ResidencyStats};
 
 use crate::backend::{make_step, reserve_decode, Sequences};
 use crate::{AttentionBackend, AttnError, AttnShape, Policy, Result, SparseConfig, Step, StepKind};
@@ -44,6 +58,8 @@ struct StepMeta {
     /// Physical blocks the step's writes touch and their fill after it.
     blocks: CudaSlice<i32>,
     fills: CudaSlice<i32>,
+    /// `[blocks + 1]`: block `i` gets the step's rows `starts[i]..starts[i + 1]`.
+    starts: CudaSlice<i32>,
     /// `[seqs, max_blocks]` physical blocks, and the lengths after the step.
     table: CudaSlice<i32>,
     lens: CudaSlice<i32>,
@@ -57,6 +73,7 @@ struct HostMeta {
     slots: Vec<i32>,
     blocks: Vec<i32>,
     fills: Vec<i32>,
+    starts: Vec<i32>,
     table: Vec<i32>,
     lens: Vec<i32>,
     max_blocks: usize,
@@ -87,6 +104,57 @@ pub struct CudaAttention {
     footprint: ((usize, usize), [usize; 6]),
     /// A process-wide id, so graphs of another backend never match.
     id: u64,
+    /// The host tier and device-side residency, when offloaded.
+    offload: Option<Offload>,
+}
+
+/// An offloaded cache's residency and where its decode step stands.
+struct Offload {
+    residency: GpuResidency,
+    /// The step's `begin_step` is issued (by its first decode attention, so
+    /// a captured graph replays it).
+    step_open: bool,
+    /// The counters at the last `take_offload_reads`, summed over layers.
+    reported: ResidencyStats,
+}
+
+impl std::fmt::Debug for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offload").field("residency", &self.residency).finish()
+    }
+}
+
+/// How an offloaded [`CudaAttention`] keeps its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffloadOptions {
+    /// Resident (block, KV head) units per layer on the GPU.
+    pub slots_per_layer: usize,
+    /// Which resident units a promotion may evict.
+    pub policy: PromotePolicy,
+    /// Host pools shared by the layers (`None`: one per layer). Fewer than
+    /// the layers alias their rows: for benchmarks of more K/V than the
+    /// host holds, never for results that are read.
+    pub host_tiers: Option<usize>,
+}
+
+impl OffloadOptions {
+    /// `slots_per_layer` units, the union-of-last-two predictor promoting
+    /// every miss, a host pool per layer.
+    pub fn new(slots_per_layer: usize) -> Self {
+        OffloadOptions {
+            slots_per_layer,
+            policy: PromotePolicy::union_of_last_two(usize::MAX),
+            host_tiers: None,
+        }
+    }
+}
+
+/// Host memory the kernel reports as available (`MemAvailable`), if readable.
+fn host_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Backends created so far (their ids).
@@ -108,6 +176,104 @@ impl CudaAttention {
             )));
         }
         let storage = GpuKvStorage::new(device, config, channels)?;
+        Self::with_storage(device, storage, None)
+    }
+
+    /// A cache of `config` whose K/V rows live in pinned host memory, with
+    /// `options.slots_per_layer` resident units per layer on `device` and
+    /// the bounds and labels there. GQA caches only. Refused before
+    /// allocating when the host tier does not fit the host's available
+    /// memory or the bounds and labels the GPU's.
+    pub fn offloaded(
+        device: &CudaDevice,
+        config: &CacheConfig,
+        channels: LabelChannels,
+        options: OffloadOptions,
+    ) -> Result<Self> {
+        let asynctls_kvcache::ValueLayout::Separate { dim: value_dim } = config.values else {
+            return Err(AttnError::Config(
+                "offload on the GPU serves GQA caches (separate values); an MLA cache stays resident".into(),
+            ));
+        };
+        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, value_dim, false) {
+            return Err(AttnError::Config(format!(
+                "the GPU kernels take head dims 64 and 128 (GQA), not {} / {value_dim}: use --device cpu for this model",
+                config.key_dim
+            )));
+        }
+        if options.slots_per_layer == 0 {
+            return Err(AttnError::Config(
+                "an offloaded cache needs at least one resident slot per layer".into(),
+            ));
+        }
+        config.validate()?;
+        let layout = CudaLayout {
+            num_layers: config.num_layers,
+            kv_heads: config.kv_heads,
+            host_blocks: config.num_blocks,
+            block_size: config.block_size,
+            key_dim: config.key_dim,
+            value_dim,
+            slots_per_layer: options.slots_per_layer,
+        };
+        let tiers = options
+            .host_tiers
+            .unwrap_or(config.num_layers)
+            .clamp(1, config.num_layers.max(1));
+        let unit_rows = config.num_blocks * config.kv_heads * config.block_size;
+        let host_bytes = unit_rows
+            .checked_mul((config.key_dim + value_dim) * 2)
+            .and_then(|b| b.checked_mul(tiers))
+            .ok_or_else(|| AttnError::Config("the host tier's size overflows".into()))?;
+        if let Some(available) = host_available_bytes() {
+            if host_bytes > available {
+                return Err(AttnError::Config(format!(
+                    "the host tier needs {:.1} GiB of pinned memory ({} blocks x {} layers); {:.1} GiB are available",
+                    host_bytes as f64 / (1u64 << 30) as f64,
+                    config.num_blocks,
+                    tiers,
+                    available as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
+        let (free, _) = device.memory_info()?;
+        let need = GpuKvStorage::offloaded_bytes_for(config).saturating_add(layout.resident_bytes());
+        if need > free {
+            return Err(asynctls_kvcache::CacheError::GpuMemory {
+                blocks: config.num_blocks,
+                layers: config.num_layers,
+                need_gib: need as f64 / (1u64 << 30) as f64,
+                free_gib: free as f64 / (1u64 << 30) as f64,
+            }
+            .into());
+        }
+        let mut storage = GpuKvStorage::new_offloaded(device, config, channels)?;
+        // Sized for one sequence; decode steps grow it (ensure_sizing).
+        let sizing = ResolverSizing {
+            rows: config.kv_heads,
+            max_entries: 8,
+            max_blocks: 8,
+        };
+        let residency = GpuResidency::with_host_tiers(device, layout, options.policy, sizing, tiers)?;
+        for layer in 0..config.num_layers {
+            // SAFETY: the residency's pools and tables are laid out for this
+            // cache's geometry (the layout above) and live in the same
+            // backend, dropped after the cache (field order) and after its
+            // streams are synchronized (GpuResidency's drop).
+            unsafe { storage.set_tier(layer, residency.host_tier(layer)) }?;
+        }
+        Self::with_storage(
+            device,
+            storage,
+            Some(Offload {
+                residency,
+                step_open: false,
+                reported: ResidencyStats::default(),
+            }),
+        )
+    }
+
+    fn with_storage(device: &CudaDevice, storage: GpuKvStorage, offload: Option<Offload>) -> Result<Self> {
         let ops = device.ops()?;
         let sms = device.multiprocessors();
         Ok(CudaAttention {
@@ -124,7 +290,13 @@ impl CudaAttention {
             generation: 0,
             footprint: ((0, 0), [0; 6]),
             id: BACKENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            offload,
         })
+    }
+
+    /// The residency of an offloaded cache.
+    pub fn residency(&self) -> Option<&GpuResidency> {
+        self.offload.as_ref().map(|o| &o.residency)
     }
 
     /// Bumps the generation when a scratch buffer was replaced since the
@@ -199,6 +371,7 @@ impl CudaAttention {
             slots: self.upload(&host.slots)?,
             blocks: self.upload(&host.blocks)?,
             fills: self.upload(&host.fills)?,
+            starts: self.upload(&host.starts)?,
             table: self.upload(&host.table)?,
             lens: self.upload(&host.lens)?,
             max_blocks: host.max_blocks,
@@ -218,16 +391,21 @@ impl CudaAttention {
         let bs = self.cache.config().block_size;
         let mut slots = Vec::with_capacity(positions.len());
         let mut touched: Vec<(i32, i32)> = Vec::new();
-        for (&s, &p) in token_seqs.iter().zip(positions) {
+        let mut starts = vec![];
+        for (i, (&s, &p)) in token_seqs.iter().zip(positions).enumerate() {
             let table = self.cache.table(s)?;
             let block = table.blocks()[p / bs].0 as i32;
             slots.push(block * bs as i32 + (p % bs) as i32);
             let fill = ((table.len() - (p / bs) * bs).min(bs)) as i32;
             match touched.last_mut() {
                 Some(last) if last.0 == block => last.1 = fill,
-                _ => touched.push((block, fill)),
+                _ => {
+                    touched.push((block, fill));
+                    starts.push(i as i32);
+                }
             }
         }
+        starts.push(positions.len() as i32);
         let tables = seqs
             .iter()
             .map(|&s| self.cache.table(s))
@@ -254,6 +432,7 @@ impl CudaAttention {
             slots,
             blocks,
             fills,
+            starts,
             table,
             lens,
             max_blocks,
@@ -286,6 +465,7 @@ impl CudaAttention {
                         slots: zeros(b)?,
                         blocks: zeros(b)?,
                         fills: zeros(b)?,
+                        starts: zeros(b + 1)?,
                         table: zeros(b * width)?,
                         lens: zeros(b)?,
                         max_blocks: width,
@@ -302,6 +482,7 @@ impl CudaAttention {
         copy(&host.slots, &mut meta.slots)?;
         copy(&host.blocks, &mut meta.blocks)?;
         copy(&host.fills, &mut meta.fills)?;
+        copy(&host.starts, &mut meta.starts)?;
         copy(&host.table, &mut meta.table)?;
         copy(&host.lens, &mut meta.lens)?;
         meta.max_len = host.max_len;
@@ -339,6 +520,23 @@ fn current_meta<'a>(
     .ok_or_else(|| AttnError::Config(format!("{op} outside a step (call begin_prefill or begin_decode)")))
 }
 
+/// `view` (the resident pool's) for a pass over every block: offloaded,
+/// the slots where units have one and the host tier for the others.
+fn full_view<'a>(offload: Option<&'a Offload>, layer: usize, view: PagedKvView<'a>) -> PagedKvView<'a> {
+    match offload {
+        Some(o) => {
+            let (keys, values, offload) = o.residency.dense_view(layer);
+            PagedKvView {
+                keys,
+                values,
+                offload: Some(offload),
+                ..view
+            }
+        }
+        None => view,
+    }
+}
+
 fn gpu_err(what: &'static str) -> AttnError {
     AttnError::Config(format!("{what} must be a whole f32 tensor on the GPU"))
 }
@@ -369,6 +567,10 @@ impl AttentionBackend for CudaAttention {
     /// unusable; the engine frees them.
     fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {
         let positions = reserve_decode(&mut self.cache, seqs, limit)?;
+        if let Some(off) = self.offload.as_mut() {
+            // A step that failed part-way left it open.
+            off.step_open = false;
+        }
         for layer in 0..self.cache.config().num_layers {
             for (&s, &p) in seqs.iter().zip(&positions) {
                 self.cache.mark_written(s, layer, p, 1)?;
@@ -420,7 +622,7 @@ impl AttentionBackend for CudaAttention {
         Ok(unsafe {
             self.cache
                 .storage_mut()
-                .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills)
+                .write_rows(layer, k, v, &meta.slots, &meta.blocks, &meta.fills, &meta.starts)
         }?)
     }
 
@@ -440,6 +642,7 @@ impl AttentionBackend for CudaAttention {
         let view = pool.view(&meta.table, meta.max_blocks, &meta.lens);
         match step.kind {
             StepKind::Prefill { start, .. } => {
+                let view = full_view(self.offload.as_ref(), layer, view);
                 let o = out.cuda_slice_mut::<f32>()?;
                 self.ops
                     .prefill_attention(qs, &view, start, shape.q_heads, shape.scale, o)?;
@@ -476,10 +679,18 @@ impl AttentionBackend for CudaAttention {
                 };
                 let splits = decode_splits(ctas, attended, kernel, self.sms);
                 let o = out.cuda_slice_mut::<f32>()?;
-                match params {
-                    None => self.ops.decode_attention(
+                if let Some(off) = self.offload.as_mut() {
+                    // The step's first decode attention moves the device's
+                    // step counter on (inside a captured graph, so replays do).
+                    if !off.step_open {
+                        off.residency.begin_step()?;
+                        off.step_open = true;
+                    }
+                }
+                match (params, self.offload.as_mut()) {
+                    (None, off) => self.ops.decode_attention(
                         qs,
-                        &view,
+                        &full_view(off.map(|o| &*o), layer, view),
                         None,
                         shape.q_heads,
                         shape.scale,
@@ -487,7 +698,7 @@ impl AttentionBackend for CudaAttention {
                         &mut self.decode_scratch,
                         o,
                     )?,
-                    Some(p) => {
+                    (Some(p), None) => {
                         self.ops.sparse_select(
                             qs,
                             pool,
@@ -510,11 +721,98 @@ impl AttentionBackend for CudaAttention {
                             o,
                         )?;
                     }
+                    (Some(p), Some(off)) => {
+                        let residency = &mut off.residency;
+                        let sizing = ResolverSizing {
+                            rows: step.seqs.len() * shape.kv_heads,
+                            max_entries: p.sink_blocks + p.block_topk + p.local_blocks + 1,
+                            max_blocks: meta.max_blocks,
+                        };
+                        if residency.ensure_sizing(sizing)? {
+                            self.generation += 1;
+                        }
+                        // The resolve needs only the candidates: it runs on
+                        // its own stream while the token stage scores.
+                        self.ops.sparse_select_staged(
+                            qs,
+                            pool,
+                            &meta.table,
+                            meta.max_blocks,
+                            &meta.lens,
+                            shape.q_heads,
+                            &p,
+                            &mut self.select_scratch,
+                            |select| -> Result<()> {
+                                let (candidates, candidate_counts) = select.candidates();
+                                let input = ResolveInput {
+                                    candidates,
+                                    candidate_counts,
+                                    lens: &meta.lens,
+                                    block_table: &meta.table,
+                                    max_blocks: meta.max_blocks,
+                                    kv_heads: shape.kv_heads,
+                                    block_size: bs,
+                                    // The selection's own parameters, so the
+                                    // resolver maps exactly the blocks it chose.
+                                    block_topk: p.block_topk,
+                                    sink_blocks: p.sink_blocks,
+                                    local_blocks: p.local_blocks,
+                                };
+                                // SAFETY: the cache's block tables map each
+                                // sequence's blocks to distinct physical
+                                // blocks below num_blocks, the host tier's
+                                // blocks.
+                                unsafe { residency.resolve(layer, &input) }?;
+                                Ok(())
+                            },
+                        )?;
+                        residency.before_attention(layer)?;
+                        let (keys, values, offload) = residency.offloaded(layer);
+                        let sparse_view = PagedKvView {
+                            keys,
+                            values,
+                            offload: Some(offload),
+                            ..view
+                        };
+                        let lists = self.select_scratch.lists();
+                        self.ops.decode_attention(
+                            qs,
+                            &sparse_view,
+                            Some(&lists),
+                            shape.q_heads,
+                            shape.scale,
+                            splits,
+                            &mut self.decode_scratch,
+                            o,
+                        )?;
+                        residency.after_attention(layer)?;
+                    }
+                }
+                if let Some(off) = self.offload.as_mut() {
+                    if layer + 1 == self.cache.config().num_layers {
+                        // The copy stream joins back within the step (a
+                        // captured graph must end on its own stream).
+                        off.residency.end_step()?;
+                        off.step_open = false;
+                    }
                 }
             }
         }
         self.note_footprint();
         Ok(out)
+    }
+
+    fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
+        let off = self.offload.as_mut()?;
+        let now = off
+            .residency
+            .stats()
+            .ok()?
+            .into_iter()
+            .fold(ResidencyStats::default(), |acc, s| acc + s);
+        let since = now.since(off.reported);
+        off.reported = now;
+        Some((since.hits as usize, since.misses as usize))
     }
 
     fn enable_graphs(&mut self, max_blocks: usize) -> Result<()> {

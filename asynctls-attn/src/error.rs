@@ -19,6 +19,8 @@ pub enum AttnError {
     Cache(#[from] asynctls_kvcache::CacheError),
     #[error(transparent)]
     Kernel(#[from] asynctls_kernels::Error),
+    #[error(transparent)]
+    Offload(#[from] asynctls_offload::OffloadError),
 }
 
 /// Result alias of this crate.

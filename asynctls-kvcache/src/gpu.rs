@@ -4,10 +4,15 @@
 //! address both. Writes are batched: [`GpuKvStorage::write_rows`] stores a
 //! whole step's rows of one layer in one launch and refreshes the bounds of
 //! the blocks it touched in another.
+//!
+//! An offloaded storage ([`GpuKvStorage::new_offloaded`]) keeps only the
+//! bounds and labels on the GPU; its K/V rows live in a host tier given per
+//! layer by [`GpuKvStorage::set_tier`] (the offload engine's pinned pools
+//! and resident slots), written through to both.
 
 use std::sync::Arc;
 
-use asynctls_kernels::cuda::{CudaOps, GpuKvPool, KvGeometry};
+use asynctls_kernels::cuda::{CudaOps, GpuKvPool, HostTier, KvGeometry};
 use asynctls_kernels::CudaDevice;
 use cudarc::driver::CudaSlice;
 
@@ -22,6 +27,8 @@ pub struct GpuKvStorage {
     config: CacheConfig,
     ops: Arc<CudaOps>,
     layers: Vec<GpuKvPool>,
+    /// The K/V rows are in host tiers (see [`GpuKvStorage::new_offloaded`]).
+    offloaded: bool,
 }
 
 impl GpuKvStorage {
@@ -43,9 +50,27 @@ impl GpuKvStorage {
         Self::geometry(config).bytes().saturating_mul(config.num_layers)
     }
 
+    /// Bytes an offloaded storage of `config` takes on the GPU (bounds and labels).
+    pub fn offloaded_bytes_for(config: &CacheConfig) -> usize {
+        Self::geometry(config)
+            .metadata_bytes()
+            .saturating_mul(config.num_layers)
+    }
+
     /// A zeroed cache on `device`. Refused before any allocation when the
     /// GPU has less free memory than the cache and a headroom need.
     pub fn new(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
+        Self::allocate(device, config, channels, false)
+    }
+
+    /// The bounds and labels of a cache on `device`, its K/V rows to live
+    /// in the host tiers that [`Self::set_tier`] gives each layer before
+    /// the first write. Refused like [`Self::new`], for the GPU's part.
+    pub fn new_offloaded(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
+        Self::allocate(device, config, channels, true)
+    }
+
+    fn allocate(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels, offloaded: bool) -> Result<Self> {
         config.validate()?;
         channels.validate(config)?;
         if config.kv_dtype != KvDType::BF16 {
@@ -54,7 +79,11 @@ impl GpuKvStorage {
                 config.kv_dtype
             )));
         }
-        let need = Self::bytes_for(config);
+        let need = if offloaded {
+            Self::offloaded_bytes_for(config)
+        } else {
+            Self::bytes_for(config)
+        };
         let (free, _total) = device.memory_info()?;
         if need.saturating_add(HEADROOM_BYTES) > free {
             return Err(CacheError::GpuMemory {
@@ -68,18 +97,43 @@ impl GpuKvStorage {
         let layers = (0..config.num_layers)
             .map(|l| {
                 let flat: Vec<u16> = (0..config.kv_heads).flat_map(|h| channels.get(l, h).to_vec()).collect();
-                GpuKvPool::new(&ops, Self::geometry(config), &flat)
+                if offloaded {
+                    GpuKvPool::metadata_only(&ops, Self::geometry(config), &flat)
+                } else {
+                    GpuKvPool::new(&ops, Self::geometry(config), &flat)
+                }
             })
             .collect::<asynctls_kernels::Result<Vec<_>>>()?;
         Ok(GpuKvStorage {
             config: config.clone(),
             ops,
             layers,
+            offloaded,
         })
     }
 
     pub fn layer(&self, layer: usize) -> &GpuKvPool {
         &self.layers[layer]
+    }
+
+    /// Whether the K/V rows live in host tiers.
+    pub fn is_offloaded(&self) -> bool {
+        self.offloaded
+    }
+
+    /// Gives an offloaded storage's `layer` its host tier.
+    ///
+    /// # Safety
+    /// As [`GpuKvPool::set_tier`]: the tier must outlive every write, copy
+    /// and read of the layer, laid out for this storage's geometry.
+    pub unsafe fn set_tier(&mut self, layer: usize, tier: HostTier) -> Result<()> {
+        let num_layers = self.layers.len();
+        let pool = self
+            .layers
+            .get_mut(layer)
+            .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
+        // SAFETY: the caller's contract.
+        Ok(unsafe { pool.set_tier(tier) }?)
     }
 
     pub fn ops(&self) -> &Arc<CudaOps> {
@@ -88,13 +142,18 @@ impl GpuKvStorage {
 
     /// Stores a step's rows of `layer`: `keys` `[n, kv_heads, key_dim]` f32,
     /// `values` `[n, kv_heads, value_dim]` (None for MLA), row `i` into pool
-    /// slot `slots[i]` (block * block_size + offset), then recomputes the
-    /// bounds of `blocks` over their first `fills` tokens.
+    /// slot `slots[i]` (block * block_size + offset), then brings the bounds
+    /// of the touched `blocks` up to their `fills` tokens. Block `i` got
+    /// rows `starts[i]` to `starts[i + 1]`: an offloaded storage merges
+    /// them into the bounds (its stored keys are in host memory), a
+    /// resident one recomputes the blocks from the stored keys.
     ///
     /// # Safety
-    /// Every slot must lie in the pool (`< num_blocks * block_size`) and
-    /// every block below `num_blocks`: the indices live on the device and
-    /// the kernels do not check them.
+    /// Every slot must lie in the pool (`< num_blocks * block_size`), every
+    /// block below `num_blocks`, and the starts ascend over the rows with
+    /// each block's range within its fill: the indices live on the device
+    /// and the kernels do not check them. An offloaded layer needs its tier.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn write_rows(
         &mut self,
         layer: usize,
@@ -103,16 +162,26 @@ impl GpuKvStorage {
         slots: &CudaSlice<i32>,
         blocks: &CudaSlice<i32>,
         fills: &CudaSlice<i32>,
+        starts: &CudaSlice<i32>,
     ) -> Result<()> {
         let num_layers = self.layers.len();
         let pool = self
             .layers
             .get_mut(layer)
             .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
+        if self.offloaded && pool.tier().is_none() {
+            return Err(CacheError::InvalidConfig(format!(
+                "layer {layer} of an offloaded cache has no host tier"
+            )));
+        }
         // SAFETY: the caller's contract (above).
         unsafe {
             self.ops.append(pool, keys, values, slots)?;
-            self.ops.refresh_bounds(pool, blocks, fills)?;
+            if self.offloaded {
+                self.ops.merge_bounds(pool, keys, blocks, fills, starts)?;
+            } else {
+                self.ops.refresh_bounds(pool, blocks, fills)?;
+            }
         }
         Ok(())
     }
@@ -140,6 +209,7 @@ impl KvStorage for GpuKvStorage {
         let fills = s
             .clone_htod(&[(slot + 1) as i32])
             .map_err(asynctls_kernels::Error::from)?;
+        let starts = s.clone_htod(&[0i32, 1]).map_err(asynctls_kernels::Error::from)?;
         if block.0 as usize >= self.config.num_blocks || slot >= bs {
             return Err(CacheError::InvalidConfig(format!(
                 "block {} slot {slot} is outside the pool of {} blocks of {bs}",
@@ -147,7 +217,7 @@ impl KvStorage for GpuKvStorage {
             )));
         }
         // SAFETY: the one slot and block were checked against the pool just above.
-        unsafe { self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills) }
+        unsafe { self.write_rows(layer, &keys, values.as_ref(), &slots, &blocks, &fills, &starts) }
     }
 
     /// Copy-on-write of a shared partial block: the block's rows, labels
@@ -158,9 +228,15 @@ impl KvStorage for GpuKvStorage {
         let stream = self.ops.device().stream().clone();
         let unit = c.kv_heads * c.block_size;
         for pool in &mut self.layers {
-            copy_range(&stream, &mut pool.keys, s, d, unit * c.key_dim)?;
-            if let Some(v) = pool.values.as_mut() {
-                copy_range(&stream, v, s, d, unit * c.value_dim())?;
+            if self.offloaded {
+                // SAFETY: both blocks come from the cache's allocator (below
+                // num_blocks) and differ; the tier is the layer's (set_tier).
+                unsafe { self.ops.copy_tier_block(pool, s, d) }?;
+            } else {
+                copy_range(&stream, &mut pool.keys, s, d, unit * c.key_dim)?;
+                if let Some(v) = pool.values.as_mut() {
+                    copy_range(&stream, v, s, d, unit * c.value_dim())?;
+                }
             }
             copy_range(&stream, &mut pool.bounds, s, d, c.kv_heads * 2 * c.key_dim)?;
             copy_range(&stream, &mut pool.labels, s, d, unit * c.label_channels / 2)?;
@@ -169,8 +245,13 @@ impl KvStorage for GpuKvStorage {
         Ok(())
     }
 
+    /// GPU bytes (an offloaded storage's host tier is its engine's).
     fn allocated_bytes(&self) -> usize {
-        Self::bytes_for(&self.config)
+        if self.offloaded {
+            Self::offloaded_bytes_for(&self.config)
+        } else {
+            Self::bytes_for(&self.config)
+        }
     }
 }
 

@@ -102,14 +102,18 @@ pub(crate) fn backend_on(
             )))
         }
         Device::Cuda(dev) => {
-            if resident_slots.is_some() {
-                return Err(ModelError::Unsupported(
-                    "--offload-slots on the GPU (the offload engine is not in the GPU engine yet)".into(),
-                ));
-            }
             let config = cache(num_blocks, KvDType::BF16);
             let channels = channels(&config);
-            Ok(Box::new(asynctls_attn::CudaAttention::new(dev, &config, channels)?))
+            Ok(Box::new(match resident_slots {
+                // The K/V in pinned host memory, `slots` units per layer resident.
+                Some(slots) => asynctls_attn::CudaAttention::offloaded(
+                    dev,
+                    &config,
+                    channels,
+                    asynctls_attn::OffloadOptions::new(slots),
+                )?,
+                None => asynctls_attn::CudaAttention::new(dev, &config, channels)?,
+            }))
         }
     }
 }

@@ -345,3 +345,90 @@ fn graph_replays_match_eager(name: &str, model: &dyn CausalLm, vocab: u32) {
         );
     }
 }
+
+/// The K/V in pinned host memory behind the device-side residency (few
+/// slots, so units are promoted and evicted every step) reads the same
+/// bf16 rows as the resident cache: greedy tokens and every step's logits
+/// must equal the resident backend's (logits to 1e-5 relative), eager and
+/// replayed from CUDA graphs, dense and with real sparse selections.
+#[test]
+fn offloaded_cache_gives_the_resident_tokens() {
+    let Some(dev) = gpu() else { return };
+    let weights = RandomWeights { seed: 9, std: 0.02 };
+    let config = GqaConfig {
+        num_hidden_layers: 3,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..1300).map(|i| (i * 37 % 4096) as u32).collect(),
+        (0..450).map(|i| ((i * 11 + 5) % 4096) as u32).collect(),
+    ];
+    let tls = AttentionPlan {
+        sparse: SparseConfig {
+            policy: Policy::Tls,
+            block_topk: 4,
+            token_topk: 128,
+            dense_below: 0,
+            ..SparseConfig::default()
+        },
+        dense_layers: 1,
+    };
+    for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
+        for graphed in [false, true] {
+            let mut runs = vec![];
+            // 2 KV heads x 2 sequences attend 4 + 3 blocks a row: 12 slots a
+            // layer hold less than one step's selection.
+            for slots in [None, Some(12)] {
+                let mut backend = model.new_backend(64, KvDType::BF16, slots).unwrap();
+                let mut seqs = vec![];
+                let mut next = vec![];
+                let mut logits = vec![];
+                for p in &prompts {
+                    let seq = backend.add_sequence();
+                    let l = model.prefill(backend.as_mut(), seq, p, false, 512).unwrap();
+                    logits.extend(l.to_f32_vec().unwrap());
+                    next.push(asynctls_kernels::ops::argmax(&l).unwrap().to_vec::<u32>().unwrap()[0]);
+                    seqs.push(seq);
+                }
+                let mut graphs = DecodeGraphs::new(40, graphed);
+                let mut tokens = vec![];
+                for _ in 0..10 {
+                    next = model
+                        .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
+                        .unwrap();
+                    tokens.push(next.clone());
+                }
+                if graphed {
+                    assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
+                    assert!(graphs.replays >= 6, "{} replays", graphs.replays);
+                }
+                // One more step's logits, eager, on the same cache.
+                let ids = Tensor::from_vec(next.clone(), &[next.len()])
+                    .unwrap()
+                    .to_device(model.device())
+                    .unwrap();
+                logits.extend(
+                    model
+                        .decode_step(backend.as_mut(), &seqs, &ids, &plan)
+                        .unwrap()
+                        .to_f32_vec()
+                        .unwrap(),
+                );
+                let reads = backend.take_offload_reads();
+                runs.push((tokens, logits, reads));
+            }
+            let (resident, offloaded) = (&runs[0], &runs[1]);
+            let e = rel_err(&offloaded.1, &resident.1);
+            println!(
+                "{label} graphs {graphed}: offloaded tokens {:?}, logits rel err {e:.2e}, (resident, host) reads {:?}",
+                offloaded.0.last(),
+                offloaded.2
+            );
+            assert_eq!(offloaded.0, resident.0, "{label} graphs {graphed}: tokens differ");
+            assert!(e <= 1e-5, "{label} graphs {graphed}: logits rel err {e}");
+            assert!(resident.2.is_none() && offloaded.2.is_some());
+        }
+    }
+}

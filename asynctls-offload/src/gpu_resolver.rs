@@ -23,7 +23,7 @@ use asynctls_kernels::cuda::gather::{ResidencyTables, ResolveInput, ResolveScrat
 use asynctls_kernels::cuda::{CudaOps, OffloadedKv, SlotLookup};
 use asynctls_kernels::CudaDevice;
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 
 use crate::cuda::{CudaLayout, KvPools};
 use crate::resolver::{PromotePolicy, Residency, ResidencyStats, STATS};
@@ -95,6 +95,10 @@ pub struct GpuResidency {
     /// Entries of each layer's last resolve (taken by its promotion), and
     /// whether the compute stream has joined it.
     resolved: Vec<Option<(usize, bool)>>,
+    /// Layers whose copies this step issued (what `end_step` joins: a
+    /// dense layer copies nothing, and a captured graph may wait only on
+    /// events recorded inside it).
+    copied_now: Vec<bool>,
     step: CudaSlice<u32>,
     policy: PromotePolicy,
     entries: usize,
@@ -190,6 +194,7 @@ impl GpuResidency {
             copy,
             pools,
             resolved: vec![None; layers.len()],
+            copied_now: vec![false; layers.len()],
             layers,
             step,
             policy: PromotePolicy { max_promote, ..policy },
@@ -205,6 +210,80 @@ impl GpuResidency {
         self.policy
     }
 
+    /// Grows the per-layer scratch to serve steps of `sizing` (a larger
+    /// batch or longer block tables than before); `true` when buffers were
+    /// replaced (new addresses: graphs captured before must be recaptured).
+    /// The copy list grows with the entries when the policy promotes every
+    /// miss (`max_promote` at the old entries).
+    pub fn ensure_sizing(&mut self, sizing: ResolverSizing) -> Result<bool> {
+        let entries = sizing.rows.saturating_mul(sizing.max_entries);
+        let table = sizing.rows.saturating_mul(sizing.max_blocks);
+        let Some(first) = self.layers.first() else {
+            return Ok(false);
+        };
+        if entries <= first.miss_units.len() && table <= first.row_slots.len() {
+            return Ok(false);
+        }
+        let entries = entries.max(first.miss_units.len());
+        let table = table.max(first.row_slots.len());
+        let promote_all = self.policy.max_promote >= self.entries;
+        let max_promote = if promote_all {
+            entries
+        } else {
+            self.policy.max_promote.min(entries)
+        };
+        // The old buffers may still be read by work in flight.
+        self.resolver.synchronize()?;
+        self.copy.synchronize()?;
+        self.compute.synchronize()?;
+        for t in &mut self.layers {
+            t.miss_units = self.compute.alloc_zeros::<i32>(entries)?;
+            t.miss_list = self.compute.alloc_zeros::<i32>(entries)?;
+            t.row_slots = self.compute.alloc_zeros::<i32>(table.max(1))?;
+            if max_promote > t.copy_units.len() {
+                t.copy_units = self.compute.alloc_zeros::<i64>(max_promote)?;
+                t.copy_slots = self.compute.alloc_zeros::<i32>(max_promote)?;
+            }
+        }
+        self.compute.synchronize()?;
+        self.entries = entries;
+        self.policy.max_promote = max_promote;
+        Ok(true)
+    }
+
+    /// The addresses an offloaded pool of `layer` writes its rows through
+    /// to (see `GpuKvPool::set_tier`): the host tier, the slots and the
+    /// unit -> slot table. They stay valid while `self` lives.
+    pub fn host_tier(&self, layer: usize) -> asynctls_kernels::cuda::HostTier {
+        let (host_keys, host_values) = self.pools.host_device_ptrs(layer);
+        let (slot_keys, slot_values) = self.pools.slot_device_ptrs(layer, &self.compute);
+        asynctls_kernels::cuda::HostTier {
+            host_keys,
+            host_values,
+            slot_keys,
+            slot_values,
+            unit_slot: self.layers[layer].unit_slot.device_ptr(&self.compute).0,
+        }
+    }
+
+    /// What a dense pass over `layer` reads: the slot pools and the unit ->
+    /// slot table, a unit without a slot read in place from the host tier.
+    pub fn dense_view(
+        &self,
+        layer: usize,
+    ) -> (&CudaSlice<half::bf16>, Option<&CudaSlice<half::bf16>>, OffloadedKv<'_>) {
+        let (host_keys, host_values) = self.pools.host_device_ptrs(layer);
+        (
+            &self.pools.slot_keys[layer],
+            self.pools.slot_values.get(layer),
+            OffloadedKv {
+                slots: SlotLookup::ByUnit(&self.layers[layer].unit_slot),
+                host_keys,
+                host_values,
+            },
+        )
+    }
+
     /// Empties the residency (every unit back to the host tier only, counters
     /// zeroed) and follows `policy` from now on; the host tier keeps its data.
     /// `max_promote` is capped at the copy list allocated by the constructor.
@@ -216,6 +295,7 @@ impl GpuResidency {
         self.copy.synchronize()?;
         self.compute.synchronize()?;
         self.resolved.iter_mut().for_each(|r| *r = None);
+        self.copied_now.iter_mut().for_each(|c| *c = false);
         for t in &mut self.layers {
             self.compute
                 .memcpy_htod(&vec![-1i32; t.unit_slot.len()], &mut t.unit_slot)?;
@@ -390,19 +470,23 @@ impl GpuResidency {
             )
         }?;
         t.copied.record(&self.copy)?;
+        self.copied_now[layer] = true;
         if let Some(timed) = &self.timed {
             timed.copies[layer].1.record(&self.copy)?;
         }
         Ok(())
     }
 
-    /// Ends a step: the compute stream waits for every layer's copies.
+    /// Ends a step: the compute stream waits for the copies of every layer
+    /// that made some this step.
     pub fn end_step(&mut self) -> Result<()> {
         if let Some(timed) = &self.timed {
             timed.ready.record(&self.compute)?;
         }
-        for t in &self.layers {
-            self.compute.wait(&t.copied)?;
+        for (t, copied) in self.layers.iter().zip(&mut self.copied_now) {
+            if std::mem::take(copied) {
+                self.compute.wait(&t.copied)?;
+            }
         }
         Ok(())
     }

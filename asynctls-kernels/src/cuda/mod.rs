@@ -34,7 +34,7 @@ pub mod sampling;
 pub mod select;
 
 pub use attention::{DecodeScratch, OffloadedKv, PagedKvView, SlotLookup, TokenLists, DECODE_VARIANTS, MLA_HEADS};
-pub use kv::{GpuKvPool, KvGeometry};
+pub use kv::{GpuKvPool, HostTier, KvGeometry};
 pub use select::{SelectParams, SelectScratch};
 
 const ELEMENTWISE_PTX: &str = include_str!("../../ptx/elementwise.ptx");

@@ -112,12 +112,25 @@ impl CudaOps {
                     ),
                 )
             })?;
-        if kv.block_size != BC || kv.offload.is_some() {
+        if kv.block_size != BC {
             return Err(invalid(
                 "prefill_attention",
-                format!("blocks of {} (need blocks of {BC} and resident K/V)", kv.block_size),
+                format!("blocks of {} (need blocks of {BC})", kv.block_size),
             ));
         }
+        // An offloaded cache's host tier holds every row (the resident slots
+        // are write-through copies), so a prefill reads it in place there
+        // through the view's block table.
+        let host = match &kv.offload {
+            Some(o) if in_keys || o.host_keys == 0 || o.host_values == 0 => {
+                return Err(invalid(
+                    "prefill_attention",
+                    "an offloaded view needs the host tier's keys and values (GQA)",
+                ))
+            }
+            Some(o) => Some((o.host_keys, o.host_values)),
+            None => None,
+        };
         if kv.kv_heads == 0 || q_heads % kv.kv_heads != 0 || q.len() % (q_heads * kd) != 0 {
             return Err(invalid(
                 "prefill_attention",
@@ -172,10 +185,12 @@ impl CudaOps {
         };
         let splits_arg = splits as i32;
         let mut b = stream.launch_builder(&f);
-        b.arg(q)
-            .arg(kv.keys)
-            .arg(values)
-            .arg(kv.block_table)
+        b.arg(q);
+        match &host {
+            Some((keys, values)) => b.arg(keys).arg(values),
+            None => b.arg(kv.keys).arg(values),
+        };
+        b.arg(kv.block_table)
             .arg(&mut *out)
             .arg(&nn)
             .arg(&st)
