@@ -149,14 +149,6 @@ impl OffloadOptions {
     }
 }
 
-/// Host memory the kernel reports as available (`MemAvailable`), if readable.
-fn host_available_bytes() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
-
 /// Backends created so far (their ids).
 static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -225,7 +217,7 @@ impl CudaAttention {
             .checked_mul((config.key_dim + value_dim) * 2)
             .and_then(|b| b.checked_mul(tiers))
             .ok_or_else(|| AttnError::Config("the host tier's size overflows".into()))?;
-        if let Some(available) = host_available_bytes() {
+        if let Some(available) = asynctls_offload::host_available_bytes() {
             if host_bytes > available {
                 return Err(AttnError::Config(format!(
                     "the host tier needs {:.1} GiB of pinned memory ({} blocks x {} layers); {:.1} GiB are available",

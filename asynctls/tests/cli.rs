@@ -318,6 +318,59 @@ fn bench_e2e_runs_the_engine_path_on_the_cpu() {
 }
 
 #[test]
+fn bench_e2e_offloaded_runs_the_sparse_rows_and_reports_the_residency() {
+    // The K/V in the host tier behind the offload engine (the CPU twin of
+    // the GPU path): tls rows carry the residency, dense is skipped with a reason.
+    let dir = fixture("qwen3-tiny");
+    let out = asynctls(&[
+        "bench",
+        "e2e",
+        "--device",
+        "cpu",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ctx",
+        "200",
+        "--batch",
+        "2",
+        "--budget",
+        "16",
+        "--block-topk",
+        "1",
+        "--dense-layers",
+        "0",
+        "--decode-tokens",
+        "3",
+        "--prefill-tokens",
+        "0",
+        "--offload",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let offload = &rows[0]["offload"];
+    let (resident, host) = (
+        offload["resident_reads"].as_u64().unwrap(),
+        offload["host_reads"].as_u64().unwrap(),
+    );
+    assert!(resident + host > 0, "{offload}");
+    assert!(
+        (0.0..=1.0).contains(&offload["hit_rate"].as_f64().unwrap()),
+        "{offload}"
+    );
+    let skipped = doc["skipped"].as_array().unwrap();
+    assert!(
+        skipped.len() == 1 && skipped[0].as_str().unwrap().contains("dense"),
+        "{skipped:?}"
+    );
+    let bad = asynctls(&["bench", "e2e", "--device", "cpu", "--offload", "--offload-slack", "0.5"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--offload-slack"));
+}
+
+#[test]
 fn generate_over_two_tensor_parallel_ranks_gives_hf_greedy_tokens() {
     for name in ["qwen3-tiny", "qwen2-bias", "llama-mha"] {
         let dir = fixture(name);

@@ -43,6 +43,21 @@ pub struct E2eBenchConfig {
     /// Besides the listed batches, the largest batch whose cache fits in the
     /// GPU memory left (on a GPU; listed batches larger than it are skipped).
     pub largest_batch: bool,
+    /// Keep the K/V in host memory behind the offload engine, with
+    /// `slack x k_b + 3` resident units per (sequence, KV head) and layer
+    /// (the sparse policies only: a dense step would read the whole cache
+    /// over PCIe). `None`: the cache stays on the device.
+    pub offload_slack: Option<f64>,
+}
+
+/// An offloaded row's residency.
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eOffload {
+    pub slots_per_layer: usize,
+    /// Units the timed steps read from resident slots and from the host tier.
+    pub resident_reads: usize,
+    pub host_reads: usize,
+    pub hit_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +91,8 @@ pub struct E2eRow {
     /// The weights in the floor: every matrix once, and for a MoE only the
     /// experts a step of this batch touched (recorded on one extra step).
     pub floor_weight_bytes: usize,
+    /// With the K/V in host memory (`--offload`).
+    pub offload: Option<E2eOffload>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,8 +195,22 @@ fn largest_batch(model: &dyn CausalLm, config: &E2eBenchConfig, ctx: usize) -> O
     let Device::Cuda(dev) = model.device() else { return None };
     let (free, _) = dev.memory_info().ok()?;
     let budget = free.saturating_sub(LARGEST_BATCH_SPARE_BYTES);
+    // Offloaded, the K/V must fit the host's available memory, less a spare.
+    let host_budget = asynctls_offload::host_available_bytes()
+        .unwrap_or(0)
+        .saturating_sub(HOST_SPARE_BYTES);
     let fits = |batch: usize| {
-        GpuKvStorage::bytes_for(&model.cache_config(blocks_for(config, ctx, batch), config.kv_dtype)) <= budget
+        let cache = model.cache_config(blocks_for(config, ctx, batch), config.kv_dtype);
+        match config.offload_slack {
+            None => GpuKvStorage::bytes_for(&cache) <= budget,
+            Some(slack) => {
+                let c = model.cache_config(1, config.kv_dtype);
+                let unit = c.block_size * c.kv_bytes_per_head();
+                let slots = offload_slots(model, config, batch, slack) * unit * c.num_layers;
+                GpuKvStorage::offloaded_bytes_for(&cache) + slots <= budget
+                    && GpuKvStorage::bytes_for(&cache) - GpuKvStorage::offloaded_bytes_for(&cache) <= host_budget
+            }
+        }
     };
     let mut batch = 1;
     while batch < 4096 && fits(batch + 1) {
@@ -188,7 +219,26 @@ fn largest_batch(model: &dyn CausalLm, config: &E2eBenchConfig, ctx: usize) -> O
     fits(batch).then_some(batch)
 }
 
+/// Host memory an offloaded bench leaves free beside the host tier.
+const HOST_SPARE_BYTES: usize = 8 << 30;
+
+/// Resident units per layer of an offloaded batch: `slack x k_b + 3` per
+/// (sequence, KV head), for the largest k_b of the policies.
+fn offload_slots(model: &dyn CausalLm, config: &E2eBenchConfig, batch: usize, slack: f64) -> usize {
+    let block_topk = config
+        .policies
+        .iter()
+        .map(|&(p, b)| plan_for(p, b, config).sparse.block_topk)
+        .max()
+        .unwrap_or(config.block_topk);
+    let kv_heads = model.cache_config(1, config.kv_dtype).kv_heads;
+    batch * kv_heads * ((block_topk as f64 * slack).ceil() as usize + 3)
+}
+
 pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<E2eReport> {
+    if config.offload_slack.is_some_and(|s| !(s.is_finite() && s >= 1.0)) {
+        bail!("--offload-slack must be at least 1 (the slots must hold one selection)");
+    }
     let device = model.device().clone();
     let mut report = E2eReport {
         prefill: None,
@@ -247,7 +297,10 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
         for &batch in &batches {
             let per_seq = (ctx + config.decode_tokens).div_ceil(BLOCK) + 1;
             let blocks = blocks_for(config, ctx, batch);
-            let mut backend = match model.new_backend(blocks, config.kv_dtype, None) {
+            let slots = config
+                .offload_slack
+                .map(|slack| offload_slots(model, config, batch, slack));
+            let mut backend = match model.new_backend(blocks, config.kv_dtype, slots) {
                 Ok(b) => b,
                 Err(e) => {
                     report.skipped.push(format!("ctx {ctx} batch {batch}: {e}"));
@@ -271,6 +324,12 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             }
             let mut dense_tokens: Option<Vec<u32>> = None;
             for &(policy, budget) in &config.policies {
+                if slots.is_some() && policy == Policy::Dense {
+                    report.skipped.push(format!(
+                        "ctx {ctx} batch {batch} dense: offloaded, a dense step reads the whole cache over PCIe"
+                    ));
+                    continue;
+                }
                 progress(&format!("ctx {ctx} batch {batch}: decode {policy}"));
                 let plan = plan_for(policy, budget, config);
                 let forks = seqs
@@ -287,6 +346,10 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 // captured as a CUDA graph), then the timed ones.
                 const WARMUP: usize = 3;
                 for step in 0..config.decode_tokens + WARMUP {
+                    if step == WARMUP {
+                        // The residency counts from the first timed step.
+                        backend.take_offload_reads();
+                    }
                     let start = Instant::now();
                     next = model.decode_greedy(backend.as_mut(), &forks, &next, &plan, &mut graphs)?;
                     if step >= WARMUP {
@@ -301,6 +364,14 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 }
                 let graphed = graphs.replays > 0;
                 drop(graphs);
+                let offload = slots
+                    .zip(backend.take_offload_reads())
+                    .map(|(slots, (hits, misses))| E2eOffload {
+                        slots_per_layer: slots,
+                        resident_reads: hits,
+                        host_reads: misses,
+                        hit_rate: hits as f64 / (hits + misses).max(1) as f64,
+                    });
                 // One more step, eager, recording the weights it touches
                 // (a MoE's experts depend on the batch): the floor's weights.
                 model.trace_weights(true);
@@ -333,6 +404,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     agreement_with_dense: agreement,
                     cuda_graphs: graphed,
                     floor_weight_bytes: weights,
+                    offload,
                 });
             }
         }
@@ -352,8 +424,18 @@ pub fn render_table(name: &str, device: &Device, report: &E2eReport) -> String {
     }
     let _ = writeln!(
         s,
-        "{:>7} {:>5} {:>6} {:>6} {:>12} {:>10} {:>9} {:>7} {:>8} {:>6}",
-        "ctx", "batch", "policy", "budget", "decode tok/s", "ms/step", "floor ms", "x floor", "GPU GiB", "agree"
+        "{:>7} {:>5} {:>6} {:>6} {:>12} {:>10} {:>9} {:>7} {:>8} {:>6} {:>8}",
+        "ctx",
+        "batch",
+        "policy",
+        "budget",
+        "decode tok/s",
+        "ms/step",
+        "floor ms",
+        "x floor",
+        "GPU GiB",
+        "agree",
+        "offload"
     );
     let _ = writeln!(
         s,
@@ -363,7 +445,7 @@ pub fn render_table(name: &str, device: &Device, report: &E2eReport) -> String {
     for r in &report.rows {
         let _ = writeln!(
             s,
-            "{:>7} {:>5} {:>6} {:>6} {:>12.1} {:>10.2} {:>9.2} {:>7.2} {:>8} {:>6}",
+            "{:>7} {:>5} {:>6} {:>6} {:>12.1} {:>10.2} {:>9.2} {:>7.2} {:>8} {:>6} {:>8}",
             r.ctx,
             r.batch,
             r.policy.name(),
@@ -374,7 +456,10 @@ pub fn render_table(name: &str, device: &Device, report: &E2eReport) -> String {
             r.floor_ratio,
             r.peak_gib.map_or("-".into(), |g| format!("{g:.1}")),
             r.agreement_with_dense
-                .map_or("-".into(), |a| format!("{:.0}%", a * 100.0))
+                .map_or("-".into(), |a| format!("{:.0}%", a * 100.0)),
+            r.offload
+                .as_ref()
+                .map_or("-".into(), |o| format!("{:.1}% hit", o.hit_rate * 100.0))
         );
     }
     for skip in &report.skipped {

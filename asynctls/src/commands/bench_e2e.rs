@@ -57,6 +57,15 @@ pub struct E2eArgs {
     /// Run every decode step eagerly instead of replaying CUDA graphs.
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Keep the K/V in pinned host memory behind the offload engine (the
+    /// residency decided on the GPU), the sparse policies only; with
+    /// --largest-batch, the largest batch the host memory holds.
+    #[arg(long)]
+    offload: bool,
+    /// Resident slots of an offloaded cache: this many times k_b, plus the
+    /// sink, local and partial blocks, per (sequence, KV head) and layer.
+    #[arg(long, default_value_t = 2.0, requires = "offload")]
+    offload_slack: f64,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -113,6 +122,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         seed: args.seed,
         cuda_graphs: !args.no_cuda_graphs,
         largest_batch: args.largest_batch,
+        offload_slack: args.offload.then_some(args.offload_slack),
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));

@@ -60,8 +60,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 4096)]
     dense_below: usize,
     /// Keep the K/V in a host tier behind the offload engine with this many
-    /// resident (block, head) units per layer (the CPU twin of the GPU
-    /// offload path); without it, everything stays in host memory.
+    /// resident (block, head) units per layer: on a GPU in pinned host
+    /// memory, the residency decided on the device (GQA models); on the
+    /// CPU its twin. Without it, the whole cache stays where it computes.
     #[arg(long)]
     offload_slots: Option<usize>,
     /// K/V element type in the cache: f32 or bf16.

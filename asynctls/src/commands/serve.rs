@@ -69,7 +69,8 @@ pub struct EngineArgs {
     #[arg(long)]
     pub kv_blocks: Option<usize>,
     /// Keep the K/V in a host tier behind the offload engine with this many
-    /// resident (block, head) units per layer (CPU).
+    /// resident (block, head) units per layer: on a GPU in pinned host
+    /// memory with the residency decided on the device (GQA models).
     #[arg(long)]
     pub offload_slots: Option<usize>,
     /// K/V element type in the host cache: f32 or bf16 (bf16 on the GPU).
