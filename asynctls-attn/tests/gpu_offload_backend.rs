@@ -147,7 +147,7 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
         // The cache's state: bounds, labels and rows equal; slots coherent.
         let residency = offloaded.residency().unwrap();
         let stats = residency.stats().unwrap();
-        for layer in 0..layers {
+        for (layer, st) in stats.iter().enumerate() {
             let (r, o) = (
                 resident.cache().storage().layer(layer),
                 offloaded.cache().storage().layer(layer),
@@ -195,7 +195,6 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
                 );
                 assert!(slot_values[s] == host_values[h], "layer {layer} slot {slot}: values");
             }
-            let st = stats[layer];
             println!(
                 "{shape:?} layer {layer}: {resident_units} of {slots} slots coherent; {} requested, {} hits, {} misses, \
                  {} promoted, {} evicted",

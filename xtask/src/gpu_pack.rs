@@ -103,6 +103,18 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e "* ]]; then
         --decode-steps "${E2E_STEPS:-8}" --time-budget-s "${HF_BUDGET:-200}" ${HF_COMPILE:+--compile} \
         --ours "$out_dir/e2e_ours.json" --out "$out_dir/e2e_vs_hf.json" | tee "$out_dir/e2e_vs_hf.txt"
 fi
+# e2e-offload: the engine's decode with the K/V in pinned host memory beside
+# the GPU-resident cache, the same model, contexts and batches in one call.
+if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
+    E2E_SHAPE="${E2E_SHAPE:-qwen3-8b}"; E2E_CTX="${E2E_CTX:-98304}"; E2E_BATCH="${E2E_BATCH:-1,4}"
+    for mode in resident offload; do
+        ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
+            --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
+            ${E2E_LARGEST---largest-batch} $([ $mode = offload ] && echo --offload) --json \
+            > "$out_dir/e2e_$mode.json" \
+            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(sys.argv[2], r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_$mode.json" $mode
+    done
+fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]
 "#;
