@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, Step};
 use asynctls_kernels::cpu::moe::RouteConfig;
-use asynctls_kernels::cpu::{RopeStyle, RopeTable};
+use asynctls_kernels::cpu::RopeTable;
 use asynctls_kernels::moe::{self, ExpertBank};
 use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
@@ -493,21 +493,20 @@ impl MlaAttention {
             c.kv_lora_rank,
         );
         let positions = &step.positions_tensor;
+        // `x` is already a GEMM input (bf16 on a GPU) when the layer's norm wrote it.
         let xb = ops::gemm_input(x)?;
         let q_in = match &self.q_a {
-            Some((a, norm)) => ops::gemm_input(&ops::rms_norm(&a.forward(&xb)?, norm, LORA_NORM_EPS)?)?,
+            Some((a, norm)) => ops::rms_norm_gemm_input(&a.forward(&xb)?, norm, LORA_NORM_EPS)?,
             None => xb.clone(),
         };
         let q_nope = self.q_nope.forward(&q_in)?.reshaped(&[n, heads, nope])?;
-        let mut q_rope = self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?;
-        ops::rope_(&mut q_rope, &self.rope, positions, RopeStyle::Neox)?;
+        let q_rope = self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?;
         let q_latent = ops::head_matmul(&q_nope, &self.w_uk, false)?.reshaped(&[n * heads, rank])?;
-        let q =
-            ops::concat_cols(&q_latent, &q_rope.reshaped(&[n * heads, rd])?)?.reshaped(&[n, heads * (rank + rd)])?;
+        // Rotated and appended in one launch on a GPU.
+        let q = ops::rope_concat(&q_latent, &q_rope, &self.rope, positions)?.reshaped(&[n, heads * (rank + rd)])?;
         let latent = ops::rms_norm(&self.kv_latent.forward(&xb)?, &self.kv_a_norm, LORA_NORM_EPS)?;
-        let mut k_rope = self.kv_rope.forward(&xb)?.reshaped(&[n, 1, rd])?;
-        ops::rope_(&mut k_rope, &self.rope, positions, RopeStyle::Neox)?;
-        let keys = ops::concat_cols(&latent, &k_rope.reshaped(&[n, rd])?)?;
+        let k_rope = self.kv_rope.forward(&xb)?.reshaped(&[n, 1, rd])?;
+        let keys = ops::rope_concat(&latent, &k_rope, &self.rope, positions)?;
         Ok((q, keys))
     }
 
@@ -542,7 +541,8 @@ impl Layer for GlmLayer {
         let c = &*self.config;
         let eps = c.rms_norm_eps as f32;
         let n = step.tokens();
-        let normed = ops::rms_norm(&x, &self.input_layernorm, eps)?;
+        // The norm writes the projections' GEMM input (bf16 on a GPU) itself.
+        let normed = ops::rms_norm_gemm_input(&x, &self.input_layernorm, eps)?;
         let (q, keys) = self.self_attn.project(&normed, step, c)?;
         // The latent cache has no separate values (they are the latent).
         let no_values = Tensor::from_vec(Vec::<f32>::new(), &[n, 0])?;
@@ -551,10 +551,16 @@ impl Layer for GlmLayer {
             .attend(step, layer, &q, &self.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
         ops::add_(&mut x, &self.self_attn.output(&out, c)?)?;
-        let normed = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
         match &self.mlp {
-            FeedForward::Dense(mlp) => ops::add_(&mut x, &mlp.forward(&normed)?)?,
-            FeedForward::Moe(moe) => moe.forward_into(&normed, &mut x)?,
+            FeedForward::Dense(mlp) => {
+                let normed = ops::rms_norm_gemm_input(&x, &self.post_attention_layernorm, eps)?;
+                ops::add_(&mut x, &mlp.forward(&normed)?)?
+            }
+            // The router reads the norm in f32 (its choice must be HF's).
+            FeedForward::Moe(moe) => {
+                let normed = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
+                moe.forward_into(&normed, &mut x)?
+            }
         }
         Ok(x)
     }
