@@ -242,7 +242,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 // Kept in f32 on purpose (a MoE router, which HF computes in f32).
                 require_dtype(OP, "x (with an f32 weight)", x, DType::F32)?;
                 // SAFETY: shapes, dtypes and devices checked above.
-                unsafe { ops.gemm_nt_f32_raw(xp, wp, yp, n, k, out_dim) }?;
+                unsafe { ops.gemm_nt_raw(xp, wp, yp, n, k, out_dim, GemmType::F32, GemmType::F32) }?;
             } else {
                 require_dtype(OP, "weight", w, DType::BF16)?;
                 if CudaOps::gemv_takes(n, k, xp, wp) {
@@ -251,7 +251,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 } else {
                     let xb = gemm_input(x)?;
                     // SAFETY: as above, with x cast to bf16.
-                    unsafe { ops.gemm_nt_raw(xb.device_ptr()?, wp, yp, n, k, out_dim, GemmType::F32) }?;
+                    unsafe { ops.gemm_nt_raw(xb.device_ptr()?, wp, yp, n, k, out_dim, GemmType::Bf16, GemmType::F32) }?;
                 }
             }
             if let Some(b) = bias {

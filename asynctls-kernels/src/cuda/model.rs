@@ -512,54 +512,15 @@ impl CudaOps {
         Ok(())
     }
 
-    /// `c[m, n] = a[m, k] . b[n, k]^T` in f32 throughout (the router of a
-    /// MoE layer, which HF computes in f32).
-    ///
-    /// # Safety
-    /// Every address must point to a live device buffer of this device holding
-    /// the elements the sizes imply (the tensor ops check them).
-    pub unsafe fn gemm_nt_f32_raw(&self, a: u64, b: u64, c: u64, m: usize, k: usize, n: usize) -> Result<()> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let blas = self.blas()?;
-        // SAFETY: as gemm_nt_raw, with f32 operands.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const _,
-                b as *const _,
-                GemmType::F32.cuda(),
-                k as i32,
-                a as *const _,
-                GemmType::F32.cuda(),
-                k as i32,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                GemmType::F32.cuda(),
-                n as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_ex (f32): {e}")))?;
-        Ok(())
-    }
-
     /// `c[m, n] = a[m, k] . b[n, k]^T` with f32 accumulation: `a` and `b`
-    /// bf16 (activations cast, weights as stored), `c` of `c_type` (f32
-    /// keeps the residual stream and the logits in f32).
-    #[allow(clippy::too_many_arguments)]
+    /// of `operands` (bf16: activations cast, weights as stored; f32: the
+    /// router of a MoE layer, which HF computes in f32), `c` of `c_type`
+    /// (f32 keeps the residual stream and the logits in f32).
     ///
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply (the tensor ops check them).
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm_nt_raw(
         &self,
         a: u64,
@@ -568,6 +529,7 @@ impl CudaOps {
         m: usize,
         k: usize,
         n: usize,
+        operands: GemmType,
         c_type: GemmType,
     ) -> Result<()> {
         if m == 0 || n == 0 {
@@ -589,10 +551,10 @@ impl CudaOps {
                 k as i32,
                 (&alpha) as *const f32 as *const _,
                 b as *const _,
-                GemmType::Bf16.cuda(),
+                operands.cuda(),
                 k as i32,
                 a as *const _,
-                GemmType::Bf16.cuda(),
+                operands.cuda(),
                 k as i32,
                 (&beta) as *const f32 as *const _,
                 c as *mut _,
@@ -602,7 +564,7 @@ impl CudaOps {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_ex: {e}")))?;
+        .map_err(|e| Error::CudaLibrary(format!("cuBLAS gemm_ex ({operands:?} operands): {e}")))?;
         Ok(())
     }
 }
