@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "bf16x8.cuh"
+
 // Grid-stride loops: one launch covers any n.
 #define FOR_EACH(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
@@ -49,27 +51,31 @@ __device__ float block_sum_256(float v) {
     return total;
 }
 
+// A norm's output element as stored: f32, or bf16 for a norm whose output
+// only feeds GEMMs (the same values the f32 norm then a cast give, one
+// launch fewer).
+__device__ __forceinline__ void store_norm(float* dst, float v) { *dst = v; }
+__device__ __forceinline__ void store_norm(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16_rn(v); }
+
 // out[row] = x[row] * w / sqrt(mean(x[row]^2) + eps); one block of 256 per row.
 // The sum of squares is taken per thread then across the block; the CPU twin
 // sums sequentially, so the two agree to f32 rounding (about 1e-6 relative).
-extern "C" __global__ void rms_norm_out_f32(const float* x, const float* w, float* out, int h, float eps) {
+template <typename Out>
+__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, Out* out, int h, float eps) {
     const float* row = x + (size_t)blockIdx.x * h;
-    float* dst = out + (size_t)blockIdx.x * h;
+    Out* dst = out + (size_t)blockIdx.x * h;
     float sq = 0.0f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) sq += row[i] * row[i];
     float inv = rsqrtf(block_sum_256(sq) / h + eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = row[i] * inv * w[i];
+    for (int i = threadIdx.x; i < h; i += blockDim.x) store_norm(dst + i, row[i] * inv * w[i]);
 }
 
-// rms_norm_out_f32 written as bf16: a norm whose output only feeds GEMMs
-// (the same values the f32 norm then a cast give, one launch fewer).
+extern "C" __global__ void rms_norm_out_f32(const float* x, const float* w, float* out, int h, float eps) {
+    rms_norm_row(x, w, out, h, eps);
+}
+
 extern "C" __global__ void rms_norm_out_bf16(const float* x, const float* w, __nv_bfloat16* out, int h, float eps) {
-    const float* row = x + (size_t)blockIdx.x * h;
-    __nv_bfloat16* dst = out + (size_t)blockIdx.x * h;
-    float sq = 0.0f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) sq += row[i] * row[i];
-    float inv = rsqrtf(block_sum_256(sq) / h + eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = __float2bfloat16_rn(row[i] * inv * w[i]);
+    rms_norm_row(x, w, out, h, eps);
 }
 
 // The uniform draw of element i of a stream: splitmix64 of seed + i, top 24
@@ -103,14 +109,6 @@ extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned long
 #define GEMV_WARPS 8
 #define GEMV_ROWS 4
 
-__device__ __forceinline__ void bf16x8_to_f32(uint4 v, float* f) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(words[i] << 16);
-        f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-}
 
 // Eight consecutive x values as floats rounded to bf16.
 __device__ __forceinline__ void load_x8(const float* x, float* f) {

@@ -20,6 +20,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "bf16x8.cuh"
+
 #define FOR_EACH(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 // At most this many experts per router (GLM-4.7-Flash has 64, DeepSeek-V3 256).
@@ -58,15 +60,6 @@ __device__ int warp_best(const float* vals, const unsigned char* taken, int n) {
     return at;
 }
 
-__device__ __forceinline__ void bf16x8(uint4 v, float* f) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(words[i] << 16);
-        f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-}
-
 // logits[t, e] = x[t] . W[e] in f32 (x as computed, the bf16 router
 // widened exactly: HF routes in f32). Grid (ceil(experts / 8), n), a warp
 // per (token, expert) with its loads in flight. h % 8 == 0, W 16-byte aligned.
@@ -91,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(256)
             const int c = base + j * 32 * 8;
             if (c >= h) break;
             float w8[8];
-            bf16x8(wv[j], w8);
+            bf16x8_to_f32(wv[j], w8);
             const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
             acc = fmaf(a.x, w8[0], acc);
             acc = fmaf(a.y, w8[1], acc);
@@ -258,13 +251,13 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
                 const int c = base + j * 32 * 8;
                 if (c >= h) break;
                 float fg[8], fu[8];
-                bf16x8(vg[j], fg);
-                bf16x8(vu[j], fu);
+                bf16x8_to_f32(vg[j], fg);
+                bf16x8_to_f32(vu[j], fu);
 #pragma unroll
                 for (int q = 0; q < MOE_PASS; q++) {
                     if (q >= m) break;
                     float fx[8];
-                    bf16x8(*reinterpret_cast<const uint4*>(x + (size_t)(s_pairs[first + q] / k) * h + c), fx);
+                    bf16x8_to_f32(*reinterpret_cast<const uint4*>(x + (size_t)(s_pairs[first + q] / k) * h + c), fx);
 #pragma unroll
                     for (int i = 0; i < 8; i++) {
                         g[q] = fmaf(fx[i], fg[i], g[q]);
@@ -317,12 +310,12 @@ extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)
                 const int c = base + j * 32 * 8;
                 if (c >= inter) break;
                 float fw[8];
-                bf16x8(vw[j], fw);
+                bf16x8_to_f32(vw[j], fw);
 #pragma unroll
                 for (int q = 0; q < MOE_PASS; q++) {
                     if (q >= m) break;
                     float fa[8];
-                    bf16x8(*reinterpret_cast<const uint4*>(act + (size_t)s_pairs[first + q] * inter + c), fa);
+                    bf16x8_to_f32(*reinterpret_cast<const uint4*>(act + (size_t)s_pairs[first + q] * inter + c), fa);
 #pragma unroll
                     for (int i = 0; i < 8; i++) acc[q] = fmaf(fa[i], fw[i], acc[q]);
                 }
