@@ -17,7 +17,7 @@
 use std::any::Any;
 
 use asynctls_kernels::cuda::attention::{decode_splits, DecodeKernel};
-use asynctls_kernels::cuda::gather::ResolveInput;
+use asynctls_kernels::cuda::gather::{ResolveInput, SelectionShape};
 use asynctls_kernels::cuda::{CudaOps, DecodeScratch, PagedKvView, SelectParams, SelectScratch};
 use asynctls_kernels::{CudaDevice, DType, Device, Tensor};
 use asynctls_kvcache::{CacheConfig, GpuKvStorage, LabelChannels, PagedKvCache, SeqId};
@@ -715,9 +715,10 @@ impl AttentionBackend for CudaAttention {
                     }
                     (Some(p), Some(off)) => {
                         let residency = &mut off.residency;
+                        let selection = SelectionShape::of(&p, meta.max_blocks, shape.kv_heads, bs);
                         let sizing = ResolverSizing {
                             rows: step.seqs.len() * shape.kv_heads,
-                            max_entries: p.sink_blocks + p.block_topk + p.local_blocks + 1,
+                            max_entries: selection.max_entries(),
                             max_blocks: meta.max_blocks,
                         };
                         if residency.ensure_sizing(sizing)? {
@@ -735,21 +736,7 @@ impl AttentionBackend for CudaAttention {
                             &p,
                             &mut self.select_scratch,
                             |select| -> Result<()> {
-                                let (candidates, candidate_counts) = select.candidates();
-                                let input = ResolveInput {
-                                    candidates,
-                                    candidate_counts,
-                                    lens: &meta.lens,
-                                    block_table: &meta.table,
-                                    max_blocks: meta.max_blocks,
-                                    kv_heads: shape.kv_heads,
-                                    block_size: bs,
-                                    // The selection's own parameters, so the
-                                    // resolver maps exactly the blocks it chose.
-                                    block_topk: p.block_topk,
-                                    sink_blocks: p.sink_blocks,
-                                    local_blocks: p.local_blocks,
-                                };
+                                let input = ResolveInput::new(select, &meta.lens, &meta.table, selection);
                                 // SAFETY: the cache's block tables map each
                                 // sequence's blocks to distinct physical
                                 // blocks below num_blocks, the host tier's

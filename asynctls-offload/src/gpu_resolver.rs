@@ -376,21 +376,21 @@ impl GpuResidency {
             layer,
             num_layers: self.pools.layout().num_layers,
         })?;
-        if entries > t.miss_units.len() || input.rows() * input.max_blocks > t.row_slots.len() {
+        if entries > t.miss_units.len() || input.rows() * input.shape.max_blocks > t.row_slots.len() {
             return Err(OffloadError::Config(format!(
                 "a step of {} rows attending up to {} of {} blocks in layer {layer}; the resolver was sized \
                  for {} entries and a table of {}",
                 input.rows(),
                 input.max_entries(),
-                input.max_blocks,
+                input.shape.max_blocks,
                 t.miss_units.len(),
                 t.row_slots.len()
             )));
         }
-        if input.kv_heads != self.pools.layout().kv_heads {
+        if input.shape.kv_heads != self.pools.layout().kv_heads {
             return Err(OffloadError::Config(format!(
                 "a selection of {} KV heads for a pool of {}",
-                input.kv_heads,
+                input.shape.kv_heads,
                 self.pools.layout().kv_heads
             )));
         }

@@ -24,6 +24,7 @@
 //! The tables are plain arrays with the kernels' layout, so a GPU test can
 //! compare every entry after every step.
 
+use asynctls_kernels::cuda::gather::SelectionShape;
 use serde::Serialize;
 
 use crate::{OffloadError, Result};
@@ -155,33 +156,33 @@ pub struct StepSelection<'a> {
     pub lens: &'a [i32],
     /// `[batch, max_blocks]`: logical -> physical block.
     pub block_table: &'a [i32],
-    pub max_blocks: usize,
-    pub kv_heads: usize,
-    pub block_size: usize,
-    pub block_topk: usize,
-    pub sink_blocks: usize,
-    pub local_blocks: usize,
+    pub shape: SelectionShape,
 }
 
 impl StepSelection<'_> {
     /// (sequence, KV head) rows: `lens.len() * kv_heads`.
     pub fn rows(&self) -> usize {
-        self.lens.len() * self.kv_heads
+        self.lens.len() * self.shape.kv_heads
     }
     /// The most blocks one row attends.
     pub fn max_entries(&self) -> usize {
-        self.sink_blocks + self.block_topk + self.local_blocks + 1
+        self.shape.max_entries()
     }
 
     /// The logical blocks `row` attends, in entry order (sink, candidates,
     /// local window and partial block), at most [`Self::max_entries`].
     pub fn attended_blocks(&self, row: usize) -> Vec<usize> {
-        let seq = row / self.kv_heads;
+        let seq = row / self.shape.kv_heads;
         let len = self.lens[seq].max(0) as usize;
-        let num_blocks = len.div_ceil(self.block_size);
-        let (first, last) = rankable_range(len, self.block_size, self.sink_blocks, self.local_blocks);
-        let count = (self.candidate_counts[row].max(0) as usize).min(self.block_topk);
-        let candidates = &self.candidates[row * self.block_topk..row * self.block_topk + count];
+        let num_blocks = len.div_ceil(self.shape.block_size);
+        let (first, last) = rankable_range(
+            len,
+            self.shape.block_size,
+            self.shape.sink_blocks,
+            self.shape.local_blocks,
+        );
+        let count = (self.candidate_counts[row].max(0) as usize).min(self.shape.block_topk);
+        let candidates = &self.candidates[row * self.shape.block_topk..row * self.shape.block_topk + count];
         let blocks = (0..first)
             .chain(candidates.iter().map(|&b| b as usize))
             .chain(last..num_blocks);
@@ -243,7 +244,7 @@ impl Residency {
     /// `residency_resolve` writes them. A physical block outside the table,
     /// or one unit attended twice, is an error and changes nothing.
     pub fn resolve(&mut self, selection: &StepSelection<'_>, step: u32) -> Result<Vec<i32>> {
-        let (rows, max_entries, kvh) = (selection.rows(), selection.max_entries(), selection.kv_heads);
+        let (rows, max_entries, kvh) = (selection.rows(), selection.max_entries(), selection.shape.kv_heads);
         let mut units = Vec::with_capacity(rows);
         let mut seen = std::collections::HashSet::new();
         for row in 0..rows {
@@ -251,8 +252,8 @@ impl Residency {
             let mut row_units = Vec::new();
             for block in selection.attended_blocks(row) {
                 let physical = block
-                    .checked_add(seq * selection.max_blocks)
-                    .filter(|_| block < selection.max_blocks)
+                    .checked_add(seq * selection.shape.max_blocks)
+                    .filter(|_| block < selection.shape.max_blocks)
                     .and_then(|at| selection.block_table.get(at))
                     .ok_or_else(|| OffloadError::Config(format!("row {row}: logical block {block} has no entry")))?;
                 let physical = u32::try_from(*physical).map_err(|_| {

@@ -33,12 +33,7 @@ fn input<'a>(batch: &Batch, d: &'a DeviceSelection) -> ResolveInput<'a> {
         candidate_counts: &d.counts,
         lens: &d.lens,
         block_table: &d.table,
-        max_blocks: batch.max_blocks,
-        kv_heads: batch.kv_heads,
-        block_size: batch.block_size,
-        block_topk: batch.block_topk,
-        sink_blocks: batch.sink_blocks,
-        local_blocks: batch.local_blocks,
+        shape: batch.shape(),
     }
 }
 

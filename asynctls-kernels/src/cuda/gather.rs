@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::CudaOps;
+use super::{CudaOps, SelectParams, SelectScratch};
 use crate::error::invalid;
 use crate::Result;
 
@@ -92,6 +92,41 @@ impl CudaOps {
 /// kernels keep them (`[u64; RESIDENCY_STATS]` per layer).
 pub const RESIDENCY_STATS: usize = 8;
 
+/// Which blocks a step's rows attend, besides the candidates themselves:
+/// the selection's parameters and the batch's table geometry. Shared by the
+/// device resolver's input and its host twin's (asynctls-offload's
+/// `StepSelection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectionShape {
+    /// Width of the block table (logical blocks per sequence).
+    pub max_blocks: usize,
+    pub kv_heads: usize,
+    pub block_size: usize,
+    pub block_topk: usize,
+    pub sink_blocks: usize,
+    pub local_blocks: usize,
+}
+
+impl SelectionShape {
+    /// The shape of a selection made with `params` over a block table of
+    /// `max_blocks` (so the resolver maps exactly the blocks it chose).
+    pub fn of(params: &SelectParams, max_blocks: usize, kv_heads: usize, block_size: usize) -> Self {
+        SelectionShape {
+            max_blocks,
+            kv_heads,
+            block_size,
+            block_topk: params.block_topk,
+            sink_blocks: params.sink_blocks,
+            local_blocks: params.local_blocks,
+        }
+    }
+
+    /// The most blocks one row attends: sink, candidates, local window and a partial block.
+    pub fn max_entries(&self) -> usize {
+        self.sink_blocks + self.block_topk + self.local_blocks + 1
+    }
+}
+
 /// The step's selection as the resolver reads it (the selection kernels'
 /// candidates, the batch's lengths and block table).
 #[derive(Debug, Clone, Copy)]
@@ -104,22 +139,35 @@ pub struct ResolveInput<'a> {
     pub lens: &'a CudaSlice<i32>,
     /// `[batch, max_blocks]`: logical -> physical block.
     pub block_table: &'a CudaSlice<i32>,
-    pub max_blocks: usize,
-    pub kv_heads: usize,
-    pub block_size: usize,
-    pub block_topk: usize,
-    pub sink_blocks: usize,
-    pub local_blocks: usize,
+    pub shape: SelectionShape,
 }
 
-impl ResolveInput<'_> {
+impl<'a> ResolveInput<'a> {
+    /// The candidates `select` holds after a selection of `shape` over
+    /// `lens` and `block_table`.
+    pub fn new(
+        select: &'a SelectScratch,
+        lens: &'a CudaSlice<i32>,
+        block_table: &'a CudaSlice<i32>,
+        shape: SelectionShape,
+    ) -> Self {
+        let (candidates, candidate_counts) = select.candidates();
+        ResolveInput {
+            candidates,
+            candidate_counts,
+            lens,
+            block_table,
+            shape,
+        }
+    }
+
     /// The most blocks one row attends: sink, candidates, local window and a partial block.
     pub fn max_entries(&self) -> usize {
-        self.sink_blocks + self.block_topk + self.local_blocks + 1
+        self.shape.max_entries()
     }
     /// (sequence, KV head) rows: `lens.len() * kv_heads`.
     pub fn rows(&self) -> usize {
-        self.lens.len() * self.kv_heads
+        self.lens.len() * self.shape.kv_heads
     }
 }
 
@@ -187,13 +235,13 @@ impl CudaOps {
         if rows == 0 {
             return Ok(());
         }
-        if input.kv_heads == 0
-            || input.block_size == 0
+        if input.shape.kv_heads == 0
+            || input.shape.block_size == 0
             || input.candidate_counts.len() < rows
-            || input.candidates.len() < rows * input.block_topk
-            || input.block_table.len() < input.lens.len() * input.max_blocks
+            || input.candidates.len() < rows * input.shape.block_topk
+            || input.block_table.len() < input.lens.len() * input.shape.max_blocks
             || scratch.miss_units.len() < rows * max_entries
-            || scratch.row_slots.len() < rows * input.max_blocks
+            || scratch.row_slots.len() < rows * input.shape.max_blocks
             || tables.stats.len() < RESIDENCY_STATS
         {
             return Err(invalid(
@@ -201,12 +249,12 @@ impl CudaOps {
                 format!(
                     "{rows} rows of {} KV heads, {} candidates for k_b {}, {} lengths, a table of {} for {} blocks, \
                      {} miss entries for {}",
-                    input.kv_heads,
+                    input.shape.kv_heads,
                     input.candidates.len(),
-                    input.block_topk,
+                    input.shape.block_topk,
                     input.lens.len(),
                     input.block_table.len(),
-                    input.max_blocks,
+                    input.shape.max_blocks,
                     scratch.miss_units.len(),
                     rows * max_entries
                 ),
@@ -214,12 +262,12 @@ impl CudaOps {
         }
         let f = self.function(&self.gather, "residency_resolve")?;
         let ints = [
-            input.max_blocks as i32,
-            input.kv_heads as i32,
-            input.block_size as i32,
-            input.block_topk as i32,
-            input.sink_blocks as i32,
-            input.local_blocks as i32,
+            input.shape.max_blocks as i32,
+            input.shape.kv_heads as i32,
+            input.shape.block_size as i32,
+            input.shape.block_topk as i32,
+            input.shape.sink_blocks as i32,
+            input.shape.local_blocks as i32,
         ];
         let max_entries = max_entries as i32;
         let mut b = stream.launch_builder(&f);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use asynctls_kernels::cuda::gather::SelectionShape;
 use asynctls_offload::resolver::rankable_range;
 use asynctls_offload::StepSelection;
 use rand::seq::SliceRandom;
@@ -94,18 +95,24 @@ impl Batch {
         (candidates, counts)
     }
 
-    pub fn selection<'a>(&'a self, candidates: &'a [i32], counts: &'a [i32]) -> StepSelection<'a> {
-        StepSelection {
-            candidates,
-            candidate_counts: counts,
-            lens: &self.lens,
-            block_table: &self.table,
+    pub fn shape(&self) -> SelectionShape {
+        SelectionShape {
             max_blocks: self.max_blocks,
             kv_heads: self.kv_heads,
             block_size: self.block_size,
             block_topk: self.block_topk,
             sink_blocks: self.sink_blocks,
             local_blocks: self.local_blocks,
+        }
+    }
+
+    pub fn selection<'a>(&'a self, candidates: &'a [i32], counts: &'a [i32]) -> StepSelection<'a> {
+        StepSelection {
+            candidates,
+            candidate_counts: counts,
+            lens: &self.lens,
+            block_table: &self.table,
+            shape: self.shape(),
         }
     }
 }

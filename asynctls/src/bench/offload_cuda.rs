@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use asynctls_kernels::cuda::gather::ResolveInput;
+use asynctls_kernels::cuda::gather::{ResolveInput, SelectionShape};
 use asynctls_kernels::cuda::graph::StepGraph;
 use asynctls_kernels::cuda::{
     attention::{decode_splits, DecodeKernel},
@@ -595,21 +595,8 @@ impl Point<'_> {
 
     /// What the resolver reads of `layer`'s step: the selection's candidates.
     fn resolve_input<'a>(&'a self, select: &'a SelectScratch, layer: &'a Layer) -> ResolveInput<'a> {
-        let (candidates, candidate_counts) = select.candidates();
-        ResolveInput {
-            candidates,
-            candidate_counts,
-            lens: &self.lens,
-            block_table: &layer.table,
-            max_blocks: self.blocks_per_seq,
-            kv_heads: self.sweep.kv_heads,
-            block_size: BLOCK,
-            // The selection's own parameters, so the resolver maps exactly
-            // the blocks it chose.
-            block_topk: self.params.block_topk,
-            sink_blocks: self.params.sink_blocks,
-            local_blocks: self.params.local_blocks,
-        }
+        let shape = SelectionShape::of(&self.params, self.blocks_per_seq, self.sweep.kv_heads, BLOCK);
+        ResolveInput::new(select, &self.lens, &layer.table, shape)
     }
 
     fn device_resolver(&mut self, residency: &mut GpuResidency, tiers: usize) -> Result<OffloadRow> {
