@@ -110,7 +110,9 @@ pub struct CudaAttention {
 
 /// An offloaded cache's residency and where its decode step stands.
 struct Offload {
+    /// Over the layers from `first_layer` on (the residency's layer 0).
     residency: GpuResidency,
+    first_layer: usize,
     /// The step's `begin_step` is issued (by its first decode attention, so
     /// a captured graph replays it).
     step_open: bool,
@@ -135,6 +137,10 @@ pub struct OffloadOptions {
     /// the layers alias their rows: for benchmarks of more K/V than the
     /// host holds, never for results that are read.
     pub host_tiers: Option<usize>,
+    /// The first layers keep their K/V on the GPU: the dense leading layers
+    /// read every block each step, which over PCIe would cost more than the
+    /// whole sparse step.
+    pub resident_layers: usize,
 }
 
 impl OffloadOptions {
@@ -145,6 +151,7 @@ impl OffloadOptions {
             slots_per_layer,
             policy: PromotePolicy::union_of_last_two(usize::MAX),
             host_tiers: None,
+            resident_layers: 0,
         }
     }
 }
@@ -199,8 +206,17 @@ impl CudaAttention {
             ));
         }
         config.validate()?;
+        let first_layer = options.resident_layers;
+        if first_layer >= config.num_layers {
+            return Err(AttnError::Config(format!(
+                "{first_layer} resident (dense) layers of {}: no layer is left to offload (fewer dense layers, or \
+                 no offload)",
+                config.num_layers
+            )));
+        }
+        let offloaded_layers = config.num_layers - first_layer;
         let layout = CudaLayout {
-            num_layers: config.num_layers,
+            num_layers: offloaded_layers,
             kv_heads: config.kv_heads,
             host_blocks: config.num_blocks,
             block_size: config.block_size,
@@ -210,8 +226,8 @@ impl CudaAttention {
         };
         let tiers = options
             .host_tiers
-            .unwrap_or(config.num_layers)
-            .clamp(1, config.num_layers.max(1));
+            .unwrap_or(offloaded_layers)
+            .clamp(1, offloaded_layers);
         let unit_rows = config.num_blocks * config.kv_heads * config.block_size;
         let host_bytes = unit_rows
             .checked_mul((config.key_dim + value_dim) * 2)
@@ -229,7 +245,10 @@ impl CudaAttention {
             }
         }
         let (free, _) = device.memory_info()?;
-        let need = GpuKvStorage::offloaded_bytes_for(config).saturating_add(layout.resident_bytes());
+        // The same headroom beside the cache as a resident one keeps.
+        let need = GpuKvStorage::offloaded_bytes_for(config, first_layer)
+            .saturating_add(layout.resident_bytes())
+            .saturating_add(asynctls_kvcache::GPU_HEADROOM_BYTES);
         if need > free {
             return Err(asynctls_kvcache::CacheError::GpuMemory {
                 blocks: config.num_blocks,
@@ -239,7 +258,7 @@ impl CudaAttention {
             }
             .into());
         }
-        let mut storage = GpuKvStorage::new_offloaded(device, config, channels)?;
+        let mut storage = GpuKvStorage::new_offloaded(device, config, channels, first_layer)?;
         // Sized for one sequence; decode steps grow it (ensure_sizing).
         let sizing = ResolverSizing {
             rows: config.kv_heads,
@@ -247,18 +266,19 @@ impl CudaAttention {
             max_blocks: 8,
         };
         let residency = GpuResidency::with_host_tiers(device, layout, options.policy, sizing, tiers)?;
-        for layer in 0..config.num_layers {
+        for layer in first_layer..config.num_layers {
             // SAFETY: the residency's pools and tables are laid out for this
             // cache's geometry (the layout above) and live in the same
             // backend, dropped after the cache (field order) and after its
             // streams are synchronized (GpuResidency's drop).
-            unsafe { storage.set_tier(layer, residency.host_tier(layer)) }?;
+            unsafe { storage.set_tier(layer, residency.host_tier(layer - first_layer)) }?;
         }
         Self::with_storage(
             device,
             storage,
             Some(Offload {
                 residency,
+                first_layer,
                 step_open: false,
                 reported: ResidencyStats::default(),
             }),
@@ -289,6 +309,32 @@ impl CudaAttention {
     /// The residency of an offloaded cache.
     pub fn residency(&self) -> Option<&GpuResidency> {
         self.offload.as_ref().map(|o| &o.residency)
+    }
+
+    /// Empties an offloaded cache's residency (every unit back to the host
+    /// tier only, counters zeroed): what a benchmark does between rows so
+    /// that each starts cold. The rows themselves stay.
+    pub fn reset_residency(&mut self) -> Result<()> {
+        if let Some(off) = self.offload.as_mut() {
+            let policy = off.residency.policy();
+            off.residency.reset(policy)?;
+            off.step_open = false;
+            off.reported = ResidencyStats::default();
+        }
+        Ok(())
+    }
+
+    /// A decode step that failed (or whose capture failed) part-way left
+    /// its residency step open: its copies are joined eagerly before
+    /// anything else writes the cache, and the step is closed.
+    fn close_failed_step(&mut self) -> Result<()> {
+        if let Some(off) = self.offload.as_mut() {
+            if off.step_open {
+                off.residency.abort_step()?;
+                off.step_open = false;
+            }
+        }
+        Ok(())
     }
 
     /// Bumps the generation when a scratch buffer was replaced since the
@@ -388,7 +434,9 @@ impl CudaAttention {
             let table = self.cache.table(s)?;
             let block = table.blocks()[p / bs].0 as i32;
             slots.push(block * bs as i32 + (p % bs) as i32);
-            let fill = ((table.len() - (p / bs) * bs).min(bs)) as i32;
+            // Rows written in the block once this token is (rows are written
+            // in order): not the reserved length, which may run ahead.
+            let fill = (p % bs + 1) as i32;
             match touched.last_mut() {
                 Some(last) if last.0 == block => last.1 = fill,
                 _ => {
@@ -515,9 +563,9 @@ fn current_meta<'a>(
 /// `view` (the resident pool's) for a pass over every block: offloaded,
 /// the slots where units have one and the host tier for the others.
 fn full_view<'a>(offload: Option<&'a Offload>, layer: usize, view: PagedKvView<'a>) -> PagedKvView<'a> {
-    match offload {
-        Some(o) => {
-            let (keys, values, offload) = o.residency.dense_view(layer);
+    match offload.and_then(|o| Some((o, layer.checked_sub(o.first_layer)?))) {
+        Some((o, tier_layer)) => {
+            let (keys, values, offload) = o.residency.dense_view(tier_layer);
             PagedKvView {
                 keys,
                 values,
@@ -547,6 +595,7 @@ impl AttentionBackend for CudaAttention {
     }
 
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
+        self.close_failed_step()?;
         let (start, positions) = self.cache.reserve_prefill(seq, n, limit)?;
         self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
         self.active_persistent = None;
@@ -558,11 +607,8 @@ impl AttentionBackend for CudaAttention {
     /// into the host. A step that fails part-way leaves its sequences
     /// unusable; the engine frees them.
     fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {
+        self.close_failed_step()?;
         let positions = reserve_decode(&mut self.cache, seqs, limit)?;
-        if let Some(off) = self.offload.as_mut() {
-            // A step that failed part-way left it open.
-            off.step_open = false;
-        }
         for layer in 0..self.cache.config().num_layers {
             for (&s, &p) in seqs.iter().zip(&positions) {
                 self.cache.mark_written(s, layer, p, 1)?;
@@ -671,18 +717,15 @@ impl AttentionBackend for CudaAttention {
                 };
                 let splits = decode_splits(ctas, attended, kernel, self.sms);
                 let o = out.cuda_slice_mut::<f32>()?;
-                if let Some(off) = self.offload.as_mut() {
-                    // The step's first decode attention moves the device's
-                    // step counter on (inside a captured graph, so replays do).
-                    if !off.step_open {
-                        off.residency.begin_step()?;
-                        off.step_open = true;
-                    }
-                }
-                match (params, self.offload.as_mut()) {
+                // The residency's layer, for an offloaded one.
+                let tiered = self
+                    .offload
+                    .as_mut()
+                    .and_then(|o| Some((layer.checked_sub(o.first_layer)?, o)));
+                match (params, tiered) {
                     (None, off) => self.ops.decode_attention(
                         qs,
-                        &full_view(off.map(|o| &*o), layer, view),
+                        &full_view(off.map(|(_, o)| &*o), layer, view),
                         None,
                         shape.q_heads,
                         shape.scale,
@@ -713,7 +756,14 @@ impl AttentionBackend for CudaAttention {
                             o,
                         )?;
                     }
-                    (Some(p), Some(off)) => {
+                    (Some(p), Some((tier_layer, off))) => {
+                        // The step's first sparse attention moves the
+                        // device's step counter on (inside a captured graph,
+                        // so replays do; dense steps do not age the slots).
+                        if !off.step_open {
+                            off.residency.begin_step()?;
+                            off.step_open = true;
+                        }
                         let residency = &mut off.residency;
                         let selection = SelectionShape::of(&p, meta.max_blocks, shape.kv_heads, bs);
                         let sizing = ResolverSizing {
@@ -741,12 +791,12 @@ impl AttentionBackend for CudaAttention {
                                 // sequence's blocks to distinct physical
                                 // blocks below num_blocks, the host tier's
                                 // blocks.
-                                unsafe { residency.resolve(layer, &input) }?;
+                                unsafe { residency.resolve(tier_layer, &input) }?;
                                 Ok(())
                             },
                         )?;
-                        residency.before_attention(layer)?;
-                        let (keys, values, offload) = residency.offloaded(layer);
+                        residency.before_attention(tier_layer)?;
+                        let (keys, values, offload) = residency.offloaded(tier_layer);
                         let sparse_view = PagedKvView {
                             keys,
                             values,
@@ -764,10 +814,10 @@ impl AttentionBackend for CudaAttention {
                             &mut self.decode_scratch,
                             o,
                         )?;
-                        residency.after_attention(layer)?;
+                        residency.after_attention(tier_layer)?;
                     }
                 }
-                if let Some(off) = self.offload.as_mut() {
+                if let Some(off) = self.offload.as_mut().filter(|o| o.step_open) {
                     if layer + 1 == self.cache.config().num_layers {
                         // The copy stream joins back within the step (a
                         // captured graph must end on its own stream).

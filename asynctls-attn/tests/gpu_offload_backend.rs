@@ -1,7 +1,10 @@
 //! The offloaded GPU cache against the resident one: two `CudaAttention`s
 //! fed identical random keys, values and queries through the backend
-//! interface a model uses (prefill chunks, a fork, then decode steps with
-//! tls, dense and quest). The offloaded one keeps its K/V in pinned host
+//! interface a model uses: prefill chunks, a fork decoding beside its
+//! parent, decode steps with tls, dense and quest, then a sequence freed,
+//! a new prompt prefilled into its reused blocks (whose units may still
+//! hold slots) and forked (copy-on-write into a reused block), and more
+//! decode steps over all of them. The offloaded one keeps its K/V in pinned host
 //! memory with few resident slots (so units are promoted and evicted every
 //! step) and reads the same bf16 rows, from slots or in place from the
 //! host, so every output must equal the resident backend's to 1e-6
@@ -25,10 +28,101 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm
 }
 
+/// The two backends side by side, fed the same inputs.
+struct Pair {
+    resident: CudaAttention,
+    offloaded: CudaAttention,
+    shape: AttnShape,
+    layers: usize,
+    gpu: Device,
+}
+
+impl Pair {
+    fn tensor(&self, rng: &mut StdRng, rows: usize, width: usize) -> Tensor {
+        Tensor::from_vec(random(rng, rows * width), &[rows, width])
+            .unwrap()
+            .to_device(&self.gpu)
+            .unwrap()
+    }
+
+    fn add(&mut self) -> (SeqId, SeqId) {
+        (self.resident.add_sequence(), self.offloaded.add_sequence())
+    }
+
+    /// `len` prompt tokens of `seq` in chunks of 2000 (ends inside blocks),
+    /// each chunk's attention compared.
+    fn prefill(&mut self, rng: &mut StdRng, seq: (SeqId, SeqId), len: usize) {
+        let (kw, qw) = (
+            self.shape.kv_heads * self.shape.key_dim,
+            self.shape.q_heads * self.shape.key_dim,
+        );
+        for start in (0..len).step_by(2000) {
+            let n = 2000.min(len - start);
+            let sa = self.resident.begin_prefill(seq.0, n, 1 << 20).unwrap();
+            let sb = self.offloaded.begin_prefill(seq.1, n, 1 << 20).unwrap();
+            for layer in 0..self.layers {
+                let (k, v, q) = (
+                    self.tensor(rng, n, kw),
+                    self.tensor(rng, n, kw),
+                    self.tensor(rng, n, qw),
+                );
+                self.resident.write_kv(&sa, layer, &k, &v).unwrap();
+                self.offloaded.write_kv(&sb, layer, &k, &v).unwrap();
+                let dense = SparseConfig::default();
+                let want = self.resident.attend(&sa, layer, &q, &self.shape, &dense).unwrap();
+                let got = self.offloaded.attend(&sb, layer, &q, &self.shape, &dense).unwrap();
+                let e = rel_err(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+                assert!(
+                    e <= 1e-6,
+                    "{:?} prefill at {start} layer {layer}: rel err {e}",
+                    self.shape
+                );
+            }
+        }
+    }
+
+    /// One decode step of `seqs` under `sparse`; outputs and selections compared.
+    fn decode(&mut self, rng: &mut StdRng, seqs: &[(SeqId, SeqId)], sparse: &SparseConfig, step: usize) {
+        let (rs, os): (Vec<SeqId>, Vec<SeqId>) = seqs.iter().copied().unzip();
+        let batch = rs.len();
+        let (kw, qw) = (
+            self.shape.kv_heads * self.shape.key_dim,
+            self.shape.q_heads * self.shape.key_dim,
+        );
+        let sa = self.resident.begin_decode(&rs, 1 << 20).unwrap();
+        let sb = self.offloaded.begin_decode(&os, 1 << 20).unwrap();
+        for layer in 0..self.layers {
+            let (k, v, q) = (
+                self.tensor(rng, batch, kw),
+                self.tensor(rng, batch, kw),
+                self.tensor(rng, batch, qw),
+            );
+            self.resident.write_kv(&sa, layer, &k, &v).unwrap();
+            self.offloaded.write_kv(&sb, layer, &k, &v).unwrap();
+            let want = self.resident.attend(&sa, layer, &q, &self.shape, sparse).unwrap();
+            let got = self.offloaded.attend(&sb, layer, &q, &self.shape, sparse).unwrap();
+            let e = rel_err(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+            assert!(
+                e <= 1e-6,
+                "{:?} {:?} step {step} layer {layer}: rel err {e}",
+                self.shape,
+                sparse.policy
+            );
+            if sparse.policy != Policy::Dense {
+                assert_eq!(
+                    self.offloaded.last_selection().unwrap(),
+                    self.resident.last_selection().unwrap(),
+                    "{:?} step {step} layer {layer}: selections differ",
+                    self.shape
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn offloaded_gpu_cache_attends_as_the_resident_one() {
     let Some(dev) = CudaDevice::for_tests() else { return };
-    let gpu = Device::Cuda(dev.clone());
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -44,51 +138,28 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
         };
         let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
         let channels = LabelChannels::new(vec![vec![head; config.kv_heads]; layers]);
-        let mut resident = CudaAttention::new(&dev, &config, channels.clone()).unwrap();
         // Fewer slots than one step attends: promotions evict every step.
         let slots = 24 * shape.kv_heads;
-        let mut offloaded = CudaAttention::offloaded(&dev, &config, channels, OffloadOptions::new(slots)).unwrap();
-        let kw = shape.kv_heads * shape.key_dim;
-        let qw = shape.q_heads * shape.key_dim;
-        let mut seqs: Vec<(SeqId, SeqId)> = vec![];
+        let mut pair = Pair {
+            resident: CudaAttention::new(&dev, &config, channels.clone()).unwrap(),
+            offloaded: CudaAttention::offloaded(&dev, &config, channels, OffloadOptions::new(slots)).unwrap(),
+            shape,
+            layers,
+            gpu: Device::Cuda(dev.clone()),
+        };
+        let mut seqs = vec![];
         for &len in &lens {
-            let (a, b) = (resident.add_sequence(), offloaded.add_sequence());
-            // Chunks of at most 2048 whose ends fall inside blocks.
-            for start in (0..len).step_by(2000) {
-                let n = 2000.min(len - start);
-                let sa = resident.begin_prefill(a, n, 1 << 20).unwrap();
-                let sb = offloaded.begin_prefill(b, n, 1 << 20).unwrap();
-                for layer in 0..layers {
-                    let k = Tensor::from_vec(random(&mut rng, n * kw), &[n, kw])
-                        .unwrap()
-                        .to_device(&gpu)
-                        .unwrap();
-                    let v = Tensor::from_vec(random(&mut rng, n * kw), &[n, kw])
-                        .unwrap()
-                        .to_device(&gpu)
-                        .unwrap();
-                    resident.write_kv(&sa, layer, &k, &v).unwrap();
-                    offloaded.write_kv(&sb, layer, &k, &v).unwrap();
-                    let q = Tensor::from_vec(random(&mut rng, n * qw), &[n, qw])
-                        .unwrap()
-                        .to_device(&gpu)
-                        .unwrap();
-                    let want = resident
-                        .attend(&sa, layer, &q, &shape, &SparseConfig::default())
-                        .unwrap();
-                    let got = offloaded
-                        .attend(&sb, layer, &q, &shape, &SparseConfig::default())
-                        .unwrap();
-                    let e = rel_err(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
-                    assert!(e <= 1e-6, "{shape:?} prefill at {start} layer {layer}: rel err {e}");
-                }
-            }
-            seqs.push((a, b));
+            let seq = pair.add();
+            pair.prefill(&mut rng, seq, len);
+            seqs.push(seq);
         }
         // A fork of the first sequence decodes beside it: its partial block
         // is copied on write (through the host tier) and its full blocks
         // are shared with the parent's rows in the same step.
-        let fork = (resident.fork(seqs[0].0).unwrap(), offloaded.fork(seqs[0].1).unwrap());
+        let fork = (
+            pair.resident.fork(seqs[0].0).unwrap(),
+            pair.offloaded.fork(seqs[0].1).unwrap(),
+        );
         seqs.push(fork);
         let tls = SparseConfig {
             policy: Policy::Tls,
@@ -106,45 +177,31 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
             policy: Policy::Dense,
             ..tls.clone()
         };
-        let (rs, os): (Vec<SeqId>, Vec<SeqId>) = seqs.iter().copied().unzip();
-        let batch = rs.len();
-        for step in 0..8 {
-            let sparse = [&tls, &tls, &dense, &tls, &quest, &tls, &tls, &tls][step];
-            let sa = resident.begin_decode(&rs, 1 << 20).unwrap();
-            let sb = offloaded.begin_decode(&os, 1 << 20).unwrap();
-            for layer in 0..layers {
-                let k = Tensor::from_vec(random(&mut rng, batch * kw), &[batch, kw])
-                    .unwrap()
-                    .to_device(&gpu)
-                    .unwrap();
-                let v = Tensor::from_vec(random(&mut rng, batch * kw), &[batch, kw])
-                    .unwrap()
-                    .to_device(&gpu)
-                    .unwrap();
-                resident.write_kv(&sa, layer, &k, &v).unwrap();
-                offloaded.write_kv(&sb, layer, &k, &v).unwrap();
-                let q = Tensor::from_vec(random(&mut rng, batch * qw), &[batch, qw])
-                    .unwrap()
-                    .to_device(&gpu)
-                    .unwrap();
-                let want = resident.attend(&sa, layer, &q, &shape, sparse).unwrap();
-                let got = offloaded.attend(&sb, layer, &q, &shape, sparse).unwrap();
-                let e = rel_err(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
-                assert!(
-                    e <= 1e-6,
-                    "{shape:?} {:?} step {step} layer {layer}: rel err {e}",
-                    sparse.policy
-                );
-                if sparse.policy != Policy::Dense {
-                    assert_eq!(
-                        offloaded.last_selection().unwrap(),
-                        resident.last_selection().unwrap(),
-                        "{shape:?} step {step} layer {layer}: selections differ"
-                    );
-                }
-            }
+        for (step, sparse) in [&tls, &tls, &dense, &tls, &quest, &tls, &tls, &tls]
+            .into_iter()
+            .enumerate()
+        {
+            pair.decode(&mut rng, &seqs, sparse, step);
+        }
+        // The fork's blocks go back to the pool with their units resident;
+        // a new prompt reuses them (its rows written through to those
+        // slots), and its fork copies a partial block into another reused
+        // block.
+        let freed = seqs.pop().unwrap();
+        pair.resident.free(freed.0).unwrap();
+        pair.offloaded.free(freed.1).unwrap();
+        let fresh = pair.add();
+        pair.prefill(&mut rng, fresh, 300);
+        let copy = (
+            pair.resident.fork(fresh.0).unwrap(),
+            pair.offloaded.fork(fresh.1).unwrap(),
+        );
+        seqs.extend([fresh, copy]);
+        for step in 8..12 {
+            pair.decode(&mut rng, &seqs, &tls, step);
         }
         // The cache's state: bounds, labels and rows equal; slots coherent.
+        let (resident, offloaded) = (&pair.resident, &mut pair.offloaded);
         let residency = offloaded.residency().unwrap();
         let stats = residency.stats().unwrap();
         for (layer, st) in stats.iter().enumerate() {
@@ -166,18 +223,40 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
             );
             let (host_keys, host_values) = residency.pools.host(layer);
             let host_values = host_values.unwrap();
-            assert!(
-                host_keys == stream.clone_dtoh(&r.keys).unwrap().as_slice(),
-                "layer {layer}: host keys"
+            // Rows of blocks in use must match; a freed block's rows past its
+            // new owner's may differ (never read), so compare the blocks the
+            // sequences hold, up to their lengths.
+            let (resident_keys, resident_values) = (
+                stream.clone_dtoh(&r.keys).unwrap(),
+                stream.clone_dtoh(r.values.as_ref().unwrap()).unwrap(),
             );
-            assert!(
-                host_values == stream.clone_dtoh(r.values.as_ref().unwrap()).unwrap().as_slice(),
-                "layer {layer}: host values"
-            );
+            let (bs, d, kvh) = (config.block_size, config.key_dim, config.kv_heads);
+            for &(rseq, oseq) in &seqs {
+                let (rt, ot) = (
+                    resident.cache().table(rseq).unwrap(),
+                    offloaded.cache().table(oseq).unwrap(),
+                );
+                assert_eq!(rt.blocks(), ot.blocks(), "both caches allocate alike");
+                for (i, b) in rt.blocks().iter().enumerate() {
+                    let rows = (rt.len() - i * bs).min(bs);
+                    for h in 0..kvh {
+                        let at = ((b.0 as usize * kvh + h) * bs) * d;
+                        let span = at..at + rows * d;
+                        assert!(
+                            host_keys[span.clone()] == resident_keys[span.clone()],
+                            "layer {layer}: host keys"
+                        );
+                        assert!(
+                            host_values[span.clone()] == resident_values[span],
+                            "layer {layer}: host values"
+                        );
+                    }
+                }
+            }
             let tables = residency.tables(layer).unwrap();
             let slot_keys = stream.clone_dtoh(&residency.pools.slot_keys[layer]).unwrap();
             let slot_values = stream.clone_dtoh(&residency.pools.slot_values[layer]).unwrap();
-            let unit = config.block_size * config.key_dim;
+            let unit = bs * d;
             let mut resident_units = 0;
             for (slot, &u) in tables.slot_unit.iter().enumerate() {
                 // A slot whose unit now lives in another slot is stale and never read.

@@ -19,7 +19,7 @@ use cudarc::driver::CudaSlice;
 use crate::{BlockId, CacheConfig, CacheError, KvDType, KvStorage, LabelChannels, Result, ValueLayout};
 
 /// GPU memory kept free beside the cache (activations, cuBLAS workspace, scratch).
-const HEADROOM_BYTES: usize = 2 << 30;
+pub const GPU_HEADROOM_BYTES: usize = 2 << 30;
 
 /// Every layer's K/V, bounds and labels on one GPU.
 #[derive(Debug)]
@@ -27,8 +27,9 @@ pub struct GpuKvStorage {
     config: CacheConfig,
     ops: Arc<CudaOps>,
     layers: Vec<GpuKvPool>,
-    /// The K/V rows are in host tiers (see [`GpuKvStorage::new_offloaded`]).
-    offloaded: bool,
+    /// Layers from this one on keep their K/V rows in host tiers (see
+    /// [`GpuKvStorage::new_offloaded`]); `num_layers` when none does.
+    offloaded_from: usize,
 }
 
 impl GpuKvStorage {
@@ -50,27 +51,42 @@ impl GpuKvStorage {
         Self::geometry(config).bytes().saturating_mul(config.num_layers)
     }
 
-    /// Bytes an offloaded storage of `config` takes on the GPU (bounds and labels).
-    pub fn offloaded_bytes_for(config: &CacheConfig) -> usize {
-        Self::geometry(config)
-            .metadata_bytes()
+    /// Bytes an offloaded storage of `config` takes on the GPU: the first
+    /// `resident_layers` whole, the bounds and labels of the others.
+    pub fn offloaded_bytes_for(config: &CacheConfig, resident_layers: usize) -> usize {
+        let g = Self::geometry(config);
+        let resident = resident_layers.min(config.num_layers);
+        g.metadata_bytes()
             .saturating_mul(config.num_layers)
+            .saturating_add(g.kv_bytes().saturating_mul(resident))
     }
 
     /// A zeroed cache on `device`. Refused before any allocation when the
     /// GPU has less free memory than the cache and a headroom need.
     pub fn new(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
-        Self::allocate(device, config, channels, false)
+        Self::allocate(device, config, channels, config.num_layers)
     }
 
-    /// The bounds and labels of a cache on `device`, its K/V rows to live
-    /// in the host tiers that [`Self::set_tier`] gives each layer before
-    /// the first write. Refused like [`Self::new`], for the GPU's part.
-    pub fn new_offloaded(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
-        Self::allocate(device, config, channels, true)
+    /// A cache on `device` whose layers from `resident_layers` on keep only
+    /// their bounds and labels there, their K/V rows to live in the host
+    /// tiers that [`Self::set_tier`] gives each of them before the first
+    /// write (the first layers stay whole on the GPU). Refused like
+    /// [`Self::new`], for the GPU's part.
+    pub fn new_offloaded(
+        device: &CudaDevice,
+        config: &CacheConfig,
+        channels: LabelChannels,
+        resident_layers: usize,
+    ) -> Result<Self> {
+        Self::allocate(device, config, channels, resident_layers.min(config.num_layers))
     }
 
-    fn allocate(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels, offloaded: bool) -> Result<Self> {
+    fn allocate(
+        device: &CudaDevice,
+        config: &CacheConfig,
+        channels: LabelChannels,
+        offloaded_from: usize,
+    ) -> Result<Self> {
         config.validate()?;
         channels.validate(config)?;
         if config.kv_dtype != KvDType::BF16 {
@@ -79,13 +95,9 @@ impl GpuKvStorage {
                 config.kv_dtype
             )));
         }
-        let need = if offloaded {
-            Self::offloaded_bytes_for(config)
-        } else {
-            Self::bytes_for(config)
-        };
+        let need = Self::offloaded_bytes_for(config, offloaded_from);
         let (free, _total) = device.memory_info()?;
-        if need.saturating_add(HEADROOM_BYTES) > free {
+        if need.saturating_add(GPU_HEADROOM_BYTES) > free {
             return Err(CacheError::GpuMemory {
                 blocks: config.num_blocks,
                 layers: config.num_layers,
@@ -97,7 +109,7 @@ impl GpuKvStorage {
         let layers = (0..config.num_layers)
             .map(|l| {
                 let flat: Vec<u16> = (0..config.kv_heads).flat_map(|h| channels.get(l, h).to_vec()).collect();
-                if offloaded {
+                if l >= offloaded_from {
                     GpuKvPool::metadata_only(&ops, Self::geometry(config), &flat)
                 } else {
                     GpuKvPool::new(&ops, Self::geometry(config), &flat)
@@ -108,7 +120,7 @@ impl GpuKvStorage {
             config: config.clone(),
             ops,
             layers,
-            offloaded,
+            offloaded_from,
         })
     }
 
@@ -116,9 +128,14 @@ impl GpuKvStorage {
         &self.layers[layer]
     }
 
-    /// Whether the K/V rows live in host tiers.
-    pub fn is_offloaded(&self) -> bool {
-        self.offloaded
+    /// Whether `layer`'s K/V rows live in a host tier.
+    pub fn is_offloaded(&self, layer: usize) -> bool {
+        layer >= self.offloaded_from
+    }
+
+    /// The layers that keep their K/V rows on the GPU (the first ones).
+    pub fn resident_layers(&self) -> usize {
+        self.offloaded_from
     }
 
     /// Gives an offloaded storage's `layer` its host tier.
@@ -169,7 +186,8 @@ impl GpuKvStorage {
             .layers
             .get_mut(layer)
             .ok_or(CacheError::LayerOutOfRange { layer, num_layers })?;
-        if self.offloaded && pool.tier().is_none() {
+        let offloaded = layer >= self.offloaded_from;
+        if offloaded && pool.tier().is_none() {
             return Err(CacheError::InvalidConfig(format!(
                 "layer {layer} of an offloaded cache has no host tier"
             )));
@@ -177,7 +195,7 @@ impl GpuKvStorage {
         // SAFETY: the caller's contract (above).
         unsafe {
             self.ops.append(pool, keys, values, slots)?;
-            if self.offloaded {
+            if offloaded {
                 self.ops.merge_bounds(pool, keys, blocks, fills, starts)?;
             } else {
                 self.ops.refresh_bounds(pool, blocks, fills)?;
@@ -228,7 +246,7 @@ impl KvStorage for GpuKvStorage {
         let stream = self.ops.device().stream().clone();
         let unit = c.kv_heads * c.block_size;
         for pool in &mut self.layers {
-            if self.offloaded {
+            if pool.tier().is_some() {
                 // SAFETY: both blocks come from the cache's allocator (below
                 // num_blocks) and differ; the tier is the layer's (set_tier).
                 unsafe { self.ops.copy_tier_block(pool, s, d) }?;
@@ -247,11 +265,7 @@ impl KvStorage for GpuKvStorage {
 
     /// GPU bytes (an offloaded storage's host tier is its engine's).
     fn allocated_bytes(&self) -> usize {
-        if self.offloaded {
-            Self::offloaded_bytes_for(&self.config)
-        } else {
-            Self::bytes_for(&self.config)
-        }
+        Self::offloaded_bytes_for(&self.config, self.offloaded_from)
     }
 }
 

@@ -36,5 +36,5 @@ pub use allocator::{BlockAllocator, BlockId};
 pub use cache::{BlockTable, MemoryReport, PagedKvCache, SeqId};
 pub use config::{CacheConfig, KvDType, LabelChannels, ValueLayout};
 pub use error::{CacheError, Result};
-pub use gpu::GpuKvStorage;
+pub use gpu::{GpuKvStorage, GPU_HEADROOM_BYTES};
 pub use storage::{bf16_at_least, bf16_at_most, HostKvStorage, HostReadable, KvSlice, KvStorage, Rows};

@@ -707,13 +707,13 @@ impl GlmModel {
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
-        resident_slots: Option<usize>,
+        offload: Option<asynctls_attn::OffloadOptions>,
     ) -> Result<Box<dyn AttentionBackend>> {
         crate::model::backend_on(
             &self.device,
             num_blocks,
             kv_dtype,
-            resident_slots,
+            offload,
             &|n, d| self.cache_config(n, d),
             &|c| self.label_channels(c),
         )

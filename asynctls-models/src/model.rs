@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use asynctls_attn::{AttentionBackend, AttentionPlan};
+use asynctls_attn::{AttentionBackend, AttentionPlan, OffloadOptions};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, KvDType, LabelChannels, SeqId};
 
@@ -42,13 +42,15 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         None
     }
     /// A cache of `num_blocks` and the attention over it on the model's
-    /// device; `resident_slots` puts the offload engine in front of the host
-    /// storage with that many resident units per layer (CPU).
+    /// device; `offload` keeps the K/V in a host tier behind the offload
+    /// engine with that many resident units per layer (on a GPU, pinned
+    /// host memory with the residency decided on the device, the first
+    /// `resident_layers` layers kept on the GPU).
     fn new_backend(
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
-        resident_slots: Option<usize>,
+        offload: Option<OffloadOptions>,
     ) -> Result<Box<dyn AttentionBackend>>;
     /// Runs a sequence's next tokens, densely, in chunks of `chunk` tokens;
     /// logits (f32, on the model's device) of the last token or of all.
@@ -89,7 +91,7 @@ pub(crate) fn backend_on(
     device: &Device,
     num_blocks: usize,
     kv_dtype: KvDType,
-    resident_slots: Option<usize>,
+    offload: Option<OffloadOptions>,
     cache: &dyn Fn(usize, KvDType) -> CacheConfig,
     channels: &dyn Fn(&CacheConfig) -> LabelChannels,
 ) -> Result<Box<dyn AttentionBackend>> {
@@ -98,20 +100,18 @@ pub(crate) fn backend_on(
             let config = cache(num_blocks, kv_dtype);
             let host = asynctls_kvcache::HostKvStorage::new(&config, channels(&config))?;
             Ok(Box::new(asynctls_attn::CpuAttention::new(
-                asynctls_kvcache::PagedKvCache::new(asynctls_offload::KvStore::new(host, resident_slots))?,
+                asynctls_kvcache::PagedKvCache::new(asynctls_offload::KvStore::new(
+                    host,
+                    offload.map(|o| o.slots_per_layer),
+                ))?,
             )))
         }
         Device::Cuda(dev) => {
             let config = cache(num_blocks, KvDType::BF16);
             let channels = channels(&config);
-            Ok(Box::new(match resident_slots {
-                // The K/V in pinned host memory, `slots` units per layer resident.
-                Some(slots) => asynctls_attn::CudaAttention::offloaded(
-                    dev,
-                    &config,
-                    channels,
-                    asynctls_attn::OffloadOptions::new(slots),
-                )?,
+            Ok(Box::new(match offload {
+                // The K/V in pinned host memory, some units per layer resident.
+                Some(options) => asynctls_attn::CudaAttention::offloaded(dev, &config, channels, options)?,
                 None => asynctls_attn::CudaAttention::new(dev, &config, channels)?,
             }))
         }
@@ -195,9 +195,9 @@ impl CausalLm for GqaModel {
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
-        resident_slots: Option<usize>,
+        offload: Option<OffloadOptions>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        GqaModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
+        GqaModel::new_backend(self, num_blocks, kv_dtype, offload)
     }
     forward_through_the_decoder!();
 }
@@ -234,9 +234,9 @@ impl CausalLm for GlmModel {
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
-        resident_slots: Option<usize>,
+        offload: Option<OffloadOptions>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        GlmModel::new_backend(self, num_blocks, kv_dtype, resident_slots)
+        GlmModel::new_backend(self, num_blocks, kv_dtype, offload)
     }
     forward_through_the_decoder!();
 }

@@ -350,9 +350,9 @@ impl crate::CausalLm for TensorParallelGqa {
         &self,
         num_blocks: usize,
         kv_dtype: KvDType,
-        resident_slots: Option<usize>,
+        offload: Option<asynctls_attn::OffloadOptions>,
     ) -> Result<Box<dyn AttentionBackend>> {
-        if resident_slots.is_some() {
+        if offload.is_some() {
             return Err(ModelError::Unsupported("--offload-slots with --tensor-parallel".into()));
         }
         Ok(Box::new(RankBackends {

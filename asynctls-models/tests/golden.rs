@@ -81,7 +81,9 @@ fn generate_chunked(
     slots: Option<usize>,
     chunk: usize,
 ) -> Vec<Vec<u32>> {
-    let mut backend = model.new_backend(64, KvDType::F32, slots).unwrap();
+    let mut backend = model
+        .new_backend(64, KvDType::F32, slots.map(asynctls_attn::OffloadOptions::new))
+        .unwrap();
     let vocab = model.vocab_size();
     let mut seqs = Vec::new();
     let mut next = Vec::new();

@@ -381,7 +381,12 @@ fn offloaded_cache_gives_the_resident_tokens() {
             // 2 KV heads x 2 sequences attend 4 + 3 blocks a row: 12 slots a
             // layer hold less than one step's selection.
             for slots in [None, Some(12)] {
-                let mut backend = model.new_backend(64, KvDType::BF16, slots).unwrap();
+                // The plan's dense leading layer stays on the GPU.
+                let offload = slots.map(|s| asynctls_attn::OffloadOptions {
+                    resident_layers: plan.dense_layers,
+                    ..asynctls_attn::OffloadOptions::new(s)
+                });
+                let mut backend = model.new_backend(64, KvDType::BF16, offload).unwrap();
                 let mut seqs = vec![];
                 let mut next = vec![];
                 let mut logits = vec![];
@@ -429,6 +434,11 @@ fn offloaded_cache_gives_the_resident_tokens() {
             assert_eq!(offloaded.0, resident.0, "{label} graphs {graphed}: tokens differ");
             assert!(e <= 1e-5, "{label} graphs {graphed}: logits rel err {e}");
             assert!(resident.2.is_none() && offloaded.2.is_some());
+            if label == "tls" {
+                // Real selections below the context: some units resident, some read in place.
+                let (hits, misses) = offloaded.2.unwrap();
+                assert!(hits > 0 && misses > 0, "{hits} hits, {misses} misses");
+            }
         }
     }
 }

@@ -224,8 +224,10 @@ impl GpuResidency {
         if entries <= first.miss_units.len() && table <= first.row_slots.len() {
             return Ok(false);
         }
-        let entries = entries.max(first.miss_units.len());
-        let table = table.max(first.row_slots.len());
+        // Geometric growth: a batch whose longest sequence gains a block
+        // every 64 steps reallocates (and recaptures its graphs) rarely.
+        let entries = entries.max(2 * first.miss_units.len());
+        let table = table.max(2 * first.row_slots.len());
         let promote_all = self.policy.max_promote >= self.entries;
         let max_promote = if promote_all {
             entries
@@ -474,6 +476,18 @@ impl GpuResidency {
         if let Some(timed) = &self.timed {
             timed.copies[layer].1.record(&self.copy)?;
         }
+        Ok(())
+    }
+
+    /// Closes a step that failed part-way (eagerly, never inside a capture):
+    /// waits for every copy and resolve it issued, so nothing written to the
+    /// cache next races them, and forgets its resolves.
+    pub fn abort_step(&mut self) -> Result<()> {
+        self.resolver.synchronize()?;
+        self.copy.synchronize()?;
+        self.resolved.iter_mut().for_each(|r| *r = None);
+        self.copied_now.iter_mut().for_each(|c| *c = false);
+        self.timed = None;
         Ok(())
     }
 

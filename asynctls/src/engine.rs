@@ -145,8 +145,12 @@ impl Engine {
         // More resident slots than the pool has units are never used; the
         // offload engine allocates every slot up front.
         let units = blocks.saturating_mul(self.model.cache_config(1, self.kv_dtype).kv_heads);
-        let slots = self.resident_slots.map(|s| s.min(units));
-        let mut backend = self.model.new_backend(blocks, self.kv_dtype, slots)?;
+        let offload = self.resident_slots.map(|s| asynctls_attn::OffloadOptions {
+            // The dense leading layers read every block each step: they stay on the GPU.
+            resident_layers: self.plan.dense_layers,
+            ..asynctls_attn::OffloadOptions::new(s.min(units))
+        });
+        let mut backend = self.model.new_backend(blocks, self.kv_dtype, offload)?;
         // Recall is measured against a dense pass on the host reference; a
         // GPU backend has none, and reports no recall rather than failing.
         let measuring = self.measure_attention && backend.measure(true).is_ok();

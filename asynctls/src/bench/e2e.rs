@@ -206,9 +206,11 @@ fn largest_batch(model: &dyn CausalLm, config: &E2eBenchConfig, ctx: usize) -> O
             Some(slack) => {
                 let c = model.cache_config(1, config.kv_dtype);
                 let unit = c.block_size * c.kv_bytes_per_head();
-                let slots = offload_slots(model, config, batch, slack) * unit * c.num_layers;
-                GpuKvStorage::offloaded_bytes_for(&cache) + slots <= budget
-                    && GpuKvStorage::bytes_for(&cache) - GpuKvStorage::offloaded_bytes_for(&cache) <= host_budget
+                let slots = offload_slots(model, config, batch, slack)
+                    * unit
+                    * c.num_layers.saturating_sub(config.dense_layers);
+                let gpu = GpuKvStorage::offloaded_bytes_for(&cache, config.dense_layers);
+                gpu + slots <= budget && GpuKvStorage::bytes_for(&cache).saturating_sub(gpu) <= host_budget
             }
         }
     };
@@ -300,7 +302,12 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             let slots = config
                 .offload_slack
                 .map(|slack| offload_slots(model, config, batch, slack));
-            let mut backend = match model.new_backend(blocks, config.kv_dtype, slots) {
+            let offload = slots.map(|s| asynctls_attn::OffloadOptions {
+                // The dense leading layers read every block each step: they stay on the GPU.
+                resident_layers: config.dense_layers,
+                ..asynctls_attn::OffloadOptions::new(s)
+            });
+            let mut backend = match model.new_backend(blocks, config.kv_dtype, offload) {
                 Ok(b) => b,
                 Err(e) => {
                     report.skipped.push(format!("ctx {ctx} batch {batch}: {e}"));
@@ -331,6 +338,10 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     continue;
                 }
                 progress(&format!("ctx {ctx} batch {batch}: decode {policy}"));
+                // Every offloaded row starts with no unit resident, so rows compare.
+                if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
+                    gpu.reset_residency()?;
+                }
                 let plan = plan_for(policy, budget, config);
                 let forks = seqs
                     .iter()

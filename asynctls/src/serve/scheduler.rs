@@ -295,7 +295,12 @@ struct Loop {
     blocks_reserved: usize,
     graphs: DecodeGraphs,
     measuring: bool,
+    /// Decode steps since the offload counters were last collected.
+    steps_since_offload_read: usize,
 }
+
+/// Decode steps between two reads of the offload counters.
+const OFFLOAD_READ_EVERY: usize = 16;
 
 impl Loop {
     fn new(
@@ -315,8 +320,12 @@ impl Loop {
         let kv_blocks = config.kv_blocks.unwrap_or(per_seq.saturating_mul(config.max_batch));
         // More resident slots than the pool has units are never used.
         let units = kv_blocks.saturating_mul(model.cache_config(1, config.kv_dtype).kv_heads);
-        let slots = config.resident_slots.map(|s| s.min(units));
-        let mut backend = model.new_backend(kv_blocks, config.kv_dtype, slots)?;
+        let offload = config.resident_slots.map(|s| asynctls_attn::OffloadOptions {
+            // The dense leading layers read every block each step: they stay on the GPU.
+            resident_layers: config.plan.dense_layers,
+            ..asynctls_attn::OffloadOptions::new(s.min(units))
+        });
+        let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
         let measuring = config.measure_attention && backend.measure(true).is_ok();
         if config.measure_attention && !measuring {
             eprintln!("note: attention statistics are not measured on {}", model.device());
@@ -344,6 +353,7 @@ impl Loop {
             running: Vec::new(),
             blocks_reserved: 0,
             graphs,
+            steps_since_offload_read: OFFLOAD_READ_EVERY,
             measuring,
         })
     }
@@ -509,9 +519,15 @@ impl Loop {
         };
         self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-        if let Some((hits, misses)) = self.backend.take_offload_reads() {
-            self.metrics.add_offload_reads(hits, misses);
+        // The GPU's counters cost a synchronization and a read per layer:
+        // collected every few steps (the sums stay exact).
+        if self.steps_since_offload_read >= OFFLOAD_READ_EVERY {
+            self.steps_since_offload_read = 0;
+            if let Some((hits, misses)) = self.backend.take_offload_reads() {
+                self.metrics.add_offload_reads(hits, misses);
+            }
         }
+        self.steps_since_offload_read += 1;
         if self.measuring {
             if let Some(stats) = self.backend.stats().filter(|s| s.count > 0) {
                 self.metrics
