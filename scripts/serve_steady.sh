@@ -7,12 +7,14 @@
 #  3. prefill interference: 1 and 7 running streams (1k prompts) while one
 #     32k prompt is prefilled, at PREFILL chunks (default 2048,512,256), one
 #     JSON document per line in serve_interfere.jsonl.
-# STEADY=0 skips points 1 and 2.
+# STEADY=0 skips points 1 and 2. MIXED=1 serves with --mixed-steps (each
+# prefill chunk carried by the decode step of its iteration).
 set -u
 port=8771
 start_server() {
   ./asynctls serve --model-shape qwen3-8b --device cuda --port $port --max-batch 8 --max-context 33000 \
-      --prefill-chunk $1 --attention tls --budget 2048 > /tmp/serve-$1.log 2>&1 &
+      --prefill-chunk $1 --attention tls --budget 2048 $([ "${MIXED:-0}" = 1 ] && echo --mixed-steps) \
+      > /tmp/serve-$1.log 2>&1 &
   pid=$!
   for _ in $(seq 600); do curl -sf http://127.0.0.1:$port/health > /dev/null && return; sleep 0.2; done
 }
@@ -37,7 +39,7 @@ for chunk in $(echo ${PREFILL:-2048,512,256} | tr ',' ' '); do
         --output-tokens 1500 --duration-s 1 --max-requests $c --interfere-prompt-tokens 32000 --json \
         > /tmp/interfere.json && show /tmp/interfere.json \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['prefill_chunk']=int(sys.argv[2]); print(json.dumps(d))" \
-            /tmp/interfere.json $chunk >> $OUT/serve_interfere.jsonl
+            /tmp/interfere.json $chunk >> $OUT/serve_interfere${MIXED:+_mixed}.jsonl
   done
   curl -s http://127.0.0.1:$port/metrics | grep -E "^asynctls_(kv_blocks_used|running_sequences) " | head -4
   kill -INT $pid; wait $pid

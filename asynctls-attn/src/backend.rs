@@ -97,6 +97,18 @@ pub enum StepKind {
     Prefill { seq: SeqId, start: usize },
     /// One new token of each sequence of `Step::seqs`.
     Decode,
+    /// A prefill chunk and a decode batch in one forward (`Step::parts`):
+    /// the chunk's rows first, then one row per decoding sequence. Layers
+    /// hand it to [`AttentionBackend::write_step`] / [`AttentionBackend::attend_step`],
+    /// which run each part through the backend.
+    Mixed,
+}
+
+/// The two parts of a [`StepKind::Mixed`] step.
+#[derive(Debug, Clone)]
+pub struct MixedParts {
+    pub prefill: Step,
+    pub decode: Step,
 }
 
 /// One forward pass's metadata, built once and read by every layer.
@@ -109,6 +121,8 @@ pub struct Step {
     pub positions: Vec<usize>,
     /// The same positions as i32 on the backend's device (for RoPE).
     pub positions_tensor: Tensor,
+    /// The parts of a [`StepKind::Mixed`] step (`None` otherwise).
+    pub parts: Option<Box<MixedParts>>,
 }
 
 impl Step {
@@ -159,6 +173,57 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
         shape: &AttnShape,
         sparse: &SparseConfig,
     ) -> Result<Tensor>;
+    /// Reserves `n` prompt positions of `seq` and one position of each of
+    /// `seqs` as one step (a prefill chunk carried by a decode step, so
+    /// the weights are read once for both): rows are the chunk's, then the
+    /// batch's. A failure after the chunk's positions were reserved leaves
+    /// them reserved; the caller frees the sequences, as after a failed step.
+    fn begin_mixed(&mut self, seq: SeqId, n: usize, seqs: &[SeqId], limit: usize) -> Result<Step> {
+        if seqs.contains(&seq) {
+            return Err(AttnError::Config(format!(
+                "{seq:?} cannot be prefilled and decoded in one step"
+            )));
+        }
+        let prefill = self.begin_prefill(seq, n, limit)?;
+        let decode = self.begin_decode(seqs, limit)?;
+        let positions: Vec<usize> = prefill.positions.iter().chain(&decode.positions).copied().collect();
+        let mut all_seqs = vec![seq];
+        all_seqs.extend_from_slice(seqs);
+        Ok(Step {
+            kind: StepKind::Mixed,
+            seqs: all_seqs,
+            positions_tensor: positions_tensor(&positions, self.device())?,
+            positions,
+            parts: Some(Box::new(MixedParts { prefill, decode })),
+        })
+    }
+    /// [`Self::write_kv`] of any step, a mixed one part by part.
+    fn write_step(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let Some(parts) = &step.parts else {
+            return self.write_kv(step, layer, keys, values);
+        };
+        let (n, d) = (parts.prefill.tokens(), parts.decode.tokens());
+        self.write_kv(&parts.prefill, layer, &rows_of(keys, 0, n)?, &rows_of(values, 0, n)?)?;
+        self.write_kv(&parts.decode, layer, &rows_of(keys, n, d)?, &rows_of(values, n, d)?)
+    }
+    /// [`Self::attend`] of any step, a mixed one part by part (the chunk's
+    /// attention dense and causal, the batch's following `sparse`).
+    fn attend_step(
+        &mut self,
+        step: &Step,
+        layer: usize,
+        q: &Tensor,
+        shape: &AttnShape,
+        sparse: &SparseConfig,
+    ) -> Result<Tensor> {
+        let Some(parts) = &step.parts else {
+            return self.attend(step, layer, q, shape, sparse);
+        };
+        let (n, d) = (parts.prefill.tokens(), parts.decode.tokens());
+        let chunk = self.attend(&parts.prefill, layer, &rows_of(q, 0, n)?, shape, sparse)?;
+        let batch = self.attend(&parts.decode, layer, &rows_of(q, n, d)?, shape, sparse)?;
+        Ok(asynctls_kernels::ops::concat_rows(&chunk, &batch)?)
+    }
     /// Starts (or stops) measuring recall and attended fraction of decode
     /// steps against a dense pass (for evaluation; the CPU path only).
     fn measure(&mut self, _on: bool) -> Result<()> {
@@ -269,7 +334,19 @@ pub(crate) fn make_step(kind: StepKind, seqs: Vec<SeqId>, positions: Vec<usize>,
         seqs,
         positions,
         positions_tensor,
+        parts: None,
     })
+}
+
+/// Rows `start..start + n` of `t` as a tensor of its own (a view is not
+/// enough for the GPU backend, which takes whole buffers).
+fn rows_of(t: &Tensor, start: usize, n: usize) -> Result<Tensor> {
+    Ok(asynctls_kernels::ops::copy(&t.narrow_rows(start, n)?)?)
+}
+
+/// The error of a backend handed a mixed step directly.
+pub(crate) fn mixed_step_err() -> AttnError {
+    AttnError::Config("a mixed step goes through write_step / attend_step, part by part".into())
 }
 
 /// The host reference: today's CPU prefill and decode over any storage the
@@ -353,6 +430,7 @@ impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttent
     fn write_kv(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
         let (k, v) = (cpu_f32(keys)?, cpu_f32(values)?);
         match step.kind {
+            StepKind::Mixed => return Err(mixed_step_err()),
             StepKind::Prefill { seq, start } => self.cache.write(seq, layer, start, k, v)?,
             StepKind::Decode => {
                 let n = step.tokens().max(1);
@@ -379,6 +457,7 @@ impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttent
         let n = step.tokens();
         let mut out = vec![0.0; n * shape.q_heads * shape.value_dim];
         match step.kind {
+            StepKind::Mixed => return Err(mixed_step_err()),
             StepKind::Prefill { seq, start } => {
                 crate::prefill(
                     self.cache.storage(),

@@ -89,9 +89,12 @@ pub struct CudaAttention {
     sms: usize,
     decode_scratch: DecodeScratch,
     select_scratch: SelectScratch,
-    meta: Option<StepMeta>,
-    /// The batch size whose persistent metadata the current step uses
-    /// (instead of `meta`).
+    /// The current prefill chunk's metadata and the current decode step's
+    /// (both live at once in a mixed step).
+    prefill_meta: Option<StepMeta>,
+    decode_meta: Option<StepMeta>,
+    /// The batch size whose persistent metadata the current decode step
+    /// uses (instead of `decode_meta`).
     active_persistent: Option<usize>,
     /// Set for CUDA graph replay: decode metadata then lives in persistent
     /// buffers per batch size (fixed addresses), with block tables
@@ -295,7 +298,8 @@ impl CudaAttention {
             select_scratch: SelectScratch::new(&ops)?,
             ops,
             sms,
-            meta: None,
+            prefill_meta: None,
+            decode_meta: None,
             active_persistent: None,
             graph_capacity: None,
             persistent: std::collections::HashMap::new(),
@@ -363,8 +367,7 @@ impl CudaAttention {
         for at in (start..start + len).step_by(CHUNK) {
             let n = CHUNK.min(start + len - at);
             let positions: Vec<usize> = (at..at + n).collect();
-            self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
-            self.active_persistent = None;
+            self.prefill_meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
             for layer in 0..c.num_layers {
                 let salt = seed ^ ((layer as u64) << 40) ^ at as u64;
                 let keys = asynctls_kernels::ops::fill_uniform(&[n, kw], DType::F32, &self.device, salt, 1.0, 0.0)?;
@@ -379,7 +382,7 @@ impl CudaAttention {
                 self.write_kv(&step, layer, &keys, &values)?;
             }
         }
-        self.meta = None;
+        self.prefill_meta = None;
         Ok(())
     }
 
@@ -544,18 +547,23 @@ impl CudaAttention {
     }
 }
 
-/// The current step's metadata: the batch size's persistent buffers in graph
-/// mode, else the step's own (a free function over the fields, so callers
-/// can hold it while they write the cache).
+/// The metadata of the current step of `kind`: a prefill chunk's own; a
+/// decode step's in the batch size's persistent buffers in graph mode, else
+/// its own (a free function over the fields, so callers can hold it while
+/// they write the cache).
 fn current_meta<'a>(
-    meta: &'a Option<StepMeta>,
+    kind: StepKind,
+    prefill: &'a Option<StepMeta>,
+    decode: &'a Option<StepMeta>,
     persistent: &'a std::collections::HashMap<usize, (StepMeta, Tensor)>,
     active: Option<usize>,
     op: &str,
 ) -> Result<&'a StepMeta> {
-    match active {
-        Some(b) => persistent.get(&b).map(|m| &m.0),
-        None => meta.as_ref(),
+    match (kind, active) {
+        (StepKind::Mixed, _) => return Err(crate::backend::mixed_step_err()),
+        (StepKind::Prefill { .. }, _) => prefill.as_ref(),
+        (StepKind::Decode, Some(b)) => persistent.get(&b).map(|m| &m.0),
+        (StepKind::Decode, None) => decode.as_ref(),
     }
     .ok_or_else(|| AttnError::Config(format!("{op} outside a step (call begin_prefill or begin_decode)")))
 }
@@ -597,8 +605,7 @@ impl AttentionBackend for CudaAttention {
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
         self.close_failed_step()?;
         let (start, positions) = self.cache.reserve_prefill(seq, n, limit)?;
-        self.meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
-        self.active_persistent = None;
+        self.prefill_meta = Some(self.build_meta(&[seq], &vec![seq; n], &positions)?);
         make_step(StepKind::Prefill { seq, start }, vec![seq], positions, &self.device)
     }
 
@@ -616,7 +623,7 @@ impl AttentionBackend for CudaAttention {
         }
         match self.graph_capacity {
             None => {
-                self.meta = Some(self.build_meta(seqs, seqs, &positions)?);
+                self.decode_meta = Some(self.build_meta(seqs, seqs, &positions)?);
                 self.active_persistent = None;
                 make_step(StepKind::Decode, seqs.to_vec(), positions, &self.device)
             }
@@ -628,6 +635,7 @@ impl AttentionBackend for CudaAttention {
                     seqs: seqs.to_vec(),
                     positions,
                     positions_tensor,
+                    parts: None,
                 })
             }
         }
@@ -651,7 +659,14 @@ impl AttentionBackend for CudaAttention {
         } else {
             None
         };
-        let meta = current_meta(&self.meta, &self.persistent, self.active_persistent, "write_kv")?;
+        let meta = current_meta(
+            step.kind,
+            &self.prefill_meta,
+            &self.decode_meta,
+            &self.persistent,
+            self.active_persistent,
+            "write_kv",
+        )?;
         if let StepKind::Prefill { seq, start } = step.kind {
             self.cache.mark_written(seq, layer, start, step.tokens())?;
         }
@@ -675,10 +690,18 @@ impl AttentionBackend for CudaAttention {
         let n = step.tokens();
         let qs = q.cuda_slice::<f32>().map_err(|_| gpu_err("queries"))?;
         let mut out = Tensor::zeros_on(&[n, shape.q_heads * shape.value_dim], DType::F32, &self.device)?;
-        let meta = current_meta(&self.meta, &self.persistent, self.active_persistent, "attend")?;
+        let meta = current_meta(
+            step.kind,
+            &self.prefill_meta,
+            &self.decode_meta,
+            &self.persistent,
+            self.active_persistent,
+            "attend",
+        )?;
         let pool = self.cache.storage().layer(layer);
         let view = pool.view(&meta.table, meta.max_blocks, &meta.lens);
         match step.kind {
+            StepKind::Mixed => return Err(crate::backend::mixed_step_err()),
             StepKind::Prefill { start, .. } => {
                 let view = full_view(self.offload.as_ref(), layer, view);
                 let o = out.cuda_slice_mut::<f32>()?;

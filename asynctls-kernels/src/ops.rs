@@ -848,6 +848,47 @@ pub fn concat_cols(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The rows of `a` (`[ra, w]`) followed by those of `b` (`[rb, w]`), f32:
+/// two copies into one buffer on the device (a mixed step's attention
+/// outputs, the chunk's then the batch's).
+pub fn concat_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "concat_rows";
+    let (ra, w) = a.dims2(OP)?;
+    let (rb, wb) = b.dims2(OP)?;
+    check_shape(OP, "a (width)", &[w], "b (width)", &[wb])?;
+    require_dtype(OP, "a", a, DType::F32)?;
+    require_dtype(OP, "b", b, DType::F32)?;
+    same_device(OP, a, &[b])?;
+    match cuda_ops(a)? {
+        None => {
+            let mut out = Vec::with_capacity((ra + rb) * w);
+            out.extend_from_slice(a.as_slice::<f32>()?);
+            out.extend_from_slice(b.as_slice::<f32>()?);
+            Tensor::from_vec(out, &[ra + rb, w])
+        }
+        Some(ops) => {
+            let out = Tensor::uninit_on(&[ra + rb, w], DType::F32, &a.device())?;
+            let stream = ops.device().stream();
+            for (src, at) in [(a, 0), (b, ra * w * 4)] {
+                let bytes = src.size_in_bytes();
+                if bytes > 0 {
+                    // SAFETY: `out` holds both sources' bytes, `src` at offset `at`;
+                    // the copy is ordered on the device's compute stream.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            out.device_ptr()? + at as u64,
+                            src.device_ptr()?,
+                            bytes,
+                            stream.cu_stream(),
+                        )
+                    }?;
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
 /// A matrix product per head: `x` `[n, heads, k]` (f32; on the GPU also
 /// bf16), `w` `[heads, k, m]`, or `[heads, m, k]` when `w_transposed` (f32
 /// on the CPU, bf16 on the GPU); the result f32 `[n, heads, m]`. MLA's

@@ -317,6 +317,43 @@ impl<L: Layer> Decoder<'_, L> {
         }
     }
 
+    /// One forward carrying `chunk`, the next prompt tokens of `seq`, and one
+    /// token of each of `seqs` (their last tokens `ids`): the weights are
+    /// read once for both, so a long prompt's prefill slows running streams
+    /// less. Logits `[1 + seqs, vocab]`: the chunk's last token, then each
+    /// sequence's. A step that fails after reserving frees `seq` (as a
+    /// failed prefill); `seqs` are the caller's to free, as after a failed
+    /// decode step.
+    pub fn mixed_step(
+        &self,
+        backend: &mut dyn AttentionBackend,
+        seq: SeqId,
+        chunk: &[u32],
+        seqs: &[SeqId],
+        ids: &[u32],
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        if ids.len() != seqs.len() {
+            return Err(ModelError::Attention(AttnError::Shape {
+                what: "decode batch",
+                expected: format!("{} token ids", seqs.len()),
+                got: ids.len().to_string(),
+            }));
+        }
+        self.io.check_ids(ids)?;
+        guarded_prefill(self.io, self.max_positions, backend, seq, chunk, |backend| {
+            let step = backend
+                .begin_mixed(seq, chunk.len(), seqs, self.max_positions)
+                .map_err(attn_err)?;
+            let all: Vec<u32> = chunk.iter().chain(ids).copied().collect();
+            let tokens = Tensor::from_vec(all, &[chunk.len() + ids.len()])?.to_device(&self.io.device())?;
+            let x = self.run(backend, &step, &tokens, plan)?;
+            // The chunk's last row and the batch's rows are contiguous.
+            let rows = ops::copy(&x.narrow_rows(chunk.len() - 1, 1 + ids.len())?)?;
+            self.io.logits(&rows)
+        })
+    }
+
     /// The layers, head and argmax of a begun decode step: the ids on the device.
     fn greedy_ids(
         &self,

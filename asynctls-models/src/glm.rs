@@ -546,9 +546,9 @@ impl Layer for GlmLayer {
         let (q, keys) = self.self_attn.project(&normed, step, c)?;
         // The latent cache has no separate values (they are the latent).
         let no_values = Tensor::from_vec(Vec::<f32>::new(), &[n, 0])?;
-        backend.write_kv(step, layer, &keys, &no_values).map_err(attn_err)?;
+        backend.write_step(step, layer, &keys, &no_values).map_err(attn_err)?;
         let out = backend
-            .attend(step, layer, &q, &self.shape, &plan.for_layer(layer))
+            .attend_step(step, layer, &q, &self.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
         ops::add_(&mut x, &self.self_attn.output(&out, c)?)?;
         match &self.mlp {

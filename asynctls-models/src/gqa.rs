@@ -114,9 +114,9 @@ impl DecoderLayer {
         // Both norms feed only GEMMs: bf16 straight from the norm on a GPU.
         let normed = ops::rms_norm_gemm_input(x, &self.input_layernorm, self.eps)?;
         let (q, k, v) = attn.project(&normed, step, &self.rope)?;
-        backend.write_kv(step, layer, &k, &v).map_err(attn_err)?;
+        backend.write_step(step, layer, &k, &v).map_err(attn_err)?;
         let out = backend
-            .attend(step, layer, &q, &attn.shape, &plan.for_layer(layer))
+            .attend_step(step, layer, &q, &attn.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
         attn.o_proj.forward(&out)
     }

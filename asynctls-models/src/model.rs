@@ -71,6 +71,23 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         ids: &Tensor,
         plan: &AttentionPlan,
     ) -> Result<Tensor>;
+    /// A prefill chunk of `seq` and one token of each of `seqs` (their last
+    /// tokens `ids`, on the host) in one forward: logits `[1 + seqs,
+    /// vocab]`, the chunk's last token's first (see `Decoder::mixed_step`).
+    /// Families without it refuse, and the caller runs the two apart.
+    fn mixed_step(
+        &self,
+        _backend: &mut dyn AttentionBackend,
+        _seq: SeqId,
+        _chunk: &[u32],
+        _seqs: &[SeqId],
+        _ids: &[u32],
+        _plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        Err(ModelError::Unsupported(
+            "a prefill chunk and a decode batch in one step".into(),
+        ))
+    }
     /// One greedy step (`ids` the last tokens, on the host); the next ids on
     /// the host. On a GPU, replayed from a CUDA graph where `graphs` holds one.
     fn decode_greedy(
@@ -165,6 +182,17 @@ macro_rules! forward_through_the_decoder {
             graphs: &mut DecodeGraphs,
         ) -> Result<Vec<u32>> {
             self.decoder().decode_greedy(backend, seqs, ids, plan, graphs)
+        }
+        fn mixed_step(
+            &self,
+            backend: &mut dyn AttentionBackend,
+            seq: SeqId,
+            chunk: &[u32],
+            seqs: &[SeqId],
+            ids: &[u32],
+            plan: &AttentionPlan,
+        ) -> Result<Tensor> {
+            self.decoder().mixed_step(backend, seq, chunk, seqs, ids, plan)
         }
     };
 }

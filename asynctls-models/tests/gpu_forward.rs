@@ -442,3 +442,109 @@ fn offloaded_cache_gives_the_resident_tokens() {
         }
     }
 }
+
+/// A prefill chunk carried by a decode step on the GPU gives what the two
+/// steps apart give, within bf16 GEMM rounding (the GEMMs see more rows, so
+/// cuBLAS may pick another algorithm): relative L2 <= 5e-3 for the chunk's
+/// last logits, the batch's, and the next step's on the cache each left
+/// (5e-2 for GLM, whose routing is discrete). Offloaded too (the chunk
+/// read in place from the host tier).
+#[test]
+fn a_mixed_step_on_the_gpu_gives_the_separate_steps_logits() {
+    let Some(dev) = gpu() else { return };
+    let weights = RandomWeights { seed: 13, std: 0.02 };
+    let config = GqaConfig {
+        num_hidden_layers: 3,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    let gqa = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let glm = GlmModel::load_on(small_glm(), &weights, &dev).unwrap();
+    let tls = AttentionPlan {
+        sparse: SparseConfig {
+            policy: Policy::Tls,
+            block_topk: 4,
+            token_topk: 128,
+            dense_below: 0,
+            ..SparseConfig::default()
+        },
+        dense_layers: 1,
+    };
+    // GLM's routing is discrete: a near tie in the router may send a token
+    // to another expert when its GEMM sees more rows (the bound of the GLM
+    // comparisons above).
+    let cases: [(&str, &dyn CausalLm, Option<usize>, f32); 3] = [
+        ("qwen2.5-0.5b", &gqa, None, 5e-3),
+        ("qwen2.5-0.5b offloaded", &gqa, Some(12), 5e-3),
+        ("glm", &glm, None, 5e-2),
+    ];
+    for (name, model, slots, bound) in cases {
+        for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls.clone())] {
+            let vocab = model.vocab_size();
+            let prompt = |len: usize, salt: usize| -> Vec<u32> {
+                (0..len).map(|i| ((i * 31 + salt * 7 + 3) % vocab) as u32).collect()
+            };
+            let decoding = [prompt(700, 1), prompt(450, 2)];
+            let prefilling = prompt(900, 3);
+            let (first, second) = prefilling.split_at(333);
+            let mut runs = vec![];
+            for mixed in [false, true] {
+                let offload = slots.map(|s| asynctls_attn::OffloadOptions {
+                    resident_layers: plan.dense_layers,
+                    ..asynctls_attn::OffloadOptions::new(s)
+                });
+                let mut backend = model.new_backend(64, KvDType::BF16, offload).unwrap();
+                let mut seqs = vec![];
+                let mut next = vec![];
+                for p in &decoding {
+                    let seq = backend.add_sequence();
+                    let logits = model.prefill(backend.as_mut(), seq, p, false, 256).unwrap();
+                    next.push(cpu::argmax(&logits.to_f32_vec().unwrap()).unwrap());
+                    seqs.push(seq);
+                }
+                let late = backend.add_sequence();
+                model.prefill(backend.as_mut(), late, first, false, 256).unwrap();
+                let (chunk, batch) = if mixed {
+                    let l = model
+                        .mixed_step(backend.as_mut(), late, second, &seqs, &next, &plan)
+                        .unwrap()
+                        .to_f32_vec()
+                        .unwrap();
+                    (l[..vocab].to_vec(), l[vocab..].to_vec())
+                } else {
+                    let ids = Tensor::from_vec(next.clone(), &[2]).unwrap().to_device(&dev).unwrap();
+                    let batch = model.decode_step(backend.as_mut(), &seqs, &ids, &plan).unwrap();
+                    let chunk = model.prefill(backend.as_mut(), late, second, false, 1024).unwrap();
+                    (chunk.to_f32_vec().unwrap(), batch.to_f32_vec().unwrap())
+                };
+                let mut all = seqs.clone();
+                all.push(late);
+                // The same next ids for both runs (the separate run's argmax).
+                let ids: Vec<u32> = match runs.first() {
+                    Some((_, _, _, ids)) => Vec::clone(ids),
+                    None => {
+                        let mut ids: Vec<u32> = batch.chunks_exact(vocab).map(|r| cpu::argmax(r).unwrap()).collect();
+                        ids.push(cpu::argmax(&chunk).unwrap());
+                        ids
+                    }
+                };
+                let t = Tensor::from_vec(ids.clone(), &[3]).unwrap().to_device(&dev).unwrap();
+                let after = model
+                    .decode_step(backend.as_mut(), &all, &t, &plan)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap();
+                runs.push((chunk, batch, after, ids));
+            }
+            for (what, got, want) in [
+                ("chunk", &runs[1].0, &runs[0].0),
+                ("batch", &runs[1].1, &runs[0].1),
+                ("next step", &runs[1].2, &runs[0].2),
+            ] {
+                let e = rel_err(got, want);
+                println!("{name} {label}: mixed vs apart, {what} logits rel err {e:.2e}");
+                assert!(e <= bound, "{name} {label}: {what} logits rel err {e}");
+            }
+        }
+    }
+}

@@ -637,16 +637,30 @@ fn the_openai_python_client_talks_to_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding() {
-    // 4-token chunks and 20 ms iterations: a 240-token prompt takes 60
-    // iterations to prefill, during which the running stream must advance.
-    let server = Server::start(&[
+    // Chunks run apart from the decode steps, then carried by them
+    // (--mixed-steps): the same greedy texts either way.
+    let apart = long_prompt_beside_a_stream(&[]).await;
+    let mixed = long_prompt_beside_a_stream(&["--mixed-steps"]).await;
+    assert_eq!(apart.0, 0.0, "mixed steps without --mixed-steps");
+    assert!(mixed.0 >= 55.0, "{} mixed steps", mixed.0);
+    assert_eq!(mixed.1, apart.1, "the running stream's text");
+    assert_eq!(mixed.2, apart.2, "the long prompt's completion");
+}
+
+/// A stream decoding while a 240-token prompt prefills in 4-token chunks
+/// (20 ms iterations: 60 of them, during which the stream must advance):
+/// the mixed steps counted, the stream's text and the long prompt's.
+async fn long_prompt_beside_a_stream(extra: &[&str]) -> (f64, String, String) {
+    let mut args = vec![
         "--max-batch",
         "2",
         "--prefill-chunk",
         "4",
         "--debug-step-delay-ms",
         "20",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     let client = server.client();
     let running = tokio::spawn({
         let client = client.clone();
@@ -677,11 +691,15 @@ async fn a_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding() {
     );
     let long = long.await.unwrap();
     assert_eq!(long.status, 200, "{}", long.text());
-    assert_eq!(long.json().unwrap()["usage"]["prompt_tokens"], 240);
+    let long = long.json().unwrap();
+    assert_eq!(long["usage"]["prompt_tokens"], 240);
     let running = running.await.unwrap();
     assert_eq!(running.usage.unwrap()["completion_tokens"], 200);
     let chunks = client.metric("asynctls_prefill_chunks_total").await.unwrap().unwrap();
     assert!(chunks >= 61.0, "{chunks} prefill chunks");
+    let mixed = client.metric("asynctls_mixed_steps_total").await.unwrap().unwrap();
+    let text = long["choices"][0]["text"].as_str().unwrap().to_string();
+    (mixed, running.text, text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,10 @@ pub struct EngineArgs {
     /// steps, so this bounds how long a new prompt stalls running streams.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Carry each prefill chunk in the decode step of the same iteration
+    /// (one forward, the weights read once) instead of running it first.
+    #[arg(long)]
+    pub mixed_steps: bool,
     /// Prompt plus output tokens of one request at most (default: the
     /// model's context).
     #[arg(long)]
@@ -175,6 +179,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
         resident_slots: engine.offload_slots,
         cuda_graphs: !engine.no_cuda_graphs,
         measure_attention: engine.measure_attention,
+        mixed_steps: engine.mixed_steps,
         step_delay: Duration::from_millis(engine.debug_step_delay_ms),
         ..SchedulerConfig::new(plan, kv_dtype)
     };

@@ -142,6 +142,8 @@ pub struct Metrics {
     pub kv_blocks_total: AtomicU64,
     pub decode_steps: AtomicU64,
     pub prefill_chunks: AtomicU64,
+    /// Prefill chunks carried by a decode step (`--mixed-steps`).
+    pub mixed_steps: AtomicU64,
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub latency: Histogram,
@@ -169,6 +171,7 @@ impl Default for Metrics {
             kv_blocks_total: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             prefill_chunks: AtomicU64::new(0),
+            mixed_steps: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             tpot: Histogram::new(TPOT_BOUNDS),
             latency: Histogram::new(LATENCY_BOUNDS),
@@ -216,7 +219,7 @@ impl Metrics {
         let scalar = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        let series: [(&str, &str, &str, &AtomicU64); 9] = [
+        let series: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "asynctls_prompt_tokens_total",
                 "counter",
@@ -270,6 +273,12 @@ impl Metrics {
                 "counter",
                 "Prefill chunks run.",
                 &self.prefill_chunks,
+            ),
+            (
+                "asynctls_mixed_steps_total",
+                "counter",
+                "Decode steps that carried a prefill chunk in the same forward.",
+                &self.mixed_steps,
             ),
         ];
         for (name, kind, help, value) in series {

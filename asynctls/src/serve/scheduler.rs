@@ -15,6 +15,10 @@
 //! 5. runs one batched decode step over every sequence past its prefill,
 //!    samples each with its own sampler, and sends the new text.
 //!
+//! With `mixed_steps`, 4 and 5 are one forward whenever both have work: the
+//! chunk rides in the decode step (`CausalLm::mixed_step`), so the weights
+//! are read once for both.
+//!
 //! The thread is a plain `std` thread: a step is seconds of CPU work (or a
 //! GPU launch sequence) that must not sit on the async runtime, and the
 //! model's device state stays on the one thread that made it. Requests come
@@ -29,7 +33,7 @@ use std::time::Instant;
 
 use asynctls_kernels::Tensor;
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionBackend, AttentionPlan, CausalLm, DecodeGraphs};
+use asynctls_models::{AttentionBackend, AttentionPlan, CausalLm, DecodeGraphs, ModelError};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{ApiError, Usage};
@@ -63,6 +67,9 @@ pub struct SchedulerConfig {
     /// Measure attended fraction and recall of every decode step against a
     /// dense pass (slow; the CPU path only).
     pub measure_attention: bool,
+    /// Carry each prefill chunk in the decode step of the same iteration
+    /// (one forward) instead of running it alone first.
+    pub mixed_steps: bool,
     /// Sleep this long in every busy iteration: makes queueing and
     /// cancellation observable in tests on a model that decodes in
     /// microseconds. Zero in real use.
@@ -82,6 +89,7 @@ impl SchedulerConfig {
             resident_slots: None,
             cuda_graphs: true,
             measure_attention: false,
+            mixed_steps: false,
             step_delay: std::time::Duration::ZERO,
         }
     }
@@ -297,6 +305,8 @@ struct Loop {
     measuring: bool,
     /// Decode steps since the offload counters were last collected.
     steps_since_offload_read: usize,
+    /// Cleared when the model refuses mixed steps (then run apart).
+    mixed_supported: bool,
 }
 
 /// Decode steps between two reads of the offload counters.
@@ -354,6 +364,7 @@ impl Loop {
             blocks_reserved: 0,
             graphs,
             steps_since_offload_read: OFFLOAD_READ_EVERY,
+            mixed_supported: true,
             measuring,
         })
     }
@@ -384,8 +395,10 @@ impl Loop {
             }
             self.drop_disconnected();
             self.admit();
-            self.prefill_one_chunk();
-            self.decode_step();
+            if !self.mixed_iteration() {
+                self.prefill_one_chunk();
+                self.decode_step();
+            }
             self.update_gauges();
             if !self.config.step_delay.is_zero() {
                 std::thread::sleep(self.config.step_delay);
@@ -491,6 +504,96 @@ impl Loop {
             }
             Err(e) => self.finish_failed(i, ApiError::internal(format!("sampling failed: {e}"))),
         }
+    }
+
+    /// With `mixed_steps`: the oldest prompt's next chunk and the running
+    /// batch's next tokens in one forward. False (and nothing done) unless
+    /// both have work and the model runs mixed steps.
+    fn mixed_iteration(&mut self) -> bool {
+        if !self.config.mixed_steps || !self.mixed_supported {
+            return false;
+        }
+        let Some(p) = self.running.iter().position(|r| r.next.is_none()) else {
+            return false;
+        };
+        let batch: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].next.is_some())
+            .collect();
+        if batch.is_empty() {
+            return false;
+        }
+        let (start, total) = (self.running[p].prefilled, self.running[p].job.prompt_ids.len());
+        let end = total.min(start + self.config.prefill_chunk);
+        let chunk = self.running[p].job.prompt_ids[start..end].to_vec();
+        let seqs: Vec<SeqId> = batch.iter().map(|&i| self.running[i].seq).collect();
+        let tokens: Vec<u32> = batch.iter().filter_map(|&i| self.running[i].next).collect();
+        let started = Instant::now();
+        let result = self.model.mixed_step(
+            self.backend.as_mut(),
+            self.running[p].seq,
+            &chunk,
+            &seqs,
+            &tokens,
+            &self.config.plan,
+        );
+        if let Err(ModelError::Unsupported(_)) = result {
+            // Refused before anything was reserved: run the two apart from now on.
+            self.mixed_supported = false;
+            return false;
+        }
+        self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
+        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.prefill_chunks.fetch_add(1, Ordering::Relaxed);
+        self.metrics.mixed_steps.fetch_add(1, Ordering::Relaxed);
+        let mut everyone: Vec<usize> = batch.iter().copied().chain([p]).collect();
+        everyone.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Positions may be reserved in any of them: none can go on.
+                let e = ApiError::internal(format!("mixed step failed: {e}"));
+                for &i in &everyone {
+                    self.finish_failed(i, e.clone());
+                }
+                return true;
+            }
+        };
+        self.metrics
+            .prompt_tokens
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
+        self.running[p].prefilled = end;
+        // Row 0 is the chunk's last token: sampled when the prompt is complete.
+        let (rows, order): (anyhow::Result<Tensor>, Vec<usize>) = if end == total {
+            (Ok(logits), [p].into_iter().chain(batch.iter().copied()).collect())
+        } else {
+            let rest = logits
+                .narrow_rows(1, batch.len())
+                .and_then(|r| asynctls_kernels::ops::copy(&r))
+                .map_err(anyhow::Error::from);
+            (rest, batch.clone())
+        };
+        let mut samplers: Vec<Sampler> = order.iter().map(|&i| self.running[i].sampler.clone()).collect();
+        let which: Vec<usize> = (0..order.len()).collect();
+        match rows.and_then(|r| crate::engine::sample(&r, &mut samplers, &which)) {
+            Ok(ids) => {
+                for (&i, s) in order.iter().zip(samplers) {
+                    self.running[i].sampler = s;
+                }
+                let mut tokens: Vec<(usize, u32)> = order.into_iter().zip(ids).collect();
+                // Highest index first: finishing removes from `running`.
+                tokens.sort_unstable_by_key(|t| std::cmp::Reverse(t.0));
+                for (i, token) in tokens {
+                    self.on_token(i, token);
+                }
+            }
+            Err(e) => {
+                let e = ApiError::internal(format!("sampling failed: {e}"));
+                for &i in &everyone {
+                    self.finish_failed(i, e.clone());
+                }
+            }
+        }
+        true
     }
 
     fn decode_step(&mut self) {
