@@ -39,7 +39,7 @@ for chunk in $(echo ${PREFILL:-2048,512,256} | tr ',' ' '); do
         --output-tokens 1500 --duration-s 1 --max-requests $c --interfere-prompt-tokens 32000 --json \
         > /tmp/interfere.json && show /tmp/interfere.json \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['prefill_chunk']=int(sys.argv[2]); print(json.dumps(d))" \
-            /tmp/interfere.json $chunk >> $OUT/serve_interfere${MIXED:+_mixed}.jsonl
+            /tmp/interfere.json $chunk >> $OUT/serve_interfere$([ "${MIXED:-0}" = 1 ] && echo _mixed).jsonl
   done
   curl -s http://127.0.0.1:$port/metrics | grep -E "^asynctls_(kv_blocks_used|running_sequences) " | head -4
   kill -INT $pid; wait $pid
