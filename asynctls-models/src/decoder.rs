@@ -341,6 +341,22 @@ impl<L: Layer> Decoder<'_, L> {
             }));
         }
         self.io.check_ids(ids)?;
+        if seqs.is_empty() {
+            return self.prefill(backend, seq, chunk, false, chunk.len().max(1));
+        }
+        // The batch is checked before the chunk reserves anything, so a
+        // sequence at the end of its context fails the step without costing
+        // the prompt its earlier chunks.
+        for &s in seqs {
+            let len = backend.seq_len(s).map_err(attn_err)?;
+            if len + 1 > self.max_positions {
+                return Err(ModelError::ContextTooLong {
+                    prompt: len,
+                    new: 1,
+                    context: self.max_positions,
+                });
+            }
+        }
         guarded_prefill(self.io, self.max_positions, backend, seq, chunk, |backend| {
             let step = backend
                 .begin_mixed(seq, chunk.len(), seqs, self.max_positions)

@@ -88,6 +88,10 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
             "a prefill chunk and a decode batch in one step".into(),
         ))
     }
+    /// Whether [`Self::mixed_step`] runs (the shared decoder's families).
+    fn supports_mixed_steps(&self) -> bool {
+        false
+    }
     /// One greedy step (`ids` the last tokens, on the host); the next ids on
     /// the host. On a GPU, replayed from a CUDA graph where `graphs` holds one.
     fn decode_greedy(
@@ -193,6 +197,9 @@ macro_rules! forward_through_the_decoder {
             plan: &AttentionPlan,
         ) -> Result<Tensor> {
             self.decoder().mixed_step(backend, seq, chunk, seqs, ids, plan)
+        }
+        fn supports_mixed_steps(&self) -> bool {
+            true
         }
     };
 }

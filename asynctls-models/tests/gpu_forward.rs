@@ -548,3 +548,95 @@ fn a_mixed_step_on_the_gpu_gives_the_separate_steps_logits() {
         }
     }
 }
+
+/// A mixed step between CUDA-graph replays (its decode part writes the
+/// replays' persistent metadata eagerly): the greedy tokens before, of and
+/// after it equal an all-eager run's, resident and offloaded.
+#[test]
+fn a_mixed_step_between_graph_replays_keeps_the_eager_tokens() {
+    let Some(dev) = gpu() else { return };
+    let weights = RandomWeights { seed: 17, std: 0.02 };
+    let config = GqaConfig {
+        num_hidden_layers: 3,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let plan = AttentionPlan {
+        sparse: SparseConfig {
+            policy: Policy::Tls,
+            block_topk: 4,
+            token_topk: 128,
+            dense_below: 0,
+            ..SparseConfig::default()
+        },
+        dense_layers: 1,
+    };
+    let prompt =
+        |len: usize, salt: usize| -> Vec<u32> { (0..len).map(|i| ((i * 29 + salt * 11) % 4096) as u32).collect() };
+    for slots in [None, Some(12)] {
+        let mut per_mode = vec![];
+        for graphed in [false, true] {
+            let offload = slots.map(|s| asynctls_attn::OffloadOptions {
+                resident_layers: plan.dense_layers,
+                ..asynctls_attn::OffloadOptions::new(s)
+            });
+            let mut backend = model.new_backend(64, KvDType::BF16, offload).unwrap();
+            let mut graphs = DecodeGraphs::new(40, graphed);
+            let (mut seqs, mut next) = (vec![], vec![]);
+            for (len, salt) in [(600, 1), (380, 2)] {
+                let seq = backend.add_sequence();
+                let logits = model
+                    .prefill(backend.as_mut(), seq, &prompt(len, salt), false, 256)
+                    .unwrap();
+                next.push(cpu::argmax(&logits.to_f32_vec().unwrap()).unwrap());
+                seqs.push(seq);
+            }
+            let mut tokens = vec![];
+            for _ in 0..4 {
+                next = model
+                    .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
+                    .unwrap();
+                tokens.push(next.clone());
+            }
+            let late = backend.add_sequence();
+            let late_prompt = prompt(500, 3);
+            model
+                .prefill(backend.as_mut(), late, &late_prompt[..200], false, 256)
+                .unwrap();
+            let logits = model
+                .mixed_step(backend.as_mut(), late, &late_prompt[200..], &seqs, &next, &plan)
+                .unwrap()
+                .to_f32_vec()
+                .unwrap();
+            let ids: Vec<u32> = logits.chunks_exact(4096).map(|r| cpu::argmax(r).unwrap()).collect();
+            tokens.push(ids.clone());
+            next = ids[1..].to_vec();
+            for _ in 0..4 {
+                next = model
+                    .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
+                    .unwrap();
+                tokens.push(next.clone());
+            }
+            // The late sequence joins: a new batch size.
+            seqs.push(late);
+            next.push(ids[0]);
+            for _ in 0..3 {
+                next = model
+                    .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
+                    .unwrap();
+                tokens.push(next.clone());
+            }
+            if graphed {
+                assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
+                assert!(graphs.replays >= 4, "{} replays", graphs.replays);
+            }
+            per_mode.push(tokens);
+        }
+        println!("offload slots {slots:?}: tokens around a mixed step {:?}", per_mode[1]);
+        assert_eq!(
+            per_mode[0], per_mode[1],
+            "slots {slots:?}: replayed tokens differ from eager"
+        );
+    }
+}

@@ -28,11 +28,13 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
 
 /// Two sequences decoding and a third prefilled in two chunks: the second
 /// chunk either alone then a decode step, or in one mixed step.
-fn compare(model: &dyn CausalLm, plan: &AttentionPlan) -> (f32, f32, f32) {
+/// Returns the errors and the separate run's batch logits.
+fn compare(model: &dyn CausalLm, plan: &AttentionPlan) -> ((f32, f32, f32), Vec<f32>) {
     let vocab = model.vocab_size();
-    let decoding = [prompt(70, vocab, 1), prompt(45, vocab, 2)];
-    let prefilling = prompt(90, vocab, 3);
-    let (first, second) = prefilling.split_at(33);
+    // Long enough (4 blocks of 64) for tls's block and token stages to cut.
+    let decoding = [prompt(200, vocab, 1), prompt(150, vocab, 2)];
+    let prefilling = prompt(230, vocab, 3);
+    let (first, second) = prefilling.split_at(100);
     let mut runs = vec![];
     for mixed in [false, true] {
         let mut backend = model.new_backend(64, KvDType::F32, None).unwrap();
@@ -72,9 +74,12 @@ fn compare(model: &dyn CausalLm, plan: &AttentionPlan) -> (f32, f32, f32) {
         runs.push((chunk, batch, after));
     }
     (
-        rel_err(&runs[1].0, &runs[0].0),
-        rel_err(&runs[1].1, &runs[0].1),
-        rel_err(&runs[1].2, &runs[0].2),
+        (
+            rel_err(&runs[1].0, &runs[0].0),
+            rel_err(&runs[1].1, &runs[0].1),
+            rel_err(&runs[1].2, &runs[0].2),
+        ),
+        runs.swap_remove(0).1,
     )
 }
 
@@ -92,13 +97,21 @@ fn a_mixed_step_gives_the_separate_steps_logits() {
     };
     for name in ["qwen3-tiny", "llama-mha", "glm-tiny-grouped"] {
         let model = load_model(&fixture(name)).unwrap();
+        let mut batches = vec![];
         for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls.clone())] {
-            let (chunk, batch, after) = compare(model.as_ref(), &plan);
+            let ((chunk, batch, after), logits) = compare(model.as_ref(), &plan);
             println!("{name} {label}: chunk {chunk:.1e}, batch {batch:.1e}, next step {after:.1e}");
             for (what, e) in [("chunk", chunk), ("batch", batch), ("next step", after)] {
                 assert!(e <= 1e-5, "{name} {label}: {what} logits rel err {e}");
             }
+            batches.push(logits);
         }
+        // tls selected below the context: its decode logits are not dense's.
+        let apart = rel_err(&batches[1], &batches[0]);
+        assert!(
+            apart > 1e-4,
+            "{name}: tls gave dense's logits ({apart:.1e}): nothing was cut"
+        );
     }
 }
 

@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use asynctls_kernels::Tensor;
 use asynctls_kvcache::{KvDType, SeqId};
-use asynctls_models::{AttentionBackend, AttentionPlan, CausalLm, DecodeGraphs, ModelError};
+use asynctls_models::{AttentionBackend, AttentionPlan, CausalLm, DecodeGraphs};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{ApiError, Usage};
@@ -305,8 +305,6 @@ struct Loop {
     measuring: bool,
     /// Decode steps since the offload counters were last collected.
     steps_since_offload_read: usize,
-    /// Cleared when the model refuses mixed steps (then run apart).
-    mixed_supported: bool,
 }
 
 /// Decode steps between two reads of the offload counters.
@@ -336,6 +334,9 @@ impl Loop {
             ..asynctls_attn::OffloadOptions::new(s.min(units))
         });
         let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
+        if config.mixed_steps && !model.supports_mixed_steps() {
+            eprintln!("note: this model runs prefill chunks apart from the decode steps (--mixed-steps ignored)");
+        }
         let measuring = config.measure_attention && backend.measure(true).is_ok();
         if config.measure_attention && !measuring {
             eprintln!("note: attention statistics are not measured on {}", model.device());
@@ -364,7 +365,6 @@ impl Loop {
             blocks_reserved: 0,
             graphs,
             steps_since_offload_read: OFFLOAD_READ_EVERY,
-            mixed_supported: true,
             measuring,
         })
     }
@@ -510,7 +510,7 @@ impl Loop {
     /// batch's next tokens in one forward. False (and nothing done) unless
     /// both have work and the model runs mixed steps.
     fn mixed_iteration(&mut self) -> bool {
-        if !self.config.mixed_steps || !self.mixed_supported {
+        if !self.config.mixed_steps || !self.model.supports_mixed_steps() {
             return false;
         }
         let Some(p) = self.running.iter().position(|r| r.next.is_none()) else {
@@ -527,7 +527,8 @@ impl Loop {
         let chunk = self.running[p].job.prompt_ids[start..end].to_vec();
         let seqs: Vec<SeqId> = batch.iter().map(|&i| self.running[i].seq).collect();
         let tokens: Vec<u32> = batch.iter().filter_map(|&i| self.running[i].next).collect();
-        let started = Instant::now();
+        // Which of the batch a failed step touched (reserved a position in).
+        let lens_before: Vec<Option<usize>> = seqs.iter().map(|&s| self.backend.seq_len(s).ok()).collect();
         let result = self.model.mixed_step(
             self.backend.as_mut(),
             self.running[p].seq,
@@ -536,23 +537,29 @@ impl Loop {
             &tokens,
             &self.config.plan,
         );
-        if let Err(ModelError::Unsupported(_)) = result {
-            // Refused before anything was reserved: run the two apart from now on.
-            self.mixed_supported = false;
-            return false;
-        }
-        self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
+        // Not timed into the decode-step histogram: a mixed step's time is
+        // the chunk's as well.
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
         self.metrics.prefill_chunks.fetch_add(1, Ordering::Relaxed);
         self.metrics.mixed_steps.fetch_add(1, Ordering::Relaxed);
-        let mut everyone: Vec<usize> = batch.iter().copied().chain([p]).collect();
-        everyone.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+        self.collect_step_telemetry();
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                // Positions may be reserved in any of them: none can go on.
+                // The prompt fails, and those of the batch the step reserved
+                // a position in (they cannot go on); the others decode next
+                // iteration.
                 let e = ApiError::internal(format!("mixed step failed: {e}"));
-                for &i in &everyone {
+                let mut failed: Vec<usize> = batch
+                    .iter()
+                    .zip(&seqs)
+                    .zip(&lens_before)
+                    .filter(|((_, &s), before)| self.backend.seq_len(s).ok() != **before)
+                    .map(|((&i, _), _)| i)
+                    .chain([p])
+                    .collect();
+                failed.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+                for i in failed {
                     self.finish_failed(i, e.clone());
                 }
                 return true;
@@ -588,7 +595,9 @@ impl Loop {
             }
             Err(e) => {
                 let e = ApiError::internal(format!("sampling failed: {e}"));
-                for &i in &everyone {
+                let mut sampled = order;
+                sampled.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+                for i in sampled {
                     self.finish_failed(i, e.clone());
                 }
             }
@@ -622,21 +631,7 @@ impl Loop {
         };
         self.metrics.decode_step.observe(started.elapsed().as_secs_f64());
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-        // The GPU's counters cost a synchronization and a read per layer:
-        // collected every few steps (the sums stay exact).
-        if self.steps_since_offload_read >= OFFLOAD_READ_EVERY {
-            self.steps_since_offload_read = 0;
-            if let Some((hits, misses)) = self.backend.take_offload_reads() {
-                self.metrics.add_offload_reads(hits, misses);
-            }
-        }
-        self.steps_since_offload_read += 1;
-        if self.measuring {
-            if let Some(stats) = self.backend.stats().filter(|s| s.count > 0) {
-                self.metrics
-                    .set_attention_stats(stats.attended_fraction(), stats.recall());
-            }
-        }
+        self.collect_step_telemetry();
         match result {
             Ok(ids) if ids.len() == batch.len() => {
                 // Highest index first: finishing removes from `running`.
@@ -678,6 +673,25 @@ impl Loop {
             self.running[i].sampler = s;
         }
         Ok(ids)
+    }
+
+    /// After a decode step (alone or mixed): the offload counters, every few
+    /// steps (reading the GPU's costs a synchronization and a read per
+    /// layer; the sums stay exact), and the attention statistics.
+    fn collect_step_telemetry(&mut self) {
+        if self.steps_since_offload_read >= OFFLOAD_READ_EVERY {
+            self.steps_since_offload_read = 0;
+            if let Some((hits, misses)) = self.backend.take_offload_reads() {
+                self.metrics.add_offload_reads(hits, misses);
+            }
+        }
+        self.steps_since_offload_read += 1;
+        if self.measuring {
+            if let Some(stats) = self.backend.stats().filter(|s| s.count > 0) {
+                self.metrics
+                    .set_attention_stats(stats.attended_fraction(), stats.recall());
+            }
+        }
     }
 
     /// Takes sequence `i`'s new token: sends its text, and finishes the
