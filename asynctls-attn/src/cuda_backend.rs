@@ -28,6 +28,7 @@ use asynctls_offload::gpu_resolver::{GpuResidency, ResolverSizing};
 use asynctls_offload::resolver::{PromotePolicy, ResidencyStats};
 
 use crate::backend::{make_step, reserve_decode, Sequences};
+use crate::step_layout::{step_layout, StepLayout};
 use crate::{AttentionBackend, AttnError, AttnShape, Policy, Result, SparseConfig, Step, StepKind};
 
 /// The selection parameters of `config` on the GPU, or why it has none.
@@ -63,19 +64,6 @@ struct StepMeta {
     /// `[seqs, max_blocks]` physical blocks, and the lengths after the step.
     table: CudaSlice<i32>,
     lens: CudaSlice<i32>,
-    max_blocks: usize,
-    max_len: usize,
-}
-
-/// [`StepMeta`] before upload.
-#[derive(Debug)]
-struct HostMeta {
-    slots: Vec<i32>,
-    blocks: Vec<i32>,
-    fills: Vec<i32>,
-    starts: Vec<i32>,
-    table: Vec<i32>,
-    lens: Vec<i32>,
     max_blocks: usize,
     max_len: usize,
 }
@@ -420,67 +408,15 @@ impl CudaAttention {
         })
     }
 
-    /// The metadata of a step on the host; `width` fixes the block table's
-    /// width (graph mode), else it is the longest sequence's.
+    /// The metadata of a step on the host ([`step_layout`] over this cache).
     fn host_meta(
         &self,
         seqs: &[SeqId],
         token_seqs: &[SeqId],
         positions: &[usize],
         width: Option<usize>,
-    ) -> Result<HostMeta> {
-        let bs = self.cache.config().block_size;
-        let mut slots = Vec::with_capacity(positions.len());
-        let mut touched: Vec<(i32, i32)> = Vec::new();
-        let mut starts = vec![];
-        for (i, (&s, &p)) in token_seqs.iter().zip(positions).enumerate() {
-            let table = self.cache.table(s)?;
-            let block = table.blocks()[p / bs].0 as i32;
-            slots.push(block * bs as i32 + (p % bs) as i32);
-            // Rows written in the block once this token is (rows are written
-            // in order): not the reserved length, which may run ahead.
-            let fill = (p % bs + 1) as i32;
-            match touched.last_mut() {
-                Some(last) if last.0 == block => last.1 = fill,
-                _ => {
-                    touched.push((block, fill));
-                    starts.push(i as i32);
-                }
-            }
-        }
-        starts.push(positions.len() as i32);
-        let tables = seqs
-            .iter()
-            .map(|&s| self.cache.table(s))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let longest = tables.iter().map(|t| t.blocks().len()).max().unwrap_or(1).max(1);
-        let max_blocks = match width {
-            Some(w) if longest > w => {
-                return Err(AttnError::Config(format!(
-                    "a sequence of {longest} blocks outgrew the CUDA graphs' block tables of {w}"
-                )))
-            }
-            Some(w) => w,
-            None => longest,
-        };
-        let mut table = vec![0i32; seqs.len() * max_blocks];
-        for (i, t) in tables.iter().enumerate() {
-            for (j, b) in t.blocks().iter().enumerate() {
-                table[i * max_blocks + j] = b.0 as i32;
-            }
-        }
-        let lens: Vec<i32> = tables.iter().map(|t| t.len() as i32).collect();
-        let (blocks, fills): (Vec<i32>, Vec<i32>) = touched.into_iter().unzip();
-        Ok(HostMeta {
-            slots,
-            blocks,
-            fills,
-            starts,
-            table,
-            lens,
-            max_blocks,
-            max_len: tables.iter().map(|t| t.len()).max().unwrap_or(0),
-        })
+    ) -> Result<StepLayout> {
+        step_layout(&self.cache, seqs, token_seqs, positions, width)
     }
 
     /// Decode metadata for graph replay: written into the batch size's

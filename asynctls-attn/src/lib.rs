@@ -39,6 +39,7 @@ pub mod metrics;
 mod prefill;
 pub mod select;
 mod shape;
+pub mod step_layout;
 
 pub use backend::{
     reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Sequences, Step, StepKind,
