@@ -178,16 +178,30 @@ extern "C" __global__ void __launch_bounds__(1024)
     __shared__ int histogram[AGE_BUCKETS];
     __shared__ int threshold, need_at_threshold, found, last_victim;
     const unsigned step = *step_ptr;
+    // A unit that several rows miss (rows sharing a block: a fork beside its
+    // parent) is promoted once, for its first entry: each entry claims its
+    // unit in unit_slot (-1 for every miss) with the smallest INT_MIN + entry,
+    // and only the claim's owner is compacted.
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+        const int unit = miss_units[i];
+        if (unit >= 0) atomicMin(unit_slot + unit, INT_MIN + i);
+    }
+    __syncthreads();
     // The misses, compacted in order.
     int misses = 0;
     for (int base = 0; base < entries; base += blockDim.x) {
         const int i = base + threadIdx.x;
-        const int unit = i < entries ? miss_units[i] : -1;
+        int unit = i < entries ? miss_units[i] : -1;
+        if (unit >= 0 && unit_slot[unit] != INT_MIN + i) unit = -1;
         int total;
         const int rank = block_exclusive_scan(unit >= 0, shared32, &total);
         if (unit >= 0) miss_list[misses + rank] = unit;
         misses += total;
     }
+    __syncthreads();
+    // The claims undone (the promoted get their slots below).
+    for (int i = threadIdx.x; i < misses; i += blockDim.x) unit_slot[miss_list[i]] = -1;
+    __syncthreads();
     const int want = min(misses, max_promote);
     // The ages of the evictable slots.
     for (int a = threadIdx.x; a < AGE_BUCKETS; a += blockDim.x) histogram[a] = 0;

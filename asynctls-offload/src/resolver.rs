@@ -9,7 +9,7 @@
 //!    hit when resident (the slot's recency becomes this step) or a miss,
 //!    which the attention reads in place from the host tier;
 //! 2. **promote**: after the attention, the step's misses (in row and entry
-//!    order, at most `max_promote`) take slots, so the next step finds them
+//!    order, a unit several rows missed once, at most `max_promote`) take slots, so the next step finds them
 //!    resident: the one-step-lag prediction, decided without the host.
 //!    Victims are the least recently selected slots (free ones first) among
 //!    those no step of the last `protect` selected: a histogram of the
@@ -241,15 +241,17 @@ impl Residency {
 
     /// The step's hits and misses (see the module doc): returns the misses
     /// by entry (`[rows, max_entries]`, -1 for hits and empty entries), as
-    /// `residency_resolve` writes them. A physical block outside the table,
-    /// or one unit attended twice, is an error and changes nothing.
+    /// `residency_resolve` writes them. Rows may share units (forks of one
+    /// prompt: each counts its own hit or miss). A physical block outside
+    /// the table, or a unit twice in one row, is an error and changes nothing.
     pub fn resolve(&mut self, selection: &StepSelection<'_>, step: u32) -> Result<Vec<i32>> {
         let (rows, max_entries, kvh) = (selection.rows(), selection.max_entries(), selection.shape.kv_heads);
         let mut units = Vec::with_capacity(rows);
-        let mut seen = std::collections::HashSet::new();
         for row in 0..rows {
             let seq = row / kvh;
             let mut row_units = Vec::new();
+            // Rows may share units (forks of one prompt); one row may not.
+            let mut seen = std::collections::HashSet::new();
             for block in selection.attended_blocks(row) {
                 let physical = block
                     .checked_add(seq * selection.shape.max_blocks)
@@ -272,7 +274,7 @@ impl Residency {
                 }
                 if !seen.insert(unit) {
                     return Err(OffloadError::Config(format!(
-                        "unit {unit} attended twice in one step (shared physical blocks are not supported)"
+                        "row {row}: unit {unit} attended twice (a block table maps two logical blocks to one)"
                     )));
                 }
                 row_units.push(unit);
@@ -312,7 +314,8 @@ impl Residency {
     }
 
     /// Promotes the step's misses (as [`Self::resolve`] returned them) by
-    /// `policy`, as `residency_promote` does: the least recently selected
+    /// `policy`, as `residency_promote` does: each distinct unit once, in
+    /// the order of its first entry, into the least recently selected
     /// evictable slots (free ones first), ties in clock order from the hand;
     /// returns the copies to make (unit -> slot), in order.
     pub fn promote(
@@ -322,7 +325,15 @@ impl Residency {
         policy: PromotePolicy,
         unit_bytes: usize,
     ) -> Vec<(u32, u32)> {
-        let misses: Vec<u32> = miss_units.iter().filter(|&&u| u >= 0).map(|&u| u as u32).collect();
+        // A unit several rows missed (rows sharing a block) is promoted
+        // once, for its first entry.
+        let mut seen = std::collections::HashSet::new();
+        let misses: Vec<u32> = miss_units
+            .iter()
+            .filter(|&&u| u >= 0)
+            .map(|&u| u as u32)
+            .filter(|&u| seen.insert(u))
+            .collect();
         let want = misses.len().min(policy.max_promote);
         let slots = self.slots();
         let protect = policy.protect as usize;

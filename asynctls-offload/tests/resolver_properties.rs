@@ -129,6 +129,56 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Rows sharing blocks (forks of one prompt) miss the same unit in one
+    /// step: it is promoted once, for its first entry, so the tables stay
+    /// each other's inverse and every resident unit has one slot.
+    #[test]
+    fn a_unit_several_rows_miss_is_promoted_once(
+        batch_size in 2usize..5,
+        kv_heads in 1usize..3,
+        block_topk in 1usize..8,
+        max_len in 16usize..300,
+        slots in 1usize..100,
+        union in any::<bool>(),
+        steps in 1usize..8,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let batch = Batch::random_shared(&mut rng, batch_size, kv_heads, block_topk, max_len);
+        let policy = if union {
+            PromotePolicy::union_of_last_two(usize::MAX)
+        } else {
+            PromotePolicy::one_step_lag(usize::MAX)
+        };
+        let mut table = Residency::new(batch.units(), slots).unwrap();
+        let mut rows: Option<Vec<Vec<usize>>> = None;
+        for step in 1..=steps as u32 {
+            let now = batch.drift(&mut rng, rows.as_deref(), 0.3);
+            let (candidates, counts) = batch.layout(&now);
+            let before = table.stats;
+            let misses = table.resolve(&batch.selection(&candidates, &counts), step).unwrap();
+            let mut distinct: Vec<i32> = Vec::new();
+            for &u in misses.iter().filter(|&&u| u >= 0) {
+                if !distinct.contains(&u) {
+                    distinct.push(u);
+                }
+            }
+            let copies = table.promote(&misses, step, policy, 64);
+            table.check().map_err(TestCaseError::fail)?;
+            // The copies are the distinct misses in first-entry order.
+            let copied: Vec<i32> = copies.iter().map(|&(u, _)| u as i32).collect();
+            prop_assert_eq!(&copied[..], &distinct[..copied.len()]);
+            let stepped = table.stats.since(before);
+            prop_assert_eq!(stepped.promoted + stepped.unplaced, distinct.len() as u64);
+            let slots_of: HashSet<u32> = copies.iter().map(|&(_, s)| s).collect();
+            prop_assert_eq!(slots_of.len(), copies.len(), "a slot given twice");
+            rows = Some(now);
+        }
+    }
+}
+
 #[test]
 fn a_block_outside_the_pool_is_an_error_that_changes_nothing() {
     let mut rng = StdRng::seed_from_u64(3);

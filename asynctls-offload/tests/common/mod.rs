@@ -46,6 +46,28 @@ impl Batch {
         }
     }
 
+    /// As [`Self::random`], with every sequence after the first sharing a
+    /// random prefix of the first's physical blocks (forks of one prompt:
+    /// their rows can attend, and miss, the same units in one step).
+    pub fn random_shared(
+        rng: &mut impl Rng,
+        batch: usize,
+        kv_heads: usize,
+        block_topk: usize,
+        max_len: usize,
+    ) -> Batch {
+        let mut b = Batch::random(rng, batch, kv_heads, block_topk, max_len);
+        let first_blocks = (b.lens[0] as usize).div_ceil(b.block_size);
+        for s in 1..batch {
+            let own_blocks = (b.lens[s] as usize).div_ceil(b.block_size);
+            let shared = rng.random_range(0..=first_blocks.min(own_blocks));
+            for j in 0..shared {
+                b.table[s * b.max_blocks + j] = b.table[j];
+            }
+        }
+        b
+    }
+
     pub fn rows(&self) -> usize {
         self.lens.len() * self.kv_heads
     }
