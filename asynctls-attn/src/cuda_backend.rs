@@ -171,7 +171,7 @@ impl CudaAttention {
 
     /// A cache of `config` whose K/V rows live in pinned host memory, with
     /// `options.slots_per_layer` resident units per layer on `device` and
-    /// the bounds and labels there. GQA caches only. Refused before
+    /// the bounds and labels there (GQA, or MLA's latent cache). Refused before
     /// allocating when the host tier does not fit the host's available
     /// memory or the bounds and labels the GPU's.
     pub fn offloaded(
@@ -180,15 +180,15 @@ impl CudaAttention {
         channels: LabelChannels,
         options: OffloadOptions,
     ) -> Result<Self> {
-        let asynctls_kvcache::ValueLayout::Separate { dim: value_dim } = config.values else {
-            return Err(AttnError::Config(
-                "offload on the GPU serves GQA caches (separate values); an MLA cache stays resident".into(),
-            ));
-        };
-        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, value_dim, false) {
+        // MLA's values are the latent channels of its keys: no value pools.
+        let in_keys = !matches!(config.values, asynctls_kvcache::ValueLayout::Separate { .. });
+        let value_dim = if in_keys { 0 } else { config.value_dim() };
+        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, config.value_dim(), in_keys) {
             return Err(AttnError::Config(format!(
-                "the GPU kernels take head dims 64 and 128 (GQA), not {} / {value_dim}: use --device cpu for this model",
-                config.key_dim
+                "the GPU kernels take head dims 64 and 128 (GQA) and 576/512 (MLA), not key dim {} / value dim {}: \
+                 use --device cpu for this model",
+                config.key_dim,
+                config.value_dim()
             )));
         }
         if options.slots_per_layer == 0 {

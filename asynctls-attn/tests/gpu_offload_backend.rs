@@ -1,4 +1,5 @@
-//! The offloaded GPU cache against the resident one: two `CudaAttention`s
+//! The offloaded GPU cache against the resident one (GQA at two shapes and
+//! GLM's MLA latent cache): two `CudaAttention`s
 //! fed identical random keys, values and queries through the backend
 //! interface a model uses: prefill chunks, a fork decoding beside its
 //! parent, decode steps with tls, dense and quest, then a sequence freed,
@@ -131,11 +132,18 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
     for (shape, lens) in [
         (AttnShape::gqa(32, 8, 128), vec![5000usize, 2300]),
         (AttnShape::gqa(14, 2, 64), vec![4100, 700, 30]),
+        // GLM-4.7-Flash's latent cache: one KV head of 512 + 64, values in the keys.
+        (AttnShape::mla(20, 512, 64, 1.0 / 16.0), vec![4500, 1300]),
     ] {
         let layers = 2;
+        let mla = shape.value_dim != shape.key_dim;
         let config = CacheConfig {
             kv_dtype: KvDType::BF16,
-            ..CacheConfig::gqa(layers, shape.kv_heads, shape.key_dim, 256)
+            ..if mla {
+                CacheConfig::mla(layers, shape.value_dim, shape.key_dim - shape.value_dim, 256)
+            } else {
+                CacheConfig::gqa(layers, shape.kv_heads, shape.key_dim, 256)
+            }
         };
         let head = asynctls_attn::calibrate::low_frequency_channels(config.key_dim, config.label_channels);
         let channels = LabelChannels::new(vec![vec![head; config.kv_heads]; layers]);
@@ -223,13 +231,14 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
                 stream.clone_dtoh(&r.label_params).unwrap()
             );
             let (host_keys, host_values) = residency.pools.host(layer);
-            let host_values = host_values.unwrap();
+            // MLA keeps no value pools (its values are the keys' latent part).
+            assert_eq!(host_values.is_none(), mla);
             // Rows of blocks in use must match; a freed block's rows past its
             // new owner's may differ (never read), so compare the blocks the
             // sequences hold, up to their lengths.
             let (resident_keys, resident_values) = (
                 stream.clone_dtoh(&r.keys).unwrap(),
-                stream.clone_dtoh(r.values.as_ref().unwrap()).unwrap(),
+                r.values.as_ref().map(|v| stream.clone_dtoh(v).unwrap()),
             );
             let (bs, d, kvh) = (config.block_size, config.key_dim, config.kv_heads);
             for &(rseq, oseq) in &seqs {
@@ -247,16 +256,19 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
                             host_keys[span.clone()] == resident_keys[span.clone()],
                             "layer {layer}: host keys"
                         );
-                        assert!(
-                            host_values[span.clone()] == resident_values[span],
-                            "layer {layer}: host values"
-                        );
+                        if let (Some(hv), Some(rv)) = (host_values, &resident_values) {
+                            assert!(hv[span.clone()] == rv[span], "layer {layer}: host values");
+                        }
                     }
                 }
             }
             let tables = residency.tables(layer).unwrap();
             let slot_keys = stream.clone_dtoh(&residency.pools.slot_keys[layer]).unwrap();
-            let slot_values = stream.clone_dtoh(&residency.pools.slot_values[layer]).unwrap();
+            let slot_values = residency
+                .pools
+                .slot_values
+                .get(layer)
+                .map(|v| stream.clone_dtoh(v).unwrap());
             let unit = bs * d;
             let mut resident_units = 0;
             for (slot, &u) in tables.slot_unit.iter().enumerate() {
@@ -266,7 +278,10 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
                 // The fork and its parent miss shared units in one step; each
                 // is promoted once, so no slot is left claiming a unit that
                 // lives elsewhere.
-                assert_eq!(tables.unit_slot[u as usize], slot as i32, "layer {layer}: slot {slot} is stale");
+                assert_eq!(
+                    tables.unit_slot[u as usize], slot as i32,
+                    "layer {layer}: slot {slot} is stale"
+                );
                 resident_units += 1;
                 let (s, h) = (
                     slot * unit..(slot + 1) * unit,
@@ -276,7 +291,9 @@ fn offloaded_gpu_cache_attends_as_the_resident_one() {
                     slot_keys[s.clone()] == host_keys[h.clone()],
                     "layer {layer} slot {slot}: keys"
                 );
-                assert!(slot_values[s] == host_values[h], "layer {layer} slot {slot}: values");
+                if let (Some(sv), Some(hv)) = (&slot_values, host_values) {
+                    assert!(sv[s] == hv[h], "layer {layer} slot {slot}: values");
+                }
             }
             println!(
                 "{shape:?} layer {layer}: {resident_units} of {slots} slots coherent; {} requested, {} hits, {} misses, \

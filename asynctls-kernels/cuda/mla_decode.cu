@@ -12,6 +12,14 @@
 // block_table [batch, max_blocks]; lens [batch]; tokens [batch, max_tokens]
 // and token_counts [batch] (or null: dense); partial_acc [batch, H, splits,
 // DV], partial_ml [batch, H, splits, 2], merged by decode_combine.
+//
+// Offloaded (the GPU engine's host tier, one KV head, so a unit is a
+// block): pool is then the resident slots [slots, BLOCK, DK] and host the
+// device-mapped host tier [num_blocks, BLOCK, DK]. With unit_slots (the
+// unit -> slot table, -1 without a slot) a row is read from its unit's slot
+// or in place from the host; with offload_rows, block_table is the
+// resolver's row slot table instead (slot, or -(unit + 1) for a miss), as
+// in decode_attention.cu.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -39,17 +47,38 @@ struct MlaTraits {
 // Stages the rows of tokens [t0, t0 + TILE) of the split (rows past `end`
 // repeat the split's first token; the mask weighs them by zero). Chunk i of
 // the tile is row i / CHUNKS: consecutive threads copy consecutive 16 bytes.
+// Where an offloaded cache's rows are (see the header); all null / 0 for a
+// resident pool.
+struct MlaOffload {
+    const int* unit_slots;
+    const __nv_bfloat16* host;
+    int offload_rows;
+};
+
 template <int DK, int DV>
 __device__ __forceinline__ void mla_stage(__nv_bfloat16* ks, int t0, int begin, int end, int seq,
                                           const int* __restrict__ row_tokens, const int* __restrict__ block_table,
-                                          const __nv_bfloat16* pool, int block_size, int max_blocks) {
+                                          const __nv_bfloat16* pool, int block_size, int max_blocks,
+                                          MlaOffload off) {
     using T = MlaTraits<DK, DV>;
     for (int i = threadIdx.x; i < MLA_TILE * T::CHUNKS; i += MLA_THREADS) {
         const int r = i / T::CHUNKS, c = (i % T::CHUNKS) * 8;
         const int t = t0 + r < end ? t0 + r : begin;
         const int pos = row_tokens != nullptr ? row_tokens[t] : t;
         const int block = block_table[(size_t)seq * max_blocks + pos / block_size];
-        cp_async_16(ks + r * T::LK + c, pool + ((size_t)block * block_size + pos % block_size) * DK + c);
+        const __nv_bfloat16* src = pool;
+        size_t unit;
+        if (off.offload_rows) {
+            if (block < 0) src = off.host;
+            unit = (size_t)(block >= 0 ? block : -block - 1);
+        } else if (off.unit_slots != nullptr) {
+            const int slot = off.unit_slots[block];
+            if (slot < 0) src = off.host;
+            unit = (size_t)(slot >= 0 ? slot : block);
+        } else {
+            unit = (size_t)block;
+        }
+        cp_async_16(ks + r * T::LK + c, src + (unit * block_size + pos % block_size) * DK + c);
     }
 }
 
@@ -58,7 +87,7 @@ __device__ void mla_split(const float* __restrict__ q, const __nv_bfloat16* __re
                           const int* __restrict__ block_table, const int* __restrict__ lens,
                           const int* __restrict__ tokens, const int* __restrict__ token_counts,
                           float* __restrict__ partial_acc, float* __restrict__ partial_ml, int block_size,
-                          int max_blocks, int max_tokens, float scale) {
+                          int max_blocks, int max_tokens, float scale, MlaOffload off) {
     using T = MlaTraits<DK, DV>;
     static_assert(H <= 16 * MLA_WM, "the heads are the rows of two mma tiles");
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -78,7 +107,8 @@ __device__ void mla_split(const float* __restrict__ q, const __nv_bfloat16* __re
     const int begin = min(n, split * per_split), end = min(n, begin + per_split);
     const int tiles = (end - begin + MLA_TILE - 1) / MLA_TILE;
 
-    if (tiles > 0) mla_stage<DK, DV>(ks, begin, begin, end, seq, row_tokens, block_table, pool, block_size, max_blocks);
+    if (tiles > 0)
+        mla_stage<DK, DV>(ks, begin, begin, end, seq, row_tokens, block_table, pool, block_size, max_blocks, off);
     cp_async_commit();
     for (int i = threadIdx.x; i < 16 * MLA_WM * DK / 2; i += MLA_THREADS) {
         const int r = i / (DK / 2), c = (i % (DK / 2)) * 2;
@@ -99,7 +129,7 @@ __device__ void mla_split(const float* __restrict__ q, const __nv_bfloat16* __re
     for (int t = 0; t < tiles; t++) {
         if (t + 1 < tiles)
             mla_stage<DK, DV>(ks + ((t + 1) % MLA_STAGES) * T::K_ELEMS, begin + (t + 1) * MLA_TILE, begin, end, seq,
-                              row_tokens, block_table, pool, block_size, max_blocks);
+                              row_tokens, block_table, pool, block_size, max_blocks, off);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -209,9 +239,9 @@ __device__ void mla_split(const float* __restrict__ q, const __nv_bfloat16* __re
     extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_k##DK##_v##DV##_h##H(                     \
         const float* q, const __nv_bfloat16* pool, const int* block_table, const int* lens, const int* tokens,    \
         const int* token_counts, float* partial_acc, float* partial_ml, int block_size, int max_blocks,           \
-        int max_tokens, float scale) {                                                                             \
+        int max_tokens, float scale, const int* unit_slots, const __nv_bfloat16* host, int offload_rows) {         \
         mla_split<DK, DV, H>(q, pool, block_table, lens, tokens, token_counts, partial_acc, partial_ml, block_size, \
-                             max_blocks, max_tokens, scale);                                                       \
+                             max_blocks, max_tokens, scale, MlaOffload{unit_slots, host, offload_rows});          \
     }
 
 MLA_KERNEL(576, 512, 16)

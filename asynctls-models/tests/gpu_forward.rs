@@ -360,10 +360,20 @@ fn offloaded_cache_gives_the_resident_tokens() {
         vocab_size: 4096,
         ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
     };
-    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let gqa = GqaModel::load_on(config, &weights, &dev).unwrap();
+    // GLM's MLA latent cache, offloaded too (one KV head: a unit is a block).
+    let glm = GlmModel::load_on(small_glm(), &weights, &dev).unwrap();
+    let models: [(&str, &dyn CausalLm); 2] = [("qwen2.5-0.5b", &gqa), ("glm", &glm)];
+    for (name, model) in models {
+        offloaded_matches_resident(name, model);
+    }
+}
+
+fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
+    let vocab = model.vocab_size();
     let prompts: Vec<Vec<u32>> = vec![
-        (0..1300).map(|i| (i * 37 % 4096) as u32).collect(),
-        (0..450).map(|i| ((i * 11 + 5) % 4096) as u32).collect(),
+        (0..1300).map(|i| (i * 37 % vocab) as u32).collect(),
+        (0..450).map(|i| ((i * 11 + 5) % vocab) as u32).collect(),
     ];
     let tls = AttentionPlan {
         sparse: SparseConfig {
@@ -378,8 +388,8 @@ fn offloaded_cache_gives_the_resident_tokens() {
     for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
         for graphed in [false, true] {
             let mut runs = vec![];
-            // 2 KV heads x 2 sequences attend 4 + 3 blocks a row: 12 slots a
-            // layer hold less than one step's selection.
+            // 2 KV heads (GLM: 1) x 2 sequences attend 4 + 3 blocks a row:
+            // 12 slots a layer hold less than one step's selection.
             for slots in [None, Some(12)] {
                 // The plan's dense leading layer stays on the GPU.
                 let offload = slots.map(|s| asynctls_attn::OffloadOptions {
@@ -427,12 +437,15 @@ fn offloaded_cache_gives_the_resident_tokens() {
             let (resident, offloaded) = (&runs[0], &runs[1]);
             let e = rel_err(&offloaded.1, &resident.1);
             println!(
-                "{label} graphs {graphed}: offloaded tokens {:?}, logits rel err {e:.2e}, (resident, host) reads {:?}",
+                "{name} {label} graphs {graphed}: offloaded tokens {:?}, logits rel err {e:.2e}, (resident, host) reads {:?}",
                 offloaded.0.last(),
                 offloaded.2
             );
-            assert_eq!(offloaded.0, resident.0, "{label} graphs {graphed}: tokens differ");
-            assert!(e <= 1e-5, "{label} graphs {graphed}: logits rel err {e}");
+            assert_eq!(
+                offloaded.0, resident.0,
+                "{name} {label} graphs {graphed}: tokens differ"
+            );
+            assert!(e <= 1e-5, "{name} {label} graphs {graphed}: logits rel err {e}");
             assert!(resident.2.is_none() && offloaded.2.is_some());
             if label == "tls" {
                 // Real selections below the context: some units resident, some read in place.

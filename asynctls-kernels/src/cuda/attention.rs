@@ -91,7 +91,7 @@ pub struct PagedKvView<'a> {
     pub value_dim: usize,
     /// `[batch, max_blocks]` physical block of each logical block.
     pub block_table: &'a CudaSlice<i32>,
-    /// Offloaded K/V (GQA): `keys`/`values` are then the resident slots.
+    /// Offloaded K/V (GQA, or MLA without values): `keys`/`values` are then the resident slots.
     pub offload: Option<OffloadedKv<'a>>,
     pub max_blocks: usize,
     /// `[batch]` tokens per sequence.
@@ -181,6 +181,45 @@ impl CudaOps {
         let mt = lists.map_or(0, |l| l.max_tokens as i32);
         // A null pointer selects the dense path.
         let null: u64 = 0;
+        let table = match kv.offload.map(|o| o.slots) {
+            // The resolver writes the entries of the attended blocks
+            // only: a dense pass would read the others.
+            Some(SlotLookup::ByRow(_)) if lists.is_none() => {
+                return Err(invalid(
+                    "decode_attention",
+                    "a row slot table holds the selected blocks only: dense attention needs SlotLookup::ByUnit",
+                ));
+            }
+            Some(SlotLookup::ByRow(rows)) => {
+                if rows.len() < batch * kv.kv_heads * kv.max_blocks {
+                    return Err(invalid(
+                        "decode_attention",
+                        format!(
+                            "a row slot table of {} entries for {} rows of {} blocks",
+                            rows.len(),
+                            batch * kv.kv_heads,
+                            kv.max_blocks
+                        ),
+                    ));
+                }
+                rows
+            }
+            _ => kv.block_table,
+        };
+        // The offloaded view's lookup (unit -> slot table or row slots) and
+        // host tier, as both kernels take them.
+        let (by_row, by_unit): (i32, i32) = (1, 0);
+        let (unit_slots, host_keys, host_values, offload_rows) = match &kv.offload {
+            Some(OffloadedKv {
+                slots: SlotLookup::ByUnit(units),
+                host_keys,
+                host_values,
+            }) => (Some(*units), *host_keys, *host_values, by_unit),
+            Some(OffloadedKv {
+                host_keys, host_values, ..
+            }) => (None, *host_keys, *host_values, by_row),
+            None => (None, 0, 0, by_unit),
+        };
         match kv.values {
             Some(values) => {
                 if !DECODE_VARIANTS.contains(&(d, group)) || dv != d {
@@ -195,31 +234,6 @@ impl CudaOps {
                 let f = self.function(&self.attention, &format!("decode_attention_d{d}_g{group}{suffix}"))?;
                 let kvh = kv.kv_heads as i32;
 
-                let table = match kv.offload.map(|o| o.slots) {
-                    // The resolver writes the entries of the attended blocks
-                    // only: a dense pass would read the others.
-                    Some(SlotLookup::ByRow(_)) if lists.is_none() => {
-                        return Err(invalid(
-                            "decode_attention",
-                            "a row slot table holds the selected blocks only: dense attention needs SlotLookup::ByUnit",
-                        ));
-                    }
-                    Some(SlotLookup::ByRow(rows)) => {
-                        if rows.len() < batch * kv.kv_heads * kv.max_blocks {
-                            return Err(invalid(
-                                "decode_attention",
-                                format!(
-                                    "a row slot table of {} entries for {} rows of {} blocks",
-                                    rows.len(),
-                                    batch * kv.kv_heads,
-                                    kv.max_blocks
-                                ),
-                            ));
-                        }
-                        rows
-                    }
-                    _ => kv.block_table,
-                };
                 let mut b = stream.launch_builder(&f);
                 b.arg(q).arg(kv.keys).arg(values).arg(table).arg(kv.lens);
                 match lists {
@@ -233,18 +247,11 @@ impl CudaOps {
                     .arg(&mb)
                     .arg(&mt)
                     .arg(&scale);
-                let (by_row, by_unit): (i32, i32) = (1, 0);
-                match &kv.offload {
-                    Some(OffloadedKv {
-                        slots: SlotLookup::ByUnit(units),
-                        host_keys,
-                        host_values,
-                    }) => b.arg(*units).arg(host_keys).arg(host_values).arg(&by_unit),
-                    Some(OffloadedKv {
-                        host_keys, host_values, ..
-                    }) => b.arg(&null).arg(host_keys).arg(host_values).arg(&by_row),
-                    None => b.arg(&null).arg(&null).arg(&null).arg(&by_unit),
+                match unit_slots {
+                    Some(units) => b.arg(units),
+                    None => b.arg(&null),
                 };
+                b.arg(&host_keys).arg(&host_values).arg(&offload_rows);
                 // Q (16 padded rows) and the stages of K and V tiles of 64
                 // rows, bf16 rows padded by 8, as the kernel lays them out.
                 let shared = super::allow_dynamic_shared(&f, (16 + stages * 2 * 64) * (d + 8) * 2)?;
@@ -258,12 +265,6 @@ impl CudaOps {
                 unsafe { b.launch(cfg) }?;
             }
             None => {
-                if kv.offload.is_some() {
-                    return Err(invalid(
-                        "decode_attention",
-                        "offloaded MLA attention is not implemented (the offload engine serves GQA caches)",
-                    ));
-                }
                 if kv.kv_heads != 1 || d != MLA_KEY_DIM || dv != MLA_VALUE_DIM || !MLA_HEADS.contains(&q_heads) {
                     return Err(invalid(
                         "decode_attention",
@@ -280,7 +281,7 @@ impl CudaOps {
                 // kernel lays them out.
                 let shared = super::allow_dynamic_shared(&f, (32 + 2 * 64) * (d + 8) * 2 + 32 * 68 * 4)?;
                 let mut b = stream.launch_builder(&f);
-                b.arg(q).arg(kv.keys).arg(kv.block_table).arg(kv.lens);
+                b.arg(q).arg(kv.keys).arg(table).arg(kv.lens);
                 match lists {
                     Some(l) => b.arg(l.tokens).arg(l.counts),
                     None => b.arg(&null).arg(&null),
@@ -291,6 +292,12 @@ impl CudaOps {
                     .arg(&mb)
                     .arg(&mt)
                     .arg(&scale);
+                // Offloaded: the slots are `kv.keys`, the host tier the rest.
+                match unit_slots {
+                    Some(units) => b.arg(units),
+                    None => b.arg(&null),
+                };
+                b.arg(&host_keys).arg(&offload_rows);
                 let cfg = LaunchConfig {
                     grid_dim: (batch as u32, splits as u32, 1),
                     block_dim: (256, 1, 1),

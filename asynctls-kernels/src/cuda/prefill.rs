@@ -122,12 +122,14 @@ impl CudaOps {
         // are write-through copies), so a prefill reads it in place there
         // through the view's block table.
         let host = match &kv.offload {
-            Some(o) if in_keys || o.host_keys == 0 || o.host_values == 0 => {
+            Some(o) if o.host_keys == 0 || (!in_keys && o.host_values == 0) => {
                 return Err(invalid(
                     "prefill_attention",
-                    "an offloaded view needs the host tier's keys and values (GQA)",
+                    "an offloaded view needs the host tier's keys (and values, unless they are in the keys)",
                 ))
             }
+            // MLA: the values are the keys' first channels.
+            Some(o) if in_keys => Some((o.host_keys, o.host_keys)),
             Some(o) => Some((o.host_keys, o.host_values)),
             None => None,
         };
