@@ -716,3 +716,36 @@ async fn a_server_over_two_tensor_parallel_ranks_answers_as_one_rank_does() {
     }
     assert_eq!(texts[0], texts[1], "greedy text over 2 ranks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_engine_step_fails_its_requests_and_the_server_goes_on() {
+    // The engine panics in the fourth busy iteration: the request running
+    // then fails with a 500 in OpenAI's shape, its blocks are freed, and the
+    // next request is served by the same scheduler.
+    let server = Server::start(&["--debug-panic-at-iteration", "4"]);
+    let client = server.client();
+    let body = json!({"model": MODEL, "prompt": [65, 66, 67], "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let failed = client.post_json("/v1/completions", &body).await.unwrap();
+    assert_eq!(failed.status, 500, "{}", failed.text());
+    assert!(
+        error_of(&failed)["message"].as_str().unwrap().contains("engine failed"),
+        "{}",
+        failed.text()
+    );
+    assert_eq!(client.get("/health").await.unwrap().status, 200);
+    let served = client.post_json("/v1/completions", &body).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(served.json().unwrap()["usage"]["completion_tokens"], 12);
+    assert_eq!(
+        client.metric("asynctls_engine_failures_total").await.unwrap(),
+        Some(1.0)
+    );
+    wait_for_metric(&client, "asynctls_kv_blocks_used", 0.0).await;
+    // The process's memory is reported (the model and cache on the CPU here).
+    let rss = client.metric("asynctls_process_resident_bytes").await.unwrap().unwrap();
+    assert!(rss > 1e6, "{rss} resident bytes");
+    assert_eq!(
+        client.metric("asynctls_gpu_memory_used_bytes").await.unwrap(),
+        Some(0.0)
+    );
+}

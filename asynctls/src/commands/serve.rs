@@ -91,6 +91,10 @@ pub struct EngineArgs {
     /// tests of queueing and cancellation on tiny models).
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_step_delay_ms: u64,
+    /// Panic inside the engine step of this busy scheduler iteration (for
+    /// the test of a failing step).
+    #[arg(long, hide = true)]
+    pub debug_panic_at_iteration: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +185,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
         measure_attention: engine.measure_attention,
         mixed_steps: engine.mixed_steps,
         step_delay: Duration::from_millis(engine.debug_step_delay_ms),
+        debug_panic_at_iteration: engine.debug_panic_at_iteration,
         ..SchedulerConfig::new(plan, kv_dtype)
     };
     let metrics = Arc::new(Metrics::default());

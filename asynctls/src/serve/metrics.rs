@@ -144,6 +144,12 @@ pub struct Metrics {
     pub prefill_chunks: AtomicU64,
     /// Prefill chunks carried by a decode step (`--mixed-steps`).
     pub mixed_steps: AtomicU64,
+    /// Steps in which the engine panicked (their running requests failed).
+    pub engine_failures: AtomicU64,
+    /// The server process's resident memory, and the GPU memory in use on
+    /// the model's device (0 off a GPU), refreshed every few iterations.
+    pub resident_bytes: AtomicU64,
+    pub gpu_used_bytes: AtomicU64,
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub latency: Histogram,
@@ -172,6 +178,9 @@ impl Default for Metrics {
             decode_steps: AtomicU64::new(0),
             prefill_chunks: AtomicU64::new(0),
             mixed_steps: AtomicU64::new(0),
+            engine_failures: AtomicU64::new(0),
+            resident_bytes: AtomicU64::new(0),
+            gpu_used_bytes: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             tpot: Histogram::new(TPOT_BOUNDS),
             latency: Histogram::new(LATENCY_BOUNDS),
@@ -219,7 +228,7 @@ impl Metrics {
         let scalar = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        let series: [(&str, &str, &str, &AtomicU64); 10] = [
+        let series: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "asynctls_prompt_tokens_total",
                 "counter",
@@ -279,6 +288,24 @@ impl Metrics {
                 "counter",
                 "Decode steps that carried a prefill chunk in the same forward.",
                 &self.mixed_steps,
+            ),
+            (
+                "asynctls_engine_failures_total",
+                "counter",
+                "Engine steps that panicked; the requests running in them failed.",
+                &self.engine_failures,
+            ),
+            (
+                "asynctls_process_resident_bytes",
+                "gauge",
+                "Resident memory of the server process (host KV, weights on the CPU, pinned host tiers).",
+                &self.resident_bytes,
+            ),
+            (
+                "asynctls_gpu_memory_used_bytes",
+                "gauge",
+                "GPU memory in use on the model's device (weights, KV cache, scratch); 0 off a GPU.",
+                &self.gpu_used_bytes,
             ),
         ];
         for (name, kind, help, value) in series {

@@ -70,6 +70,9 @@ pub struct SchedulerConfig {
     /// Carry each prefill chunk in the decode step of the same iteration
     /// (one forward) instead of running it alone first.
     pub mixed_steps: bool,
+    /// Panic inside the step of this busy iteration (counted from 1): the
+    /// test of a failing engine step. `None` in real use.
+    pub debug_panic_at_iteration: Option<u64>,
     /// Sleep this long in every busy iteration: makes queueing and
     /// cancellation observable in tests on a model that decodes in
     /// microseconds. Zero in real use.
@@ -90,6 +93,7 @@ impl SchedulerConfig {
             cuda_graphs: true,
             measure_attention: false,
             mixed_steps: false,
+            debug_panic_at_iteration: None,
             step_delay: std::time::Duration::ZERO,
         }
     }
@@ -305,6 +309,8 @@ struct Loop {
     measuring: bool,
     /// Decode steps since the offload counters were last collected.
     steps_since_offload_read: usize,
+    /// Busy iterations so far.
+    iterations: u64,
 }
 
 /// Decode steps between two reads of the offload counters.
@@ -365,6 +371,7 @@ impl Loop {
             blocks_reserved: 0,
             graphs,
             steps_since_offload_read: OFFLOAD_READ_EVERY,
+            iterations: 0,
             measuring,
         })
     }
@@ -395,13 +402,45 @@ impl Loop {
             }
             self.drop_disconnected();
             self.admit();
+            self.iterations += 1;
+            self.step_guarded();
+            self.update_gauges();
+            if !self.config.step_delay.is_zero() {
+                std::thread::sleep(self.config.step_delay);
+            }
+        }
+    }
+
+    /// One iteration's engine work (a prefill chunk and a decode step, or
+    /// one mixed step). A panic in it (an engine bug) fails the requests
+    /// running now, whose cache state it may have left half-written, and
+    /// the server goes on with the next ones instead of losing its
+    /// scheduler.
+    fn step_guarded(&mut self) {
+        let inject = self.config.debug_panic_at_iteration == Some(self.iterations);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected by --debug-panic-at-iteration");
+            }
             if !self.mixed_iteration() {
                 self.prefill_one_chunk();
                 self.decode_step();
             }
-            self.update_gauges();
-            if !self.config.step_delay.is_zero() {
-                std::thread::sleep(self.config.step_delay);
+        }));
+        if let Err(panic) = outcome {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            eprintln!(
+                "error: the engine failed during a step ({what}); failing the {} running requests",
+                self.running.len()
+            );
+            self.metrics.engine_failures.fetch_add(1, Ordering::Relaxed);
+            let e = ApiError::internal(format!("the engine failed during this step: {what}"));
+            for i in (0..self.running.len()).rev() {
+                self.finish_failed(i, e.clone());
             }
         }
     }
@@ -786,5 +825,25 @@ impl Loop {
         m.prefilling.store(prefilling as u64, Ordering::Relaxed);
         m.queue_depth
             .store(self.queued.load(Ordering::SeqCst) as u64, Ordering::Relaxed);
+        // Memory moves slowly; reading it costs a file read and a driver call.
+        if self.iterations % 16 == 1 {
+            if let Some(rss) = resident_bytes() {
+                m.resident_bytes.store(rss, Ordering::Relaxed);
+            }
+            if let asynctls_kernels::Device::Cuda(dev) = self.model.device() {
+                if let Ok((free, total)) = dev.memory_info() {
+                    m.gpu_used_bytes
+                        .store(total.saturating_sub(free) as u64, Ordering::Relaxed);
+                }
+            }
+        }
     }
+}
+
+/// This process's resident memory (`VmRSS` of `/proc/self/status`), if readable.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
