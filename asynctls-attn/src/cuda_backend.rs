@@ -692,49 +692,28 @@ impl AttentionBackend for CudaAttention {
                         &mut self.decode_scratch,
                         o,
                     )?,
-                    (Some(p), None) => {
-                        self.ops.sparse_select(
-                            qs,
-                            pool,
-                            &meta.table,
-                            meta.max_blocks,
-                            &meta.lens,
-                            shape.q_heads,
-                            &p,
-                            &mut self.select_scratch,
-                        )?;
-                        let lists = self.select_scratch.lists();
-                        self.ops.decode_attention(
-                            qs,
-                            &view,
-                            Some(&lists),
-                            shape.q_heads,
-                            shape.scale,
-                            splits,
-                            &mut self.decode_scratch,
-                            o,
-                        )?;
-                    }
-                    (Some(p), Some((tier_layer, off))) => {
-                        // The step's first sparse attention moves the
-                        // device's step counter on (inside a captured graph,
-                        // so replays do; dense steps do not age the slots).
-                        if !off.step_open {
-                            off.residency.begin_step()?;
-                            off.step_open = true;
-                        }
-                        let residency = &mut off.residency;
+                    (Some(p), mut tiered) => {
                         let selection = SelectionShape::of(&p, meta.max_blocks, shape.kv_heads, bs);
-                        let sizing = ResolverSizing {
-                            rows: step.seqs.len() * shape.kv_heads,
-                            max_entries: selection.max_entries(),
-                            max_blocks: meta.max_blocks,
-                        };
-                        if residency.ensure_sizing(sizing)? {
-                            self.generation += 1;
+                        if let Some((_, off)) = tiered.as_mut() {
+                            // The step's first sparse attention moves the
+                            // device's step counter on (inside a captured
+                            // graph, so replays do; dense steps do not age
+                            // the slots).
+                            if !off.step_open {
+                                off.residency.begin_step()?;
+                                off.step_open = true;
+                            }
+                            let sizing = ResolverSizing {
+                                rows: step.seqs.len() * shape.kv_heads,
+                                max_entries: selection.max_entries(),
+                                max_blocks: meta.max_blocks,
+                            };
+                            if off.residency.ensure_sizing(sizing)? {
+                                self.generation += 1;
+                            }
                         }
-                        // The resolve needs only the candidates: it runs on
-                        // its own stream while the token stage scores.
+                        // Offloaded, the resolve needs only the candidates: it
+                        // runs on its own stream while the token stage scores.
                         self.ops.sparse_select_staged(
                             qs,
                             pool,
@@ -745,35 +724,49 @@ impl AttentionBackend for CudaAttention {
                             &p,
                             &mut self.select_scratch,
                             |select| -> Result<()> {
-                                let input = ResolveInput::new(select, &meta.lens, &meta.table, selection);
-                                // SAFETY: the cache's block tables map each
-                                // sequence's blocks to distinct physical
-                                // blocks below num_blocks, the host tier's
-                                // blocks.
-                                unsafe { residency.resolve(tier_layer, &input) }?;
+                                if let Some((tier_layer, off)) = tiered.as_mut() {
+                                    let input = ResolveInput::new(select, &meta.lens, &meta.table, selection);
+                                    // SAFETY: the cache's block tables map each
+                                    // sequence's blocks to distinct physical
+                                    // blocks below num_blocks, the host tier's
+                                    // blocks.
+                                    unsafe { off.residency.resolve(*tier_layer, &input) }?;
+                                }
                                 Ok(())
                             },
                         )?;
-                        residency.before_attention(tier_layer)?;
-                        let (keys, values, offload) = residency.offloaded(tier_layer);
-                        let sparse_view = PagedKvView {
-                            keys,
-                            values,
-                            offload: Some(offload),
-                            ..view
-                        };
-                        let lists = self.select_scratch.lists();
-                        self.ops.decode_attention(
-                            qs,
-                            &sparse_view,
-                            Some(&lists),
-                            shape.q_heads,
-                            shape.scale,
-                            splits,
-                            &mut self.decode_scratch,
-                            o,
-                        )?;
-                        residency.after_attention(tier_layer)?;
+                        if let Some((tier_layer, off)) = tiered.as_mut() {
+                            off.residency.before_attention(*tier_layer)?;
+                        }
+                        {
+                            // Offloaded: the slots the resolve chose, misses in place.
+                            let view = match &tiered {
+                                Some((tier_layer, off)) => {
+                                    let (keys, values, offload) = off.residency.offloaded(*tier_layer);
+                                    PagedKvView {
+                                        keys,
+                                        values,
+                                        offload: Some(offload),
+                                        ..view
+                                    }
+                                }
+                                None => view,
+                            };
+                            let lists = self.select_scratch.lists();
+                            self.ops.decode_attention(
+                                qs,
+                                &view,
+                                Some(&lists),
+                                shape.q_heads,
+                                shape.scale,
+                                splits,
+                                &mut self.decode_scratch,
+                                o,
+                            )?;
+                        }
+                        if let Some((tier_layer, off)) = tiered {
+                            off.residency.after_attention(tier_layer)?;
+                        }
                     }
                 }
                 if let Some(off) = self.offload.as_mut().filter(|o| o.step_open) {
