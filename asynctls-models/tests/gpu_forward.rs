@@ -105,6 +105,21 @@ fn forced_logits(model: &dyn CausalLm, prompts: &[Vec<u32>], tokens: &[Vec<u32>]
     all
 }
 
+/// tls with budgets below these tests' contexts (k_b 4, k_t 128, sparse
+/// from the first token, one dense leading layer): real selections.
+fn cutting_tls() -> AttentionPlan {
+    AttentionPlan {
+        sparse: SparseConfig {
+            policy: Policy::Tls,
+            block_topk: 4,
+            token_topk: 128,
+            dense_below: 0,
+            ..SparseConfig::default()
+        },
+        dense_layers: 1,
+    }
+}
+
 fn covering_tls() -> AttentionPlan {
     AttentionPlan {
         sparse: SparseConfig {
@@ -298,17 +313,8 @@ fn graph_replays_match_eager(name: &str, model: &dyn CausalLm, vocab: u32) {
         (0..700).map(|i| (i * 37 % vocab as usize) as u32).collect(),
         (0..450).map(|i| ((i * 11 + 5) % vocab as usize) as u32).collect(),
     ];
-    // Sparse with budgets below the context: real selections inside the graph.
-    let tls = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 4,
-            token_topk: 128,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    // Real selections inside the graph.
+    let tls = cutting_tls();
     for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
         let mut per_mode = vec![];
         for graphed in [false, true] {
@@ -375,16 +381,7 @@ fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
         (0..1300).map(|i| (i * 37 % vocab) as u32).collect(),
         (0..450).map(|i| ((i * 11 + 5) % vocab) as u32).collect(),
     ];
-    let tls = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 4,
-            token_topk: 128,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    let tls = cutting_tls();
     for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
         for graphed in [false, true] {
             let mut runs = vec![];
@@ -473,16 +470,7 @@ fn a_mixed_step_on_the_gpu_gives_the_separate_steps_logits() {
     };
     let gqa = GqaModel::load_on(config, &weights, &dev).unwrap();
     let glm = GlmModel::load_on(small_glm(), &weights, &dev).unwrap();
-    let tls = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 4,
-            token_topk: 128,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    let tls = cutting_tls();
     // GLM's routing is discrete: a near tie in the router may send a token
     // to another expert when its GEMM sees more rows (the bound of the GLM
     // comparisons above).
@@ -575,16 +563,7 @@ fn a_mixed_step_between_graph_replays_keeps_the_eager_tokens() {
         ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
     };
     let model = GqaModel::load_on(config, &weights, &dev).unwrap();
-    let plan = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 4,
-            token_topk: 128,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    let plan = cutting_tls();
     let prompt =
         |len: usize, salt: usize| -> Vec<u32> { (0..len).map(|i| ((i * 29 + salt * 11) % 4096) as u32).collect() };
     for slots in [None, Some(12)] {
