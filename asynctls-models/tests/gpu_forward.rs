@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{cpu, CudaDevice, Device, Tensor};
-use asynctls_kvcache::KvDType;
+use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{
     load_model_on, AttentionPlan, CausalLm, DecodeGraphs, GlmConfig, GlmModel, GqaConfig, GqaModel, RandomWeights,
     Weights,
@@ -103,6 +103,51 @@ fn forced_logits(model: &dyn CausalLm, prompts: &[Vec<u32>], tokens: &[Vec<u32>]
         );
     }
     all
+}
+
+/// What [`greedy_run`] returns.
+struct GreedyRun {
+    seqs: Vec<SeqId>,
+    /// Each prompt's last-token logits, one after the other.
+    prefill_logits: Vec<f32>,
+    /// The batch's greedy tokens, step by step.
+    tokens: Vec<Vec<u32>>,
+}
+
+/// Prefills `prompts` in chunks of `chunk` and decodes 10 greedy steps of
+/// them as a batch, replayed from CUDA graphs when `graphed` (asserting they
+/// were).
+fn greedy_run(
+    model: &dyn CausalLm,
+    backend: &mut dyn asynctls_attn::AttentionBackend,
+    prompts: &[Vec<u32>],
+    chunk: usize,
+    plan: &AttentionPlan,
+    graphed: bool,
+) -> GreedyRun {
+    let (mut seqs, mut next, mut prefill_logits) = (vec![], vec![], vec![]);
+    for p in prompts {
+        let seq = backend.add_sequence();
+        let l = model.prefill(backend, seq, p, false, chunk).unwrap();
+        prefill_logits.extend(l.to_f32_vec().unwrap());
+        next.push(asynctls_kernels::ops::argmax(&l).unwrap().to_vec::<u32>().unwrap()[0]);
+        seqs.push(seq);
+    }
+    let mut graphs = DecodeGraphs::new(40, graphed);
+    let mut tokens = vec![];
+    for _ in 0..10 {
+        next = model.decode_greedy(backend, &seqs, &next, plan, &mut graphs).unwrap();
+        tokens.push(next.clone());
+    }
+    if graphed {
+        assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
+        assert!(graphs.replays >= 6, "{} replays", graphs.replays);
+    }
+    GreedyRun {
+        seqs,
+        prefill_logits,
+        tokens,
+    }
 }
 
 /// tls with budgets below these tests' contexts (k_b 4, k_t 128, sparse
@@ -319,27 +364,8 @@ fn graph_replays_match_eager(name: &str, model: &dyn CausalLm, vocab: u32) {
         let mut per_mode = vec![];
         for graphed in [false, true] {
             let mut backend = model.new_backend(64, KvDType::BF16, None).unwrap();
-            let mut seqs = vec![];
-            let mut next = vec![];
-            for p in &prompts {
-                let seq = backend.add_sequence();
-                let logits = model.prefill(backend.as_mut(), seq, p, false, 256).unwrap();
-                next.push(asynctls_kernels::ops::argmax(&logits).unwrap().to_vec::<u32>().unwrap()[0]);
-                seqs.push(seq);
-            }
-            let mut graphs = DecodeGraphs::new(32, graphed);
-            let mut tokens = vec![];
-            for _ in 0..10 {
-                next = model
-                    .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
-                    .unwrap();
-                tokens.push(next.clone());
-            }
-            if graphed {
-                assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
-                assert!(graphs.replays >= 6, "{} replays", graphs.replays);
-            }
-            per_mode.push(tokens);
+            let run = greedy_run(model, backend.as_mut(), &prompts, 256, &plan, graphed);
+            per_mode.push(run.tokens);
         }
         println!(
             "{name} {label}: eager and graph-replayed greedy tokens: {:?}",
@@ -394,28 +420,9 @@ fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
                     ..asynctls_attn::OffloadOptions::new(s)
                 });
                 let mut backend = model.new_backend(64, KvDType::BF16, offload).unwrap();
-                let mut seqs = vec![];
-                let mut next = vec![];
-                let mut logits = vec![];
-                for p in &prompts {
-                    let seq = backend.add_sequence();
-                    let l = model.prefill(backend.as_mut(), seq, p, false, 512).unwrap();
-                    logits.extend(l.to_f32_vec().unwrap());
-                    next.push(asynctls_kernels::ops::argmax(&l).unwrap().to_vec::<u32>().unwrap()[0]);
-                    seqs.push(seq);
-                }
-                let mut graphs = DecodeGraphs::new(40, graphed);
-                let mut tokens = vec![];
-                for _ in 0..10 {
-                    next = model
-                        .decode_greedy(backend.as_mut(), &seqs, &next, &plan, &mut graphs)
-                        .unwrap();
-                    tokens.push(next.clone());
-                }
-                if graphed {
-                    assert!(graphs.disabled.is_none(), "capture failed: {:?}", graphs.disabled);
-                    assert!(graphs.replays >= 6, "{} replays", graphs.replays);
-                }
+                let run = greedy_run(model, backend.as_mut(), &prompts, 512, &plan, graphed);
+                let (seqs, mut logits, tokens) = (run.seqs, run.prefill_logits, run.tokens);
+                let next = tokens.last().unwrap().clone();
                 // One more step's logits, eager, on the same cache.
                 let ids = Tensor::from_vec(next.clone(), &[next.len()])
                     .unwrap()
