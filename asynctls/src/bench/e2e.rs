@@ -48,12 +48,19 @@ pub struct E2eBenchConfig {
     /// (the sparse policies only: a dense step would read the whole cache
     /// over PCIe). `None`: the cache stays on the device.
     pub offload_slack: Option<f64>,
+    /// Offloaded: host pools the offloaded layers share (`None`: one per
+    /// layer). Fewer alias the layers' rows, so a batch whose K/V the host
+    /// cannot hold still runs: its step time is measured, its tokens mean
+    /// nothing.
+    pub offload_host_tiers: Option<usize>,
 }
 
 /// An offloaded row's residency.
 #[derive(Debug, Clone, Serialize)]
 pub struct E2eOffload {
     pub slots_per_layer: usize,
+    /// Host pools the offloaded layers shared (aliased when fewer than them).
+    pub host_tiers: Option<usize>,
     /// Units the timed steps read from resident slots and from the host tier.
     pub resident_reads: usize,
     pub host_reads: usize,
@@ -210,7 +217,13 @@ fn largest_batch(model: &dyn CausalLm, config: &E2eBenchConfig, ctx: usize) -> O
                     * unit
                     * c.num_layers.saturating_sub(config.dense_layers);
                 let gpu = GpuKvStorage::offloaded_bytes_for(&cache, config.dense_layers);
-                gpu + slots <= budget && GpuKvStorage::bytes_for(&cache).saturating_sub(gpu) <= host_budget
+                let offloaded_layers = c.num_layers.saturating_sub(config.dense_layers).max(1);
+                let host = GpuKvStorage::bytes_for(&cache).saturating_sub(gpu) / offloaded_layers
+                    * config
+                        .offload_host_tiers
+                        .unwrap_or(offloaded_layers)
+                        .min(offloaded_layers);
+                gpu + slots <= budget && host <= host_budget
             }
         }
     };
@@ -240,6 +253,9 @@ fn offload_slots(model: &dyn CausalLm, config: &E2eBenchConfig, batch: usize, sl
 pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<E2eReport> {
     if config.offload_slack.is_some_and(|s| !(s.is_finite() && s >= 1.0)) {
         bail!("--offload-slack must be at least 1 (the slots must hold one selection)");
+    }
+    if config.offload_host_tiers == Some(0) {
+        bail!("--offload-host-tiers must be positive (leave it out for a host pool per layer)");
     }
     let device = model.device().clone();
     let mut report = E2eReport {
@@ -305,6 +321,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             let offload = slots.map(|s| asynctls_attn::OffloadOptions {
                 // The dense leading layers read every block each step: they stay on the GPU.
                 resident_layers: config.dense_layers,
+                host_tiers: config.offload_host_tiers,
                 ..asynctls_attn::OffloadOptions::new(s)
             });
             let mut backend = match model.new_backend(blocks, config.kv_dtype, offload) {
@@ -379,6 +396,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     .zip(backend.take_offload_reads())
                     .map(|(slots, (hits, misses))| E2eOffload {
                         slots_per_layer: slots,
+                        host_tiers: config.offload_host_tiers,
                         resident_reads: hits,
                         host_reads: misses,
                         hit_rate: hits as f64 / (hits + misses).max(1) as f64,

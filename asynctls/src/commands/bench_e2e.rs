@@ -66,6 +66,11 @@ pub struct E2eArgs {
     /// sink, local and partial blocks, per (sequence, KV head) and layer.
     #[arg(long, default_value_t = 2.0, requires = "offload")]
     offload_slack: f64,
+    /// Offloaded layers share this many host pools: fewer than the layers
+    /// alias their rows, so batches whose K/V the host cannot hold still
+    /// run (their step time is measured; their tokens mean nothing).
+    #[arg(long, requires = "offload")]
+    offload_host_tiers: Option<usize>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -123,6 +128,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         cuda_graphs: !args.no_cuda_graphs,
         largest_batch: args.largest_batch,
         offload_slack: args.offload.then_some(args.offload_slack),
+        offload_host_tiers: args.offload_host_tiers,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));
