@@ -155,6 +155,10 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn memory_report(&self) -> MemoryReport {
         self.sequences().memory_report()
     }
+    /// Tells the backend that `seq` (not yet reserved in) will hold
+    /// `tokens` positions: a tiered cache places it where that fits
+    /// ([`crate::TieredAttention`]); the others ignore it.
+    fn plan_sequence(&mut self, _seq: SeqId, _tokens: usize) {}
     /// Reserves `n` more positions of `seq` (a prefill chunk), below `limit`.
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step>;
     /// Reserves one more position of every sequence, all or nothing.

@@ -132,6 +132,10 @@ pub struct OffloadOptions {
     /// read every block each step, which over PCIe would cost more than the
     /// whole sparse step.
     pub resident_layers: usize,
+    /// Blocks of a resident tier beside the offloaded cache (0: none):
+    /// sequences go there, K/V whole on the device, while it has room, and
+    /// to the offloaded cache beyond it ([`crate::TieredAttention`]).
+    pub resident_tier_blocks: usize,
 }
 
 impl OffloadOptions {
@@ -143,6 +147,7 @@ impl OffloadOptions {
             policy: PromotePolicy::union_of_last_two(usize::MAX),
             host_tiers: None,
             resident_layers: 0,
+            resident_tier_blocks: 0,
         }
     }
 }

@@ -40,6 +40,7 @@ mod prefill;
 pub mod select;
 mod shape;
 pub mod step_layout;
+mod tiered;
 
 pub use backend::{
     reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Sequences, Step, StepKind,
@@ -50,3 +51,4 @@ pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};
 pub use prefill::prefill;
 pub use shape::AttnShape;
+pub use tiered::TieredAttention;

@@ -116,6 +116,25 @@ pub(crate) fn backend_on(
     cache: &dyn Fn(usize, KvDType) -> CacheConfig,
     channels: &dyn Fn(&CacheConfig) -> LabelChannels,
 ) -> Result<Box<dyn AttentionBackend>> {
+    // A resident tier beside the offloaded cache: both, as one backend.
+    if let Some(o) = offload.filter(|o| o.resident_tier_blocks > 0) {
+        let resident = backend_on(device, o.resident_tier_blocks, kv_dtype, None, cache, channels)?;
+        let offloaded = backend_on(
+            device,
+            num_blocks,
+            kv_dtype,
+            Some(OffloadOptions {
+                resident_tier_blocks: 0,
+                ..o
+            }),
+            cache,
+            channels,
+        )?;
+        let block_size = cache(1, kv_dtype).block_size;
+        return Ok(Box::new(asynctls_attn::TieredAttention::new(
+            resident, offloaded, block_size,
+        )?));
+    }
     match device {
         Device::Cpu => {
             let config = cache(num_blocks, kv_dtype);

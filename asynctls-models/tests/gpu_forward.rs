@@ -128,6 +128,8 @@ fn greedy_run(
     let (mut seqs, mut next, mut prefill_logits) = (vec![], vec![], vec![]);
     for p in prompts {
         let seq = backend.add_sequence();
+        // A tiered cache places it where the prompt and the steps fit.
+        backend.plan_sequence(seq, p.len() + 20);
         let l = model.prefill(backend, seq, p, false, chunk).unwrap();
         prefill_logits.extend(l.to_f32_vec().unwrap());
         next.push(asynctls_kernels::ops::argmax(&l).unwrap().to_vec::<u32>().unwrap()[0]);
@@ -637,5 +639,52 @@ fn a_mixed_step_between_graph_replays_keeps_the_eager_tokens() {
             per_mode[0], per_mode[1],
             "slots {slots:?}: replayed tokens differ from eager"
         );
+    }
+}
+
+/// A resident tier beside the offloaded cache on the GPU
+/// (`OffloadOptions::resident_tier_blocks`): the long prompt fits the
+/// resident tier, the short one goes to the offloaded cache, and a batch
+/// of both decodes the plain resident cache's greedy tokens and logits
+/// (<= 1e-5), eager and replayed from CUDA graphs.
+#[test]
+fn a_tiered_cache_on_the_gpu_gives_the_resident_tokens() {
+    let Some(dev) = gpu() else { return };
+    let weights = RandomWeights { seed: 21, std: 0.02 };
+    let config = GqaConfig {
+        num_hidden_layers: 3,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..1300).map(|i| (i * 37 % 4096) as u32).collect(),
+        (0..450).map(|i| ((i * 11 + 5) % 4096) as u32).collect(),
+    ];
+    let plan = cutting_tls();
+    for graphed in [false, true] {
+        let mut plain = model.new_backend(64, KvDType::BF16, None).unwrap();
+        let want = greedy_run(&model, plain.as_mut(), &prompts, 512, &plan, graphed);
+        // 1300 + 20 tokens need 22 blocks: the 25 resident ones hold them, not the 450 after.
+        let options = asynctls_attn::OffloadOptions {
+            resident_layers: plan.dense_layers,
+            resident_tier_blocks: 25,
+            ..asynctls_attn::OffloadOptions::new(12)
+        };
+        let mut tiered = model.new_backend(64, KvDType::BF16, Some(options)).unwrap();
+        let got = greedy_run(&model, tiered.as_mut(), &prompts, 512, &plan, graphed);
+        let t = tiered
+            .as_any_mut()
+            .downcast_mut::<asynctls_attn::TieredAttention>()
+            .unwrap();
+        let tiers: Vec<Option<usize>> = got.seqs.iter().map(|&s| t.tier_of(s).unwrap()).collect();
+        assert_eq!(tiers, vec![Some(0), Some(1)], "placement");
+        let e = rel_err(&got.prefill_logits, &want.prefill_logits);
+        println!(
+            "tiered graphs {graphed}: tokens {:?}, prefill logits rel err {e:.2e}",
+            got.tokens.last()
+        );
+        assert!(e <= 1e-5, "prefill logits rel err {e}");
+        assert_eq!(got.tokens, want.tokens, "graphs {graphed}: tokens differ");
     }
 }

@@ -80,6 +80,9 @@ pub struct Engine {
     /// Put the offload engine in front of the host cache with this many
     /// resident (block, head) units per layer; `None`: all in host memory.
     pub resident_slots: Option<usize>,
+    /// With `resident_slots`: blocks of a resident tier beside the
+    /// offloaded cache (sequences there while it has room).
+    pub resident_tier_blocks: usize,
     /// Prompt tokens per prefill chunk.
     pub prefill_chunk: usize,
     /// Replay greedy decode steps from CUDA graphs on a GPU.
@@ -94,6 +97,7 @@ impl Engine {
             kv_dtype,
             measure_attention: false,
             resident_slots: None,
+            resident_tier_blocks: 0,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             cuda_graphs: true,
         }
@@ -146,6 +150,7 @@ impl Engine {
         // offload engine allocates every slot up front.
         let units = blocks.saturating_mul(self.model.cache_config(1, self.kv_dtype).kv_heads);
         let offload = self.resident_slots.map(|s| asynctls_attn::OffloadOptions {
+            resident_tier_blocks: self.resident_tier_blocks,
             // The dense leading layers read every block each step: they stay on the GPU.
             resident_layers: self.plan.dense_layers,
             ..asynctls_attn::OffloadOptions::new(s.min(units))
@@ -171,6 +176,8 @@ impl Engine {
         let mut live: Vec<(usize, SeqId, u32)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             let seq = backend.add_sequence();
+            // A tiered cache places the sequence where all of it fits.
+            backend.plan_sequence(seq, r.prompt_ids.len() + r.max_new_tokens);
             let start = Instant::now();
             let logits = self
                 .model

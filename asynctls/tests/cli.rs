@@ -365,6 +365,41 @@ fn bench_e2e_offloaded_runs_the_sparse_rows_and_reports_the_residency() {
         skipped.len() == 1 && skipped[0].as_str().unwrap().contains("dense"),
         "{skipped:?}"
     );
+    // One of the two sequences in a resident tier beside the offloaded cache.
+    let tiered = asynctls(&[
+        "bench",
+        "e2e",
+        "--device",
+        "cpu",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ctx",
+        "200",
+        "--batch",
+        "2",
+        "--policies",
+        "tls",
+        "--budget",
+        "16",
+        "--block-topk",
+        "1",
+        "--dense-layers",
+        "0",
+        "--decode-tokens",
+        "3",
+        "--prefill-tokens",
+        "0",
+        "--offload",
+        "--offload-resident-batch",
+        "1",
+        "--json",
+    ]);
+    assert!(tiered.status.success(), "{}", String::from_utf8_lossy(&tiered.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&tiered.stdout).unwrap();
+    assert_eq!(doc["rows"][0]["offload"]["resident_batch"], 1, "{doc}");
+    // The offloaded sequence's reads are counted.
+    let reads = &doc["rows"][0]["offload"];
+    assert!(reads["resident_reads"].as_u64().unwrap() + reads["host_reads"].as_u64().unwrap() > 0);
     let bad = asynctls(&["bench", "e2e", "--device", "cpu", "--offload", "--offload-slack", "0.5"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--offload-slack"));

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use asynctls_attn::{AttentionBackend, CudaAttention, Policy, SparseConfig};
+use asynctls_attn::{AttentionBackend, CudaAttention, Policy, SparseConfig, TieredAttention};
 use asynctls_kernels::Device;
 use asynctls_kvcache::{GpuKvStorage, KvDType, SeqId};
 use asynctls_models::{AttentionPlan, CausalLm, DecodeGraphs};
@@ -53,6 +53,10 @@ pub struct E2eBenchConfig {
     /// cannot hold still runs: its step time is measured, its tokens mean
     /// nothing.
     pub offload_host_tiers: Option<usize>,
+    /// Offloaded: the first this many sequences of a batch in a resident
+    /// tier (K/V whole on the GPU) beside the offloaded cache, the rest
+    /// offloaded; 0 offloads them all.
+    pub offload_resident_batch: usize,
 }
 
 /// An offloaded row's residency.
@@ -61,6 +65,8 @@ pub struct E2eOffload {
     pub slots_per_layer: usize,
     /// Host pools the offloaded layers shared (aliased when fewer than them).
     pub host_tiers: Option<usize>,
+    /// Sequences of the batch in the resident tier (the rest offloaded).
+    pub resident_batch: usize,
     /// Units the timed steps read from resident slots and from the host tier.
     pub resident_reads: usize,
     pub host_reads: usize,
@@ -175,10 +181,29 @@ fn fill(
     seed: u64,
     chunk: usize,
 ) -> Result<()> {
+    // A tiered cache's sequence is written into the tier it is placed in.
+    let (backend, seq) = if backend.as_any_mut().is::<TieredAttention>() {
+        let tiered = backend.as_any_mut().downcast_mut::<TieredAttention>().expect("checked");
+        tiered.tier_backend(seq, ctx)?
+    } else {
+        (backend, seq)
+    };
     if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
         gpu.fill_random(seq, ctx, seed)?;
     } else {
         model.prefill(backend, seq, &prompt(ctx, model.vocab_size(), seed), false, chunk)?;
+    }
+    Ok(())
+}
+
+/// Empties the residency of an offloaded GPU cache (of each tier of a tiered one).
+fn reset_residency(backend: &mut dyn AttentionBackend) -> Result<()> {
+    if let Some(tiered) = backend.as_any_mut().downcast_mut::<TieredAttention>() {
+        for tier in tiered.tiers_mut().iter_mut() {
+            reset_residency(tier.as_mut())?;
+        }
+    } else if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
+        gpu.reset_residency()?;
     }
     Ok(())
 }
@@ -315,15 +340,27 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
         for &batch in &batches {
             let per_seq = (ctx + config.decode_tokens).div_ceil(BLOCK) + 1;
             let blocks = blocks_for(config, ctx, batch);
+            // Tiered: the first sequences resident, the others offloaded.
+            let resident_batch = config.offload_resident_batch.min(batch.saturating_sub(1));
             let slots = config
                 .offload_slack
-                .map(|slack| offload_slots(model, config, batch, slack));
+                .map(|slack| offload_slots(model, config, batch - resident_batch, slack));
             let offload = slots.map(|s| asynctls_attn::OffloadOptions {
                 // The dense leading layers read every block each step: they stay on the GPU.
                 resident_layers: config.dense_layers,
                 host_tiers: config.offload_host_tiers,
+                resident_tier_blocks: if resident_batch > 0 {
+                    blocks_for(config, ctx, resident_batch)
+                } else {
+                    0
+                },
                 ..asynctls_attn::OffloadOptions::new(s)
             });
+            let blocks = if resident_batch > 0 {
+                blocks_for(config, ctx, batch - resident_batch)
+            } else {
+                blocks
+            };
             let mut backend = match model.new_backend(blocks, config.kv_dtype, offload) {
                 Ok(b) => b,
                 Err(e) => {
@@ -336,6 +373,8 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             let mut seqs = Vec::with_capacity(batch);
             for b in 0..batch {
                 let seq = backend.add_sequence();
+                // A tiered cache places the first sequences in its resident tier.
+                backend.plan_sequence(seq, ctx + config.decode_tokens);
                 fill(
                     model,
                     backend.as_mut(),
@@ -356,9 +395,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 }
                 progress(&format!("ctx {ctx} batch {batch}: decode {policy}"));
                 // Every offloaded row starts with no unit resident, so rows compare.
-                if let Some(gpu) = backend.as_any_mut().downcast_mut::<CudaAttention>() {
-                    gpu.reset_residency()?;
-                }
+                reset_residency(backend.as_mut())?;
                 let plan = plan_for(policy, budget, config);
                 let forks = seqs
                     .iter()
@@ -397,6 +434,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     .map(|(slots, (hits, misses))| E2eOffload {
                         slots_per_layer: slots,
                         host_tiers: config.offload_host_tiers,
+                        resident_batch,
                         resident_reads: hits,
                         host_reads: misses,
                         hit_rate: hits as f64 / (hits + misses).max(1) as f64,

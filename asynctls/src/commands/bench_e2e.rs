@@ -71,6 +71,11 @@ pub struct E2eArgs {
     /// run (their step time is measured; their tokens mean nothing).
     #[arg(long, requires = "offload")]
     offload_host_tiers: Option<usize>,
+    /// Offloaded: the first N sequences of each batch in a resident tier
+    /// (K/V whole on the GPU) beside the offloaded cache, the rest
+    /// offloaded: what a GPU serves when its memory holds only some.
+    #[arg(long, default_value_t = 0, requires = "offload")]
+    offload_resident_batch: usize,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -129,6 +134,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         largest_batch: args.largest_batch,
         offload_slack: args.offload.then_some(args.offload_slack),
         offload_host_tiers: args.offload_host_tiers,
+        offload_resident_batch: args.offload_resident_batch,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));

@@ -65,6 +65,11 @@ pub struct GenerateArgs {
     /// CPU its twin. Without it, the whole cache stays where it computes.
     #[arg(long)]
     offload_slots: Option<usize>,
+    /// With --offload-slots: a resident tier of this many blocks (64
+    /// tokens each) beside the offloaded cache; sequences go there, K/V
+    /// whole on the device, while it has room for them.
+    #[arg(long, default_value_t = 0, requires = "offload_slots")]
+    resident_tier_blocks: usize,
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
@@ -214,6 +219,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut engine = Engine::new(model, plan, kv_dtype);
     engine.resident_slots = args.offload_slots;
+    engine.resident_tier_blocks = args.resident_tier_blocks;
     engine.prefill_chunk = args.prefill_chunk;
     if args.prefill_chunk == 0 {
         anyhow::bail!("--prefill-chunk must be positive");

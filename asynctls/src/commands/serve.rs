@@ -77,6 +77,11 @@ pub struct EngineArgs {
     /// memory with the residency decided on the device (GQA models).
     #[arg(long)]
     pub offload_slots: Option<usize>,
+    /// With --offload-slots: a resident tier of this many blocks (64
+    /// tokens each) beside the offloaded cache; requests go there, K/V
+    /// whole on the device, while it has room for prompt + max_tokens.
+    #[arg(long, default_value_t = 0, requires = "offload_slots")]
+    pub resident_tier_blocks: usize,
     /// K/V element type in the host cache: f32 or bf16 (bf16 on the GPU).
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
@@ -181,6 +186,7 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
         kv_blocks: engine.kv_blocks,
         max_context: engine.max_context,
         resident_slots: engine.offload_slots,
+        resident_tier_blocks: engine.resident_tier_blocks,
         cuda_graphs: !engine.no_cuda_graphs,
         measure_attention: engine.measure_attention,
         mixed_steps: engine.mixed_steps,

@@ -62,6 +62,9 @@ pub struct SchedulerConfig {
     /// Resident units per layer of the offload tier (CPU); `None`: the
     /// whole cache in the backend's memory.
     pub resident_slots: Option<usize>,
+    /// With `resident_slots`: blocks of a resident tier beside the
+    /// offloaded cache (sequences there while it has room).
+    pub resident_tier_blocks: usize,
     /// Replay greedy decode steps from CUDA graphs on a GPU.
     pub cuda_graphs: bool,
     /// Measure attended fraction and recall of every decode step against a
@@ -90,6 +93,7 @@ impl SchedulerConfig {
             kv_blocks: None,
             max_context: None,
             resident_slots: None,
+            resident_tier_blocks: 0,
             cuda_graphs: true,
             measure_attention: false,
             mixed_steps: false,
@@ -335,6 +339,7 @@ impl Loop {
         // More resident slots than the pool has units are never used.
         let units = kv_blocks.saturating_mul(model.cache_config(1, config.kv_dtype).kv_heads);
         let offload = config.resident_slots.map(|s| asynctls_attn::OffloadOptions {
+            resident_tier_blocks: config.resident_tier_blocks,
             // The dense leading layers read every block each step: they stay on the GPU.
             resident_layers: config.plan.dense_layers,
             ..asynctls_attn::OffloadOptions::new(s.min(units))
@@ -493,6 +498,8 @@ impl Loop {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             self.blocks_reserved += need;
             let seq = self.backend.add_sequence();
+            // A tiered cache places the sequence where all of it fits.
+            self.backend.plan_sequence(seq, job.prompt_ids.len() + job.max_tokens);
             let sampler = Sampler::new(job.sampling);
             let text = TextStream::new(job.stop_strings.clone());
             self.running.push(Running {

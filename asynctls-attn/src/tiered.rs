@@ -1,0 +1,441 @@
+//! [`TieredAttention`]: two attention backends serving as one cache. A
+//! sequence is placed, at its first reservation, in the first tier (on a
+//! GPU: the resident cache, K/V whole in device memory) while that tier has
+//! room for it, and in the second (the offloaded cache: K/V in pinned host
+//! memory, resident slots on the device) beyond it, and stays there. A
+//! decode step over a batch that spans both runs each tier's rows through
+//! its own backend: the rows are gathered per tier and the outputs
+//! scattered back, so the model sees one backend. So the GPU serves more
+//! sequences than its memory holds whole, the ones that fit at full speed.
+//!
+//! Sequences are placed whole, at admission: one never moves between
+//! tiers. A sequence's tier is the one with room for the tokens announced
+//! by [`AttentionBackend::plan_sequence`] (prompt and new tokens), else for
+//! its first reservation; when neither has room the reservation fails with
+//! the second tier's clear error and nothing changes.
+
+use std::any::Any;
+use std::collections::HashMap;
+
+use asynctls_kernels::{ops, Device, Tensor};
+use asynctls_kvcache::{MemoryReport, SeqId};
+
+use crate::backend::Sequences;
+use crate::{AttentionBackend, AttentionStats, AttnError, AttnShape, Result, SparseConfig, Step, StepKind};
+
+/// Where a sequence lives: its tier and its id there.
+type Placement = (usize, SeqId);
+
+/// One tier's share of the current decode step.
+#[derive(Debug)]
+struct DecodePart {
+    tier: usize,
+    step: Step,
+    /// The step's rows this tier has (u32 on the device), `None` when it
+    /// has them all (no gather or scatter).
+    rows: Option<Tensor>,
+}
+
+/// Two backends as one cache (see the module doc).
+#[derive(Debug)]
+pub struct TieredAttention {
+    tiers: [Box<dyn AttentionBackend>; 2],
+    block_size: usize,
+    /// Composite id -> placement (`None` until the first reservation).
+    seqs: HashMap<SeqId, Option<Placement>>,
+    next_id: u64,
+    /// Tokens a sequence will hold, told before its first reservation.
+    planned: HashMap<SeqId, usize>,
+    /// Per tier, the blocks its placed sequences will hold (what they
+    /// announced, or their first reservation), and each sequence's share.
+    promised: [usize; 2],
+    shares: HashMap<SeqId, usize>,
+    prefill: Option<(usize, Step)>,
+    decode: Vec<DecodePart>,
+    /// In graph mode, each batch size's row tensors and positions stay at
+    /// fixed addresses (written in place every step).
+    graphs: bool,
+    persistent: HashMap<(usize, usize, usize), Tensor>,
+    positions: HashMap<usize, Tensor>,
+    generation: u64,
+}
+
+impl TieredAttention {
+    /// `first` takes sequences while it has room, `second` the rest; both
+    /// on one device, with blocks of `block_size` tokens.
+    pub fn new(first: Box<dyn AttentionBackend>, second: Box<dyn AttentionBackend>, block_size: usize) -> Result<Self> {
+        if first.device().to_string() != second.device().to_string() {
+            return Err(AttnError::Config(format!(
+                "tiers on {} and {}: both must be on one device",
+                first.device(),
+                second.device()
+            )));
+        }
+        Ok(TieredAttention {
+            tiers: [first, second],
+            block_size: block_size.max(1),
+            seqs: HashMap::new(),
+            next_id: 0,
+            planned: HashMap::new(),
+            promised: [0; 2],
+            shares: HashMap::new(),
+            prefill: None,
+            decode: Vec::new(),
+            graphs: false,
+            persistent: HashMap::new(),
+            positions: HashMap::new(),
+            generation: 0,
+        })
+    }
+
+    /// The tier `seq` lives in (`None` before its first reservation).
+    pub fn tier_of(&self, seq: SeqId) -> Result<Option<usize>> {
+        Ok(self.placement(seq)?.map(|(t, _)| t))
+    }
+
+    /// The tiers, first (resident) then second (offloaded).
+    pub fn tiers_mut(&mut self) -> &mut [Box<dyn AttentionBackend>; 2] {
+        &mut self.tiers
+    }
+
+    /// Places `seq` for `tokens` positions (if it is not yet) and returns
+    /// the backend of its tier and its id there: for writing a sequence's
+    /// context straight into its tier (a benchmark's random K/V).
+    pub fn tier_backend(&mut self, seq: SeqId, tokens: usize) -> Result<(&mut dyn AttentionBackend, SeqId)> {
+        let (t, inner) = self.place(seq, tokens)?;
+        Ok((self.tiers[t].as_mut(), inner))
+    }
+
+    fn placement(&self, seq: SeqId) -> Result<Option<Placement>> {
+        self.seqs
+            .get(&seq)
+            .copied()
+            .ok_or(AttnError::Cache(asynctls_kvcache::CacheError::UnknownSequence(seq.0)))
+    }
+
+    /// Places `seq` (if it is not yet) for a first reservation of `n`
+    /// tokens: the first tier when the blocks its sequences will hold leave
+    /// room for the tokens this one will, else the second. Counting what the
+    /// placed sequences announced (not what they hold yet) keeps a tier from
+    /// running out while its sequences grow.
+    fn place(&mut self, seq: SeqId, n: usize) -> Result<Placement> {
+        if let Some(p) = self.placement(seq)? {
+            return Ok(p);
+        }
+        let tokens = self.planned.get(&seq).copied().unwrap_or(n).max(n);
+        let blocks = tokens.div_ceil(self.block_size) + 1;
+        let room = |t: usize| {
+            self.tiers[t]
+                .memory_report()
+                .blocks_total
+                .saturating_sub(self.promised[t])
+        };
+        let tier = if room(0) >= blocks { 0 } else { 1 };
+        let inner = self.tiers[tier].add_sequence();
+        self.seqs.insert(seq, Some((tier, inner)));
+        self.planned.remove(&seq);
+        self.promised[tier] += blocks;
+        self.shares.insert(seq, blocks);
+        Ok((tier, inner))
+    }
+
+    fn new_id(&mut self, placement: Option<Placement>) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, placement);
+        id
+    }
+
+    /// `rows` as a u32 tensor on the device: in graph mode at a fixed
+    /// address per (batch, tier, count), written in place.
+    fn rows_tensor(&mut self, batch: usize, tier: usize, rows: &[u32]) -> Result<Tensor> {
+        let device = self.tiers[0].device().clone();
+        if !self.graphs {
+            return Ok(Tensor::from_vec(rows.to_vec(), &[rows.len()])?.to_device(&device)?);
+        }
+        let key = (batch, tier, rows.len());
+        if !self.persistent.contains_key(&key) {
+            self.generation += 1;
+            let t = Tensor::zeros_on(&[rows.len()], asynctls_kernels::DType::U32, &device)?;
+            self.persistent.insert(key, t);
+        }
+        let t = self.persistent.get_mut(&key).expect("inserted above");
+        t.write_from_host(rows)?;
+        Ok(t.clone())
+    }
+
+    fn positions_tensor(&mut self, positions: &[usize]) -> Result<Tensor> {
+        let device = self.tiers[0].device().clone();
+        let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        if !self.graphs {
+            return Ok(Tensor::from_vec(p, &[positions.len()])?.to_device(&device)?);
+        }
+        let b = positions.len();
+        if !self.positions.contains_key(&b) {
+            self.generation += 1;
+            let t = Tensor::zeros_on(&[b], asynctls_kernels::DType::I32, &device)?;
+            self.positions.insert(b, t);
+        }
+        let t = self.positions.get_mut(&b).expect("inserted above");
+        t.write_from_host(&p)?;
+        Ok(t.clone())
+    }
+}
+
+/// The rows `rows` of `t` (all of them when `None`); an empty-width tensor
+/// (MLA's absent values) is narrowed on its own device.
+fn pick(t: &Tensor, rows: Option<&Tensor>, count: usize) -> Result<Tensor> {
+    match rows {
+        None => Ok(t.clone()),
+        Some(_) if t.elem_count() == 0 => Ok(Tensor::from_vec(Vec::<f32>::new(), &[count, 0])?),
+        Some(r) => Ok(ops::gather_rows(t, r)?),
+    }
+}
+
+impl Sequences for TieredAttention {
+    fn add_sequence(&mut self) -> SeqId {
+        self.new_id(None)
+    }
+
+    fn free(&mut self, seq: SeqId) -> Result<usize> {
+        let placement = self.placement(seq)?;
+        self.seqs.remove(&seq);
+        self.planned.remove(&seq);
+        if let (Some((t, _)), Some(share)) = (placement, self.shares.remove(&seq)) {
+            self.promised[t] = self.promised[t].saturating_sub(share);
+        }
+        match placement {
+            Some((t, inner)) => self.tiers[t].free(inner),
+            None => Ok(0),
+        }
+    }
+
+    /// A fork lives in its parent's tier (it shares the parent's blocks).
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        let placement = match self.placement(seq)? {
+            Some((t, inner)) => Some((t, self.tiers[t].fork(inner)?)),
+            None => None,
+        };
+        Ok(self.new_id(placement))
+    }
+
+    fn seq_len(&self, seq: SeqId) -> Result<usize> {
+        match self.placement(seq)? {
+            Some((t, inner)) => self.tiers[t].seq_len(inner),
+            None => Ok(0),
+        }
+    }
+
+    /// Both tiers' blocks together (the per-token sizes are the first's).
+    fn memory_report(&self) -> MemoryReport {
+        let (a, b) = (self.tiers[0].memory_report(), self.tiers[1].memory_report());
+        MemoryReport {
+            blocks_used: a.blocks_used + b.blocks_used,
+            blocks_total: a.blocks_total + b.blocks_total,
+            storage_bytes: a.storage_bytes + b.storage_bytes,
+            ..a
+        }
+    }
+
+    fn reserve_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<(usize, Vec<usize>)> {
+        let (t, inner) = self.place(seq, n)?;
+        self.tiers[t].sequences_mut().reserve_prefill(inner, n, limit)
+    }
+}
+
+impl AttentionBackend for TieredAttention {
+    fn device(&self) -> &Device {
+        self.tiers[0].device()
+    }
+
+    fn sequences(&self) -> &dyn Sequences {
+        self
+    }
+
+    fn sequences_mut(&mut self) -> &mut dyn Sequences {
+        self
+    }
+
+    fn plan_sequence(&mut self, seq: SeqId, tokens: usize) {
+        if matches!(self.seqs.get(&seq), Some(None)) {
+            self.planned.insert(seq, tokens);
+        }
+    }
+
+    fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
+        let (t, inner) = self.place(seq, n)?;
+        let step = self.tiers[t].begin_prefill(inner, n, limit)?;
+        let StepKind::Prefill { start, .. } = step.kind else {
+            return Err(AttnError::Config(
+                "a tier began a prefill as another kind of step".into(),
+            ));
+        };
+        let outer = Step {
+            kind: StepKind::Prefill { seq, start },
+            seqs: vec![seq],
+            positions: step.positions.clone(),
+            positions_tensor: step.positions_tensor.clone(),
+            parts: None,
+        };
+        self.prefill = Some((t, step));
+        Ok(outer)
+    }
+
+    /// Each tier reserves its sequences' positions (a failure in the second
+    /// after the first reserved leaves the batch unusable, as a failed
+    /// step does; the engine frees its sequences).
+    fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {
+        let mut by_tier: [(Vec<u32>, Vec<SeqId>); 2] = Default::default();
+        for (row, &s) in seqs.iter().enumerate() {
+            let (t, inner) = self
+                .placement(s)?
+                .ok_or_else(|| AttnError::Config(format!("{s:?} decodes before anything was prefilled into it")))?;
+            by_tier[t].0.push(row as u32);
+            by_tier[t].1.push(inner);
+        }
+        let mut positions = vec![0usize; seqs.len()];
+        let mut parts = Vec::with_capacity(2);
+        for (t, (rows, inner)) in by_tier.into_iter().enumerate() {
+            if inner.is_empty() {
+                continue;
+            }
+            let step = self.tiers[t].begin_decode(&inner, limit)?;
+            for (&row, &p) in rows.iter().zip(&step.positions) {
+                positions[row as usize] = p;
+            }
+            let rows = if rows.len() == seqs.len() {
+                None
+            } else {
+                Some(self.rows_tensor(seqs.len(), t, &rows)?)
+            };
+            parts.push(DecodePart { tier: t, step, rows });
+        }
+        self.decode = parts;
+        let single = match self.decode.as_slice() {
+            [only] if only.rows.is_none() => Some(only.step.positions_tensor.clone()),
+            _ => None,
+        };
+        let positions_tensor = match single {
+            Some(t) => t,
+            None => self.positions_tensor(&positions)?,
+        };
+        Ok(Step {
+            kind: StepKind::Decode,
+            seqs: seqs.to_vec(),
+            positions,
+            positions_tensor,
+            parts: None,
+        })
+    }
+
+    fn write_kv(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
+        match step.kind {
+            StepKind::Mixed => Err(crate::backend::mixed_step_err()),
+            StepKind::Prefill { .. } => {
+                let (t, inner) = self
+                    .prefill
+                    .as_ref()
+                    .ok_or_else(|| AttnError::Config("write_kv outside a step".into()))?;
+                let inner = inner.clone();
+                self.tiers[*t].write_kv(&inner, layer, keys, values)
+            }
+            StepKind::Decode => {
+                for i in 0..self.decode.len() {
+                    let part = &self.decode[i];
+                    let n = part.step.tokens();
+                    let (k, v) = (pick(keys, part.rows.as_ref(), n)?, pick(values, part.rows.as_ref(), n)?);
+                    let (t, inner) = (part.tier, part.step.clone());
+                    self.tiers[t].write_kv(&inner, layer, &k, &v)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn attend(
+        &mut self,
+        step: &Step,
+        layer: usize,
+        q: &Tensor,
+        shape: &AttnShape,
+        sparse: &SparseConfig,
+    ) -> Result<Tensor> {
+        match step.kind {
+            StepKind::Mixed => Err(crate::backend::mixed_step_err()),
+            StepKind::Prefill { .. } => {
+                let (t, inner) = self
+                    .prefill
+                    .as_ref()
+                    .ok_or_else(|| AttnError::Config("attend outside a step".into()))?;
+                let inner = inner.clone();
+                self.tiers[*t].attend(&inner, layer, q, shape, sparse)
+            }
+            StepKind::Decode => {
+                if let [only] = self.decode.as_slice() {
+                    if only.rows.is_none() {
+                        let (t, inner) = (only.tier, only.step.clone());
+                        return self.tiers[t].attend(&inner, layer, q, shape, sparse);
+                    }
+                }
+                let width = shape.q_heads * shape.value_dim;
+                let mut out = Tensor::zeros_on(&[step.tokens(), width], asynctls_kernels::DType::F32, &q.device())?;
+                for i in 0..self.decode.len() {
+                    let part = &self.decode[i];
+                    let rows = part
+                        .rows
+                        .clone()
+                        .ok_or_else(|| AttnError::Config("a tier's rows of a split step".into()))?;
+                    let (t, inner) = (part.tier, part.step.clone());
+                    let q_part = ops::gather_rows(q, &rows)?;
+                    let o = self.tiers[t].attend(&inner, layer, &q_part, shape, sparse)?;
+                    ops::scatter_rows(&mut out, &rows, &o)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn measure(&mut self, on: bool) -> Result<()> {
+        self.tiers[0].measure(on)?;
+        self.tiers[1].measure(on)
+    }
+
+    /// The first tier's statistics, else the second's.
+    fn stats(&self) -> Option<AttentionStats> {
+        self.tiers[0].stats().or_else(|| self.tiers[1].stats())
+    }
+
+    fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
+        let (a, b) = (self.tiers[0].take_offload_reads(), self.tiers[1].take_offload_reads());
+        match (a, b) {
+            (Some(x), Some(y)) => Some((x.0 + y.0, x.1 + y.1)),
+            (x, y) => x.or(y),
+        }
+    }
+
+    fn enable_graphs(&mut self, max_blocks: usize) -> Result<()> {
+        self.tiers[0].enable_graphs(max_blocks)?;
+        self.tiers[1].enable_graphs(max_blocks)?;
+        self.graphs = true;
+        self.persistent.clear();
+        self.positions.clear();
+        self.generation += 1;
+        Ok(())
+    }
+
+    fn graph_generation(&self) -> u64 {
+        // Any tier's buffers replaced, or this backend's row tensors.
+        let mix = |h: u64, v: u64| (h ^ v).wrapping_mul(0x100_0000_01b3);
+        [
+            self.tiers[0].graph_generation(),
+            self.tiers[1].graph_generation(),
+            self.generation,
+        ]
+        .into_iter()
+        .fold(0xcbf2_9ce4_8422_2325, mix)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
