@@ -1,6 +1,7 @@
 """Plots `asynctls eval` results: one chart per (task, context), score
 against budget, one line per sparse policy (and k_b for tls), dense as a
-dashed line. Rows of the depth grid (`--depths`) are left out; a cell run
+dashed line. Rows of the depth grid (`--depths`) and rows with calibrated
+label channels are left out; a cell run
 more than once is shown by its row with the most samples. Standard
 library only; writes one SVG.
 
@@ -29,7 +30,8 @@ def load(paths):
     for p in paths:
         with open(p) as f:
             rows += [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("depth") is None]
+    # Rows with calibrated label channels are a comparison of their own.
+    return [r for r in rows if r.get("depth") is None and r.get("label_channels", "default") == "default"]
 
 
 def chart(x0, y0, title, dense, series, colors):
