@@ -120,6 +120,11 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
         --offload --offload-host-tiers "${E2E_HOST_TIERS:-4}" --json > "$out_dir/e2e_offload_aliased.json" \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('aliased', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_offload_aliased.json"
+    # Tiered: some sequences whole on the GPU, the rest offloaded, one batch.
+    ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "${E2E_TIERED_BATCH:-12}" \
+        --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
+        --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" --json > "$out_dir/e2e_tiered.json" \
+        && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('tiered', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_tiered.json"
 fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]
