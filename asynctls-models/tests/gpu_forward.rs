@@ -12,7 +12,9 @@
 //! is discrete, so bf16 rounding can move a token to another expert.
 //! Without a GPU every test prints `skipped: no CUDA device` and passes.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, rel_err};
 
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{cpu, CudaDevice, Device, Tensor};
@@ -24,17 +26,6 @@ use asynctls_models::{
 
 fn gpu() -> Option<Device> {
     CudaDevice::for_tests().map(Device::Cuda)
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite logits");
-    let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm
 }
 
 /// Prefills `prompts` (all logits) and decodes `steps` greedy tokens as one batch.
@@ -103,6 +94,25 @@ fn forced_logits(model: &dyn CausalLm, prompts: &[Vec<u32>], tokens: &[Vec<u32>]
         );
     }
     all
+}
+
+/// Qwen2.5-0.5B's shapes with 3 layers and a 4,096-token vocabulary,
+/// random weights from `seed`, on the GPU.
+fn small_qwen(dev: &Device, seed: u64) -> GqaModel {
+    let config = GqaConfig {
+        num_hidden_layers: 3,
+        vocab_size: 4096,
+        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
+    };
+    GqaModel::load_on(config, &RandomWeights { seed, std: 0.02 }, dev).unwrap()
+}
+
+/// A 1,300- and a 450-token prompt below `vocab`: 21 and 8 blocks.
+fn two_prompts(vocab: usize) -> Vec<Vec<u32>> {
+    vec![
+        (0..1300).map(|i| (i * 37 % vocab) as u32).collect(),
+        (0..450).map(|i| ((i * 11 + 5) % vocab) as u32).collect(),
+    ]
 }
 
 /// What [`greedy_run`] returns.
@@ -388,15 +398,9 @@ fn graph_replays_match_eager(name: &str, model: &dyn CausalLm, vocab: u32) {
 #[test]
 fn offloaded_cache_gives_the_resident_tokens() {
     let Some(dev) = gpu() else { return };
-    let weights = RandomWeights { seed: 9, std: 0.02 };
-    let config = GqaConfig {
-        num_hidden_layers: 3,
-        vocab_size: 4096,
-        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
-    };
-    let gqa = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let gqa = small_qwen(&dev, 9);
     // GLM's MLA latent cache, offloaded too (one KV head: a unit is a block).
-    let glm = GlmModel::load_on(small_glm(), &weights, &dev).unwrap();
+    let glm = GlmModel::load_on(small_glm(), &RandomWeights { seed: 9, std: 0.02 }, &dev).unwrap();
     let models: [(&str, &dyn CausalLm); 2] = [("qwen2.5-0.5b", &gqa), ("glm", &glm)];
     for (name, model) in models {
         offloaded_matches_resident(name, model);
@@ -405,10 +409,7 @@ fn offloaded_cache_gives_the_resident_tokens() {
 
 fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
     let vocab = model.vocab_size();
-    let prompts: Vec<Vec<u32>> = vec![
-        (0..1300).map(|i| (i * 37 % vocab) as u32).collect(),
-        (0..450).map(|i| ((i * 11 + 5) % vocab) as u32).collect(),
-    ];
+    let prompts = two_prompts(vocab);
     let tls = cutting_tls();
     for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
         for graphed in [false, true] {
@@ -471,14 +472,8 @@ fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
 #[test]
 fn a_mixed_step_on_the_gpu_gives_the_separate_steps_logits() {
     let Some(dev) = gpu() else { return };
-    let weights = RandomWeights { seed: 13, std: 0.02 };
-    let config = GqaConfig {
-        num_hidden_layers: 3,
-        vocab_size: 4096,
-        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
-    };
-    let gqa = GqaModel::load_on(config, &weights, &dev).unwrap();
-    let glm = GlmModel::load_on(small_glm(), &weights, &dev).unwrap();
+    let gqa = small_qwen(&dev, 13);
+    let glm = GlmModel::load_on(small_glm(), &RandomWeights { seed: 13, std: 0.02 }, &dev).unwrap();
     let tls = cutting_tls();
     // GLM's routing is discrete: a near tie in the router may send a token
     // to another expert when its GEMM sees more rows (the bound of the GLM
@@ -565,13 +560,7 @@ fn a_mixed_step_on_the_gpu_gives_the_separate_steps_logits() {
 #[test]
 fn a_mixed_step_between_graph_replays_keeps_the_eager_tokens() {
     let Some(dev) = gpu() else { return };
-    let weights = RandomWeights { seed: 17, std: 0.02 };
-    let config = GqaConfig {
-        num_hidden_layers: 3,
-        vocab_size: 4096,
-        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
-    };
-    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
+    let model = small_qwen(&dev, 17);
     let plan = cutting_tls();
     let prompt =
         |len: usize, salt: usize| -> Vec<u32> { (0..len).map(|i| ((i * 29 + salt * 11) % 4096) as u32).collect() };
@@ -650,17 +639,8 @@ fn a_mixed_step_between_graph_replays_keeps_the_eager_tokens() {
 #[test]
 fn a_tiered_cache_on_the_gpu_gives_the_resident_tokens() {
     let Some(dev) = gpu() else { return };
-    let weights = RandomWeights { seed: 21, std: 0.02 };
-    let config = GqaConfig {
-        num_hidden_layers: 3,
-        vocab_size: 4096,
-        ..GqaConfig::preset("qwen2.5-0.5b").unwrap()
-    };
-    let model = GqaModel::load_on(config, &weights, &dev).unwrap();
-    let prompts: Vec<Vec<u32>> = vec![
-        (0..1300).map(|i| (i * 37 % 4096) as u32).collect(),
-        (0..450).map(|i| ((i * 11 + 5) % 4096) as u32).collect(),
-    ];
+    let model = small_qwen(&dev, 21);
+    let prompts = two_prompts(4096);
     let plan = cutting_tls();
     for graphed in [false, true] {
         let mut plain = model.new_backend(64, KvDType::BF16, None).unwrap();

@@ -5,26 +5,14 @@
 //! same next step. For the GQA family (Qwen3, Llama) and GLM (MLA + MoE),
 //! dense and with tls selections below the context, on the CPU.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, prompt, rel_err};
 
 use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{load_model, AttentionPlan, CausalLm, ModelError};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm
-}
-
-fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 31 + salt * 7 + 3) % vocab) as u32).collect()
-}
 
 /// Two sequences decoding and a third prefilled in two chunks: the second
 /// chunk either alone then a decode step, or in one mixed step.

@@ -7,26 +7,14 @@
 //! offloaded one; a full cache refuses a prompt and loses nothing. On the
 //! CPU (the same code runs over the two GPU backends).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, prompt, rel_err};
 
 use asynctls_attn::{OffloadOptions, Policy, SparseConfig, TieredAttention};
 use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{load_model, AttentionBackend, AttentionPlan, CausalLm};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm
-}
-
-fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 31 + salt * 7 + 3) % vocab) as u32).collect()
-}
 
 /// Every logit the run produced, in order, and each sequence's tier.
 fn run(model: &dyn CausalLm, backend: &mut dyn AttentionBackend, plan: &AttentionPlan) -> Vec<f32> {
