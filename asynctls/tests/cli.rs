@@ -322,32 +322,37 @@ fn bench_e2e_offloaded_runs_the_sparse_rows_and_reports_the_residency() {
     // The K/V in the host tier behind the offload engine (the CPU twin of
     // the GPU path): tls rows carry the residency, dense is skipped with a reason.
     let dir = fixture("qwen3-tiny");
-    let out = asynctls(&[
-        "bench",
-        "e2e",
-        "--device",
-        "cpu",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ctx",
-        "200",
-        "--batch",
-        "2",
-        "--budget",
-        "16",
-        "--block-topk",
-        "1",
-        "--dense-layers",
-        "0",
-        "--decode-tokens",
-        "3",
-        "--prefill-tokens",
-        "0",
-        "--offload",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offloaded = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "e2e",
+            "--device",
+            "cpu",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ctx",
+            "200",
+            "--batch",
+            "2",
+            "--budget",
+            "16",
+            "--block-topk",
+            "1",
+            "--dense-layers",
+            "0",
+            "--decode-tokens",
+            "3",
+            "--prefill-tokens",
+            "0",
+            "--offload",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = asynctls(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let doc = offloaded(&[]);
     let rows = doc["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
     let offload = &rows[0]["offload"];
@@ -365,40 +370,11 @@ fn bench_e2e_offloaded_runs_the_sparse_rows_and_reports_the_residency() {
         skipped.len() == 1 && skipped[0].as_str().unwrap().contains("dense"),
         "{skipped:?}"
     );
-    // One of the two sequences in a resident tier beside the offloaded cache.
-    let tiered = asynctls(&[
-        "bench",
-        "e2e",
-        "--device",
-        "cpu",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ctx",
-        "200",
-        "--batch",
-        "2",
-        "--policies",
-        "tls",
-        "--budget",
-        "16",
-        "--block-topk",
-        "1",
-        "--dense-layers",
-        "0",
-        "--decode-tokens",
-        "3",
-        "--prefill-tokens",
-        "0",
-        "--offload",
-        "--offload-resident-batch",
-        "1",
-        "--json",
-    ]);
-    assert!(tiered.status.success(), "{}", String::from_utf8_lossy(&tiered.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&tiered.stdout).unwrap();
-    assert_eq!(doc["rows"][0]["offload"]["resident_batch"], 1, "{doc}");
-    // The offloaded sequence's reads are counted.
+    // One of the two sequences in a resident tier beside the offloaded
+    // cache; the other's reads are counted.
+    let doc = offloaded(&["--policies", "tls", "--offload-resident-batch", "1"]);
     let reads = &doc["rows"][0]["offload"];
+    assert_eq!(reads["resident_batch"], 1, "{doc}");
     assert!(reads["resident_reads"].as_u64().unwrap() + reads["host_reads"].as_u64().unwrap() > 0);
     let bad = asynctls(&["bench", "e2e", "--device", "cpu", "--offload", "--offload-slack", "0.5"]);
     assert!(!bad.status.success());
