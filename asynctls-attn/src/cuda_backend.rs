@@ -513,18 +513,29 @@ fn current_meta<'a>(
 /// the slots where units have one and the host tier for the others.
 fn full_view<'a>(offload: Option<&'a Offload>, layer: usize, view: PagedKvView<'a>) -> PagedKvView<'a> {
     match offload.and_then(|o| Some((o, layer.checked_sub(o.first_layer)?))) {
-        Some((o, tier_layer)) => {
-            let (keys, values, offload) = o.residency.dense_view(tier_layer);
-            PagedKvView {
-                keys,
-                values,
-                offload: Some(offload),
-                ..view
-            }
-        }
+        Some((o, tier_layer)) => tier_view(view, o.residency.dense_view(tier_layer)),
         None => view,
     }
 }
+
+/// `view` reading the slot pools and host tier of `tier` (a residency's
+/// `dense_view` or `offloaded`) instead of the pool's own K/V.
+fn tier_view<'a>(view: PagedKvView<'a>, tier: TierParts<'a>) -> PagedKvView<'a> {
+    let (keys, values, offload) = tier;
+    PagedKvView {
+        keys,
+        values,
+        offload: Some(offload),
+        ..view
+    }
+}
+
+/// What a residency hands a view: slot keys, slot values, the lookup.
+type TierParts<'a> = (
+    &'a CudaSlice<half::bf16>,
+    Option<&'a CudaSlice<half::bf16>>,
+    asynctls_kernels::cuda::OffloadedKv<'a>,
+);
 
 fn gpu_err(what: &'static str) -> AttnError {
     AttnError::Config(format!("{what} must be a whole f32 tensor on the GPU"))
@@ -746,15 +757,7 @@ impl AttentionBackend for CudaAttention {
                         {
                             // Offloaded: the slots the resolve chose, misses in place.
                             let view = match &tiered {
-                                Some((tier_layer, off)) => {
-                                    let (keys, values, offload) = off.residency.offloaded(*tier_layer);
-                                    PagedKvView {
-                                        keys,
-                                        values,
-                                        offload: Some(offload),
-                                        ..view
-                                    }
-                                }
+                                Some((tier_layer, off)) => tier_view(view, off.residency.offloaded(*tier_layer)),
                                 None => view,
                             };
                             let lists = self.select_scratch.lists();
