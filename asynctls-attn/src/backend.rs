@@ -244,6 +244,13 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
         None
     }
+    /// Per offloaded layer (its index in the model), the residency's
+    /// cumulative counters (hits, misses, promotions, evictions, bytes
+    /// copied, overlap with the previous step), when the device keeps them
+    /// (the GPU's offloaded cache). Synchronizes the device.
+    fn offload_layer_stats(&self) -> Option<Vec<(usize, asynctls_offload::ResidencyStats)>> {
+        None
+    }
     /// Switches decode steps to persistent metadata so that they can be
     /// captured and replayed as CUDA graphs; `max_blocks` bounds the blocks
     /// a sequence may hold while graphs are used. Backends without graphs

@@ -791,6 +791,18 @@ impl AttentionBackend for CudaAttention {
         Ok(out)
     }
 
+    fn offload_layer_stats(&self) -> Option<Vec<(usize, ResidencyStats)>> {
+        let off = self.offload.as_ref()?;
+        let stats = off.residency.stats().ok()?;
+        Some(
+            stats
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| (off.first_layer + i, s))
+                .collect(),
+        )
+    }
+
     fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
         let off = self.offload.as_mut()?;
         let now = off

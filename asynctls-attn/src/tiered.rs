@@ -413,6 +413,13 @@ impl AttentionBackend for TieredAttention {
         }
     }
 
+    /// The offloaded tier's (a resident tier keeps none).
+    fn offload_layer_stats(&self) -> Option<Vec<(usize, asynctls_offload::ResidencyStats)>> {
+        self.tiers[1]
+            .offload_layer_stats()
+            .or_else(|| self.tiers[0].offload_layer_stats())
+    }
+
     fn enable_graphs(&mut self, max_blocks: usize) -> Result<()> {
         self.tiers[0].enable_graphs(max_blocks)?;
         self.tiers[1].enable_graphs(max_blocks)?;

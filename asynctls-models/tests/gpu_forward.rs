@@ -439,6 +439,23 @@ fn offloaded_matches_resident(name: &str, model: &dyn CausalLm) {
                         .unwrap(),
                 );
                 let reads = backend.take_offload_reads();
+                if slots.is_some() {
+                    // One counter set per offloaded layer, numbered as in the
+                    // model, whose hits and misses add up to the reads.
+                    let layers = backend.offload_layer_stats().expect("per-layer counters");
+                    let first = plan.dense_layers.min(model.cache_config(1, KvDType::BF16).num_layers);
+                    assert_eq!(
+                        layers.first().map(|l| l.0),
+                        Some(first),
+                        "{name}: the first offloaded layer"
+                    );
+                    let (hits, misses) = layers.iter().fold((0, 0), |(h, m), (_, s)| (h + s.hits, m + s.misses));
+                    let (h, m) = reads.unwrap();
+                    assert!(
+                        hits as usize >= h && misses as usize >= m,
+                        "{name}: layer counters below the reads"
+                    );
+                }
                 runs.push((tokens, logits, reads));
             }
             let (resident, offloaded) = (&runs[0], &runs[1]);

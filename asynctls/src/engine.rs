@@ -43,7 +43,7 @@ pub struct Generation {
 }
 
 /// Timings of a whole batch.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BatchTimings {
     pub prefill_tokens: usize,
     pub prefill_ms: f64,
@@ -57,6 +57,9 @@ pub struct BatchTimings {
     /// With an offloaded cache: key reads served from resident slots and
     /// from the host tier (per attended token and head).
     pub offload_reads: Option<(usize, usize)>,
+    /// Per offloaded layer, the device residency's counters over the run
+    /// (the GPU's offloaded cache only).
+    pub offload_layers: Option<Vec<(usize, asynctls_offload::ResidencyStats)>>,
 }
 
 impl BatchTimings {
@@ -170,6 +173,7 @@ impl Engine {
             decode_ms: 0.0,
             recall: None,
             offload_reads: None,
+            offload_layers: None,
             attended_fraction: None,
         };
         // (request index, sequence, next token)
@@ -258,6 +262,7 @@ impl Engine {
             timings.attended_fraction = Some(stats.attended_fraction());
         }
         timings.offload_reads = backend.take_offload_reads();
+        timings.offload_layers = backend.offload_layer_stats();
         Ok((out, timings))
     }
 }

@@ -71,6 +71,49 @@ pub struct E2eOffload {
     pub resident_reads: usize,
     pub host_reads: usize,
     pub hit_rate: f64,
+    /// Per offloaded layer over the timed steps, when the device keeps the
+    /// counters (the GPU's residency): hit rate, misses, promotions,
+    /// evictions, bytes copied host to device a step, the selection's
+    /// overlap with the previous step.
+    pub layers: Vec<LayerResidency>,
+    /// All layers: bytes copied host to device per step.
+    pub h2d_bytes_per_step: Option<f64>,
+}
+
+/// One offloaded layer's residency over a row's timed steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerResidency {
+    pub layer: usize,
+    pub hit_rate: f64,
+    pub misses: u64,
+    pub promoted: u64,
+    pub evicted: u64,
+    pub h2d_bytes_per_step: f64,
+    pub overlap_rate: f64,
+}
+
+/// Per layer, the counters of `after` since `before` over `steps` steps.
+fn layer_residency(
+    before: &[(usize, asynctls_offload::ResidencyStats)],
+    after: &[(usize, asynctls_offload::ResidencyStats)],
+    steps: usize,
+) -> Vec<LayerResidency> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(&(layer, a), &(_, b))| {
+            let d = a.since(b);
+            LayerResidency {
+                layer,
+                hit_rate: d.hit_rate(),
+                misses: d.misses,
+                promoted: d.promoted,
+                evicted: d.evicted,
+                h2d_bytes_per_step: d.h2d_bytes as f64 / steps.max(1) as f64,
+                overlap_rate: d.overlap_rate(),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -407,6 +450,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 let mut generated = Vec::with_capacity(config.decode_tokens);
                 let mut times = Vec::with_capacity(config.decode_tokens);
                 let mut graphs = DecodeGraphs::new(per_seq, config.cuda_graphs);
+                let mut layers_before = None;
                 // Warm-up steps (the first runs eagerly, the second is
                 // captured as a CUDA graph), then the timed ones.
                 const WARMUP: usize = 3;
@@ -414,6 +458,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     if step == WARMUP {
                         // The residency counts from the first timed step.
                         backend.take_offload_reads();
+                        layers_before = backend.offload_layer_stats();
                     }
                     let start = Instant::now();
                     next = model.decode_greedy(backend.as_mut(), &forks, &next, &plan, &mut graphs)?;
@@ -429,6 +474,12 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 }
                 let graphed = graphs.replays > 0;
                 drop(graphs);
+                let layers = match (&layers_before, backend.offload_layer_stats()) {
+                    (Some(b), Some(a)) => layer_residency(b, &a, config.decode_tokens),
+                    _ => Vec::new(),
+                };
+                let h2d_bytes_per_step =
+                    (!layers.is_empty()).then(|| layers.iter().map(|l| l.h2d_bytes_per_step).sum());
                 let offload = slots
                     .zip(backend.take_offload_reads())
                     .map(|(slots, (hits, misses))| E2eOffload {
@@ -438,6 +489,8 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                         resident_reads: hits,
                         host_reads: misses,
                         hit_rate: hits as f64 / (hits + misses).max(1) as f64,
+                        layers: layers.clone(),
+                        h2d_bytes_per_step,
                     });
                 // One more step, eager, recording the weights it touches
                 // (a MoE's experts depend on the batch): the floor's weights.

@@ -263,6 +263,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "resident_slots_per_layer": args.offload_slots,
                 "hits": hits,
                 "misses": misses,
+                // On a GPU, each offloaded layer's residency over the run.
+                "layers": timings.offload_layers.as_ref().map(|layers| layers
+                    .iter()
+                    .map(|(layer, s)| serde_json::json!({"layer": layer, "counters": s, "hit_rate": s.hit_rate(),
+                                                         "overlap_rate": s.overlap_rate()}))
+                    .collect::<Vec<_>>()),
             })),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
