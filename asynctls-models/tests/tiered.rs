@@ -4,7 +4,8 @@
 //! for a batch whose sequences live in different tiers, in interleaved
 //! rows, through decode steps, a mixed step and a fork; sequences go to the
 //! resident tier while it has room for what they announce, then to the
-//! offloaded one; a full cache refuses a prompt and loses nothing. On the
+//! offloaded one; a full cache refuses a prompt and loses nothing; and a
+//! property test over random prompts, decode steps, forks and frees. On the
 //! CPU (the same code runs over the two GPU backends).
 
 mod common;
@@ -150,4 +151,93 @@ fn a_full_tiered_cache_refuses_a_prompt_and_loses_nothing() {
     model
         .decode_step(backend.as_mut(), &[a, b], &t, &AttentionPlan::dense())
         .unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A new prompt of this many tokens, announcing this many more.
+    Prompt(usize, usize),
+    /// One decode step of the live sequences whose index bit is set.
+    Decode(u32),
+    /// Fork live sequence i % live.
+    Fork(usize),
+    /// Free live sequence i % live.
+    Free(usize),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (1usize..90, 0usize..40).prop_map(|(n, more)| Op::Prompt(n, more)),
+        any::<u32>().prop_map(Op::Decode),
+        any::<usize>().prop_map(Op::Fork),
+        any::<usize>().prop_map(Op::Free),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Random prompts, decode steps over random subsets (rows in any
+    /// order across the tiers), forks and frees give the same logits on a
+    /// tiered cache as on one cache; a fork lives in its parent's tier; no
+    /// tier holds more blocks than it has.
+    #[test]
+    fn a_tiered_cache_follows_one_cache_through_random_steps(ops in proptest::collection::vec(op(), 1..14)) {
+        let model = load_model(&fixture("qwen3-tiny")).unwrap();
+        let vocab = model.vocab_size();
+        let plan = AttentionPlan::dense();
+        let mut plain = model.new_backend(64, KvDType::F32, None).unwrap();
+        let options = OffloadOptions { resident_tier_blocks: 5, ..OffloadOptions::new(6) };
+        let mut tiered = model.new_backend(64, KvDType::F32, Some(options)).unwrap();
+        // (plain id, tiered id, last token)
+        let mut live: Vec<(SeqId, SeqId, u32)> = vec![];
+        for (k, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Prompt(n, more) => {
+                    let p = prompt(n, vocab, k);
+                    let (a, b) = (plain.add_sequence(), tiered.add_sequence());
+                    tiered.plan_sequence(b, n + more);
+                    let want = model.prefill(plain.as_mut(), a, &p, false, 32).unwrap().to_f32_vec().unwrap();
+                    let got = model.prefill(tiered.as_mut(), b, &p, false, 32).unwrap().to_f32_vec().unwrap();
+                    proptest::prop_assert!(rel_err(&got, &want) <= 1e-5, "prefill logits");
+                    live.push((a, b, cpu::argmax(&want).unwrap()));
+                }
+                Op::Decode(mask) => {
+                    let picked: Vec<usize> = (0..live.len()).filter(|i| mask >> (i % 32) & 1 == 1).rev().collect();
+                    // Reversed rows: the batch's order mixes the tiers.
+                    if picked.is_empty() || picked.iter().any(|&i| plain.seq_len(live[i].0).unwrap() + 1 > 250) {
+                        continue;
+                    }
+                    let ids: Vec<u32> = picked.iter().map(|&i| live[i].2).collect();
+                    let t = Tensor::from_vec(ids, &[picked.len()]).unwrap();
+                    let a: Vec<SeqId> = picked.iter().map(|&i| live[i].0).collect();
+                    let b: Vec<SeqId> = picked.iter().map(|&i| live[i].1).collect();
+                    let want = model.decode_step(plain.as_mut(), &a, &t, &plan).unwrap().to_f32_vec().unwrap();
+                    let got = model.decode_step(tiered.as_mut(), &b, &t, &plan).unwrap().to_f32_vec().unwrap();
+                    proptest::prop_assert!(rel_err(&got, &want) <= 1e-5, "decode logits");
+                    for (row, &i) in picked.iter().enumerate() {
+                        live[i].2 = cpu::argmax(&want[row * vocab..(row + 1) * vocab]).unwrap();
+                    }
+                }
+                Op::Fork(i) if !live.is_empty() => {
+                    let (a, b, last) = live[i % live.len()];
+                    let (fa, fb) = (plain.fork(a).unwrap(), tiered.fork(b).unwrap());
+                    let t = tiered.as_any_mut().downcast_mut::<TieredAttention>().unwrap();
+                    proptest::prop_assert_eq!(t.tier_of(fb).unwrap(), t.tier_of(b).unwrap(), "a fork left its parent's tier");
+                    live.push((fa, fb, last));
+                }
+                Op::Free(i) if !live.is_empty() => {
+                    let (a, b, _) = live.swap_remove(i % live.len());
+                    plain.free(a).unwrap();
+                    tiered.free(b).unwrap();
+                }
+                _ => {}
+            }
+            let t = tiered.as_any_mut().downcast_mut::<TieredAttention>().unwrap();
+            for tier in t.tiers_mut().iter() {
+                let r = tier.memory_report();
+                proptest::prop_assert!(r.blocks_used <= r.blocks_total);
+            }
+        }
+    }
 }
