@@ -159,6 +159,12 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     /// `tokens` positions: a tiered cache places it where that fits
     /// ([`crate::TieredAttention`]); the others ignore it.
     fn plan_sequence(&mut self, _seq: SeqId, _tokens: usize) {}
+    /// Whether a new sequence of `tokens` positions would fit (a tiered
+    /// cache: in one of its tiers); admission asks before it reserves.
+    /// Others say yes and let their own block count decide.
+    fn room_for(&self, _tokens: usize) -> bool {
+        true
+    }
     /// Reserves `n` more positions of `seq` (a prefill chunk), below `limit`.
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step>;
     /// Reserves one more position of every sequence, all or nothing.

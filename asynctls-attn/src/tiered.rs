@@ -58,6 +58,12 @@ pub struct TieredAttention {
     persistent: HashMap<(usize, usize, usize), Tensor>,
     positions: HashMap<usize, Tensor>,
     generation: u64,
+    /// The current decode step's split (per part: tier and rows, and
+    /// whether it passes straight through) and its longest sequence: a
+    /// captured step replays one split and one dense/sparse choice, so
+    /// the split is part of the graph generation.
+    split: Vec<(usize, usize, bool)>,
+    longest: usize,
 }
 
 impl TieredAttention {
@@ -85,6 +91,8 @@ impl TieredAttention {
             persistent: HashMap::new(),
             positions: HashMap::new(),
             generation: 0,
+            split: Vec::new(),
+            longest: 0,
         })
     }
 
@@ -101,9 +109,26 @@ impl TieredAttention {
     /// Places `seq` for `tokens` positions (if it is not yet) and returns
     /// the backend of its tier and its id there: for writing a sequence's
     /// context straight into its tier (a benchmark's random K/V).
-    pub fn tier_backend(&mut self, seq: SeqId, tokens: usize) -> Result<(&mut dyn AttentionBackend, SeqId)> {
-        let (t, inner) = self.place(seq, tokens)?;
+    pub fn tier_backend(
+        &mut self,
+        seq: SeqId,
+        tokens: usize,
+        tier: Option<usize>,
+    ) -> Result<(&mut dyn AttentionBackend, SeqId)> {
+        let (t, inner) = self.place_in(seq, tokens, tier)?;
         Ok((self.tiers[t].as_mut(), inner))
+    }
+
+    /// Undoes a placement whose first reservation was refused (nothing of
+    /// the sequence stays in its tier).
+    fn unplace(&mut self, seq: SeqId) {
+        if let Some(Some((t, inner))) = self.seqs.get(&seq).copied() {
+            let _ = self.tiers[t].free(inner);
+            if let Some(share) = self.shares.remove(&seq) {
+                self.promised[t] = self.promised[t].saturating_sub(share);
+            }
+            self.seqs.insert(seq, None);
+        }
     }
 
     fn placement(&self, seq: SeqId) -> Result<Option<Placement>> {
@@ -119,18 +144,30 @@ impl TieredAttention {
     /// placed sequences announced (not what they hold yet) keeps a tier from
     /// running out while its sequences grow.
     fn place(&mut self, seq: SeqId, n: usize) -> Result<Placement> {
+        self.place_in(seq, n, None)
+    }
+
+    /// Blocks a sequence of `tokens` is promised in a tier.
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size) + 1
+    }
+
+    /// Blocks tier `t` has not promised to its sequences.
+    fn room(&self, t: usize) -> usize {
+        self.tiers[t]
+            .memory_report()
+            .blocks_total
+            .saturating_sub(self.promised[t])
+    }
+
+    /// [`Self::place`], in `tier` when given (else by room).
+    fn place_in(&mut self, seq: SeqId, n: usize, tier: Option<usize>) -> Result<Placement> {
         if let Some(p) = self.placement(seq)? {
             return Ok(p);
         }
         let tokens = self.planned.get(&seq).copied().unwrap_or(n).max(n);
-        let blocks = tokens.div_ceil(self.block_size) + 1;
-        let room = |t: usize| {
-            self.tiers[t]
-                .memory_report()
-                .blocks_total
-                .saturating_sub(self.promised[t])
-        };
-        let tier = if room(0) >= blocks { 0 } else { 1 };
+        let blocks = self.blocks_for(tokens);
+        let tier = tier.unwrap_or(if self.room(0) >= blocks { 0 } else { 1 }).min(1);
         let inner = self.tiers[tier].add_sequence();
         self.seqs.insert(seq, Some((tier, inner)));
         self.planned.remove(&seq);
@@ -216,7 +253,15 @@ impl Sequences for TieredAttention {
             Some((t, inner)) => Some((t, self.tiers[t].fork(inner)?)),
             None => None,
         };
-        Ok(self.new_id(placement))
+        // Promised its parent's share again: it may outlive the parent and
+        // grows blocks of its own, and over-promising keeps placement safe.
+        let share = self.shares.get(&seq).copied();
+        let id = self.new_id(placement);
+        if let (Some((t, _)), Some(share)) = (placement, share) {
+            self.promised[t] += share;
+            self.shares.insert(id, share);
+        }
+        Ok(id)
     }
 
     fn seq_len(&self, seq: SeqId) -> Result<usize> {
@@ -256,15 +301,29 @@ impl AttentionBackend for TieredAttention {
         self
     }
 
+    /// Places the sequence now (its tier promised the blocks), so that
+    /// [`AttentionBackend::room_for`] answers for the next one.
     fn plan_sequence(&mut self, seq: SeqId, tokens: usize) {
         if matches!(self.seqs.get(&seq), Some(None)) {
             self.planned.insert(seq, tokens);
+            let _ = self.place(seq, tokens);
         }
     }
 
     fn begin_prefill(&mut self, seq: SeqId, n: usize, limit: usize) -> Result<Step> {
+        // Nothing reserved yet (placed by plan_sequence, or not at all).
+        let fresh = Sequences::seq_len(self, seq)? == 0;
         let (t, inner) = self.place(seq, n)?;
-        let step = self.tiers[t].begin_prefill(inner, n, limit)?;
+        let step = match self.tiers[t].begin_prefill(inner, n, limit) {
+            Ok(step) => step,
+            Err(e) => {
+                // A refused first reservation changes nothing.
+                if fresh {
+                    self.unplace(seq);
+                }
+                return Err(e);
+            }
+        };
         let StepKind::Prefill { start, .. } = step.kind else {
             return Err(AttnError::Config(
                 "a tier began a prefill as another kind of step".into(),
@@ -285,6 +344,12 @@ impl AttentionBackend for TieredAttention {
     /// after the first reserved leaves the batch unusable, as a failed
     /// step does; the engine frees its sequences).
     fn begin_decode(&mut self, seqs: &[SeqId], limit: usize) -> Result<Step> {
+        // The context limit is checked for every sequence before any tier
+        // reserves (a tier running out of blocks after the other reserved
+        // still leaves the batch unusable, as a failed step does).
+        for &s in seqs {
+            crate::backend::check_positions(Sequences::seq_len(self, s)? + 1, limit)?;
+        }
         let mut by_tier: [(Vec<u32>, Vec<SeqId>); 2] = Default::default();
         for (row, &s) in seqs.iter().enumerate() {
             let (t, inner) = self
@@ -310,6 +375,11 @@ impl AttentionBackend for TieredAttention {
             };
             parts.push(DecodePart { tier: t, step, rows });
         }
+        self.split = parts
+            .iter()
+            .map(|p| (p.tier, p.step.tokens(), p.rows.is_none()))
+            .collect();
+        self.longest = positions.iter().map(|&p| p + 1).max().unwrap_or(0);
         self.decode = parts;
         let single = match self.decode.as_slice() {
             [only] if only.rows.is_none() => Some(only.step.positions_tensor.clone()),
@@ -371,6 +441,19 @@ impl AttentionBackend for TieredAttention {
                 self.tiers[*t].attend(&inner, layer, q, shape, sparse)
             }
             StepKind::Decode => {
+                // On a GPU a step is dense or sparse as a whole (by its
+                // longest sequence, as DecodeGraphs keys its graphs), not
+                // tier by tier; the CPU decides per sequence either way.
+                let step_wide;
+                let sparse = if self.tiers[0].device().is_cuda() && self.longest >= sparse.dense_below {
+                    step_wide = SparseConfig {
+                        dense_below: 0,
+                        ..sparse.clone()
+                    };
+                    &step_wide
+                } else {
+                    sparse
+                };
                 if let [only] = self.decode.as_slice() {
                     if only.rows.is_none() {
                         let (t, inner) = (only.tier, only.step.clone());
@@ -400,9 +483,23 @@ impl AttentionBackend for TieredAttention {
         self.tiers[1].measure(on)
     }
 
-    /// The first tier's statistics, else the second's.
+    /// Both tiers' statistics together.
     fn stats(&self) -> Option<AttentionStats> {
-        self.tiers[0].stats().or_else(|| self.tiers[1].stats())
+        match (self.tiers[0].stats(), self.tiers[1].stats()) {
+            (Some(a), Some(b)) => Some(AttentionStats {
+                recall_sum: a.recall_sum + b.recall_sum,
+                attended_sum: a.attended_sum + b.attended_sum,
+                count: a.count + b.count,
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a sequence of `tokens` has room in a tier (by what the
+    /// tiers promised their sequences): what admission asks first.
+    fn room_for(&self, tokens: usize) -> bool {
+        let blocks = self.blocks_for(tokens);
+        self.room(0) >= blocks || self.room(1) >= blocks
     }
 
     fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
@@ -433,10 +530,16 @@ impl AttentionBackend for TieredAttention {
     fn graph_generation(&self) -> u64 {
         // Any tier's buffers replaced, or this backend's row tensors.
         let mix = |h: u64, v: u64| (h ^ v).wrapping_mul(0x100_0000_01b3);
+        // And the current step's split (tiers, rows, pass-through): a
+        // captured step replays one split.
+        let split = self.split.iter().fold(0u64, |h, &(t, n, whole)| {
+            mix(h, (t as u64) << 40 | (n as u64) << 1 | whole as u64)
+        });
         [
             self.tiers[0].graph_generation(),
             self.tiers[1].graph_generation(),
             self.generation,
+            split,
         ]
         .into_iter()
         .fold(0xcbf2_9ce4_8422_2325, mix)

@@ -111,7 +111,8 @@ fn a_tiered_cache_computes_what_one_cache_computes() {
             vec![Some(0), Some(1), Some(1), Some(1), Some(1)],
             "{label}: placement"
         );
-        assert!(tiered.take_offload_reads().is_some(), "the offloaded tier served reads");
+        let (hits, misses) = tiered.take_offload_reads().expect("the offloaded tier's reads");
+        assert!(hits + misses > 0, "the offloaded tier served no reads");
     }
 }
 
@@ -233,11 +234,8 @@ proptest::proptest! {
                 }
                 _ => {}
             }
-            let t = tiered.as_any_mut().downcast_mut::<TieredAttention>().unwrap();
-            for tier in t.tiers_mut().iter() {
-                let r = tier.memory_report();
-                proptest::prop_assert!(r.blocks_used <= r.blocks_total);
-            }
+                        // The same blocks in use, split over the tiers.
+            proptest::prop_assert_eq!(tiered.memory_report().blocks_used, plain.memory_report().blocks_used);
         }
     }
 }

@@ -216,6 +216,7 @@ fn step_bytes(model: &dyn CausalLm, weights: usize, plan: &AttentionPlan, ctx: u
 }
 
 /// Gives `seq` `ctx` tokens of K/V: random rows on a GPU, a prefill on the CPU.
+/// A tiered cache places it in `tier`.
 fn fill(
     model: &dyn CausalLm,
     backend: &mut dyn AttentionBackend,
@@ -223,11 +224,12 @@ fn fill(
     ctx: usize,
     seed: u64,
     chunk: usize,
+    tier: Option<usize>,
 ) -> Result<()> {
     // A tiered cache's sequence is written into the tier it is placed in.
     let (backend, seq) = if backend.as_any_mut().is::<TieredAttention>() {
         let tiered = backend.as_any_mut().downcast_mut::<TieredAttention>().expect("checked");
-        tiered.tier_backend(seq, ctx)?
+        tiered.tier_backend(seq, ctx, tier)?
     } else {
         (backend, seq)
     };
@@ -416,8 +418,8 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             let mut seqs = Vec::with_capacity(batch);
             for b in 0..batch {
                 let seq = backend.add_sequence();
-                // A tiered cache places the first sequences in its resident tier.
-                backend.plan_sequence(seq, ctx + config.decode_tokens);
+                // Tiered: exactly the first `resident_batch` whole on the GPU.
+                let tier = (resident_batch > 0).then_some(usize::from(b >= resident_batch));
                 fill(
                     model,
                     backend.as_mut(),
@@ -425,6 +427,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     ctx,
                     config.seed ^ (b as u64) << 20,
                     config.prefill_chunk,
+                    tier,
                 )?;
                 seqs.push(seq);
             }

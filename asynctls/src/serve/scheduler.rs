@@ -494,6 +494,23 @@ impl Loop {
             if self.blocks_reserved + need > self.limits.kv_blocks {
                 break;
             }
+            // A tiered cache must also hold the request whole in one tier.
+            if !self.backend.room_for(job.prompt_ids.len() + job.max_tokens) {
+                if self.running.is_empty() {
+                    // Nothing running will free a tier: it never fits.
+                    let Some(job) = self.waiting.pop_front() else { break };
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    let e = ApiError::invalid(
+                        "the prompt plus max_tokens fits neither tier of the KV cache",
+                        Some("max_tokens"),
+                    )
+                    .with_code("context_length_exceeded");
+                    let _ = job.events.send(Event::Failed(e));
+                    self.metrics.count_request(Outcome::Failed);
+                    continue;
+                }
+                break;
+            }
             let Some(job) = self.waiting.pop_front() else { break };
             self.queued.fetch_sub(1, Ordering::SeqCst);
             self.blocks_reserved += need;
