@@ -55,8 +55,7 @@ pub struct TieredAttention {
     /// In graph mode, each batch size's row tensors and positions stay at
     /// fixed addresses (written in place every step).
     graphs: bool,
-    persistent: HashMap<(usize, usize, usize), Tensor>,
-    positions: HashMap<usize, Tensor>,
+    fixed: HashMap<FixedKey, Tensor>,
     generation: u64,
     /// The current decode step's split (per part: tier and rows, and
     /// whether it passes straight through) and its longest sequence: a
@@ -88,8 +87,7 @@ impl TieredAttention {
             prefill: None,
             decode: Vec::new(),
             graphs: false,
-            persistent: HashMap::new(),
-            positions: HashMap::new(),
+            fixed: HashMap::new(),
             generation: 0,
             split: Vec::new(),
             longest: 0,
@@ -183,40 +181,41 @@ impl TieredAttention {
         id
     }
 
-    /// `rows` as a u32 tensor on the device: in graph mode at a fixed
-    /// address per (batch, tier, count), written in place.
-    fn rows_tensor(&mut self, batch: usize, tier: usize, rows: &[u32]) -> Result<Tensor> {
+    /// `data` as a tensor on the device: in graph mode at a fixed address
+    /// per `key` (allocated once, bumping the generation, then written in
+    /// place), so a replayed step reads this step's values.
+    fn device_tensor<T: asynctls_kernels::WithDType>(&mut self, key: FixedKey, data: &[T]) -> Result<Tensor> {
         let device = self.tiers[0].device().clone();
         if !self.graphs {
-            return Ok(Tensor::from_vec(rows.to_vec(), &[rows.len()])?.to_device(&device)?);
+            return Ok(Tensor::from_vec(data.to_vec(), &[data.len()])?.to_device(&device)?);
         }
-        let key = (batch, tier, rows.len());
-        if !self.persistent.contains_key(&key) {
-            self.generation += 1;
-            let t = Tensor::zeros_on(&[rows.len()], asynctls_kernels::DType::U32, &device)?;
-            self.persistent.insert(key, t);
-        }
-        let t = self.persistent.get_mut(&key).expect("inserted above");
-        t.write_from_host(rows)?;
+        let t = match self.fixed.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.generation += 1;
+                e.insert(Tensor::zeros_on(&[data.len()], T::DTYPE, &device)?)
+            }
+        };
+        t.write_from_host(data)?;
         Ok(t.clone())
     }
+}
 
-    fn positions_tensor(&mut self, positions: &[usize]) -> Result<Tensor> {
-        let device = self.tiers[0].device().clone();
-        let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        if !self.graphs {
-            return Ok(Tensor::from_vec(p, &[positions.len()])?.to_device(&device)?);
-        }
-        let b = positions.len();
-        if !self.positions.contains_key(&b) {
-            self.generation += 1;
-            let t = Tensor::zeros_on(&[b], asynctls_kernels::DType::I32, &device)?;
-            self.positions.insert(b, t);
-        }
-        let t = self.positions.get_mut(&b).expect("inserted above");
-        t.write_from_host(&p)?;
-        Ok(t.clone())
-    }
+/// The current prefill chunk's tier and its step there.
+fn prefill_part<'a>(prefill: &'a Option<(usize, Step)>, op: &str) -> Result<(usize, &'a Step)> {
+    prefill
+        .as_ref()
+        .map(|(t, step)| (*t, step))
+        .ok_or_else(|| AttnError::Config(format!("{op} outside a step")))
+}
+
+/// What a fixed-address tensor of a graph-mode decode step holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FixedKey {
+    /// A tier's rows (how many) of a batch of this size.
+    Rows { batch: usize, tier: usize, count: usize },
+    /// The positions of a batch of this size.
+    Positions { batch: usize },
 }
 
 /// The rows `rows` of `t` (all of them when `None`); an empty-width tensor
@@ -371,7 +370,12 @@ impl AttentionBackend for TieredAttention {
             let rows = if rows.len() == seqs.len() {
                 None
             } else {
-                Some(self.rows_tensor(seqs.len(), t, &rows)?)
+                let key = FixedKey::Rows {
+                    batch: seqs.len(),
+                    tier: t,
+                    count: rows.len(),
+                };
+                Some(self.device_tensor(key, &rows)?)
             };
             parts.push(DecodePart { tier: t, step, rows });
         }
@@ -387,7 +391,10 @@ impl AttentionBackend for TieredAttention {
         };
         let positions_tensor = match single {
             Some(t) => t,
-            None => self.positions_tensor(&positions)?,
+            None => {
+                let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+                self.device_tensor(FixedKey::Positions { batch: seqs.len() }, &p)?
+            }
         };
         Ok(Step {
             kind: StepKind::Decode,
@@ -402,20 +409,14 @@ impl AttentionBackend for TieredAttention {
         match step.kind {
             StepKind::Mixed => Err(crate::backend::mixed_step_err()),
             StepKind::Prefill { .. } => {
-                let (t, inner) = self
-                    .prefill
-                    .as_ref()
-                    .ok_or_else(|| AttnError::Config("write_kv outside a step".into()))?;
-                let inner = inner.clone();
-                self.tiers[*t].write_kv(&inner, layer, keys, values)
+                let (t, inner) = prefill_part(&self.prefill, "write_kv")?;
+                self.tiers[t].write_kv(inner, layer, keys, values)
             }
             StepKind::Decode => {
-                for i in 0..self.decode.len() {
-                    let part = &self.decode[i];
+                for part in &self.decode {
                     let n = part.step.tokens();
                     let (k, v) = (pick(keys, part.rows.as_ref(), n)?, pick(values, part.rows.as_ref(), n)?);
-                    let (t, inner) = (part.tier, part.step.clone());
-                    self.tiers[t].write_kv(&inner, layer, &k, &v)?;
+                    self.tiers[part.tier].write_kv(&part.step, layer, &k, &v)?;
                 }
                 Ok(())
             }
@@ -433,12 +434,8 @@ impl AttentionBackend for TieredAttention {
         match step.kind {
             StepKind::Mixed => Err(crate::backend::mixed_step_err()),
             StepKind::Prefill { .. } => {
-                let (t, inner) = self
-                    .prefill
-                    .as_ref()
-                    .ok_or_else(|| AttnError::Config("attend outside a step".into()))?;
-                let inner = inner.clone();
-                self.tiers[*t].attend(&inner, layer, q, shape, sparse)
+                let (t, inner) = prefill_part(&self.prefill, "attend")?;
+                self.tiers[t].attend(inner, layer, q, shape, sparse)
             }
             StepKind::Decode => {
                 // On a GPU a step is dense or sparse as a whole (by its
@@ -456,22 +453,19 @@ impl AttentionBackend for TieredAttention {
                 };
                 if let [only] = self.decode.as_slice() {
                     if only.rows.is_none() {
-                        let (t, inner) = (only.tier, only.step.clone());
-                        return self.tiers[t].attend(&inner, layer, q, shape, sparse);
+                        return self.tiers[only.tier].attend(&only.step, layer, q, shape, sparse);
                     }
                 }
                 let width = shape.q_heads * shape.value_dim;
                 let mut out = Tensor::zeros_on(&[step.tokens(), width], asynctls_kernels::DType::F32, &q.device())?;
-                for i in 0..self.decode.len() {
-                    let part = &self.decode[i];
+                for part in &self.decode {
                     let rows = part
                         .rows
-                        .clone()
+                        .as_ref()
                         .ok_or_else(|| AttnError::Config("a tier's rows of a split step".into()))?;
-                    let (t, inner) = (part.tier, part.step.clone());
-                    let q_part = ops::gather_rows(q, &rows)?;
-                    let o = self.tiers[t].attend(&inner, layer, &q_part, shape, sparse)?;
-                    ops::scatter_rows(&mut out, &rows, &o)?;
+                    let q_part = ops::gather_rows(q, rows)?;
+                    let o = self.tiers[part.tier].attend(&part.step, layer, &q_part, shape, sparse)?;
+                    ops::scatter_rows(&mut out, rows, &o)?;
                 }
                 Ok(out)
             }
@@ -521,8 +515,7 @@ impl AttentionBackend for TieredAttention {
         self.tiers[0].enable_graphs(max_blocks)?;
         self.tiers[1].enable_graphs(max_blocks)?;
         self.graphs = true;
-        self.persistent.clear();
-        self.positions.clear();
+        self.fixed.clear();
         self.generation += 1;
         Ok(())
     }
