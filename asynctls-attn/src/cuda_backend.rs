@@ -152,6 +152,21 @@ impl OffloadOptions {
     }
 }
 
+/// Refuses, before the cache is allocated rather than at the first prompt,
+/// a cache of head shapes the GPU kernels are not built for.
+fn check_kernel_shapes(config: &CacheConfig) -> Result<()> {
+    let in_keys = !matches!(config.values, asynctls_kvcache::ValueLayout::Separate { .. });
+    if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, config.value_dim(), in_keys) {
+        return Err(AttnError::Config(format!(
+            "the GPU kernels take head dims 64 and 128 (GQA) and 576/512 (MLA), not key dim {} / value dim {}: \
+             use --device cpu for this model",
+            config.key_dim,
+            config.value_dim()
+        )));
+    }
+    Ok(())
+}
+
 /// Backends created so far (their ids).
 static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -159,17 +174,7 @@ impl CudaAttention {
     /// A cache of `config` on `device`; refused before allocating when it
     /// does not fit the GPU's free memory.
     pub fn new(device: &CudaDevice, config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
-        // Refused here, before the cache is allocated, rather than at the
-        // first prompt.
-        let in_keys = !matches!(config.values, asynctls_kvcache::ValueLayout::Separate { .. });
-        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, config.value_dim(), in_keys) {
-            return Err(AttnError::Config(format!(
-                "the GPU kernels take head dims 64 and 128 (GQA) and 576/512 (MLA), not key dim {} / value dim {}: \
-                 use --device cpu for this model",
-                config.key_dim,
-                config.value_dim()
-            )));
-        }
+        check_kernel_shapes(config)?;
         let storage = GpuKvStorage::new(device, config, channels)?;
         Self::with_storage(device, storage, None)
     }
@@ -185,17 +190,10 @@ impl CudaAttention {
         channels: LabelChannels,
         options: OffloadOptions,
     ) -> Result<Self> {
+        check_kernel_shapes(config)?;
         // MLA's values are the latent channels of its keys: no value pools.
         let in_keys = !matches!(config.values, asynctls_kvcache::ValueLayout::Separate { .. });
         let value_dim = if in_keys { 0 } else { config.value_dim() };
-        if !asynctls_kernels::cuda::prefill::prefill_supports(config.key_dim, config.value_dim(), in_keys) {
-            return Err(AttnError::Config(format!(
-                "the GPU kernels take head dims 64 and 128 (GQA) and 576/512 (MLA), not key dim {} / value dim {}: \
-                 use --device cpu for this model",
-                config.key_dim,
-                config.value_dim()
-            )));
-        }
         if options.slots_per_layer == 0 {
             return Err(AttnError::Config(
                 "an offloaded cache needs at least one resident slot per layer".into(),
