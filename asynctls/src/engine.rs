@@ -86,6 +86,9 @@ pub struct Engine {
     /// With `resident_slots`: blocks of a resident tier beside the
     /// offloaded cache (sequences there while it has room).
     pub resident_tier_blocks: usize,
+    /// With `resident_slots` on a GPU: which resident units a promotion may
+    /// evict (the one-step-lag or the union-of-last-two predictor).
+    pub offload_policy: asynctls_offload::PromotePolicy,
     /// Prompt tokens per prefill chunk.
     pub prefill_chunk: usize,
     /// Replay greedy decode steps from CUDA graphs on a GPU.
@@ -101,6 +104,7 @@ impl Engine {
             measure_attention: false,
             resident_slots: None,
             resident_tier_blocks: 0,
+            offload_policy: asynctls_offload::PromotePolicy::union_of_last_two(usize::MAX),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             cuda_graphs: true,
         }
@@ -156,6 +160,7 @@ impl Engine {
             resident_tier_blocks: self.resident_tier_blocks,
             // The dense leading layers read every block each step: they stay on the GPU.
             resident_layers: self.plan.dense_layers,
+            policy: self.offload_policy,
             ..asynctls_attn::OffloadOptions::new(s.min(units))
         });
         let mut backend = self.model.new_backend(blocks, self.kv_dtype, offload)?;

@@ -122,6 +122,10 @@ pub struct PrefillRow {
     pub chunk: usize,
     pub prefill_tokens_per_s: f64,
     pub prefill_s: f64,
+    /// With `--offload`: the prompt's K/V in the host tier (the prefix
+    /// staged on the GPU per layer and chunk), as an offloaded sequence is
+    /// prefilled.
+    pub offloaded: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -342,7 +346,12 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             );
         }
         progress(&format!("prefill of {n} tokens"));
-        let mut backend = model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, None)?;
+        let offload = config.offload_slack.map(|slack| asynctls_attn::OffloadOptions {
+            resident_layers: config.dense_layers,
+            ..asynctls_attn::OffloadOptions::new(offload_slots(model, config, 1, slack))
+        });
+        let offloaded = offload.is_some();
+        let mut backend = model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, offload)?;
         let p = prompt(n, model.vocab_size(), config.seed);
         // A short warm-up (kernel loading, cuBLAS heuristics) before the timed run.
         let warm = backend.add_sequence();
@@ -358,6 +367,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
             chunk: config.prefill_chunk,
             prefill_tokens_per_s: n as f64 / s,
             prefill_s: s,
+            offloaded,
         });
     }
     for &ctx in &config.contexts {
