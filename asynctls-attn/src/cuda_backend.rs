@@ -186,12 +186,7 @@ impl PrefillStaging {
         let (k_base, _k) = self.keys.device_ptr(stream);
         let v_base = self.values.as_ref().map(|v| v.device_ptr(stream));
         let elem = std::mem::size_of::<half::bf16>();
-        let mut i = 0;
-        while i < blocks.len() {
-            let mut run = 1;
-            while i + run < blocks.len() && blocks[i + run] == blocks[i] + run as u32 {
-                run += 1;
-            }
+        for (i, run) in block_runs(blocks) {
             let copies = [(k_base, host_keys, key_block)];
             let values = v_base.as_ref().map(|(base, _)| (*base, host_values, value_block));
             for (dst, src, per_block) in copies.into_iter().chain(values) {
@@ -210,10 +205,25 @@ impl PrefillStaging {
                 .result()
                 .map_err(asynctls_kernels::Error::from)?;
             }
-            i += run;
         }
         Ok(())
     }
+}
+
+/// `blocks` split into maximal runs of consecutive ids, as (first index,
+/// length): each run is one copy.
+fn block_runs(blocks: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut run = 1;
+        while i + run < blocks.len() && blocks[i + run] == blocks[i].wrapping_add(run as u32) {
+            run += 1;
+        }
+        runs.push((i, run));
+        i += run;
+    }
+    runs
 }
 
 impl std::fmt::Debug for Offload {
@@ -973,5 +983,41 @@ impl AttentionBackend for CudaAttention {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_runs;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The runs cover the blocks in order, each run is consecutive ids,
+        /// and no two neighbouring runs could have been one.
+        #[test]
+        fn block_runs_are_maximal_and_cover_in_order(blocks in proptest::collection::vec(0u32..40, 0..60)) {
+            let runs = block_runs(&blocks);
+            let mut next = 0;
+            for &(start, len) in &runs {
+                prop_assert_eq!(start, next);
+                prop_assert!(len > 0);
+                for k in 1..len {
+                    prop_assert_eq!(blocks[start + k], blocks[start] + k as u32);
+                }
+                next = start + len;
+            }
+            prop_assert_eq!(next, blocks.len());
+            for w in runs.windows(2) {
+                let (a, alen) = w[0];
+                prop_assert_ne!(blocks[w[1].0], blocks[a + alen - 1].wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_fresh_sequence_is_one_run() {
+        assert_eq!(block_runs(&[7, 8, 9, 10]), vec![(0, 4)]);
+        assert_eq!(block_runs(&[3, 4, 9, 10, 2]), vec![(0, 2), (2, 2), (4, 1)]);
+        assert!(block_runs(&[]).is_empty());
     }
 }

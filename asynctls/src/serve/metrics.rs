@@ -146,8 +146,9 @@ pub struct Metrics {
     pub mixed_steps: AtomicU64,
     /// Steps in which the engine panicked (their running requests failed).
     pub engine_failures: AtomicU64,
-    /// The server process's resident memory, and the GPU memory in use on
-    /// the model's device (0 off a GPU), refreshed every few iterations.
+    /// The server process's resident memory (read at each scrape), and the
+    /// GPU memory in use on the model's device (0 off a GPU; refreshed by
+    /// the scheduler every few iterations and when it goes idle).
     pub resident_bytes: AtomicU64,
     pub gpu_used_bytes: AtomicU64,
     pub ttft: Histogram,
@@ -218,6 +219,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
+        if let Some(rss) = process_resident_bytes() {
+            self.resident_bytes.store(rss, Ordering::Relaxed);
+        }
         let mut out = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         out.push_str("# HELP asynctls_requests_total Requests by how they ended.\n");
@@ -381,6 +385,14 @@ impl Metrics {
 
 /// The value of an unlabelled series in Prometheus text (for tests and the
 /// load generator).
+/// This process's resident memory (`VmRSS` of `/proc/self/status`), if readable.
+fn process_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 pub fn scrape_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))

@@ -849,11 +849,11 @@ impl Loop {
         m.prefilling.store(prefilling as u64, Ordering::Relaxed);
         m.queue_depth
             .store(self.queued.load(Ordering::SeqCst) as u64, Ordering::Relaxed);
-        // Memory moves slowly; reading it costs a file read and a driver call.
-        if self.iterations % 16 == 1 {
-            if let Some(rss) = resident_bytes() {
-                m.resident_bytes.store(rss, Ordering::Relaxed);
-            }
+        // GPU memory moves slowly and reading it is a driver call: every 16
+        // iterations, and when the last sequence has gone (so the idle value
+        // is the one shown after a load). The process's resident memory is
+        // read when /metrics is scraped.
+        if self.iterations % 16 == 1 || self.running.is_empty() {
             if let asynctls_kernels::Device::Cuda(dev) = self.model.device() {
                 if let Ok((free, total)) = dev.memory_info() {
                     m.gpu_used_bytes
@@ -862,12 +862,4 @@ impl Loop {
             }
         }
     }
-}
-
-/// This process's resident memory (`VmRSS` of `/proc/self/status`), if readable.
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
