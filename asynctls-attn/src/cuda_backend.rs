@@ -11,7 +11,8 @@
 //! (and to a unit's slot when it has one), a sparse decode resolves its
 //! selection to slots on the device ([`GpuResidency`]) and promotes its
 //! misses behind the next layers, dense passes read through the unit ->
-//! slot table, and prefill reads the host tier in place. A decode step
+//! slot table, and a prefill chunk copies each layer's prefix into a GPU
+//! staging buffer and attends there (`PrefillStaging`). A decode step
 //! stays launches only, so it is captured as one CUDA graph as before.
 
 use std::any::Any;
@@ -122,7 +123,11 @@ struct Offload {
 /// 3,000 prefill tokens/s offloaded against 70,000 resident). Copied once
 /// per layer and chunk by DMA, the prefix crosses PCIe once and the CTAs
 /// re-read it from HBM. One layer's buffer serves every layer in turn (the
-/// copies and the attention are ordered on the compute stream).
+/// copies and the attention are ordered on the compute stream). It holds
+/// one layer's K/V of the longest prompt prefilled so far (rounded up to
+/// [`STAGING_GRAIN_BLOCKS`]) and lives as long as the backend, inside the
+/// cache's GPU headroom: for a 96k Qwen3-8B prompt 1,536 blocks of 256 KiB
+/// (keys and values of 8 heads), 384 MiB.
 struct PrefillStaging {
     keys: CudaSlice<half::bf16>,
     values: Option<CudaSlice<half::bf16>>,
@@ -131,17 +136,22 @@ struct PrefillStaging {
     capacity: usize,
 }
 
+/// The staging buffer grows in steps of this many blocks (4,096 tokens of
+/// 64): a reallocation every two 2,048-token chunks at most, and under one
+/// step of slack.
+const STAGING_GRAIN_BLOCKS: usize = 64;
+
 impl PrefillStaging {
-    /// A buffer of at least `blocks` blocks (grown by doubling).
+    /// A buffer of at least `blocks` blocks.
     fn ensure<'a>(
         staging: &'a mut Option<PrefillStaging>,
         device: &CudaDevice,
         blocks: usize,
         key_block: usize,
         value_block: usize,
-    ) -> Result<&'a PrefillStaging> {
+    ) -> Result<&'a mut PrefillStaging> {
         if staging.as_ref().is_none_or(|s| s.capacity < blocks) {
-            let capacity = blocks.max(staging.as_ref().map_or(0, |s| s.capacity * 2)).max(16);
+            let capacity = blocks.next_multiple_of(STAGING_GRAIN_BLOCKS);
             let stream = device.stream();
             // Free the old buffer first: its memory is the new one's.
             *staging = None;
@@ -162,7 +172,7 @@ impl PrefillStaging {
                 capacity,
             });
         }
-        Ok(staging.as_ref().expect("allocated above"))
+        Ok(staging.as_mut().expect("allocated above"))
     }
 
     /// Copies the host blocks `blocks` (physical ids, in logical order) of
@@ -173,7 +183,7 @@ impl PrefillStaging {
     /// `host_keys` / `host_values` are device-mapped host pools of at least
     /// `max(blocks) + 1` blocks of `key_block` / `value_block` elements.
     unsafe fn stage(
-        &self,
+        &mut self,
         device: &CudaDevice,
         host_keys: u64,
         host_values: u64,
@@ -181,10 +191,10 @@ impl PrefillStaging {
         key_block: usize,
         value_block: usize,
     ) -> Result<()> {
-        use cudarc::driver::DevicePtr;
+        use cudarc::driver::DevicePtrMut;
         let stream = device.stream();
-        let (k_base, _k) = self.keys.device_ptr(stream);
-        let v_base = self.values.as_ref().map(|v| v.device_ptr(stream));
+        let (k_base, _k) = self.keys.device_ptr_mut(stream);
+        let v_base = self.values.as_mut().map(|v| v.device_ptr_mut(stream));
         let elem = std::mem::size_of::<half::bf16>();
         for (i, run) in block_runs(blocks) {
             let copies = [(k_base, host_keys, key_block)];
@@ -788,7 +798,14 @@ impl AttentionBackend for CudaAttention {
                         let bs = view.block_size;
                         let blocks = (start + n).div_ceil(bs);
                         let table = self.cache.table(seq)?.blocks();
-                        let physical: Vec<u32> = table[..blocks.min(table.len())].iter().map(|b| b.0).collect();
+                        if table.len() < blocks {
+                            return Err(AttnError::Config(format!(
+                                "a prefill to position {} needs {blocks} blocks; the sequence holds {}",
+                                start + n,
+                                table.len()
+                            )));
+                        }
+                        let physical: Vec<u32> = table[..blocks].iter().map(|b| b.0).collect();
                         let key_block = view.kv_heads * bs * view.head_dim;
                         let value_block = if view.values.is_some() {
                             view.kv_heads * bs * view.value_dim

@@ -43,12 +43,14 @@ fn gpu_tests(root: &Path) -> Result<Vec<(String, String)>> {
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs every GPU test binary in this folder; the last line is the summary.
+# TESTS=0 skips the tests (a benchmark-only call, after a passing run).
 set -u
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 passed=0; failed=0; skipped=0
 for t in tests/*; do
+    [ "${TESTS:-1}" = 0 ] && break
     echo "== $t"
     out=$("$t" --test-threads=1 --nocapture 2>&1); rc=$?
     echo "$out" | grep -A2 -E "^test |skipped|panicked|rel err|error|differ" | grep -v "^--$" || true
@@ -125,6 +127,10 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
         --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" --json > "$out_dir/e2e_tiered.json" \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('tiered', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_tiered.json"
+fi
+if [ "${TESTS:-1}" = 0 ]; then
+    echo "gpu tests: not run (TESTS=0)"
+    exit 0
 fi
 echo "gpu tests: $passed passed, $failed failed, $skipped skipped"
 [ $failed -eq 0 ] && [ $skipped -eq 0 ]

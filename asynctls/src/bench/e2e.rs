@@ -324,6 +324,33 @@ fn offload_slots(model: &dyn CausalLm, config: &E2eBenchConfig, batch: usize, sl
     batch * kv_heads * ((block_topk as f64 * slack).ceil() as usize + 3)
 }
 
+/// One prompt of `n` random tokens prefilled into `backend` after a short
+/// warm-up (kernel loading, cuBLAS heuristics), timed to the logits.
+fn time_prefill(
+    model: &dyn CausalLm,
+    config: &E2eBenchConfig,
+    mut backend: Box<dyn asynctls_attn::AttentionBackend>,
+    n: usize,
+    offloaded: bool,
+) -> Result<PrefillRow> {
+    let p = prompt(n, model.vocab_size(), config.seed);
+    let warm = backend.add_sequence();
+    model.prefill(backend.as_mut(), warm, &p[..n.min(256)], false, config.prefill_chunk)?;
+    backend.free(warm)?;
+    let seq = backend.add_sequence();
+    let start = Instant::now();
+    let logits = model.prefill(backend.as_mut(), seq, &p, false, config.prefill_chunk)?;
+    let _ = logits.to_f32_vec()?; // waits for the GPU
+    let s = start.elapsed().as_secs_f64();
+    Ok(PrefillRow {
+        tokens: n,
+        chunk: config.prefill_chunk,
+        prefill_tokens_per_s: n as f64 / s,
+        prefill_s: s,
+        offloaded,
+    })
+}
+
 pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnMut(&str)) -> Result<E2eReport> {
     if config.offload_slack.is_some_and(|s| !(s.is_finite() && s >= 1.0)) {
         bail!("--offload-slack must be at least 1 (the slots must hold one selection)");
@@ -348,27 +375,18 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
         progress(&format!("prefill of {n} tokens"));
         let offload = config.offload_slack.map(|slack| asynctls_attn::OffloadOptions {
             resident_layers: config.dense_layers,
+            host_tiers: config.offload_host_tiers,
             ..asynctls_attn::OffloadOptions::new(offload_slots(model, config, 1, slack))
         });
         let offloaded = offload.is_some();
-        let mut backend = model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, offload)?;
-        let p = prompt(n, model.vocab_size(), config.seed);
-        // A short warm-up (kernel loading, cuBLAS heuristics) before the timed run.
-        let warm = backend.add_sequence();
-        model.prefill(backend.as_mut(), warm, &p[..n.min(256)], false, config.prefill_chunk)?;
-        backend.free(warm)?;
-        let seq = backend.add_sequence();
-        let start = Instant::now();
-        let logits = model.prefill(backend.as_mut(), seq, &p, false, config.prefill_chunk)?;
-        let _ = logits.to_f32_vec()?; // waits for the GPU
-        let s = start.elapsed().as_secs_f64();
-        report.prefill = Some(PrefillRow {
-            tokens: n,
-            chunk: config.prefill_chunk,
-            prefill_tokens_per_s: n as f64 / s,
-            prefill_s: s,
-            offloaded,
-        });
+        // A cache that does not fit is a skipped row, as for the decode rows.
+        match model.new_backend(n.div_ceil(BLOCK) + 1, config.kv_dtype, offload) {
+            Ok(backend) => report.prefill = Some(time_prefill(model, config, backend, n, offloaded)?),
+            Err(e) => {
+                progress(&format!("prefill of {n} tokens: skipped ({e})"));
+                report.skipped.push(format!("prefill of {n} tokens: {e}"));
+            }
+        }
     }
     for &ctx in &config.contexts {
         if ctx == 0 || ctx + config.decode_tokens > model.max_positions() {

@@ -103,7 +103,8 @@ pub struct GenerateArgs {
 }
 
 /// The residency predictor of `--offload-predictor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum OffloadPredictor {
     Union,
     OneStepLag,
@@ -281,7 +282,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             },
             "offload": timings.offload_reads.map(|(hits, misses)| serde_json::json!({
                 "resident_slots_per_layer": args.offload_slots,
-                "predictor": engine.offload_policy.name(),
+                "predictor": args.offload_predictor,
                 "hits": hits,
                 "misses": misses,
                 // On a GPU, each offloaded layer's residency over the run.

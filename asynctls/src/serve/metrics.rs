@@ -383,8 +383,6 @@ impl Metrics {
     }
 }
 
-/// The value of an unlabelled series in Prometheus text (for tests and the
-/// load generator).
 /// This process's resident memory (`VmRSS` of `/proc/self/status`), if readable.
 fn process_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -393,6 +391,8 @@ fn process_resident_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// The value of an unlabelled series in Prometheus text (for tests and the
+/// load generator).
 pub fn scrape_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
