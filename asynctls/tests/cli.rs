@@ -118,6 +118,32 @@ fn bad_input_is_one_clear_line() {
         ),
         (vec!["generate", "--model", dir], "give a prompt"),
         (
+            vec![
+                "generate",
+                "--model",
+                dir,
+                "--prompt-ids",
+                "1",
+                "--offload-slots",
+                "4",
+                "--offload-predictor",
+                "one-step-lag",
+            ],
+            "configure an offloaded cache on a GPU",
+        ),
+        (
+            vec![
+                "bench",
+                "e2e",
+                "--model",
+                dir,
+                "--offload",
+                "--offload-max-promote",
+                "8",
+            ],
+            "configure an offloaded cache on a GPU",
+        ),
+        (
             vec!["generate", "--model", dir, "--prompt-ids", "1", "--temperature", "nan"],
             "--temperature NaN must be a finite number",
         ),

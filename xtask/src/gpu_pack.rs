@@ -107,12 +107,14 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e "* ]]; then
 fi
 # e2e-offload: the engine's decode with the K/V in pinned host memory beside
 # the GPU-resident cache, the same model, contexts and batches in one call.
+# E2E_OFFLOAD_ARGS goes to every offloaded run (e.g. "--offload-max-promote 64
+# --offload-predictor one-step-lag").
 if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
     E2E_SHAPE="${E2E_SHAPE:-qwen3-8b}"; E2E_CTX="${E2E_CTX:-98304}"; E2E_BATCH="${E2E_BATCH:-1,4}"
     for mode in resident offload; do
         ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "$E2E_BATCH" \
             --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
-            ${E2E_LARGEST---largest-batch} $([ $mode = offload ] && echo --offload) --json \
+            ${E2E_LARGEST---largest-batch} $([ $mode = offload ] && echo --offload ${E2E_OFFLOAD_ARGS:-}) --json \
             > "$out_dir/e2e_$mode.json" \
             && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(sys.argv[2], r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_$mode.json" $mode
     done
@@ -120,12 +122,12 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
     # (their step times only: aliased rows give meaningless tokens).
     ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "${E2E_ALIAS_BATCH:-16,24}" \
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
-        --offload --offload-host-tiers "${E2E_HOST_TIERS:-4}" --json > "$out_dir/e2e_offload_aliased.json" \
+        --offload --offload-host-tiers "${E2E_HOST_TIERS:-4}" ${E2E_OFFLOAD_ARGS:-} --json > "$out_dir/e2e_offload_aliased.json" \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('aliased', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_offload_aliased.json"
     # Tiered: some sequences whole on the GPU, the rest offloaded, one batch.
     ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "${E2E_TIERED_BATCH:-12}" \
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
-        --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" --json > "$out_dir/e2e_tiered.json" \
+        --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" ${E2E_OFFLOAD_ARGS:-} --json > "$out_dir/e2e_tiered.json" \
         && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('tiered', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_tiered.json"
 fi
 if [ "${TESTS:-1}" = 0 ]; then

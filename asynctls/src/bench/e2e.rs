@@ -57,12 +57,18 @@ pub struct E2eBenchConfig {
     /// tier (K/V whole on the GPU) beside the offloaded cache, the rest
     /// offloaded; 0 offloads them all.
     pub offload_resident_batch: usize,
+    /// Offloaded on a GPU: how misses are promoted.
+    pub offload_policy: asynctls_offload::PromotePolicy,
 }
 
 /// An offloaded row's residency.
 #[derive(Debug, Clone, Serialize)]
 pub struct E2eOffload {
     pub slots_per_layer: usize,
+    /// The promotion policy: `union-of-last-two` or `one-step-lag`, and the
+    /// misses promoted per layer and step at most (`None`: all).
+    pub predictor: &'static str,
+    pub max_promote: Option<usize>,
     /// Host pools the offloaded layers shared (aliased when fewer than them).
     pub host_tiers: Option<usize>,
     /// Sequences of the batch in the resident tier (the rest offloaded).
@@ -376,6 +382,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
         let offload = config.offload_slack.map(|slack| asynctls_attn::OffloadOptions {
             resident_layers: config.dense_layers,
             host_tiers: config.offload_host_tiers,
+            policy: config.offload_policy,
             ..asynctls_attn::OffloadOptions::new(offload_slots(model, config, 1, slack))
         });
         let offloaded = offload.is_some();
@@ -422,6 +429,7 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                 // The dense leading layers read every block each step: they stay on the GPU.
                 resident_layers: config.dense_layers,
                 host_tiers: config.offload_host_tiers,
+                policy: config.offload_policy,
                 resident_tier_blocks: if resident_batch > 0 {
                     blocks_for(config, ctx, resident_batch)
                 } else {
@@ -515,6 +523,9 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     .zip(backend.take_offload_reads())
                     .map(|(slots, (hits, misses))| E2eOffload {
                         slots_per_layer: slots,
+                        predictor: config.offload_policy.name(),
+                        max_promote: (config.offload_policy.max_promote != usize::MAX)
+                            .then_some(config.offload_policy.max_promote),
                         host_tiers: config.offload_host_tiers,
                         resident_batch,
                         resident_reads: hits,

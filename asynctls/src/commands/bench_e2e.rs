@@ -76,6 +76,8 @@ pub struct E2eArgs {
     /// offloaded: what a GPU serves when its memory holds only some.
     #[arg(long, default_value_t = 0, requires = "offload")]
     offload_resident_batch: usize,
+    #[command(flatten)]
+    offload_policy: super::OffloadPolicyArgs,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -135,6 +137,7 @@ pub fn run(args: E2eArgs) -> Result<()> {
         offload_slack: args.offload.then_some(args.offload_slack),
         offload_host_tiers: args.offload_host_tiers,
         offload_resident_batch: args.offload_resident_batch,
+        offload_policy: args.offload_policy.policy(args.offload && device.is_cuda())?,
     };
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} bench e2e: {msg} ({elapsed})").expect("static template"));

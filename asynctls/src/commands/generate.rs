@@ -70,11 +70,8 @@ pub struct GenerateArgs {
     /// whole on the device, while it has room for them.
     #[arg(long, default_value_t = 0, requires = "offload_slots")]
     resident_tier_blocks: usize,
-    /// With --offload-slots on a GPU: which resident units a promotion may
-    /// evict. `union` keeps the units either of the last two steps selected,
-    /// `one-step-lag` only the last step's (the CPU twin always uses union).
-    #[arg(long, value_enum, default_value_t = OffloadPredictor::Union, requires = "offload_slots")]
-    offload_predictor: OffloadPredictor,
+    #[command(flatten)]
+    offload_policy: super::OffloadPolicyArgs,
     /// K/V element type in the cache: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
@@ -100,14 +97,6 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// The residency predictor of `--offload-predictor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum OffloadPredictor {
-    Union,
-    OneStepLag,
 }
 
 fn read_prompt_file(path: &PathBuf, max_bytes: u64) -> Result<String> {
@@ -233,13 +222,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut engine = Engine::new(model, plan, kv_dtype);
     engine.resident_slots = args.offload_slots;
     engine.resident_tier_blocks = args.resident_tier_blocks;
-    if args.offload_predictor != OffloadPredictor::Union && !device.is_cuda() {
-        bail!("--offload-predictor one-step-lag is for --device cuda (the CPU offload engine predicts with the union of the last two steps)");
-    }
-    engine.offload_policy = match args.offload_predictor {
-        OffloadPredictor::Union => asynctls_offload::PromotePolicy::union_of_last_two(usize::MAX),
-        OffloadPredictor::OneStepLag => asynctls_offload::PromotePolicy::one_step_lag(usize::MAX),
-    };
+    engine.offload_policy = args
+        .offload_policy
+        .policy(device.is_cuda() && args.offload_slots.is_some())?;
     engine.prefill_chunk = args.prefill_chunk;
     if args.prefill_chunk == 0 {
         anyhow::bail!("--prefill-chunk must be positive");
@@ -282,7 +267,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             },
             "offload": timings.offload_reads.map(|(hits, misses)| serde_json::json!({
                 "resident_slots_per_layer": args.offload_slots,
-                "predictor": args.offload_predictor,
+                "predictor": args.offload_policy.offload_predictor,
+                "max_promote": args.offload_policy.offload_max_promote,
                 "hits": hits,
                 "misses": misses,
                 // On a GPU, each offloaded layer's residency over the run.
