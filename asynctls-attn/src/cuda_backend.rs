@@ -32,7 +32,31 @@ use crate::backend::{make_step, reserve_decode, Sequences};
 use crate::step_layout::{step_layout, StepLayout};
 use crate::{AttentionBackend, AttnError, AttnShape, Policy, Result, SparseConfig, Step, StepKind};
 
-/// The selection parameters of `config` on the GPU, or why it has none.
+/// Blocks ds keeps in the GPU's block stage: all it can, so the stage keeps
+/// every rankable block and ds ranks every token by its labels, as on the
+/// CPU. The token stage takes at most `MAX_TOPK_ITEMS` candidates, so ds on
+/// the GPU reaches contexts of about 32k tokens; longer is an error
+/// ([`check_ds_reach`]), never a silent block filter.
+fn ds_block_topk(block_size: usize) -> usize {
+    asynctls_kernels::cuda::select::MAX_TOPK_ITEMS / block_size.max(1)
+}
+
+/// ds over `longest_blocks` blocks is exact only when every rankable block
+/// (all but the sink and local ones) passes the block stage.
+fn check_ds_reach(params: &SelectParams, longest_blocks: usize, block_size: usize) -> Result<()> {
+    let rankable = longest_blocks.saturating_sub(params.sink_blocks + params.local_blocks);
+    if rankable > params.block_topk {
+        return Err(AttnError::Config(format!(
+            "ds on the GPU ranks at most {} blocks ({} tokens) by their labels; this step reaches {longest_blocks} \
+             blocks of {block_size} (use tls, or ds with --device cpu)",
+            params.block_topk,
+            params.block_topk * block_size
+        )));
+    }
+    Ok(())
+}
+
+/// The selection parameters of `config` on the GPU (`None`: dense).
 pub fn select_params(config: &SparseConfig, block_size: usize) -> Result<Option<SelectParams>> {
     config.validate()?;
     let (block_topk, token_topk) = match config.policy {
@@ -41,7 +65,8 @@ pub fn select_params(config: &SparseConfig, block_size: usize) -> Result<Option<
         // Quest attends every token of its blocks: a token budget that keeps
         // all candidates turns the label stage into the identity.
         Policy::Quest => (config.block_topk, config.block_topk * block_size),
-        Policy::Ds => return Err(AttnError::NoGpuPath { policy: config.policy }),
+        // DoubleSparse: labels over every token, the block stage keeping all.
+        Policy::Ds => (ds_block_topk(block_size), config.token_topk),
     };
     Ok(Some(SelectParams {
         block_topk,
@@ -843,6 +868,11 @@ impl AttentionBackend for CudaAttention {
                 } else {
                     select_params(sparse, bs)?
                 };
+                if let (Some(p), Policy::Ds) = (&params, sparse.policy) {
+                    // A replayed graph serves contexts up to its tables' width.
+                    let longest = self.graph_capacity.unwrap_or(meta.max_len.div_ceil(bs));
+                    check_ds_reach(p, longest, bs)?;
+                }
                 let mla = pool.values.is_none();
                 let ctas = if mla {
                     step.seqs.len()
@@ -1005,8 +1035,30 @@ impl AttentionBackend for CudaAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::block_runs;
+    use super::{block_runs, check_ds_reach, select_params};
+    use crate::{Policy, SparseConfig};
     use proptest::prelude::*;
+
+    #[test]
+    fn ds_keeps_every_block_it_can_and_refuses_beyond() {
+        let ds = SparseConfig::with_budget(Policy::Ds, 512, 64);
+        let p = select_params(&ds, 64).unwrap().expect("sparse");
+        // 32,768 candidate tokens: the token stage's limit.
+        assert_eq!((p.block_topk, p.token_topk), (512, 512));
+        // Every rankable block of a 32k context passes (sink and local forced).
+        let forced = p.sink_blocks + p.local_blocks;
+        assert!(check_ds_reach(&p, 512 + forced, 64).is_ok());
+        let err = check_ds_reach(&p, 513 + forced, 64).unwrap_err().to_string();
+        assert!(err.contains("ds on the GPU ranks at most 512 blocks"), "{err}");
+        // tls and quest keep their own k_b.
+        let tls = SparseConfig::with_budget(Policy::Tls, 1024, 64);
+        assert_eq!(select_params(&tls, 64).unwrap().unwrap().block_topk, tls.block_topk);
+        let dense = SparseConfig {
+            policy: Policy::Dense,
+            ..SparseConfig::default()
+        };
+        assert!(select_params(&dense, 64).unwrap().is_none());
+    }
 
     proptest! {
         /// The runs cover the blocks in order, each run is consecutive ids,

@@ -13,8 +13,6 @@ pub enum AttnError {
     Config(String),
     #[error("{end} positions exceed the model's context of {limit}")]
     ContextTooLong { end: usize, limit: usize },
-    #[error("the {policy} policy has no GPU path (use dense, tls or quest with --device cuda, or --device cpu)")]
-    NoGpuPath { policy: crate::Policy },
     #[error(transparent)]
     Cache(#[from] asynctls_kvcache::CacheError),
     #[error(transparent)]

@@ -273,9 +273,16 @@ fn sparse_pipeline_matches_cpu() {
         let err = relative_l2(&stream.clone_dtoh(&out).unwrap(), &want);
         assert!(err <= bound, "{shape:?} dense: rel err {err}");
 
-        for (reduce, k_b, k_t) in [(GroupReduce::Sum, 16, 256), (GroupReduce::Max, 40, 1000)] {
+        // tls at two settings, and ds (labels over every token: on the GPU
+        // the block stage keeps every block, as `select_params` sets it).
+        let cases = [
+            (Policy::Tls, GroupReduce::Sum, 16, 256),
+            (Policy::Tls, GroupReduce::Max, 40, 1000),
+            (Policy::Ds, GroupReduce::Sum, 0, 300),
+        ];
+        for (policy, reduce, k_b, k_t) in cases {
             let cfg = SparseConfig {
-                policy: Policy::Tls,
+                policy,
                 block_topk: k_b,
                 token_topk: k_t,
                 dense_below: 0,
@@ -284,13 +291,10 @@ fn sparse_pipeline_matches_cpu() {
             };
             let mut want = vec![0.0f32; out_len];
             let report = decode(fx.cache.storage(), &tables, 0, &q, &shape, &cfg, &mut want).unwrap();
-            let params = SelectParams {
-                block_topk: k_b,
-                token_topk: k_t,
-                sink_blocks: cfg.sink_blocks,
-                local_blocks: cfg.local_blocks,
-                reduce_max: reduce == GroupReduce::Max,
-            };
+            let params = asynctls_attn::select_params(&cfg, fx.pool.geometry.block_size)
+                .unwrap()
+                .expect("a sparse policy");
+            let k_b = params.block_topk;
             ops.sparse_select(
                 &dq,
                 &fx.pool,
@@ -324,8 +328,8 @@ fn sparse_pipeline_matches_cpu() {
                     .collect();
                 assert!(
                     diff * 100 <= w.tokens.len().max(100),
-                    "{shape:?} {reduce:?} row {row}: {diff} of {} tokens differ; GPU candidate blocks not in the \
-                     CPU's: {stray:?}",
+                    "{shape:?} {policy:?} {reduce:?} row {row}: {diff} of {} tokens differ; GPU candidate blocks \
+                     not in the CPU's: {stray:?}",
                     w.tokens.len()
                 );
                 differing += diff;
@@ -365,7 +369,7 @@ fn sparse_pipeline_matches_cpu() {
             let err = relative_l2(&got_out, &cpu_out);
             let end_to_end = relative_l2(&got_out, &want);
             println!(
-                "{shape:?} {reduce:?} k_b {k_b} k_t {k_t}: {differing} tokens differ; attention rel err {err:.2e}, vs CPU decode {end_to_end:.2e}"
+                "{shape:?} {policy:?} {reduce:?} k_b {k_b} k_t {k_t}: {differing} tokens differ; attention rel err {err:.2e}, vs CPU decode {end_to_end:.2e}"
             );
             assert!(err <= bound, "{shape:?} {reduce:?}: attention rel err {err}");
             if differing == 0 {
