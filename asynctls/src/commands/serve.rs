@@ -82,6 +82,8 @@ pub struct EngineArgs {
     /// whole on the device, while it has room for prompt + max_tokens.
     #[arg(long, default_value_t = 0, requires = "offload_slots")]
     pub resident_tier_blocks: usize,
+    #[command(flatten)]
+    pub offload_policy: super::OffloadPolicyArgs,
     /// K/V element type in the host cache: f32 or bf16 (bf16 on the GPU).
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
@@ -187,6 +189,9 @@ pub fn build_state(model: Option<&str>, engine: &EngineArgs, api_key: Option<Str
         max_context: engine.max_context,
         resident_slots: engine.offload_slots,
         resident_tier_blocks: engine.resident_tier_blocks,
+        offload_policy: engine
+            .offload_policy
+            .policy(device.is_cuda() && engine.offload_slots.is_some())?,
         cuda_graphs: !engine.no_cuda_graphs,
         measure_attention: engine.measure_attention,
         mixed_steps: engine.mixed_steps,

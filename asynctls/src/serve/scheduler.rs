@@ -65,6 +65,8 @@ pub struct SchedulerConfig {
     /// With `resident_slots`: blocks of a resident tier beside the
     /// offloaded cache (sequences there while it has room).
     pub resident_tier_blocks: usize,
+    /// With `resident_slots` on a GPU: how misses are promoted.
+    pub offload_policy: asynctls_offload::PromotePolicy,
     /// Replay greedy decode steps from CUDA graphs on a GPU.
     pub cuda_graphs: bool,
     /// Measure attended fraction and recall of every decode step against a
@@ -94,6 +96,7 @@ impl SchedulerConfig {
             max_context: None,
             resident_slots: None,
             resident_tier_blocks: 0,
+            offload_policy: asynctls_offload::PromotePolicy::union_of_last_two(usize::MAX),
             cuda_graphs: true,
             measure_attention: false,
             mixed_steps: false,
@@ -342,6 +345,7 @@ impl Loop {
             resident_tier_blocks: config.resident_tier_blocks,
             // The dense leading layers read every block each step: they stay on the GPU.
             resident_layers: config.plan.dense_layers,
+            policy: config.offload_policy,
             ..asynctls_attn::OffloadOptions::new(s.min(units))
         });
         let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
