@@ -234,6 +234,9 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
         let batch = self.attend(&parts.decode, layer, &rows_of(q, n, d)?, shape, sparse)?;
         Ok(asynctls_kernels::ops::concat_rows(&chunk, &batch)?)
     }
+    /// Makes the cache's memory resident now ([`KvStorage::commit_memory`]):
+    /// a server calls it at start. A GPU cache is committed when allocated.
+    fn commit_memory(&mut self) {}
     /// Starts (or stops) measuring recall and attended fraction of decode
     /// steps against a dense pass (for evaluation; the CPU path only).
     fn measure(&mut self, _on: bool) -> Result<()> {
@@ -424,6 +427,9 @@ fn cpu_f32(t: &Tensor) -> Result<&[f32]> {
 impl<S: HostReadable + std::fmt::Debug + 'static> AttentionBackend for CpuAttention<S> {
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn commit_memory(&mut self) {
+        self.cache.storage_mut().commit_memory();
     }
 
     fn sequences(&self) -> &dyn Sequences {

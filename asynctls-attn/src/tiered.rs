@@ -496,6 +496,12 @@ impl AttentionBackend for TieredAttention {
         self.room(0) >= blocks || self.room(1) >= blocks
     }
 
+    fn commit_memory(&mut self) {
+        for tier in &mut self.tiers {
+            tier.commit_memory();
+        }
+    }
+
     fn take_offload_reads(&mut self) -> Option<(usize, usize)> {
         let (a, b) = (self.tiers[0].take_offload_reads(), self.tiers[1].take_offload_reads());
         match (a, b) {

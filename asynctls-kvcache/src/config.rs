@@ -111,6 +111,19 @@ impl CacheConfig {
         self.label_channels / 2 + 4
     }
 
+    /// Bytes a host pool of this geometry holds (K/V, f32 block bounds,
+    /// labels), or `None` when the count overflows.
+    pub fn host_bytes(&self) -> Option<usize> {
+        let per_block_head = self
+            .block_size
+            .checked_mul(self.kv_bytes_per_head() + self.label_bytes_per_head())?
+            .checked_add(2 * self.key_dim * 4)?;
+        per_block_head
+            .checked_mul(self.num_blocks)?
+            .checked_mul(self.kv_heads)?
+            .checked_mul(self.num_layers)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(CacheError::InvalidConfig(s));
         if self.num_layers == 0 || self.kv_heads == 0 || self.key_dim == 0 {

@@ -52,6 +52,16 @@ pub enum CacheError {
         need_gib: f64,
         free_gib: f64,
     },
+    #[error(
+        "the host KV pool does not fit: {blocks} blocks of {layers} layers need {need_gib:.2} GiB, \
+         {available_gib:.2} GiB of host memory are available"
+    )]
+    HostMemory {
+        blocks: usize,
+        layers: usize,
+        need_gib: f64,
+        available_gib: f64,
+    },
     #[error(transparent)]
     Kernel(#[from] asynctls_kernels::Error),
 }

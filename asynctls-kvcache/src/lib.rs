@@ -38,3 +38,12 @@ pub use config::{CacheConfig, KvDType, LabelChannels, ValueLayout};
 pub use error::{CacheError, Result};
 pub use gpu::{GpuKvStorage, GPU_HEADROOM_BYTES};
 pub use storage::{bf16_at_least, bf16_at_most, HostKvStorage, HostReadable, KvSlice, KvStorage, Rows};
+
+/// Host memory the kernel reports as available (`MemAvailable` of
+/// `/proc/meminfo`), if it can be read.
+pub fn host_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}

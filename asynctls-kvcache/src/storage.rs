@@ -41,6 +41,14 @@ pub trait KvStorage: Send + Sync {
     /// Bytes of memory this storage holds for the pool.
     fn allocated_bytes(&self) -> usize;
 
+    /// Makes the pool's memory resident now. A host pool is allocated
+    /// zeroed and its pages become resident at their first write. A server
+    /// commits its pool at start, so a machine that cannot hold it fails
+    /// then and not in the middle of a load, and its resident memory after
+    /// a load is its idle value. The default does nothing (device memory
+    /// is committed when it is allocated).
+    fn commit_memory(&mut self) {}
+
     /// Reads served from resident slots and from the host tier since the
     /// last call, for storage with a host tier (None otherwise).
     fn take_offload_reads(&self) -> Option<(usize, usize)> {
@@ -213,6 +221,25 @@ impl HostKvStorage {
     pub fn new(config: &CacheConfig, channels: LabelChannels) -> Result<Self> {
         config.validate()?;
         channels.validate(config)?;
+        // Sized before anything is allocated: a pool larger than the
+        // machine's memory is an error here, not an abort in the allocator.
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let need = config.host_bytes().ok_or_else(|| {
+            CacheError::InvalidConfig(format!(
+                "a host pool of {} blocks x {} layers overflows the address space",
+                config.num_blocks, config.num_layers
+            ))
+        })?;
+        if let Some(available) = crate::host_available_bytes() {
+            if need > available {
+                return Err(CacheError::HostMemory {
+                    blocks: config.num_blocks,
+                    layers: config.num_layers,
+                    need_gib: gib(need),
+                    available_gib: gib(available),
+                });
+            }
+        }
         let c = config;
         let per_head_tokens = c.num_blocks * c.kv_heads * c.block_size;
         let value_len = match c.values {
@@ -256,6 +283,18 @@ impl HostKvStorage {
     }
 }
 
+/// Writes one element of every 4 KiB back onto itself, so every page of
+/// `v` is resident and its contents are unchanged (the writes are volatile:
+/// a store of the value just loaded is not optimized away).
+fn touch_pages<T: Copy>(v: &mut [T]) {
+    let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    for i in (0..v.len()).step_by(step) {
+        let p: *mut T = &mut v[i];
+        // SAFETY: `p` points to an initialized element of `v`, borrowed mutably here.
+        unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p)) };
+    }
+}
+
 fn check_len(op: &'static str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
         return Err(CacheError::WrongLength { op, expected, got });
@@ -266,6 +305,22 @@ fn check_len(op: &'static str, got: usize, expected: usize) -> Result<()> {
 impl KvStorage for HostKvStorage {
     fn config(&self) -> &CacheConfig {
         &self.config
+    }
+
+    fn commit_memory(&mut self) {
+        for pools in &mut self.layers {
+            match &mut pools.keys {
+                KvBuffer::F32(v) => touch_pages(v),
+                KvBuffer::BF16(v) => touch_pages(v),
+            }
+            match &mut pools.values {
+                KvBuffer::F32(v) => touch_pages(v),
+                KvBuffer::BF16(v) => touch_pages(v),
+            }
+            touch_pages(&mut pools.bounds);
+            touch_pages(&mut pools.labels);
+            touch_pages(&mut pools.label_params);
+        }
     }
 
     fn write_token(&mut self, layer: usize, block: BlockId, slot: usize, key: &[f32], value: &[f32]) -> Result<()> {
@@ -423,4 +478,41 @@ fn next_bf16(r: f32, up: bool) -> f32 {
         (true, false, false) | (false, true, false) => bits - 1,
     };
     bf16::from_bits(next).to_f32()
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::touch_pages;
+    use crate::{CacheConfig, CacheError, HostKvStorage, KvDType, KvStorage, LabelChannels};
+
+    #[test]
+    fn a_pool_is_sized_before_it_is_allocated() {
+        for config in [
+            CacheConfig::gqa(3, 2, 64, 17),
+            CacheConfig {
+                kv_dtype: KvDType::BF16,
+                ..CacheConfig::gqa(2, 4, 128, 5)
+            },
+            CacheConfig::mla(2, 512, 64, 9),
+        ] {
+            let storage = HostKvStorage::new(&config, LabelChannels::leading(&config)).unwrap();
+            assert_eq!(config.host_bytes(), Some(storage.allocated_bytes()), "{config:?}");
+        }
+        // More than any machine holds: refused with the sizes, not aborted.
+        let huge = CacheConfig::gqa(64, 64, 128, u32::MAX as usize);
+        match HostKvStorage::new(&huge, LabelChannels::leading(&huge)) {
+            Err(CacheError::HostMemory { need_gib, .. }) => assert!(need_gib > 1e6),
+            Err(CacheError::InvalidConfig(m)) => assert!(m.contains("overflows"), "{m}"),
+            other => panic!("a huge pool: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn touching_pages_keeps_every_value() {
+        let mut v: Vec<u32> = (0..10_000).collect();
+        touch_pages(&mut v);
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32));
+        let mut empty: Vec<f32> = Vec::new();
+        touch_pages(&mut empty);
+    }
 }

@@ -249,6 +249,11 @@ impl AttentionBackend for RankBackends {
     fn device(&self) -> &Device {
         &self.device
     }
+    fn commit_memory(&mut self) {
+        for rank in &mut self.ranks {
+            rank.commit_memory();
+        }
+    }
     fn sequences(&self) -> &dyn asynctls_attn::Sequences {
         self.ranks[0].sequences()
     }

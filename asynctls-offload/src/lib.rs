@@ -80,11 +80,5 @@ impl Unit {
 /// A slot of a layer's resident pool on the device.
 pub type Slot = u32;
 
-/// Host memory the kernel reports as available (`MemAvailable` of
-/// `/proc/meminfo`), if it can be read: what a host tier may pin.
-pub fn host_available_bytes() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
+/// Host memory the kernel reports as available: what a host tier may pin.
+pub use asynctls_kvcache::host_available_bytes;

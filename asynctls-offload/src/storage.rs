@@ -235,6 +235,10 @@ impl KvStorage for OffloadedStorage {
         let _ = self.engine.account(layer, &units);
     }
 
+    fn commit_memory(&mut self) {
+        // The host tier: the resident copies are a few slots per layer.
+        self.engine.backend_mut().host.commit_memory();
+    }
     fn allocated_bytes(&self) -> usize {
         let b = self.engine.backend();
         self.host().allocated_bytes()
@@ -339,6 +343,9 @@ impl KvStorage for KvStore {
     }
     fn allocated_bytes(&self) -> usize {
         delegate!(self, s => s.allocated_bytes())
+    }
+    fn commit_memory(&mut self) {
+        delegate!(self, s => s.commit_memory())
     }
     fn take_offload_reads(&self) -> Option<(usize, usize)> {
         self.offloaded().map(|o| o.take_reads())

@@ -117,6 +117,12 @@ fn bad_input_is_one_clear_line() {
             "token id 999 is outside the vocabulary",
         ),
         (vec!["generate", "--model", dir], "give a prompt"),
+        // A KV pool larger than the machine: refused when sized, before the
+        // allocation (which would abort the process).
+        (
+            vec!["serve", "--model-shape", "smollm2-135m", "--kv-blocks", "1000000000"],
+            "the host KV pool does not fit",
+        ),
         (
             vec![
                 "generate",

@@ -349,6 +349,10 @@ impl Loop {
             ..asynctls_attn::OffloadOptions::new(s.min(units))
         });
         let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
+        // The pool is the server's working memory for its whole life: held
+        // resident from the start (a pool larger than the host's available
+        // memory was refused when it was sized).
+        backend.commit_memory();
         if config.mixed_steps && !model.supports_mixed_steps() {
             eprintln!("note: this model runs prefill chunks apart from the decode steps (--mixed-steps ignored)");
         }
