@@ -56,6 +56,16 @@ fn check_ds_reach(params: &SelectParams, longest_blocks: usize, block_size: usiz
     Ok(())
 }
 
+/// Whether `config` on the GPU serves sequences of `longest_blocks` blocks:
+/// an error for ds beyond its reach, before any work is done (the engine
+/// and the benches ask up front; the attention asks again at each step).
+pub fn check_gpu_reach(config: &SparseConfig, longest_blocks: usize, block_size: usize) -> Result<()> {
+    match (config.policy, select_params(config, block_size)?) {
+        (Policy::Ds, Some(p)) => check_ds_reach(&p, longest_blocks, block_size),
+        _ => Ok(()),
+    }
+}
+
 /// The selection parameters of `config` on the GPU (`None`: dense).
 pub fn select_params(config: &SparseConfig, block_size: usize) -> Result<Option<SelectParams>> {
     config.validate()?;
@@ -1035,7 +1045,7 @@ impl AttentionBackend for CudaAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::{block_runs, check_ds_reach, select_params};
+    use super::{block_runs, check_ds_reach, check_gpu_reach, select_params};
     use crate::{Policy, SparseConfig};
     use proptest::prelude::*;
 
@@ -1050,8 +1060,12 @@ mod tests {
         assert!(check_ds_reach(&p, 512 + forced, 64).is_ok());
         let err = check_ds_reach(&p, 513 + forced, 64).unwrap_err().to_string();
         assert!(err.contains("ds on the GPU ranks at most 512 blocks"), "{err}");
-        // tls and quest keep their own k_b.
+        // The up-front check: ds refused beyond its reach, tls at any length.
+        assert!(check_gpu_reach(&ds, 514, 64).is_ok());
+        assert!(check_gpu_reach(&ds, 1537, 64).is_err());
         let tls = SparseConfig::with_budget(Policy::Tls, 1024, 64);
+        assert!(check_gpu_reach(&tls, 1537, 64).is_ok());
+        // tls and quest keep their own k_b.
         assert_eq!(select_params(&tls, 64).unwrap().unwrap().block_topk, tls.block_topk);
         let dense = SparseConfig {
             policy: Policy::Dense,

@@ -46,7 +46,7 @@ pub use backend::{
     reserve_decode, AttentionBackend, AttentionPlan, AttentionStats, CpuAttention, Sequences, Step, StepKind,
 };
 pub use config::{GroupReduce, Policy, SparseConfig, MLA_TLS_BLOCK_TOPK};
-pub use cuda_backend::{select_params, CudaAttention, OffloadOptions};
+pub use cuda_backend::{check_gpu_reach, select_params, CudaAttention, OffloadOptions};
 pub use decode::{attend, decode, DecodeReport, HeadSelection, StepBytes};
 pub use error::{AttnError, Result};
 pub use prefill::prefill;

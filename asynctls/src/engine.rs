@@ -153,6 +153,16 @@ impl Engine {
             .iter()
             .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
             .sum();
+        if self.model.device().is_cuda() {
+            // A policy that cannot serve these lengths on the GPU says so
+            // before the prefill, not at the first decode step.
+            let longest = requests
+                .iter()
+                .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
+                .max()
+                .unwrap_or(1);
+            asynctls_attn::check_gpu_reach(&self.plan.sparse, longest, block)?;
+        }
         // More resident slots than the pool has units are never used; the
         // offload engine allocates every slot up front.
         let units = blocks.saturating_mul(self.model.cache_config(1, self.kv_dtype).kv_heads);

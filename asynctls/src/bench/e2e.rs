@@ -475,10 +475,16 @@ pub fn run(model: &dyn CausalLm, config: &E2eBenchConfig, mut progress: impl FnM
                     ));
                     continue;
                 }
+                let plan = plan_for(policy, budget, config);
+                if model.device().is_cuda() {
+                    if let Err(e) = asynctls_attn::check_gpu_reach(&plan.sparse, per_seq, BLOCK) {
+                        report.skipped.push(format!("ctx {ctx} batch {batch} {policy}: {e}"));
+                        continue;
+                    }
+                }
                 progress(&format!("ctx {ctx} batch {batch}: decode {policy}"));
                 // Every offloaded row starts with no unit resident, so rows compare.
                 reset_residency(backend.as_mut())?;
-                let plan = plan_for(policy, budget, config);
                 let forks = seqs
                     .iter()
                     .map(|&s| backend.fork(s))

@@ -348,6 +348,10 @@ impl Loop {
             policy: config.offload_policy,
             ..asynctls_attn::OffloadOptions::new(s.min(units))
         });
+        if model.device().is_cuda() {
+            // Refused at start, not at the first long request's decode step.
+            asynctls_attn::check_gpu_reach(&config.plan.sparse, per_seq + 1, block_size)?;
+        }
         let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
         // The pool is the server's working memory for its whole life: held
         // resident from the start (a pool larger than the host's available
