@@ -41,8 +41,9 @@ pub trait KvStorage: Send + Sync {
     /// Bytes of memory this storage holds for the pool.
     fn allocated_bytes(&self) -> usize;
 
-    /// Makes the pool's memory resident now. A host pool is allocated
-    /// zeroed and its pages become resident at their first write. A server
+    /// Makes the pool's memory resident now. A host pool's f32 and byte
+    /// buffers are allocated zeroed by the OS and become resident at their
+    /// first write (bf16 ones are written when allocated). A server
     /// commits its pool at start, so a machine that cannot hold it fails
     /// then and not in the middle of a load, and its resident memory after
     /// a load is its idle value. The default does nothing (device memory

@@ -216,7 +216,12 @@ fn step_bytes(model: &dyn CausalLm, weights: usize, plan: &AttentionPlan, ctx: u
                 };
                 // The GPU keeps the bounds in bf16.
                 let bounds = blocks * c.kv_heads * 2 * c.key_dim * 2;
-                let labels = (p.block_topk * BLOCK).min(ctx) * c.kv_heads * c.label_bytes_per_head();
+                // ds ranks every token by its labels; tls the k_b blocks' tokens.
+                let labelled = match p.policy {
+                    Policy::Ds => ctx,
+                    _ => (p.block_topk * BLOCK).min(ctx),
+                };
+                let labels = labelled * c.kv_heads * c.label_bytes_per_head();
                 (tokens + forced).min(ctx) * kv_token + bounds + labels
             }
         };

@@ -14,7 +14,8 @@ pub mod import_gguf;
 pub mod pull;
 pub mod serve;
 
-/// How an offloaded GPU cache promotes its misses (`generate`, `bench e2e`).
+/// How an offloaded GPU cache promotes its misses (`generate`, `bench e2e`,
+/// `serve`).
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OffloadPolicyArgs {
     /// With an offloaded cache on a GPU: which resident units a promotion

@@ -25,6 +25,7 @@
 //! in over a `std` channel; events go back over tokio channels, whose
 //! `send` never blocks and whose `is_closed` tells of a dropped client.
 
+use anyhow::Context as _;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -350,12 +351,36 @@ impl Loop {
         });
         if model.device().is_cuda() {
             // Refused at start, not at the first long request's decode step.
-            asynctls_attn::check_gpu_reach(&config.plan.sparse, per_seq + 1, block_size)?;
+            asynctls_attn::check_gpu_reach(&config.plan.sparse, per_seq + 1, block_size).with_context(|| {
+                format!("a context of {max_context} tokens (lower --max-context, or another --attention)")
+            })?;
         }
-        let mut backend = model.new_backend(kv_blocks, config.kv_dtype, offload)?;
+        let mut backend = model
+            .new_backend(kv_blocks, config.kv_dtype, offload)
+            .with_context(|| {
+                format!(
+                    "a KV pool of {kv_blocks} blocks (--kv-blocks; by default --max-batch x --max-context, here \
+                     {} x {max_context})",
+                    config.max_batch
+                )
+            })?;
         // The pool is the server's working memory for its whole life: held
-        // resident from the start (a pool larger than the host's available
-        // memory was refused when it was sized).
+        // resident from the start. Each host pool was checked against the
+        // available memory when it was sized; here all of them together
+        // (tiers, ranks), before any page is touched.
+        if !model.device().is_cuda() {
+            let need = backend.memory_report().storage_bytes;
+            if let Some(available) = asynctls_offload::host_available_bytes() {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                anyhow::ensure!(
+                    need <= available,
+                    "the KV pool needs {:.2} GiB of host memory, {:.2} GiB are available (lower --kv-blocks, \
+                     --max-batch or --max-context)",
+                    gib(need),
+                    gib(available)
+                );
+            }
+        }
         backend.commit_memory();
         if config.mixed_steps && !model.supports_mixed_steps() {
             eprintln!("note: this model runs prefill chunks apart from the decode steps (--mixed-steps ignored)");
