@@ -109,6 +109,18 @@ fi
 # the GPU-resident cache, the same model, contexts and batches in one call.
 # E2E_OFFLOAD_ARGS goes to every offloaded run (e.g. "--offload-max-promote 64
 # --offload-predictor one-step-lag").
+# The rows without the per-layer residency (kept in the JSON files), so the
+# call's output tail shows every row.
+show_e2e() {
+    python3 -c "import json, sys
+d = json.load(open(sys.argv[2]))
+for r in d['rows']:
+    if r.get('offload'):
+        r['offload'] = {k: v for k, v in r['offload'].items() if k != 'layers'}
+    print(sys.argv[1], r)
+for s in d['skipped']:
+    print('skipped', s)" "$1" "$2"
+}
 if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
     E2E_SHAPE="${E2E_SHAPE:-qwen3-8b}"; E2E_CTX="${E2E_CTX:-98304}"; E2E_BATCH="${E2E_BATCH:-1,4}"
     for mode in resident offload; do
@@ -116,19 +128,19 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
             --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
             ${E2E_LARGEST---largest-batch} $([ $mode = offload ] && echo --offload ${E2E_OFFLOAD_ARGS:-}) --json \
             > "$out_dir/e2e_$mode.json" \
-            && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(sys.argv[2], r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_$mode.json" $mode
+            && show_e2e $mode "$out_dir/e2e_$mode.json"
     done
     # Batches past what the host holds, the layers sharing a few host pools
     # (their step times only: aliased rows give meaningless tokens).
     ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "${E2E_ALIAS_BATCH:-16,24}" \
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
         --offload --offload-host-tiers "${E2E_HOST_TIERS:-4}" ${E2E_OFFLOAD_ARGS:-} --json > "$out_dir/e2e_offload_aliased.json" \
-        && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('aliased', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_offload_aliased.json"
+        && show_e2e aliased "$out_dir/e2e_offload_aliased.json"
     # Tiered: some sequences whole on the GPU, the rest offloaded, one batch.
     ./asynctls bench e2e --device cuda --model-shape "$E2E_SHAPE" --ctx "$E2E_CTX" --batch "${E2E_TIERED_BATCH:-12}" \
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
         --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" ${E2E_OFFLOAD_ARGS:-} --json > "$out_dir/e2e_tiered.json" \
-        && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print('tiered', r) for r in d['rows']]; [print('skipped', s) for s in d['skipped']]" "$out_dir/e2e_tiered.json"
+        && show_e2e tiered "$out_dir/e2e_tiered.json"
 fi
 if [ "${TESTS:-1}" = 0 ]; then
     echo "gpu tests: not run (TESTS=0)"
