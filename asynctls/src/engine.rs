@@ -110,6 +110,19 @@ impl Engine {
         }
     }
 
+    /// Whether the plan serves `requests` on this device: on a GPU, ds
+    /// beyond its reach is refused here, before any prefill.
+    pub fn check_requests_reach(&self, requests: &[Request]) -> Result<()> {
+        self.check_reach(requests.iter().map(request_blocks).max().unwrap_or(1))
+    }
+
+    fn check_reach(&self, max_blocks: usize) -> Result<()> {
+        if self.model.device().is_cuda() {
+            asynctls_attn::check_gpu_reach(&self.plan.sparse, max_blocks, REQUEST_BLOCK)?;
+        }
+        Ok(())
+    }
+
     /// Checks a request against the model before any work is done.
     pub fn validate(&self, request: &Request) -> Result<()> {
         let (context, vocab) = (self.model.max_positions(), self.model.vocab_size());
@@ -148,21 +161,11 @@ impl Engine {
         for r in requests {
             self.validate(r)?;
         }
-        let block = 64;
-        let blocks: usize = requests
-            .iter()
-            .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
-            .sum();
-        if self.model.device().is_cuda() {
-            // A policy that cannot serve these lengths on the GPU says so
-            // before the prefill, not at the first decode step.
-            let longest = requests
-                .iter()
-                .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
-                .max()
-                .unwrap_or(1);
-            asynctls_attn::check_gpu_reach(&self.plan.sparse, longest, block)?;
-        }
+        let blocks: usize = requests.iter().map(request_blocks).sum();
+        // The longest request's blocks: the width of the decode graphs'
+        // tables, and what the plan must reach on a GPU.
+        let max_blocks = requests.iter().map(request_blocks).max().unwrap_or(1);
+        self.check_reach(max_blocks)?;
         // More resident slots than the pool has units are never used; the
         // offload engine allocates every slot up front.
         let units = blocks.saturating_mul(self.model.cache_config(1, self.kv_dtype).kv_heads);
@@ -232,11 +235,6 @@ impl Engine {
         // Greedy batches on a GPU replay their decode steps from CUDA graphs
         // (statistics need the host path's dense passes, so they stay eager).
         let all_greedy = requests.iter().all(|r| r.sampling.is_greedy());
-        let max_blocks = requests
-            .iter()
-            .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(block) + 1)
-            .max()
-            .unwrap_or(1);
         let mut graphs = DecodeGraphs::new(max_blocks, self.cuda_graphs && !measuring);
         while !live.is_empty() {
             let seqs: Vec<SeqId> = live.iter().map(|l| l.1).collect();
@@ -280,6 +278,15 @@ impl Engine {
         timings.offload_layers = backend.offload_layer_stats();
         Ok((out, timings))
     }
+}
+
+/// Tokens per KV block of the engine's caches.
+const REQUEST_BLOCK: usize = 64;
+
+/// Blocks the engine gives one request: its prompt and new tokens, plus
+/// one spare.
+fn request_blocks(r: &Request) -> usize {
+    (r.prompt_ids.len() + r.max_new_tokens).div_ceil(REQUEST_BLOCK) + 1
 }
 
 /// Loads the model directory `dir` onto `device`, which `request` resolved

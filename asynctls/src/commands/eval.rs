@@ -303,23 +303,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 if let (Policy::Tls, Some(k)) = (setting.policy, args.block_topk) {
                     sparse.block_topk = k;
                 }
-                if engine.model.device().is_cuda() {
-                    // A policy the GPU cannot serve at this length (ds beyond
-                    // its reach) is a skipped row, not the end of the sweep.
-                    let longest = requests
-                        .iter()
-                        .map(|r| (r.prompt_ids.len() + r.max_new_tokens).div_ceil(64) + 1)
-                        .max()
-                        .unwrap_or(1);
-                    if let Err(e) = asynctls_attn::check_gpu_reach(&sparse, longest, 64) {
-                        bar.println(format!("{task} @ {ctx} {}: skipped ({e})", setting.policy));
-                        continue;
-                    }
-                }
                 engine.plan = AttentionPlan {
                     sparse,
                     dense_layers: args.dense_layers,
                 };
+                // A policy the GPU cannot serve at this length (ds beyond its
+                // reach) is a skipped row, not the end of the sweep.
+                if let Err(e) = engine.check_requests_reach(&requests) {
+                    bar.println(format!("{task} @ {ctx} {}: skipped ({e})", setting.policy));
+                    continue;
+                }
                 let start = Instant::now();
                 let (generations, timings) = engine.generate(&requests, |_| {})?;
                 let wall_s = start.elapsed().as_secs_f64();
