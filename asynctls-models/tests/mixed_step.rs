@@ -7,9 +7,8 @@
 
 mod common;
 
-use common::{fixture, prompt, rel_err};
+use common::{fixture, prompt, rel_err, tiny_tls_plan};
 
-use asynctls_attn::{Policy, SparseConfig};
 use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{load_model, AttentionPlan, CausalLm, ModelError};
@@ -73,16 +72,7 @@ fn compare(model: &dyn CausalLm, plan: &AttentionPlan) -> ((f32, f32, f32), Vec<
 
 #[test]
 fn a_mixed_step_gives_the_separate_steps_logits() {
-    let tls = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 1,
-            token_topk: 24,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    let tls = tiny_tls_plan();
     for name in ["qwen3-tiny", "llama-mha", "glm-tiny-grouped"] {
         let model = load_model(&fixture(name)).unwrap();
         let mut batches = vec![];

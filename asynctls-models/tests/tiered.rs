@@ -10,9 +10,9 @@
 
 mod common;
 
-use common::{fixture, prompt, rel_err};
+use common::{fixture, prompt, rel_err, tiny_tls_plan};
 
-use asynctls_attn::{OffloadOptions, Policy, SparseConfig, TieredAttention};
+use asynctls_attn::{OffloadOptions, TieredAttention};
 use asynctls_kernels::{cpu, Tensor};
 use asynctls_kvcache::{KvDType, SeqId};
 use asynctls_models::{load_model, AttentionBackend, AttentionPlan, CausalLm};
@@ -81,16 +81,7 @@ fn run(model: &dyn CausalLm, backend: &mut dyn AttentionBackend, plan: &Attentio
 #[test]
 fn a_tiered_cache_computes_what_one_cache_computes() {
     let model = load_model(&fixture("qwen3-tiny")).unwrap();
-    let tls = AttentionPlan {
-        sparse: SparseConfig {
-            policy: Policy::Tls,
-            block_topk: 1,
-            token_topk: 24,
-            dense_below: 0,
-            ..SparseConfig::default()
-        },
-        dense_layers: 1,
-    };
+    let tls = tiny_tls_plan();
     for (label, plan) in [("dense", AttentionPlan::dense()), ("tls", tls)] {
         let mut plain = model.new_backend(64, KvDType::F32, None).unwrap();
         let want = run(model.as_ref(), plain.as_mut(), &plan);

@@ -1,4 +1,5 @@
-//! Helpers the model tests share: fixture paths, a relative error, prompts.
+//! Helpers the model tests share: fixture paths, a relative error, prompts,
+//! the tls plan of the tiny fixtures.
 
 #![allow(dead_code)]
 
@@ -20,4 +21,19 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 /// A deterministic prompt of `len` ids below `vocab`, varied by `salt`.
 pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 31 + salt * 7 + 3) % vocab) as u32).collect()
+}
+
+/// tls over the tiny fixtures: one block and 24 tokens a step, sparse at
+/// every length, after one dense layer (so both stages cut).
+pub fn tiny_tls_plan() -> asynctls_models::AttentionPlan {
+    asynctls_models::AttentionPlan {
+        sparse: asynctls_attn::SparseConfig {
+            policy: asynctls_attn::Policy::Tls,
+            block_topk: 1,
+            token_topk: 24,
+            dense_below: 0,
+            ..asynctls_attn::SparseConfig::default()
+        },
+        dense_layers: 1,
+    }
 }
