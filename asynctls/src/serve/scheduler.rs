@@ -366,8 +366,9 @@ impl Loop {
             })?;
         // The pool is the server's working memory for its whole life: held
         // resident from the start. Each host pool was checked against the
-        // available memory when it was sized; here all of them together
-        // (tiers, ranks), before any page is touched.
+        // available memory when it was sized; here a tiered cache's pools
+        // together, before any page is touched. (Tensor-parallel ranks
+        // report their first rank's pool, so their sum is not checked.)
         if !model.device().is_cuda() {
             let need = backend.memory_report().storage_bytes;
             if let Some(available) = asynctls_offload::host_available_bytes() {
