@@ -10,7 +10,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "bf16x8.cuh"
+#include "mma.cuh"
 
 // Grid-stride loops: one launch covers any n.
 #define FOR_EACH(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
@@ -60,13 +60,28 @@ __device__ __forceinline__ void store_norm(__nv_bfloat16* dst, float v) { *dst =
 // out[row] = x[row] * w / sqrt(mean(x[row]^2) + eps); one block of 256 per row.
 // The sum of squares is taken per thread then across the block; the CPU twin
 // sums sequentially, so the two agree to f32 rounding (about 1e-6 relative).
+// The loads are 16-byte and unrolled so that a thread's share of the row is
+// in flight at once: the plain loop waited on one load per iteration, which
+// made a 4096-wide row (one per decode step at batch 1) take 14.5 us.
 template <typename Out>
-__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, Out* out, int h, float eps) {
+__device__ __forceinline__ void rms_norm_row(const float* __restrict__ x, const float* __restrict__ w,
+                                             Out* __restrict__ out, int h, float eps) {
     const float* row = x + (size_t)blockIdx.x * h;
     Out* dst = out + (size_t)blockIdx.x * h;
     float sq = 0.0f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) sq += row[i] * row[i];
+    if ((h & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+        const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < h / 4; i += blockDim.x) {
+            const float4 v = r4[i];
+            sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < h; i += blockDim.x) sq += row[i] * row[i];
+    }
     float inv = rsqrtf(block_sum_256(sq) / h + eps);
+#pragma unroll 8
     for (int i = threadIdx.x; i < h; i += blockDim.x) store_norm(dst + i, row[i] * inv * w[i]);
 }
 
@@ -98,90 +113,95 @@ extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned long
     FOR_EACH(i, n) y[i] = offset + scale * uniform_at(seed, (unsigned long long)i);
 }
 
-// y[m, j] = sum_c x[m, c] w[j, c] for a decode step of one sequence (M = 1;
-// the template takes more rows, but at 4 rows cuBLAS was faster end to end):
-// a linear layer at batch 1 is a stream of its bf16 weights, read here
-// once with 16-byte loads. A CTA takes GEMV_ROWS weight rows and its eight
-// warps split k between them (a warp per row group left k/v projections of
-// 1024 rows on 32 SMs); partial sums meet in shared memory. x (rounded to
-// bf16, as the cuBLAS path rounds it) is read through the cache. Grid:
-// ceil(n / GEMV_ROWS) CTAs of 256 threads. k % 8 == 0; x, w 16-byte aligned.
+// y[m, j] (+)= sum_c x[m, c] w[j, c] for the few rows of a decode step (m <=
+// 8): a linear layer at small batch is a stream of its bf16 weights, read
+// here once, on the tensor cores so that eight rows of x cost no more than
+// one. A CTA owns 16 weight rows (the A operand of mma.m16n8k16, the rows
+// of x its 8 columns) and its 8 warps split k in chunks of 64: in a chunk,
+// lane (g, t) loads 32 contiguous bytes of weight rows g and g + 8 at k
+// offset 16 t (four lanes cover a row's 128 bytes) and the same k range of
+// x row g. The order of k inside an mma is free as long as A and B agree,
+// so each 16-byte word feeds one mma directly, no shuffle or shared-memory
+// staging. Partial sums meet in shared memory; `accumulate` adds them to y
+// (a residual stream), else y is overwritten. x (rounded to bf16, as the
+// cuBLAS path rounds it) is read through the cache. Grid: ceil(n / 16)
+// CTAs of 256 threads. k % 8 == 0; x, w 16-byte aligned.
 #define GEMV_WARPS 8
-#define GEMV_ROWS 4
+#define GEMV_TILE 16
+#define GEMV_UNROLL 2
 
 
-// Eight consecutive x values as floats rounded to bf16.
-__device__ __forceinline__ void load_x8(const float* x, float* f) {
+// Eight consecutive x values packed as bf16 pairs.
+__device__ __forceinline__ uint4 load_x8_bf16(const float* x) {
     const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
-    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; i++) f[i] = __bfloat162float(__float2bfloat16_rn(v[i]));
+    return make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
 }
 
-__device__ __forceinline__ void load_x8(const __nv_bfloat16* x, float* f) {
-    bf16x8_to_f32(*reinterpret_cast<const uint4*>(x), f);
-}
+__device__ __forceinline__ uint4 load_x8_bf16(const __nv_bfloat16* x) { return *reinterpret_cast<const uint4*>(x); }
 
-template <int M, typename X>
-__device__ void gemv_rows(const X* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n,
-                          int k) {
-    __shared__ float partial[GEMV_WARPS][GEMV_ROWS][M];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = blockIdx.x * GEMV_ROWS;
-    float acc[GEMV_ROWS][M];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-        for (int m = 0; m < M; m++) acc[r][m] = 0.0f;
+template <typename X>
+__device__ void gemv_mma(const X* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int m,
+                         int n, int k, int accumulate) {
+    __shared__ float partial[GEMV_WARPS][GEMV_TILE][8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * GEMV_TILE;
+    const bool has_a = row0 + g < n, has_b = row0 + g + 8 < n, has_x = g < m;
+    // Rows past n (and x rows past m) read nothing: their operands are zeros.
+    const __nv_bfloat16* wa = w + (size_t)(has_a ? row0 + g : 0) * k;
+    const __nv_bfloat16* wb = w + (size_t)(has_b ? row0 + g + 8 : 0) * k;
+    const X* xr = x + (size_t)(has_x ? g : 0) * k;
     const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll 2
-    for (int c = (warp * 32 + lane) * 8; c < k; c += GEMV_WARPS * 32 * 8) {
-        uint4 wv[GEMV_ROWS];
+    float acc0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int chunks = (k + 63) / 64;
+    for (int c0 = warp; c0 < chunks; c0 += GEMV_WARPS * GEMV_UNROLL) {
+        uint4 ra[GEMV_UNROLL][2], rb[GEMV_UNROLL][2], rx[GEMV_UNROLL][2];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-            wv[r] = row0 + r < n ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)(row0 + r) * k + c)) : zero;
-        float xf[M][8];
+        for (int u = 0; u < GEMV_UNROLL; u++)
 #pragma unroll
-        for (int m = 0; m < M; m++) load_x8(x + (size_t)m * k + c, xf[m]);
+            for (int j = 0; j < 2; j++) {
+                const int off = (c0 + u * GEMV_WARPS) * 64 + 16 * t + 8 * j;
+                const bool in = c0 + u * GEMV_WARPS < chunks && off < k;
+                ra[u][j] = in && has_a ? __ldcs(reinterpret_cast<const uint4*>(wa + off)) : zero;
+                rb[u][j] = in && has_b ? __ldcs(reinterpret_cast<const uint4*>(wb + off)) : zero;
+                rx[u][j] = in && has_x ? load_x8_bf16(xr + off) : zero;
+            }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            float wf[8];
-            bf16x8_to_f32(wv[r], wf);
+        for (int u = 0; u < GEMV_UNROLL; u++)
 #pragma unroll
-            for (int m = 0; m < M; m++)
-#pragma unroll
-                for (int i = 0; i < 8; i++) acc[r][m] = fmaf(xf[m][i], wf[i], acc[r][m]);
-        }
+            for (int j = 0; j < 2; j++) {
+                const uint32_t lo[4] = {ra[u][j].x, rb[u][j].x, ra[u][j].y, rb[u][j].y};
+                mma_16816(acc0, lo, rx[u][j].x, rx[u][j].y);
+                const uint32_t hi[4] = {ra[u][j].z, rb[u][j].z, ra[u][j].w, rb[u][j].w};
+                mma_16816(acc1, hi, rx[u][j].z, rx[u][j].w);
+            }
     }
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float v = acc[r][m];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-            if (lane == 0) partial[warp][r][m] = v;
-        }
+    // C fragment: (row g, columns 2t, 2t + 1) and (row g + 8, the same).
+    partial[warp][g][2 * t] = acc0[0] + acc1[0];
+    partial[warp][g][2 * t + 1] = acc0[1] + acc1[1];
+    partial[warp][g + 8][2 * t] = acc0[2] + acc1[2];
+    partial[warp][g + 8][2 * t + 1] = acc0[3] + acc1[3];
     __syncthreads();
-    if (threadIdx.x < GEMV_ROWS * M) {
-        const int r = threadIdx.x / M, m = threadIdx.x % M;
+    if (threadIdx.x < GEMV_TILE * 8) {
+        const int r = threadIdx.x >> 3, col = threadIdx.x & 7, row = row0 + r;
         float v = 0.0f;
 #pragma unroll
-        for (int i = 0; i < GEMV_WARPS; i++) v += partial[i][r][m];
-        if (row0 + r < n) y[(size_t)m * n + row0 + r] = v;
+        for (int i = 0; i < GEMV_WARPS; i++) v += partial[i][r][col];
+        if (row < n && col < m) {
+            float* dst = y + (size_t)col * n + row;
+            *dst = accumulate ? *dst + v : v;
+        }
     }
 }
 
-#define GEMV(M)                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256)                                                               \
-        gemv_f32_m##M(const float* x, const __nv_bfloat16* w, float* y, int n, int k) {                            \
-        gemv_rows<M>(x, w, y, n, k);                                                                                \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                                               \
-        gemv_bf16_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k) {                   \
-        gemv_rows<M>(x, w, y, n, k);                                                                                \
-    }
-GEMV(1)
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_f32(const float* x, const __nv_bfloat16* w, float* y, int m, int n, int k, int accumulate) {
+    gemv_mma(x, w, y, m, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int m, int n, int k, int accumulate) {
+    gemv_mma(x, w, y, m, n, k, accumulate);
+}
 
 // dst[i, :] = src[idx[i], :] for rows of w elements of 2 or 4 bytes (a
 // row gather: the MoE prefill's tokens of one expert, a weight's rows
@@ -228,5 +248,70 @@ extern "C" __global__ void rope_concat_f32(const float* a, const float* b, float
         const float x0 = br[i], x1 = br[i + half];
         o[wa + i] = x0 * c - x1 * s;
         o[wa + i + half] = x0 * s + x1 * c;
+    }
+}
+
+// The fused q/k/v projection's rows [q heads | k heads | v heads] (each d
+// wide) split into q [tokens, qh, d], k [tokens, kvh, d] and v [tokens,
+// kvh, d]: q and k heads RMS-normed per head when their norm weights are
+// given (Qwen3's q_norm / k_norm, the math of rms_norm_out_f32), then
+// rotated NeoX-style on their first rd channels at the token's position
+// (the math of rope_f32); v heads copied. One launch for what was two norms
+// and two rotations. Grid: tokens x (qh + 2 kvh), 128 threads; d <= 512.
+extern "C" __global__ void __launch_bounds__(128)
+    qkv_heads_f32(const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                  float* __restrict__ q, float* __restrict__ k, float* __restrict__ v, const float* __restrict__ cos_t,
+                  const float* __restrict__ sin_t, const int* __restrict__ positions, int qh, int kvh, int d, int rd,
+                  float eps) {
+    __shared__ float head_row[512];
+    __shared__ float partial[4];
+    const int token = blockIdx.x, head = blockIdx.y, heads = qh + 2 * kvh;
+    const float* src = qkv + ((size_t)token * heads + head) * d;
+    if (head >= qh + kvh) {
+        float* dst = v + ((size_t)token * kvh + head - qh - kvh) * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+        return;
+    }
+    const bool is_q = head < qh;
+    float* dst = is_q ? q + ((size_t)token * qh + head) * d : k + ((size_t)token * kvh + head - qh) * d;
+    const float* norm = is_q ? q_norm : k_norm;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float x = src[i];
+        head_row[i] = x;
+        sq += x * x;
+    }
+    if (norm != nullptr) {
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+        if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sq;
+        __syncthreads();
+        float total = 0.0f;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += partial[i];
+        const float inv = rsqrtf(total / d + eps);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) head_row[i] = head_row[i] * inv * norm[i];
+    }
+    __syncthreads();
+    const int pos = positions[token], half = rd / 2;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float out = head_row[i];
+        if (i < rd) {
+            const int j = i < half ? i : i - half;
+            const float c = cos_t[(size_t)pos * half + j], s = sin_t[(size_t)pos * half + j];
+            const float a = head_row[j], b = head_row[j + half];
+            out = i < half ? a * c - b * s : a * s + b * c;
+        }
+        dst[i] = out;
+    }
+}
+
+// out[r, j] = silu(gu[r, j]) * gu[r, i + j] as bf16, for rows [gate | up]
+// of 2i: the fused gate/up projection's output straight to the down
+// projection's bf16 input (the math of silu_mul_f32, then the cast).
+extern "C" __global__ void silu_mul_halves_bf16(const float* gu, __nv_bfloat16* out, long long rows, int i) {
+    FOR_EACH(e, rows * i) {
+        const long long r = e / i;
+        const int j = (int)(e % i);
+        const float g = gu[r * 2 * i + j];
+        out[e] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * gu[r * 2 * i + i + j]);
     }
 }

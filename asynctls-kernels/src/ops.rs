@@ -198,12 +198,44 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// cast it once), `w` `[out, in]` (f32 on the CPU, bf16 on the GPU), `bias`
 /// `[out]` f32; `y` `[n, out]` f32.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    const OP: &str = "linear";
-    let (n, k) = x.dims2(OP)?;
-    let (out_dim, k2) = w.dims2(OP)?;
+    let (n, out_dim) = check_linear("linear", x, w, bias)?;
+    if !x.is_cuda() {
+        let y = cpu_linear(x, w, bias, n, out_dim)?;
+        return Tensor::from_vec(y, &[n, out_dim]);
+    }
+    let mut y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
+    linear_on_gpu(x, w, bias, &mut y, false)?;
+    Ok(y)
+}
+
+/// `y += x . w^T (+ bias)` in place: [`linear`] added to f32 `y` (`[n,
+/// out]`), a residual stream, without the product's own buffer or the
+/// add's launch on a GPU (the GEMV and cuBLAS accumulate into `y`).
+pub fn linear_add_(y: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "linear_add";
+    let (n, out_dim) = check_linear(OP, x, w, bias)?;
+    check_shape(OP, "y", y.shape(), "x rows x weight rows", &[n, out_dim])?;
+    require_dtype(OP, "y", y, DType::F32)?;
+    same_device(OP, x, &[y])?;
+    require_unique(OP, y)?;
+    if !x.is_cuda() {
+        let product = cpu_linear(x, w, bias, n, out_dim)?;
+        y.as_slice_mut::<f32>()?
+            .iter_mut()
+            .zip(&product)
+            .for_each(|(a, b)| *a += b);
+        return Ok(());
+    }
+    linear_on_gpu(x, w, bias, y, true)
+}
+
+/// The shape, dtype and device checks of a linear layer: `(rows, out)`.
+fn check_linear(op: &'static str, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize)> {
+    let (n, k) = x.dims2(op)?;
+    let (out_dim, k2) = w.dims2(op)?;
     if k != k2 {
         return Err(Error::ShapeMismatch {
-            op: OP,
+            op,
             lhs_name: "x",
             lhs: x.shape().to_vec(),
             rhs_name: "weight",
@@ -211,56 +243,76 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         });
     }
     if !(x.dtype() == DType::F32 || x.dtype() == DType::BF16 && x.is_cuda()) {
-        require_dtype(OP, "x", x, DType::F32)?;
+        require_dtype(op, "x", x, DType::F32)?;
     }
     if let Some(b) = bias {
-        check_shape(OP, "bias", b.shape(), "weight rows", &[out_dim])?;
-        require_dtype(OP, "bias", b, DType::F32)?;
-        same_device(OP, x, &[b])?;
+        check_shape(op, "bias", b.shape(), "weight rows", &[out_dim])?;
+        require_dtype(op, "bias", b, DType::F32)?;
+        same_device(op, x, &[b])?;
     }
-    same_device(OP, x, &[w])?;
-    match cuda_ops(x)? {
-        None => {
-            let mut y = vec![0.0; n * out_dim];
-            let weight: std::borrow::Cow<'_, [f32]> = match w.dtype() {
-                DType::F32 => w.as_slice::<f32>()?.into(),
-                _ => w.to_f32_vec()?.into(),
-            };
-            cpu::matmul_nt(x.as_slice::<f32>()?, &weight, &mut y, n, k, out_dim)?;
-            if let Some(b) = bias {
-                let b = b.as_slice::<f32>()?;
-                y.chunks_exact_mut(out_dim)
-                    .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-            }
-            Tensor::from_vec(y, &[n, out_dim])
-        }
-        Some(ops) => {
-            let (xp, wp) = (x.device_ptr()?, w.device_ptr()?);
-            let y = Tensor::uninit_on(&[n, out_dim], DType::F32, &x.device())?;
-            let yp = y.device_ptr()?;
-            if w.dtype() == DType::F32 {
-                // Kept in f32 on purpose (a MoE router, which HF computes in f32).
-                require_dtype(OP, "x (with an f32 weight)", x, DType::F32)?;
-                // SAFETY: shapes, dtypes and devices checked above.
-                unsafe { ops.gemm_nt_raw(xp, wp, yp, n, k, out_dim, GemmType::F32, GemmType::F32) }?;
-            } else {
-                require_dtype(OP, "weight", w, DType::BF16)?;
-                if CudaOps::gemv_takes(n, k, xp, wp) {
-                    // SAFETY: shapes, dtypes and devices checked above; gemv_takes held.
-                    unsafe { ops.gemv_raw(xp, x.dtype() == DType::BF16, wp, yp, n, k, out_dim) }?;
-                } else {
-                    let xb = gemm_input(x)?;
-                    // SAFETY: as above, with x cast to bf16.
-                    unsafe { ops.gemm_nt_raw(xb.device_ptr()?, wp, yp, n, k, out_dim, GemmType::Bf16, GemmType::F32) }?;
-                }
-            }
-            if let Some(b) = bias {
-                // SAFETY: y holds n x out_dim, b holds out_dim (checked above).
-                unsafe { ops.bias_add_raw(yp, b.device_ptr()?, n * out_dim, out_dim) }?;
-            }
-            Ok(y)
-        }
+    same_device(op, x, &[w])?;
+    if x.is_cuda() && w.dtype() == DType::F32 {
+        // Kept in f32 on purpose (a MoE router, which HF computes in f32).
+        require_dtype(op, "x (with an f32 weight)", x, DType::F32)?;
+    } else if x.is_cuda() {
+        require_dtype(op, "weight", w, DType::BF16)?;
     }
+    Ok((n, out_dim))
+}
+
+/// The CPU twin: `x . w^T (+ bias)` as `[n, out]` f32 values.
+fn cpu_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, n: usize, out_dim: usize) -> Result<Vec<f32>> {
+    let k = x.last_dim();
+    let mut y = vec![0.0; n * out_dim];
+    let weight: std::borrow::Cow<'_, [f32]> = match w.dtype() {
+        DType::F32 => w.as_slice::<f32>()?.into(),
+        _ => w.to_f32_vec()?.into(),
+    };
+    cpu::matmul_nt(x.as_slice::<f32>()?, &weight, &mut y, n, k, out_dim)?;
+    if let Some(b) = bias {
+        let b = b.as_slice::<f32>()?;
+        y.chunks_exact_mut(out_dim)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+    Ok(y)
+}
+
+/// The product on the GPU into `y` (checked by [`check_linear`]), added to
+/// it when `accumulate`: the tensor-core GEMV for a decode step's few rows,
+/// cuBLAS for more (or an f32 weight).
+fn linear_on_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor, accumulate: bool) -> Result<()> {
+    let ops = cuda_ops(x)?.ok_or_else(|| invalid("linear", "expected a GPU tensor"))?;
+    let (n, k) = (x.rows(), x.last_dim());
+    let out_dim = w.rows();
+    let (xp, wp, yp) = (x.device_ptr()?, w.device_ptr()?, y.device_ptr()?);
+    if w.dtype() == DType::F32 {
+        // SAFETY: shapes, dtypes and devices checked by check_linear.
+        unsafe { ops.gemm_nt_raw(xp, wp, yp, n, k, out_dim, GemmType::F32, GemmType::F32, accumulate) }?;
+    } else if CudaOps::gemv_takes(n, k, xp, wp) {
+        // SAFETY: as above; gemv_takes held.
+        unsafe { ops.gemv_raw(xp, x.dtype() == DType::BF16, wp, yp, n, k, out_dim, accumulate) }?;
+    } else {
+        let xb = gemm_input(x)?;
+        // SAFETY: as above, with x cast to bf16.
+        unsafe {
+            ops.gemm_nt_raw(
+                xb.device_ptr()?,
+                wp,
+                yp,
+                n,
+                k,
+                out_dim,
+                GemmType::Bf16,
+                GemmType::F32,
+                accumulate,
+            )
+        }?;
+    }
+    if let Some(b) = bias {
+        // SAFETY: y holds n x out_dim, b holds out_dim (checked by check_linear).
+        unsafe { ops.bias_add_raw(yp, b.device_ptr()?, n * out_dim, out_dim) }?;
+    }
+    Ok(())
 }
 
 /// `x` as a linear layer's input on its device: cast to bf16 once on a GPU
@@ -460,6 +512,134 @@ pub fn rope_concat(a: &Tensor, b: &Tensor, rope: &Rope, positions: &Tensor) -> R
         )
     }?;
     Ok(out)
+}
+
+/// The query, key and value heads of a fused q/k/v projection: `qkv` f32
+/// `[tokens, (q_heads + 2 kv_heads) * head_dim]` (rows `[q | k | v]`) into
+/// `q` `[tokens, q_heads * head_dim]`, `k` and `v` `[tokens, kv_heads *
+/// head_dim]`, with q and k RMS-normed per head by `norms` (Qwen3's q_norm
+/// and k_norm, `[head_dim]` f32 each) when given, then rotated NeoX-style at
+/// `positions` (i32 `[tokens]`). On the CPU: the columns split, then
+/// [`rms_norm`] and [`rope_`] (the twin); on a GPU one launch.
+pub fn qkv_heads(
+    qkv: &Tensor,
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+    norms: Option<(&Tensor, &Tensor)>,
+    eps: f32,
+    rope: &Rope,
+    positions: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "qkv_heads";
+    let (tokens, width) = qkv.dims2(OP)?;
+    let d = head_dim;
+    check_shape(
+        OP,
+        "qkv (width)",
+        &[width],
+        "(q + 2 kv heads) x head dim",
+        &[(q_heads + 2 * kv_heads) * d],
+    )?;
+    check_shape(OP, "positions", positions.shape(), "qkv rows", &[tokens])?;
+    require_dtype(OP, "qkv", qkv, DType::F32)?;
+    require_dtype(OP, "positions", positions, DType::I32)?;
+    same_device(OP, qkv, &[positions])?;
+    if let Some((qn, kn)) = norms {
+        for (name, n) in [("q norm", qn), ("k norm", kn)] {
+            check_shape(OP, name, n.shape(), "head dim", &[d])?;
+            require_dtype(OP, name, n, DType::F32)?;
+            same_device(OP, qkv, &[n])?;
+        }
+    }
+    let (qw, kw) = (q_heads * d, kv_heads * d);
+    let Some(ops) = cuda_ops(qkv)? else {
+        let rows = qkv.as_slice::<f32>()?;
+        let split = |from: usize, w: usize, heads: usize| -> Result<Tensor> {
+            let v: Vec<f32> = rows
+                .chunks_exact(width.max(1))
+                .flat_map(|r| &r[from..from + w])
+                .copied()
+                .collect();
+            Tensor::from_vec(v, &[tokens, heads, d])
+        };
+        let (mut q, mut k, v) = (
+            split(0, qw, q_heads)?,
+            split(qw, kw, kv_heads)?,
+            split(qw + kw, kw, kv_heads)?,
+        );
+        if let Some((qn, kn)) = norms {
+            q = rms_norm(&q, qn, eps)?;
+            k = rms_norm(&k, kn, eps)?;
+        }
+        rope_(&mut q, rope, positions, RopeStyle::Neox)?;
+        rope_(&mut k, rope, positions, RopeStyle::Neox)?;
+        return Ok((
+            q.reshaped(&[tokens, qw])?,
+            k.reshaped(&[tokens, kw])?,
+            v.reshaped(&[tokens, kw])?,
+        ));
+    };
+    let (cos, sin) = rope
+        .device_tables
+        .as_ref()
+        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
+    same_device(OP, qkv, &[cos])?;
+    let rd = rope.table.rotary_dim();
+    if d > 512 || rd > d || rd % 2 != 0 {
+        return Err(invalid(
+            OP,
+            format!("head dim {d} (at most 512) with rotary dim {rd} (even, at most the head dim)"),
+        ));
+    }
+    let device = qkv.device();
+    let q = Tensor::uninit_on(&[tokens, qw], DType::F32, &device)?;
+    let k = Tensor::uninit_on(&[tokens, kw], DType::F32, &device)?;
+    let v = Tensor::uninit_on(&[tokens, kw], DType::F32, &device)?;
+    let norm_ptrs = match norms {
+        Some((qn, kn)) => (qn.device_ptr()?, kn.device_ptr()?),
+        None => (0, 0),
+    };
+    // SAFETY: shapes, dtypes and devices checked above; positions come from
+    // the backend's step (below the table's length).
+    unsafe {
+        ops.qkv_heads_raw(
+            qkv.device_ptr()?,
+            norm_ptrs,
+            (q.device_ptr()?, k.device_ptr()?, v.device_ptr()?),
+            (cos.device_ptr()?, sin.device_ptr()?, positions.device_ptr()?),
+            tokens,
+            (q_heads, kv_heads, d, rd),
+            eps,
+        )
+    }?;
+    Ok((q, k, v))
+}
+
+/// `silu(gate) * up` of a fused gate/up projection's rows `[gate | up]` (f32
+/// `[n, 2i]`) as the next linear layer's input `[n, i]`: bf16 on a GPU
+/// (written by the one kernel), f32 on the CPU.
+pub fn silu_mul_halves_gemm_input(gate_up: &Tensor) -> Result<Tensor> {
+    const OP: &str = "silu_mul_halves";
+    let (n, w) = gate_up.dims2(OP)?;
+    require_dtype(OP, "gate_up", gate_up, DType::F32)?;
+    if w % 2 != 0 {
+        return Err(invalid(OP, format!("width {w} is not two halves")));
+    }
+    let i = w / 2;
+    match cuda_ops(gate_up)? {
+        None => {
+            let rows = gate_up.as_slice::<f32>()?;
+            let mut gate: Vec<f32> = rows.chunks_exact(w.max(1)).flat_map(|r| &r[..i]).copied().collect();
+            let up: Vec<f32> = rows.chunks_exact(w.max(1)).flat_map(|r| &r[i..]).copied().collect();
+            cpu::silu_mul(&mut gate, &up)?;
+            Tensor::from_vec(gate, &[n, i])
+        }
+        Some(ops) => {
+            let out = Tensor::uninit_on(&[n, i], DType::BF16, &gate_up.device())?;
+            // SAFETY: gate_up holds n x 2i f32, out n x i bf16.
+            unsafe { ops.silu_mul_halves_raw(gate_up.device_ptr()?, out.device_ptr()?, n, i) }?;
+            Ok(out)
+        }
+    }
 }
 
 /// `gate = silu(gate) * up` in place (f32).
@@ -848,41 +1028,59 @@ pub fn concat_cols(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The rows of `a` (`[ra, w]`) followed by those of `b` (`[rb, w]`), f32:
-/// two copies into one buffer on the device (a mixed step's attention
-/// outputs, the chunk's then the batch's).
+/// The rows of `a` (`[ra, w]`) followed by those of `b` (`[rb, w]`): two
+/// copies into one buffer on the device (a mixed step's attention outputs,
+/// the chunk's then the batch's). See [`stack_rows`] for more parts.
 pub fn concat_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    const OP: &str = "concat_rows";
-    let (ra, w) = a.dims2(OP)?;
-    let (rb, wb) = b.dims2(OP)?;
-    check_shape(OP, "a (width)", &[w], "b (width)", &[wb])?;
-    require_dtype(OP, "a", a, DType::F32)?;
-    require_dtype(OP, "b", b, DType::F32)?;
-    same_device(OP, a, &[b])?;
-    match cuda_ops(a)? {
+    stack_rows(&[a, b])
+}
+
+/// The rows of every part in order (`[r_i, w]` each, one float dtype, one
+/// device) as `[sum r_i, w]`: device-to-device copies on a GPU. Fused
+/// projections stack their layers' weights with it at load.
+pub fn stack_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "stack_rows";
+    let Some(first) = parts.first() else {
+        return Err(invalid(OP, "no parts"));
+    };
+    let (_, w) = first.dims2(OP)?;
+    let mut rows = 0;
+    for p in parts {
+        let (r, pw) = p.dims2(OP)?;
+        check_shape(OP, "part (width)", &[pw], "first part (width)", &[w])?;
+        require_dtype(OP, "part", p, first.dtype())?;
+        p.require_float(OP)?;
+        same_device(OP, first, &[p])?;
+        rows += r;
+    }
+    match cuda_ops(first)? {
         None => {
-            let mut out = Vec::with_capacity((ra + rb) * w);
-            out.extend_from_slice(a.as_slice::<f32>()?);
-            out.extend_from_slice(b.as_slice::<f32>()?);
-            Tensor::from_vec(out, &[ra + rb, w])
+            let mut out = Vec::with_capacity(rows * w);
+            for p in parts {
+                out.extend_from_slice(&p.to_f32_vec()?);
+            }
+            // Exact for bf16 / f16 parts: their values round-trip through f32.
+            Tensor::from_f32(out, &[rows, w], first.dtype())
         }
         Some(ops) => {
-            let out = Tensor::uninit_on(&[ra + rb, w], DType::F32, &a.device())?;
+            let out = Tensor::uninit_on(&[rows, w], first.dtype(), &first.device())?;
             let stream = ops.device().stream();
-            for (src, at) in [(a, 0), (b, ra * w * 4)] {
-                let bytes = src.size_in_bytes();
+            let mut at = 0u64;
+            for p in parts {
+                let bytes = p.size_in_bytes();
                 if bytes > 0 {
-                    // SAFETY: `out` holds both sources' bytes, `src` at offset `at`;
-                    // the copy is ordered on the device's compute stream.
+                    // SAFETY: `out` holds every part's bytes, this one at
+                    // offset `at`; the copy is ordered on the compute stream.
                     unsafe {
                         cudarc::driver::result::memcpy_dtod_async(
-                            out.device_ptr()? + at as u64,
-                            src.device_ptr()?,
+                            out.device_ptr()? + at,
+                            p.device_ptr()?,
                             bytes,
                             stream.cu_stream(),
                         )
                     }?;
                 }
+                at += bytes as u64;
             }
             Ok(out)
         }

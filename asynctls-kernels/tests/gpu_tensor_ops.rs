@@ -29,7 +29,8 @@ fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
 fn elementwise_tensor_ops_match_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    for &(rows, h) in &[(1usize, 64usize), (7, 896), (33, 4096)] {
+    // Widths of 16-byte rows (the vector loads) and not (1001: scalar loads).
+    for &(rows, h) in &[(1usize, 64usize), (7, 896), (33, 4096), (3, 1001)] {
         let x = random(&mut rng, &[rows, h], 3.0);
         let y = random(&mut rng, &[rows, h], 2.0);
         let w = random(&mut rng, &[h], 1.5);
@@ -115,9 +116,9 @@ fn in_place_ops_refuse_shared_storage() {
 fn linear_embedding_and_rope_match_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = rng();
-    // Decode-batch rows (1 runs the GEMV kernel, 2-8 cuBLAS) and a
-    // prefill-like 64 rows; k not a multiple of the GEMV's 2048-wide step,
-    // and weight rows not a multiple of its 4 per CTA, included. x as f32
+    // Decode-batch rows (1-8 run the tensor-core GEMV) and prefill-like 9
+    // and 64 rows (cuBLAS); k not a multiple of the GEMV's 64-wide chunk,
+    // and weight rows not a multiple of its 16 per CTA, included. x as f32
     // and, for the GEMV, as bf16 (as a cast activation arrives).
     for &(n, k, out) in &[
         (1usize, 896usize, 4864usize),
@@ -125,7 +126,10 @@ fn linear_embedding_and_rope_match_cpu() {
         (8, 1536, 2048),
         (2, 12288, 1024),
         (1, 520, 777),
+        (3, 4096, 6144),
         (4, 4096, 1000),
+        (7, 1032, 130),
+        (9, 896, 512),
         (64, 576, 1536),
     ] {
         let x = random(&mut rng, &[n, k], 2.0);
@@ -135,12 +139,18 @@ fn linear_embedding_and_rope_match_cpu() {
         let w_gpu = w.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         let b_gpu = b.to_device(&dev).unwrap();
         let mut inputs = vec![("f32", x.to_device(&dev).unwrap())];
-        if n == 1 {
+        if n <= 8 {
             inputs.push(("bf16", x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap()));
         }
+        // The accumulating form adds the same product to a residual.
+        let residual = random(&mut rng, &[n, out], 1.0);
+        let want_sum = ops::add(&residual, &want).unwrap();
         for (dtype, xg) in inputs {
             let got = ops::linear(&xg, &w_gpu, Some(&b_gpu)).unwrap();
             assert_close(&got, &want, 2e-3, &format!("linear {n}x{k}x{out} ({dtype} x)"));
+            let mut sum = residual.to_device(&dev).unwrap();
+            ops::linear_add_(&mut sum, &xg, &w_gpu, Some(&b_gpu)).unwrap();
+            assert_close(&sum, &want_sum, 2e-3, &format!("linear_add {n}x{k}x{out} ({dtype} x)"));
         }
     }
 
@@ -184,4 +194,67 @@ fn random_fill_matches_cpu_bits() {
         let got = ops::fill_uniform(&[3, 1001], dtype, &dev, seed, 0.02, 0.0).unwrap();
         assert_eq!(got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap(), "{dtype}");
     }
+}
+
+/// The fused projections' ops: the q/k/v split with per-head norms and RoPE,
+/// the gate/up halves' SwiGLU as a bf16 GEMM input, and stacked weights.
+#[test]
+fn fused_projection_ops_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = rng();
+    // Qwen3-like (norms, full rotation), Qwen2-like (no norms), and a
+    // partial rotation (rotary dim below the head dim).
+    for &(qh, kvh, d, rotary, norms) in &[
+        (32usize, 8usize, 128usize, 128usize, true),
+        (14, 2, 64, 64, false),
+        (4, 1, 96, 32, true),
+    ] {
+        let tokens = 5;
+        let table = RopeTable::new(rotary, 1e6, 4096).unwrap();
+        let (cpu_rope, gpu_rope) = (
+            Rope::new(table.clone(), &Device::Cpu).unwrap(),
+            Rope::new(table, &dev).unwrap(),
+        );
+        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
+        let pos = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let qkv = random(&mut rng, &[tokens, (qh + 2 * kvh) * d], 2.0);
+        let (qn, kn) = (random(&mut rng, &[d], 1.5), random(&mut rng, &[d], 1.5));
+        let want = ops::qkv_heads(&qkv, (qh, kvh, d), norms.then_some((&qn, &kn)), 1e-6, &cpu_rope, &pos).unwrap();
+        let (gqn, gkn) = (qn.to_device(&dev).unwrap(), kn.to_device(&dev).unwrap());
+        let got = ops::qkv_heads(
+            &qkv.to_device(&dev).unwrap(),
+            (qh, kvh, d),
+            norms.then_some((&gqn, &gkn)),
+            1e-6,
+            &gpu_rope,
+            &pos.to_device(&dev).unwrap(),
+        )
+        .unwrap();
+        let what = format!("qkv_heads {qh}/{kvh} heads of {d} (rotary {rotary}, norms {norms})");
+        assert_close(&got.0, &want.0, 1e-5, &format!("{what}: q"));
+        assert_close(&got.1, &want.1, 1e-5, &format!("{what}: k"));
+        assert_close(&got.2, &want.2, 0.0, &format!("{what}: v"));
+    }
+
+    // SwiGLU of the halves, written as bf16: within bf16 rounding of the CPU.
+    for &(rows, i) in &[(1usize, 12288usize), (6, 896)] {
+        let gu = random(&mut rng, &[rows, 2 * i], 3.0);
+        let want = ops::silu_mul_halves_gemm_input(&gu).unwrap();
+        let got = ops::silu_mul_halves_gemm_input(&gu.to_device(&dev).unwrap()).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_close(&got, &want, 4e-3, &format!("silu_mul_halves {rows}x{i}"));
+    }
+
+    // Stacked bf16 weights: the parts' bits in order.
+    let parts: Vec<Tensor> = [3usize, 1, 5]
+        .iter()
+        .map(|&r| random(&mut rng, &[r, 24], 1.0).to_dtype(DType::BF16).unwrap())
+        .collect();
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    let want = ops::stack_rows(&refs).unwrap();
+    let on_gpu: Vec<Tensor> = parts.iter().map(|p| p.to_device(&dev).unwrap()).collect();
+    let refs: Vec<&Tensor> = on_gpu.iter().collect();
+    let got = ops::stack_rows(&refs).unwrap();
+    assert_eq!(got.shape(), &[9, 24]);
+    assert_close(&got, &want, 0.0, "stack_rows bf16");
 }

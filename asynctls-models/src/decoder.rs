@@ -49,34 +49,79 @@ impl Linear {
         })
     }
 
+    /// Several layers of one input as one: their weights stacked by rows
+    /// (`[sum out_i, in]`), so a decode step reads them in one GEMV, and the
+    /// output's columns are the layers' outputs in order. `parts` are
+    /// `(prefix, out_dim)`; biases, when `bias`, stack the same way.
+    pub(crate) fn load_stacked(
+        w: &dyn WeightSource,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let layers = parts
+            .iter()
+            .map(|&(prefix, out_dim)| Linear::load(w, prefix, in_dim, out_dim, bias, device))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let weight = ops::stack_rows(&weights)?;
+        // Biases are columns of one row each: stacked as `[out_i, 1]` parts.
+        let bias = if bias {
+            let columns = layers
+                .iter()
+                .filter_map(|l| l.bias.as_ref())
+                .map(|b| b.reshape(&[b.elem_count(), 1]))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let parts: Vec<&Tensor> = columns.iter().collect();
+            let total = parts.iter().map(|b| b.elem_count()).sum::<usize>();
+            Some(ops::stack_rows(&parts)?.reshaped(&[total])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
     /// `x`: `[n, in]` -> `[n, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
     }
+
+    /// `residual += forward(x)`, without the product's own buffer on a GPU.
+    pub(crate) fn forward_add(&self, x: &Tensor, residual: &mut Tensor) -> Result<()> {
+        Ok(ops::linear_add_(residual, x, &self.weight, self.bias.as_ref())?)
+    }
 }
 
-/// The SwiGLU MLP.
+/// The SwiGLU MLP, its gate and up projections stacked into one layer.
 #[derive(Debug)]
 pub(crate) struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up_proj: Linear,
     down_proj: Linear,
 }
 
 impl Mlp {
     pub(crate) fn load(w: &dyn WeightSource, prefix: &str, h: usize, i: usize, device: &Device) -> Result<Self> {
+        let (gate, up) = (format!("{prefix}.gate_proj"), format!("{prefix}.up_proj"));
         Ok(Mlp {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, false, device)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, false, device)?,
+            gate_up_proj: Linear::load_stacked(w, &[(&gate, i), (&up, i)], h, false, device)?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, false, device)?,
         })
     }
 
+    /// `silu(gate(x)) * up(x)`, as the down projection's input.
+    fn activation(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(&ops::gemm_input(x)?)?;
+        Ok(ops::silu_mul_halves_gemm_input(&gate_up)?)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::gemm_input(x)?;
-        let mut gate = self.gate_proj.forward(&x)?;
-        ops::silu_mul_(&mut gate, &self.up_proj.forward(&x)?)?;
-        self.down_proj.forward(&gate)
+        self.down_proj.forward(&self.activation(x)?)
+    }
+
+    /// `residual += forward(x)`.
+    pub(crate) fn forward_add(&self, x: &Tensor, residual: &mut Tensor) -> Result<()> {
+        self.down_proj.forward_add(&self.activation(x)?, residual)
     }
 }
 

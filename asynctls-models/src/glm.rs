@@ -510,12 +510,13 @@ impl MlaAttention {
         Ok((q, keys))
     }
 
-    /// From per-head latent outputs `[n, heads * rank]` to `[n, hidden]`.
-    fn output(&self, latent: &Tensor, c: &GlmConfig) -> Result<Tensor> {
+    /// `x +=` the output projection of per-head latent outputs `[n, heads *
+    /// rank]` (`[n, hidden]`).
+    fn add_output(&self, latent: &Tensor, c: &GlmConfig, x: &mut Tensor) -> Result<()> {
         let (n, heads) = (latent.rows(), c.num_attention_heads);
         let latent = latent.reshape(&[n, heads, c.kv_lora_rank])?;
         let values = ops::head_matmul(&latent, &self.w_uv, true)?.reshaped(&[n, heads * c.v_head_dim])?;
-        self.o_proj.forward(&values)
+        self.o_proj.forward_add(&values, x)
     }
 }
 
@@ -550,11 +551,11 @@ impl Layer for GlmLayer {
         let out = backend
             .attend_step(step, layer, &q, &self.shape, &plan.for_layer(layer))
             .map_err(attn_err)?;
-        ops::add_(&mut x, &self.self_attn.output(&out, c)?)?;
+        self.self_attn.add_output(&out, c, &mut x)?;
         match &self.mlp {
             FeedForward::Dense(mlp) => {
                 let normed = ops::rms_norm_gemm_input(&x, &self.post_attention_layernorm, eps)?;
-                ops::add_(&mut x, &mlp.forward(&normed)?)?
+                mlp.forward_add(&normed, &mut x)?
             }
             // The router reads the norm in f32 (its choice must be HF's).
             FeedForward::Moe(moe) => {

@@ -4,7 +4,7 @@
 //! handed the paged cache, so paging, sparsity and offload stay in their crates.
 
 use asynctls_attn::{AttentionBackend, AttentionPlan, AttnShape, Step};
-use asynctls_kernels::cpu::{RopeStyle, RopeTable};
+use asynctls_kernels::cpu::RopeTable;
 use asynctls_kernels::ops::{self, Rope};
 use asynctls_kernels::{Device, Tensor};
 use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, PagedKvCache};
@@ -15,12 +15,11 @@ use crate::{GqaConfig, Result};
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v stacked into one layer (one GEMV a decode step).
+    qkv_proj: Linear,
     o_proj: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
+    /// Qwen3's per-head q_norm and k_norm.
+    qk_norm: Option<(Tensor, Tensor)>,
     shape: AttnShape,
     eps: f32,
 }
@@ -29,20 +28,20 @@ impl Attention {
     fn load(w: &dyn WeightSource, prefix: &str, c: &GqaConfig, device: &Device) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
-        let norm = |name: &str| -> Result<Option<Tensor>> {
-            if c.qk_norm {
-                Ok(Some(w.vector(&format!("{prefix}.{name}.weight"), &[d], device)?))
-            } else {
-                Ok(None)
-            }
+        let norm = |name: &str| w.vector(&format!("{prefix}.{name}.weight"), &[d], device);
+        let qk_norm = match c.qk_norm {
+            true => Some((norm("q_norm")?, norm("k_norm")?)),
+            false => None,
         };
+        let (q, k, v) = (
+            format!("{prefix}.q_proj"),
+            format!("{prefix}.k_proj"),
+            format!("{prefix}.v_proj"),
+        );
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h, qh * d, c.qkv_bias, device)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), h, kvh * d, c.qkv_bias, device)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), h, kvh * d, c.qkv_bias, device)?,
+            qkv_proj: Linear::load_stacked(w, &[(&q, qh * d), (&k, kvh * d), (&v, kvh * d)], h, c.qkv_bias, device)?,
             o_proj: Linear::load(w, &format!("{prefix}.o_proj"), qh * d, h, false, device)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            qk_norm,
             shape: AttnShape::gqa(qh, kvh, d),
             eps: c.rms_norm_eps as f32,
         })
@@ -51,22 +50,17 @@ impl Attention {
     /// Queries and keys after the optional per-head norm and RoPE, and
     /// values, for the step's tokens: `[n, heads * head_dim]` each.
     fn project(&self, x: &Tensor, step: &Step, rope: &Rope) -> Result<(Tensor, Tensor, Tensor)> {
-        let n = x.rows();
-        let d = self.shape.key_dim;
-        let (qh, kvh) = (self.shape.q_heads, self.shape.kv_heads);
-        let x = ops::gemm_input(x)?;
-        let mut q = self.q_proj.forward(&x)?;
-        let mut k = self.k_proj.forward(&x)?;
-        let v = self.v_proj.forward(&x)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = ops::rms_norm(&q.reshaped(&[n * qh, d])?, qn, self.eps)?;
-            k = ops::rms_norm(&k.reshaped(&[n * kvh, d])?, kn, self.eps)?;
-        }
-        let mut q = q.reshaped(&[n, qh, d])?;
-        let mut k = k.reshaped(&[n, kvh, d])?;
-        ops::rope_(&mut q, rope, &step.positions_tensor, RopeStyle::Neox)?;
-        ops::rope_(&mut k, rope, &step.positions_tensor, RopeStyle::Neox)?;
-        Ok((q.reshaped(&[n, qh * d])?, k.reshaped(&[n, kvh * d])?, v))
+        let qkv = self.qkv_proj.forward(&ops::gemm_input(x)?)?;
+        let heads = (self.shape.q_heads, self.shape.kv_heads, self.shape.key_dim);
+        let norms = self.qk_norm.as_ref().map(|(q, k)| (q, k));
+        Ok(ops::qkv_heads(
+            &qkv,
+            heads,
+            norms,
+            self.eps,
+            rope,
+            &step.positions_tensor,
+        )?)
     }
 }
 
@@ -99,10 +93,9 @@ impl DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// The attention block's contribution to the residual stream:
-    /// `o_proj(attend(q, k, v))` of `norm(x)` (with the step's K/V written).
-    /// Under tensor parallelism each rank's share, summed across ranks.
-    pub(crate) fn attention_out(
+    /// The attention heads' output of `norm(x)` for `step` (with the step's
+    /// K/V written), before the output projection.
+    fn attend(
         &self,
         x: &Tensor,
         step: &Step,
@@ -115,10 +108,25 @@ impl DecoderLayer {
         let normed = ops::rms_norm_gemm_input(x, &self.input_layernorm, self.eps)?;
         let (q, k, v) = attn.project(&normed, step, &self.rope)?;
         backend.write_step(step, layer, &k, &v).map_err(attn_err)?;
-        let out = backend
+        backend
             .attend_step(step, layer, &q, &attn.shape, &plan.for_layer(layer))
-            .map_err(attn_err)?;
-        attn.o_proj.forward(&out)
+            .map_err(attn_err)
+    }
+
+    /// The attention block's contribution to the residual stream:
+    /// `o_proj(attend(q, k, v))` of `norm(x)` (with the step's K/V written).
+    /// Under tensor parallelism each rank's share, summed across ranks.
+    pub(crate) fn attention_out(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        layer: usize,
+        backend: &mut dyn AttentionBackend,
+        plan: &AttentionPlan,
+    ) -> Result<Tensor> {
+        self.self_attn
+            .o_proj
+            .forward(&self.attend(x, step, layer, backend, plan)?)
     }
 
     /// The MLP block's contribution: `mlp(norm(x))`.
@@ -129,6 +137,8 @@ impl DecoderLayer {
 }
 
 impl Layer for DecoderLayer {
+    /// Both blocks add their output projection into the residual stream
+    /// (one GEMV or GEMM each, no separate add).
     fn forward(
         &self,
         mut x: Tensor,
@@ -137,10 +147,10 @@ impl Layer for DecoderLayer {
         backend: &mut dyn AttentionBackend,
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
-        let attn = self.attention_out(&x, step, layer, backend, plan)?;
-        ops::add_(&mut x, &attn)?;
-        let mlp = self.mlp_out(&x)?;
-        ops::add_(&mut x, &mlp)?;
+        let heads = self.attend(&x, step, layer, backend, plan)?;
+        self.self_attn.o_proj.forward_add(&heads, &mut x)?;
+        let normed = ops::rms_norm_gemm_input(&x, &self.post_attention_layernorm, self.eps)?;
+        self.mlp.forward_add(&normed, &mut x)?;
         Ok(x)
     }
 }

@@ -35,12 +35,25 @@ fn elementwise_config(n: usize) -> LaunchConfig {
 }
 
 /// Rows of x up to which a linear layer runs as [`CudaOps::gemv_raw`]; larger
-/// products go to cuBLAS. Measured on the H200 (Qwen3-8B shape, whole decode
-/// steps): at batch 1 the GEMV took 7.55 ms a step at 32k against cuBLAS's
-/// 8.14; a 4-row variant took 12.48 against 12.22, so only one row is kept.
-pub const GEMV_MAX_ROWS: usize = 1;
+/// products go to cuBLAS. The GEMV runs on the tensor cores with x's rows as
+/// the eight columns of an mma tile, so any batch up to 8 costs one pass
+/// over the weights (the earlier CUDA-core GEMV lost to cuBLAS at 4 rows and
+/// was kept for one row only). `ASYNCTLS_GEMV_ROWS` overrides the bound (0
+/// sends every product to cuBLAS), for measuring the two against each other.
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Weight rows one CTA of the GEMV computes (its 8 warps split k).
-const GEMV_ROWS: usize = 4;
+const GEMV_TILE: usize = 16;
+
+/// [`GEMV_MAX_ROWS`], or `ASYNCTLS_GEMV_ROWS` when set (read once).
+fn gemv_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("ASYNCTLS_GEMV_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(GEMV_MAX_ROWS, |r: usize| r.min(GEMV_MAX_ROWS))
+    })
+}
 
 /// A GEMM input or output type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,29 +338,40 @@ impl CudaOps {
     /// Whether [`Self::gemv_raw`] takes this product: up to [`GEMV_MAX_ROWS`]
     /// rows, `k` a multiple of 8, both operands 16-byte aligned.
     pub fn gemv_takes(rows: usize, k: usize, x: u64, w: u64) -> bool {
-        (1..=GEMV_MAX_ROWS).contains(&rows) && k % 8 == 0 && k <= i32::MAX as usize && x % 16 == 0 && w % 16 == 0
+        (1..=gemv_max_rows()).contains(&rows) && k % 8 == 0 && k <= i32::MAX as usize && x % 16 == 0 && w % 16 == 0
     }
 
-    /// `y[m, j] = x[m, :] . w[j, :]` for the few rows of a decode step: `x`
-    /// `[rows, k]` f32 (rounded to bf16 as the GEMM path rounds it) or bf16,
-    /// `w` `[n, k]` bf16, `y` `[rows, n]` f32. Reads each weight once.
+    /// `y[m, j] = x[m, :] . w[j, :]` (or `+=` when `accumulate`) for the few
+    /// rows of a decode step: `x` `[rows, k]` f32 (rounded to bf16 as the
+    /// GEMM path rounds it) or bf16, `w` `[n, k]` bf16, `y` `[rows, n]` f32.
+    /// Reads each weight once.
     ///
     /// # Safety
     /// Every address must point to a live device buffer of this device holding
     /// the elements the sizes imply, and [`Self::gemv_takes`] must hold.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemv_raw(&self, x: u64, x_bf16: bool, w: u64, y: u64, rows: usize, k: usize, n: usize) -> Result<()> {
+    pub unsafe fn gemv_raw(
+        &self,
+        x: u64,
+        x_bf16: bool,
+        w: u64,
+        y: u64,
+        rows: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let name = format!("gemv_{}_m{rows}", if x_bf16 { "bf16" } else { "f32" });
-        let f = self.function(&self.model, &name)?;
-        let (n32, k32) = (n as i32, k as i32);
+        let name = if x_bf16 { "gemv_bf16" } else { "gemv_f32" };
+        let f = self.function(&self.model, name)?;
+        let (m32, n32, k32, acc) = (rows as i32, n as i32, k as i32, i32::from(accumulate));
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32);
+        b.arg(&x).arg(&w).arg(&y).arg(&m32).arg(&n32).arg(&k32).arg(&acc);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(GEMV_ROWS) as u32, 1, 1),
+            grid_dim: (n.div_ceil(GEMV_TILE) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -387,6 +411,58 @@ impl CudaOps {
     pub unsafe fn scatter_rows_raw(&self, src: u64, idx: u64, dst: u64, m: usize, w: usize) -> Result<()> {
         let (m64, w32) = (m as i64, w as i32);
         self.launch_grid_stride("scatter_rows_f32", m * w, &[&src, &idx, &dst, &m64, &w32])
+    }
+
+    /// The fused q/k/v projection's rows (`[tokens, qh + 2 kvh, d]` f32)
+    /// split into `q` `[tokens, qh, d]`, `k` and `v` `[tokens, kvh, d]`: q and
+    /// k heads RMS-normed per head by `q_norm` / `k_norm` (`d` f32 each; 0 for
+    /// none), then rotated NeoX-style on their first `rd` channels at the i32
+    /// `positions` with the tables `[max_pos, rd / 2]`.
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply; positions are below the tables' length;
+    /// `d <= 512`, `rd <= d` even.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn qkv_heads_raw(
+        &self,
+        qkv: u64,
+        norms: (u64, u64),
+        out: (u64, u64, u64),
+        rope: (u64, u64, u64),
+        tokens: usize,
+        (qh, kvh, d, rd): (usize, usize, usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, "qkv_heads_f32")?;
+        let (qh32, kvh32, d32, rd32) = (qh as i32, kvh as i32, d as i32, rd as i32);
+        let stream = self.device.stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qkv).arg(&norms.0).arg(&norms.1);
+        b.arg(&out.0).arg(&out.1).arg(&out.2);
+        b.arg(&rope.0).arg(&rope.1).arg(&rope.2);
+        b.arg(&qh32).arg(&kvh32).arg(&d32).arg(&rd32).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, (qh + 2 * kvh) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's buffers hold the sizes above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[r, j] = silu(gu[r, j]) * gu[r, i + j]` as bf16 for `rows` f32
+    /// rows `[gate | up]` of `2 i`.
+    ///
+    /// # Safety
+    /// `gu` holds `rows x 2i` f32, `out` `rows x i` bf16, on this device.
+    pub unsafe fn silu_mul_halves_raw(&self, gu: u64, out: u64, rows: usize, i: usize) -> Result<()> {
+        let (r64, i32_) = (rows as i64, i as i32);
+        self.launch_grid_stride("silu_mul_halves_bf16", rows * i, &[&gu, &out, &r64, &i32_])
     }
 
     /// `out[r] = [a[r], rope(b[r])]` for `tokens * heads` rows: `a` f32
@@ -512,7 +588,7 @@ impl CudaOps {
         Ok(())
     }
 
-    /// `c[m, n] = a[m, k] . b[n, k]^T` with f32 accumulation: `a` and `b`
+    /// `c[m, n] = a[m, k] . b[n, k]^T` (`+=` when `accumulate`) with f32 accumulation: `a` and `b`
     /// of `operands` (bf16: activations cast, weights as stored; f32: the
     /// router of a MoE layer, which HF computes in f32), `c` of `c_type`
     /// (f32 keeps the residual stream and the logits in f32).
@@ -531,11 +607,13 @@ impl CudaOps {
         n: usize,
         operands: GemmType,
         c_type: GemmType,
+        accumulate: bool,
     ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        // beta = 1 adds the product to c (a residual stream in f32).
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let blas = self.blas()?;
         // Row-major C[m, n] is column-major C^T[n, m] = B . A^T: cuBLAS sees
         // b as a column-major [k, n] to transpose and a as [k, m].
