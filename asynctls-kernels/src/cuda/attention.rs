@@ -275,7 +275,13 @@ impl CudaOps {
                         ),
                     ));
                 }
-                let f = self.function(&self.mla, &format!("mla_decode_k{d}_v{dv}_h{q_heads}"))?;
+                // A resident pool runs the kernel built without the offload lookups.
+                let variant = if kv.offload.is_some() {
+                    "mla_decode_offloaded"
+                } else {
+                    "mla_decode"
+                };
+                let f = self.function(&self.mla, &format!("{variant}_k{d}_v{dv}_h{q_heads}"))?;
                 // Q (32 padded rows), two stages of 64 staged rows (bf16,
                 // padded by 8) and the shared scores (32 x 68 f32), as the
                 // kernel lays them out.
