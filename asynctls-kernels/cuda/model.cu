@@ -64,10 +64,8 @@ __device__ __forceinline__ void store_norm(__nv_bfloat16* dst, float v) { *dst =
 // in flight at once: the plain loop waited on one load per iteration, which
 // made a 4096-wide row (one per decode step at batch 1) take 14.5 us.
 template <typename Out>
-__device__ __forceinline__ void rms_norm_row(const float* __restrict__ x, const float* __restrict__ w,
-                                             Out* __restrict__ out, int h, float eps) {
-    const float* row = x + (size_t)blockIdx.x * h;
-    Out* dst = out + (size_t)blockIdx.x * h;
+__device__ __forceinline__ void rms_norm_span(const float* __restrict__ row, const float* __restrict__ w,
+                                              Out* __restrict__ dst, int h, float eps) {
     float sq = 0.0f;
     if ((h & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
         const float4* r4 = reinterpret_cast<const float4*>(row);
@@ -83,6 +81,12 @@ __device__ __forceinline__ void rms_norm_row(const float* __restrict__ x, const 
     float inv = rsqrtf(block_sum_256(sq) / h + eps);
 #pragma unroll 8
     for (int i = threadIdx.x; i < h; i += blockDim.x) store_norm(dst + i, row[i] * inv * w[i]);
+}
+
+// Row blockIdx.x of x [rows, h] into out.
+template <typename Out>
+__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, Out* out, int h, float eps) {
+    rms_norm_span(x + (size_t)blockIdx.x * h, w, out + (size_t)blockIdx.x * h, h, eps);
 }
 
 extern "C" __global__ void rms_norm_out_f32(const float* x, const float* w, float* out, int h, float eps) {
@@ -313,5 +317,35 @@ extern "C" __global__ void silu_mul_halves_bf16(const float* gu, __nv_bfloat16* 
         const int j = (int)(e % i);
         const float g = gu[r * 2 * i + j];
         out[e] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * gu[r * 2 * i + i + j]);
+    }
+}
+
+// MLA's stacked down projections, one token per blockIdx.x: the row [q_a
+// (qr) | latent (rank) | rope key (rd)] becomes q_in = bf16(rms_norm(q_a,
+// q_norm)) (blockIdx.y 0; the q up-projection's GEMM input) and the cache
+// row [rms_norm(latent, kv_norm) | rope(rope key)] in f32 (blockIdx.y 1),
+// NeoX-rotated at the token's position (the math of rms_norm_out_* and
+// rope_concat_f32). One launch for two norms and a rotation. Grid: tokens x
+// (qr > 0 ? 2 : 1) with the cache row at y = gridDim.y - 1, 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+    mla_down_heads_f32(const float* __restrict__ a, const float* __restrict__ q_norm, const float* __restrict__ kv_norm,
+                       __nv_bfloat16* __restrict__ q_in, float* __restrict__ keys, const float* __restrict__ cos_t,
+                       const float* __restrict__ sin_t, const int* __restrict__ positions, int qr, int rank, int rd,
+                       float eps) {
+    const int token = blockIdx.x;
+    const float* row = a + (size_t)token * (qr + rank + rd);
+    if (blockIdx.y + 1 < gridDim.y) {
+        rms_norm_span(row, q_norm, q_in + (size_t)token * qr, qr, eps);
+        return;
+    }
+    float* dst = keys + (size_t)token * (rank + rd);
+    rms_norm_span(row + qr, kv_norm, dst, rank, eps);
+    const float* b = row + qr + rank;
+    const int pos = positions[token], half = rd / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
+        const float x0 = b[i], x1 = b[i + half];
+        dst[rank + i] = x0 * c - x1 * s;
+        dst[rank + i + half] = x0 * s + x1 * c;
     }
 }

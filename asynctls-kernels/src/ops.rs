@@ -553,13 +553,8 @@ pub fn qkv_heads(
     let (qw, kw) = (q_heads * d, kv_heads * d);
     let Some(ops) = cuda_ops(qkv)? else {
         let rows = qkv.as_slice::<f32>()?;
-        let split = |from: usize, w: usize, heads: usize| -> Result<Tensor> {
-            let v: Vec<f32> = rows
-                .chunks_exact(width.max(1))
-                .flat_map(|r| &r[from..from + w])
-                .copied()
-                .collect();
-            Tensor::from_vec(v, &[tokens, heads, d])
+        let split = |from: usize, w: usize, heads: usize| {
+            Tensor::from_vec(cpu_columns(rows, width, from, w), &[tokens, heads, d])
         };
         let (mut q, mut k, v) = (
             split(0, qw, q_heads)?,
@@ -614,6 +609,118 @@ pub fn qkv_heads(
     Ok((q, k, v))
 }
 
+/// MLA's stacked down projections, split: `a` f32 with rows `[q_a | latent |
+/// rope key]` (`q_rank`, `kv_rank` and `rope_dim` wide; `q_rank` 0 without
+/// q LoRA) into the q up-projection's input `rms_norm(q_a, q_norm)` (a GEMM
+/// input: bf16 on a GPU; `None` when `q_rank` is 0) and the cache rows
+/// `[rms_norm(latent, kv_norm) | rope(rope key)]` (f32, `kv_rank` plus
+/// `rope_dim` wide, NeoX-rotated at `positions`). On the CPU: the columns
+/// split, then [`rms_norm`] and [`rope_concat`] (the twin); on a GPU one
+/// launch.
+pub fn mla_down_heads(
+    a: &Tensor,
+    (q_rank, kv_rank, rope_dim): (usize, usize, usize),
+    q_norm: Option<&Tensor>,
+    kv_norm: &Tensor,
+    eps: f32,
+    rope: &Rope,
+    positions: &Tensor,
+) -> Result<(Option<Tensor>, Tensor)> {
+    const OP: &str = "mla_down_heads";
+    let (tokens, width) = a.dims2(OP)?;
+    check_shape(
+        OP,
+        "a (width)",
+        &[width],
+        "q + kv rank + rope dim",
+        &[q_rank + kv_rank + rope_dim],
+    )?;
+    check_shape(OP, "positions", positions.shape(), "a rows", &[tokens])?;
+    check_shape(OP, "kv norm", kv_norm.shape(), "kv rank", &[kv_rank])?;
+    require_dtype(OP, "a", a, DType::F32)?;
+    require_dtype(OP, "kv norm", kv_norm, DType::F32)?;
+    require_dtype(OP, "positions", positions, DType::I32)?;
+    same_device(OP, a, &[kv_norm, positions])?;
+    match (q_norm, q_rank) {
+        (None, 0) => {}
+        (Some(qn), r) if r > 0 => {
+            check_shape(OP, "q norm", qn.shape(), "q rank", &[r])?;
+            require_dtype(OP, "q norm", qn, DType::F32)?;
+            same_device(OP, a, &[qn])?;
+        }
+        _ => return Err(invalid(OP, "a q norm goes with a nonzero q rank, and only with one")),
+    }
+    let Some(ops) = cuda_ops(a)? else {
+        let rows = a.as_slice::<f32>()?;
+        let part = |from: usize, w: usize| cpu_columns(rows, width, from, w);
+        let q_in = match q_norm {
+            Some(qn) => Some(rms_norm(
+                &Tensor::from_vec(part(0, q_rank), &[tokens, q_rank])?,
+                qn,
+                eps,
+            )?),
+            None => None,
+        };
+        let latent = rms_norm(
+            &Tensor::from_vec(part(q_rank, kv_rank), &[tokens, kv_rank])?,
+            kv_norm,
+            eps,
+        )?;
+        let k_rope = Tensor::from_vec(part(q_rank + kv_rank, rope_dim), &[tokens, 1, rope_dim])?;
+        return Ok((q_in, rope_concat(&latent, &k_rope, rope, positions)?));
+    };
+    let (cos, sin) = rope
+        .device_tables
+        .as_ref()
+        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
+    same_device(OP, a, &[cos])?;
+    if rope_dim != rope.table.rotary_dim() || rope_dim % 2 != 0 {
+        return Err(invalid(
+            OP,
+            format!(
+                "rope dim {rope_dim} is not the table's (even) rotary dim {}",
+                rope.table.rotary_dim()
+            ),
+        ));
+    }
+    let device = a.device();
+    let q_in = match q_rank {
+        0 => None,
+        r => Some(Tensor::uninit_on(&[tokens, r], DType::BF16, &device)?),
+    };
+    let keys = Tensor::uninit_on(&[tokens, kv_rank + rope_dim], DType::F32, &device)?;
+    let q_norm_ptr = match q_norm {
+        Some(qn) => qn.device_ptr()?,
+        None => 0,
+    };
+    let q_in_ptr = match &q_in {
+        Some(t) => t.device_ptr()?,
+        None => 0,
+    };
+    // SAFETY: shapes, dtypes and devices checked above; positions come from
+    // the backend's step (below the table's length).
+    unsafe {
+        ops.mla_down_heads_raw(
+            a.device_ptr()?,
+            (q_norm_ptr, kv_norm.device_ptr()?),
+            (q_in_ptr, keys.device_ptr()?),
+            (cos.device_ptr()?, sin.device_ptr()?, positions.device_ptr()?),
+            tokens,
+            (q_rank, kv_rank, rope_dim),
+            eps,
+        )
+    }?;
+    Ok((q_in, keys))
+}
+
+/// Columns `from .. from + w` of each row of `rows` (`width` wide), in order.
+fn cpu_columns(rows: &[f32], width: usize, from: usize, w: usize) -> Vec<f32> {
+    rows.chunks_exact(width.max(1))
+        .flat_map(|r| &r[from..from + w])
+        .copied()
+        .collect()
+}
+
 /// `silu(gate) * up` of a fused gate/up projection's rows `[gate | up]` (f32
 /// `[n, 2i]`) as the next linear layer's input `[n, i]`: bf16 on a GPU
 /// (written by the one kernel), f32 on the CPU.
@@ -628,8 +735,7 @@ pub fn silu_mul_halves_gemm_input(gate_up: &Tensor) -> Result<Tensor> {
     match cuda_ops(gate_up)? {
         None => {
             let rows = gate_up.as_slice::<f32>()?;
-            let mut gate: Vec<f32> = rows.chunks_exact(w.max(1)).flat_map(|r| &r[..i]).copied().collect();
-            let up: Vec<f32> = rows.chunks_exact(w.max(1)).flat_map(|r| &r[i..]).copied().collect();
+            let (mut gate, up) = (cpu_columns(rows, w, 0, i), cpu_columns(rows, w, i, i));
             cpu::silu_mul(&mut gate, &up)?;
             Tensor::from_vec(gate, &[n, i])
         }

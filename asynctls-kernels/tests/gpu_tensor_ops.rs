@@ -197,7 +197,8 @@ fn random_fill_matches_cpu_bits() {
 }
 
 /// The fused projections' ops: the q/k/v split with per-head norms and RoPE,
-/// the gate/up halves' SwiGLU as a bf16 GEMM input, and stacked weights.
+/// MLA's down-projection split, the gate/up halves' SwiGLU as a bf16 GEMM
+/// input, and stacked weights.
 #[test]
 fn fused_projection_ops_match_cpu() {
     let Some(dev) = gpu() else { return };
@@ -234,6 +235,45 @@ fn fused_projection_ops_match_cpu() {
         assert_close(&got.0, &want.0, 1e-5, &format!("{what}: q"));
         assert_close(&got.1, &want.1, 1e-5, &format!("{what}: k"));
         assert_close(&got.2, &want.2, 0.0, &format!("{what}: v"));
+    }
+
+    // MLA's stacked down projections: with q LoRA (GLM-4.7-Flash's widths)
+    // and without. q_in is bf16 on the GPU: within bf16 rounding.
+    for &(q_rank, kv_rank, rd) in &[(768usize, 512usize, 64usize), (0, 512, 64)] {
+        let tokens = 3;
+        let table = RopeTable::new(rd, 1e6, 4096).unwrap();
+        let (cpu_rope, gpu_rope) = (
+            Rope::new(table.clone(), &Device::Cpu).unwrap(),
+            Rope::new(table, &dev).unwrap(),
+        );
+        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
+        let pos = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let a = random(&mut rng, &[tokens, q_rank + kv_rank + rd], 2.0);
+        let (qn, kvn) = (random(&mut rng, &[q_rank], 1.5), random(&mut rng, &[kv_rank], 1.5));
+        let widths = (q_rank, kv_rank, rd);
+        let q_norm = (q_rank > 0).then_some(&qn);
+        let want = ops::mla_down_heads(&a, widths, q_norm, &kvn, 1e-6, &cpu_rope, &pos).unwrap();
+        let (gqn, gkvn) = (qn.to_device(&dev).unwrap(), kvn.to_device(&dev).unwrap());
+        let got = ops::mla_down_heads(
+            &a.to_device(&dev).unwrap(),
+            widths,
+            (q_rank > 0).then_some(&gqn),
+            &gkvn,
+            1e-6,
+            &gpu_rope,
+            &pos.to_device(&dev).unwrap(),
+        )
+        .unwrap();
+        let what = format!("mla_down_heads q rank {q_rank}");
+        assert_close(&got.1, &want.1, 1e-5, &format!("{what}: keys"));
+        match (got.0, want.0) {
+            (Some(g), Some(w)) => {
+                assert_eq!(g.dtype(), DType::BF16);
+                assert_close(&g, &w, 4e-3, &format!("{what}: q_in"));
+            }
+            (None, None) => {}
+            _ => panic!("{what}: q_in on one side only"),
+        }
     }
 
     // SwiGLU of the halves, written as bf16: within bf16 rounding of the CPU.

@@ -402,15 +402,17 @@ fn reorder_rows(t: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
 /// Multi-head latent attention, in the absorbed form.
 #[derive(Debug)]
 struct MlaAttention {
-    /// `q_a_proj` and its norm; `None` without q LoRA (`q_proj` only).
-    q_a: Option<(Linear, Tensor)>,
+    /// The down projections of one input stacked into one layer: the rows
+    /// of `q_a_proj` (`q_rank` of them, none without q LoRA), then
+    /// `kv_a_proj_with_mqa`'s latent and rope-key rows (NeoX order).
+    down: Linear,
+    q_rank: usize,
+    /// `q_a_proj`'s norm (`None` without q LoRA: `q_proj` reads the input).
+    q_a_norm: Option<Tensor>,
     /// `q_b_proj` (or `q_proj`) split into the no-rope rows of every head
     /// and their rope rows (in NeoX order), views of one reordered weight.
     q_nope: Linear,
     q_rope: Linear,
-    /// `kv_a_proj_with_mqa` split into the latent and the rope key (NeoX order).
-    kv_latent: Linear,
-    kv_rope: Linear,
     kv_a_norm: Tensor,
     /// `kv_b_proj` as the per-head key absorption `[heads, nope, rank]` and
     /// value up-projection `[heads, v, rank]`.
@@ -425,16 +427,9 @@ impl MlaAttention {
         let (h, heads, rank) = (c.hidden_size, c.num_attention_heads, c.kv_lora_rank);
         let (nope, rd, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
         let qd = c.qk_head_dim();
-        let (q_a, q_in, q_name) = match c.q_lora_rank {
-            Some(r) => (
-                Some((
-                    Linear::load(w, &format!("{p}.q_a_proj"), h, r, c.attention_bias, device)?,
-                    w.vector(&format!("{p}.q_a_layernorm.weight"), &[r], device)?,
-                )),
-                r,
-                "q_b_proj",
-            ),
-            None => (None, h, "q_proj"),
+        let (q_rank, q_in, q_name) = match c.q_lora_rank {
+            Some(r) => (r, r, "q_b_proj"),
+            None => (0, h, "q_proj"),
         };
         // Every head's no-rope rows, then every head's rope rows.
         let q_w = w.matrix(&format!("{p}.{q_name}.weight"), &[heads * qd, q_in], device)?;
@@ -447,17 +442,26 @@ impl MlaAttention {
         let kv_w = w.matrix(&format!("{kv_name}.weight"), &[rank + rd, h], device)?;
         let kv_order: Vec<u32> = (0..rank as u32).chain(rope_rows(rank, rd, c.rope_interleave)).collect();
         let kv_w = reorder_rows(&kv_w, kv_order.clone())?;
-        let (kv_latent_bias, kv_rope_bias) = if c.attention_bias {
+        // q_a's rows (when q LoRA) stacked above kv_a's: one GEMV a step.
+        let (mut down_w, mut down_b) = (vec![], vec![]);
+        if q_rank > 0 {
+            down_w.push(w.matrix(&format!("{p}.q_a_proj.weight"), &[q_rank, h], device)?);
+            if c.attention_bias {
+                let b = w.vector(&format!("{p}.q_a_proj.bias"), &[q_rank], device)?;
+                down_b.push(b.reshaped(&[q_rank, 1])?);
+            }
+        }
+        down_w.push(kv_w);
+        if c.attention_bias {
             let b = w
                 .vector(&format!("{kv_name}.bias"), &[rank + rd], device)?
                 .reshaped(&[rank + rd, 1])?;
-            let b = reorder_rows(&b, kv_order)?;
-            (
-                Some(b.narrow_rows(0, rank)?.reshaped(&[rank])?),
-                Some(b.narrow_rows(rank, rd)?.reshaped(&[rd])?),
-            )
-        } else {
-            (None, None)
+            down_b.push(reorder_rows(&b, kv_order)?);
+        }
+        let down_w = ops::stack_rows(&down_w.iter().collect::<Vec<_>>())?;
+        let down_b = match c.attention_bias {
+            true => Some(ops::stack_rows(&down_b.iter().collect::<Vec<_>>())?.reshaped(&[q_rank + rank + rd])?),
+            false => None,
         };
         // Per head: `nope` key rows then `v` value rows of the latent.
         let kv_b = w.matrix(&format!("{p}.kv_b_proj.weight"), &[heads * (nope + v), rank], device)?;
@@ -467,11 +471,14 @@ impl MlaAttention {
         b_order.extend((0..heads).flat_map(|hd| (hd * (nope + v) + nope..(hd + 1) * (nope + v)).map(|r| r as u32)));
         let kv_b = reorder_rows(&kv_b, b_order)?;
         Ok(MlaAttention {
-            q_a,
+            down: Linear::new(down_w, down_b),
+            q_rank,
+            q_a_norm: match q_rank {
+                0 => None,
+                r => Some(w.vector(&format!("{p}.q_a_layernorm.weight"), &[r], device)?),
+            },
             q_nope: Linear::new(q_w.narrow_rows(0, heads * nope)?, None),
             q_rope: Linear::new(q_w.narrow_rows(heads * nope, heads * rd)?, None),
-            kv_latent: Linear::new(kv_w.narrow_rows(0, rank)?, kv_latent_bias),
-            kv_rope: Linear::new(kv_w.narrow_rows(rank, rd)?, kv_rope_bias),
             kv_a_norm: w.vector(&format!("{p}.kv_a_layernorm.weight"), &[rank], device)?,
             w_uk: kv_b.narrow_rows(0, heads * nope)?.reshaped(&[heads, nope, rank])?,
             w_uv: kv_b.narrow_rows(heads * nope, heads * v)?.reshaped(&[heads, v, rank])?,
@@ -495,18 +502,23 @@ impl MlaAttention {
         let positions = &step.positions_tensor;
         // `x` is already a GEMM input (bf16 on a GPU) when the layer's norm wrote it.
         let xb = ops::gemm_input(x)?;
-        let q_in = match &self.q_a {
-            Some((a, norm)) => ops::rms_norm_gemm_input(&a.forward(&xb)?, norm, LORA_NORM_EPS)?,
-            None => xb.clone(),
-        };
+        // q_a and kv_a in one GEMV, their norms and the key's rotation in one launch.
+        let down = self.down.forward(&xb)?;
+        let (q_in, keys) = ops::mla_down_heads(
+            &down,
+            (self.q_rank, rank, rd),
+            self.q_a_norm.as_ref(),
+            &self.kv_a_norm,
+            LORA_NORM_EPS,
+            &self.rope,
+            positions,
+        )?;
+        let q_in = q_in.unwrap_or(xb);
         let q_nope = self.q_nope.forward(&q_in)?.reshaped(&[n, heads, nope])?;
         let q_rope = self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?;
         let q_latent = ops::head_matmul(&q_nope, &self.w_uk, false)?.reshaped(&[n * heads, rank])?;
         // Rotated and appended in one launch on a GPU.
         let q = ops::rope_concat(&q_latent, &q_rope, &self.rope, positions)?.reshaped(&[n, heads * (rank + rd)])?;
-        let latent = ops::rms_norm(&self.kv_latent.forward(&xb)?, &self.kv_a_norm, LORA_NORM_EPS)?;
-        let k_rope = self.kv_rope.forward(&xb)?.reshaped(&[n, 1, rd])?;
-        let keys = ops::rope_concat(&latent, &k_rope, &self.rope, positions)?;
         Ok((q, keys))
     }
 
@@ -596,7 +608,13 @@ impl GlmModel {
             // prompt: the shapes the GPU kernels are built for.
             check_gpu_shapes(&config)?;
         }
-        crate::model::check_weights_fit(device, config.weight_bytes(2))?;
+        // Plus the transient of stacking the dense layer's gate and up
+        // weights (parts and stacked copy at once; the largest of a layer).
+        let stacking = config
+            .hidden_size
+            .saturating_mul(config.intermediate_size)
+            .saturating_mul(2 * 2);
+        crate::model::check_weights_fit(device, config.weight_bytes(2).saturating_add(stacking))?;
         let config = Arc::new(config);
         let c = &*config;
         let h = c.hidden_size;

@@ -177,8 +177,13 @@ impl GqaModel {
     pub fn load_on(config: GqaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
         let c = &config;
         crate::weights::check_layer_count(weights, c.num_hidden_layers)?;
-        // Refused before any weight is allocated.
-        let need = gqa_weight_bytes(c, 2).saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2));
+        // Refused before any weight is allocated. Stacking a layer's gate and
+        // up weights holds their parts and the stacked copy at once: that
+        // transient (the largest of a layer) counts too.
+        let stacking = c.hidden_size.saturating_mul(c.intermediate_size).saturating_mul(2 * 2);
+        let need = gqa_weight_bytes(c, 2)
+            .saturating_add(c.vocab_size.saturating_mul(c.hidden_size).saturating_mul(2))
+            .saturating_add(stacking);
         crate::model::check_weights_fit(device, need)?;
         let io = TokenIo::load(
             weights,

@@ -455,6 +455,47 @@ impl CudaOps {
         Ok(())
     }
 
+    /// MLA's stacked down-projection rows (`[tokens, qr + rank + rd]` f32)
+    /// into `q_in` (`[tokens, qr]` bf16, the normed q_a; skipped when `qr` is
+    /// 0) and the cache rows `keys` (`[tokens, rank + rd]` f32: the normed
+    /// latent and the NeoX-rotated rope key at the i32 `positions`, tables
+    /// `[max_pos, rd / 2]`).
+    ///
+    /// # Safety
+    /// Every address must point to a live device buffer of this device holding
+    /// the elements the sizes imply (`q_norm` and `q_in` may be 0 when `qr`
+    /// is); positions are below the tables' length; `rd` even.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn mla_down_heads_raw(
+        &self,
+        a: u64,
+        norms: (u64, u64),
+        out: (u64, u64),
+        rope: (u64, u64, u64),
+        tokens: usize,
+        (qr, rank, rd): (usize, usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let f = self.function(&self.model, "mla_down_heads_f32")?;
+        let (qr32, rank32, rd32) = (qr as i32, rank as i32, rd as i32);
+        let stream = self.device.stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&a).arg(&norms.0).arg(&norms.1).arg(&out.0).arg(&out.1);
+        b.arg(&rope.0).arg(&rope.1).arg(&rope.2);
+        b.arg(&qr32).arg(&rank32).arg(&rd32).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, if qr > 0 { 2 } else { 1 }, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's buffers hold the sizes above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// `out[r, j] = silu(gu[r, j]) * gu[r, i + j]` as bf16 for `rows` f32
     /// rows `[gate | up]` of `2 i`.
     ///
