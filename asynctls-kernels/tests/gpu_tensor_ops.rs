@@ -211,13 +211,7 @@ fn fused_projection_ops_match_cpu() {
         (4, 1, 96, 32, true),
     ] {
         let tokens = 5;
-        let table = RopeTable::new(rotary, 1e6, 4096).unwrap();
-        let (cpu_rope, gpu_rope) = (
-            Rope::new(table.clone(), &Device::Cpu).unwrap(),
-            Rope::new(table, &dev).unwrap(),
-        );
-        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
-        let pos = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let (cpu_rope, gpu_rope, pos) = rope_case(&dev, &mut rng, rotary, tokens);
         let qkv = random(&mut rng, &[tokens, (qh + 2 * kvh) * d], 2.0);
         let (qn, kn) = (random(&mut rng, &[d], 1.5), random(&mut rng, &[d], 1.5));
         let want = ops::qkv_heads(&qkv, (qh, kvh, d), norms.then_some((&qn, &kn)), 1e-6, &cpu_rope, &pos).unwrap();
@@ -241,13 +235,7 @@ fn fused_projection_ops_match_cpu() {
     // and without. q_in is bf16 on the GPU: within bf16 rounding.
     for &(q_rank, kv_rank, rd) in &[(768usize, 512usize, 64usize), (0, 512, 64)] {
         let tokens = 3;
-        let table = RopeTable::new(rd, 1e6, 4096).unwrap();
-        let (cpu_rope, gpu_rope) = (
-            Rope::new(table.clone(), &Device::Cpu).unwrap(),
-            Rope::new(table, &dev).unwrap(),
-        );
-        let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
-        let pos = Tensor::from_vec(pos, &[tokens]).unwrap();
+        let (cpu_rope, gpu_rope, pos) = rope_case(&dev, &mut rng, rd, tokens);
         let a = random(&mut rng, &[tokens, q_rank + kv_rank + rd], 2.0);
         let (qn, kvn) = (random(&mut rng, &[q_rank], 1.5), random(&mut rng, &[kv_rank], 1.5));
         let widths = (q_rank, kv_rank, rd);
@@ -297,4 +285,16 @@ fn fused_projection_ops_match_cpu() {
     let got = ops::stack_rows(&refs).unwrap();
     assert_eq!(got.shape(), &[9, 24]);
     assert_close(&got, &want, 0.0, "stack_rows bf16");
+}
+
+/// A RoPE table of `rotary` channels on the CPU and on `dev`, and `tokens`
+/// random positions below its length (on the CPU).
+fn rope_case(dev: &Device, rng: &mut impl Rng, rotary: usize, tokens: usize) -> (Rope, Rope, Tensor) {
+    let table = RopeTable::new(rotary, 1e6, 4096).unwrap();
+    let ropes = (
+        Rope::new(table.clone(), &Device::Cpu).unwrap(),
+        Rope::new(table, dev).unwrap(),
+    );
+    let pos: Vec<i32> = (0..tokens).map(|_| rng.random_range(0..4096)).collect();
+    (ropes.0, ropes.1, Tensor::from_vec(pos, &[tokens]).unwrap())
 }
