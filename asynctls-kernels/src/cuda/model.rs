@@ -86,15 +86,38 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
+        let cfg = elementwise_config(n);
+        // SAFETY: every caller passes addresses of buffers holding the n
+        // elements (checked by the tensor ops) in the kernel's argument order.
+        unsafe { self.launch_on(module, name, cfg.grid_dim, cfg.block_dim.0, args) }
+    }
+
+    /// One launch of `name` (in `module`) on `grid` CTAs of `threads` threads.
+    ///
+    /// # Safety
+    /// `args` are the kernel's arguments in its order, the addresses among
+    /// them of live buffers of this device holding what the grid reads and writes.
+    unsafe fn launch_on(
+        &self,
+        module: &std::sync::Arc<cudarc::driver::CudaModule>,
+        name: &str,
+        grid: (u32, u32, u32),
+        threads: u32,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
         let f = self.function(module, name)?;
         let stream = self.device.stream();
         let mut b = stream.launch_builder(&f);
         for a in args {
             a.push(&mut b);
         }
-        // SAFETY: every caller passes addresses of buffers holding the n
-        // elements (checked by the tensor ops) in the kernel's argument order.
-        unsafe { b.launch(elementwise_config(n)) }?;
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -158,19 +181,18 @@ impl CudaOps {
         if count == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, "embedding_bf16_f32")?;
         let hh = h as i32;
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&table).arg(&ids).arg(&out).arg(&hh);
-        let cfg = LaunchConfig {
-            grid_dim: (count as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: ids were checked against the vocabulary on the host or come
         // from the sampler (always below the vocabulary); out holds count x h.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe {
+            self.launch_on(
+                &self.model,
+                "embedding_bf16_f32",
+                (count as u32, 1, 1),
+                256,
+                &[&table, &ids, &out, &hh],
+            )
+        }
     }
 
     /// `out[r] = x[r] * w / rms(x[r])` for `rows` rows of `h` f32.
@@ -205,18 +227,9 @@ impl CudaOps {
         } else {
             "rms_norm_out_f32"
         };
-        let f = self.function(&self.model, name)?;
         let hh = h as i32;
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&x).arg(&w).arg(&out).arg(&hh).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: x and out hold rows x h, w holds h.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch_on(&self.model, name, (rows as u32, 1, 1), 256, &[&x, &w, &out, &hh, &eps]) }
     }
 
     /// `gate = silu(gate) * up` over `n` f32.
@@ -269,25 +282,18 @@ impl CudaOps {
         if tokens == 0 {
             return Ok(());
         }
-        let f = self.function(&self.elementwise, "rope_f32")?;
         let (h, d, r, i) = (heads as i32, head_dim as i32, rotary_dim as i32, i32::from(interleaved));
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&x)
-            .arg(&cos)
-            .arg(&sin)
-            .arg(&positions)
-            .arg(&h)
-            .arg(&d)
-            .arg(&r)
-            .arg(&i);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, heads as u32, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let grid = (tokens as u32, heads as u32, 1);
         // SAFETY: shapes checked by the tensor op; positions are below the table's length.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe {
+            self.launch_on(
+                &self.elementwise,
+                "rope_f32",
+                grid,
+                64,
+                &[&x, &cos, &sin, &positions, &h, &d, &r, &i],
+            )
+        }
     }
 
     /// Index of the largest value of each of `rows` rows of `n` f32, as u32.
@@ -311,26 +317,19 @@ impl CudaOps {
             p
         };
         let (nn, pl, pp) = (n as i32, part_len as i32, parts as i32);
-        let f = self.function(&self.elementwise, "argmax_partial_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&nn).arg(&pl).arg(&keys_ptr);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, parts as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let m = &self.elementwise;
         // SAFETY: x holds rows x n; keys rows x parts.
-        unsafe { b.launch(cfg) }?;
-        let f = self.function(&self.elementwise, "argmax_final")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&keys_ptr).arg(&pp).arg(&out);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        unsafe {
+            self.launch_on(
+                m,
+                "argmax_partial_f32",
+                (rows as u32, parts as u32, 1),
+                256,
+                &[&x, &nn, &pl, &keys_ptr],
+            )
+        }?;
         // SAFETY: keys holds rows x parts, out holds rows.
-        unsafe { b.launch(cfg) }?;
+        unsafe { self.launch_on(m, "argmax_final", (rows as u32, 1, 1), 32, &[&keys_ptr, &pp, &out]) }?;
         drop(keys);
         Ok(())
     }
@@ -365,19 +364,10 @@ impl CudaOps {
             return Ok(());
         }
         let name = if x_bf16 { "gemv_bf16" } else { "gemv_f32" };
-        let f = self.function(&self.model, name)?;
         let (m32, n32, k32, acc) = (rows as i32, n as i32, k as i32, i32::from(accumulate));
-        let stream = self.device.stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&w).arg(&y).arg(&m32).arg(&n32).arg(&k32).arg(&acc);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(GEMV_TILE) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let grid = (n.div_ceil(GEMV_TILE) as u32, 1, 1);
         // SAFETY: the caller's buffers hold the sizes above; gemv_takes held.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch_on(&self.model, name, grid, 256, &[&x, &w, &y, &m32, &n32, &k32, &acc]) }
     }
 
     /// `dst[i] = src[idx[i]]` for `m` rows of `w` elements of `elem_bytes`
@@ -437,22 +427,14 @@ impl CudaOps {
         if tokens == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, "qkv_heads_f32")?;
         let (qh32, kvh32, d32, rd32) = (qh as i32, kvh as i32, d as i32, rd as i32);
-        let stream = self.device.stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&qkv).arg(&norms.0).arg(&norms.1);
-        b.arg(&out.0).arg(&out.1).arg(&out.2);
-        b.arg(&rope.0).arg(&rope.1).arg(&rope.2);
-        b.arg(&qh32).arg(&kvh32).arg(&d32).arg(&rd32).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, (qh + 2 * kvh) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let args: [&dyn Arg; 14] = [
+            &qkv, &norms.0, &norms.1, &out.0, &out.1, &out.2, &rope.0, &rope.1, &rope.2, &qh32, &kvh32, &d32, &rd32,
+            &eps,
+        ];
+        let grid = (tokens as u32, (qh + 2 * kvh) as u32, 1);
         // SAFETY: the caller's buffers hold the sizes above.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch_on(&self.model, "qkv_heads_f32", grid, 128, &args) }
     }
 
     /// MLA's stacked down-projection rows (`[tokens, qr + rank + rd]` f32)
@@ -479,21 +461,13 @@ impl CudaOps {
         if tokens == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, "mla_down_heads_f32")?;
         let (qr32, rank32, rd32) = (qr as i32, rank as i32, rd as i32);
-        let stream = self.device.stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&a).arg(&norms.0).arg(&norms.1).arg(&out.0).arg(&out.1);
-        b.arg(&rope.0).arg(&rope.1).arg(&rope.2);
-        b.arg(&qr32).arg(&rank32).arg(&rd32).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, if qr > 0 { 2 } else { 1 }, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let args: [&dyn Arg; 12] = [
+            &a, &norms.0, &norms.1, &out.0, &out.1, &rope.0, &rope.1, &rope.2, &qr32, &rank32, &rd32, &eps,
+        ];
+        let grid = (tokens as u32, if qr > 0 { 2 } else { 1 }, 1);
         // SAFETY: the caller's buffers hold the sizes above.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe { self.launch_on(&self.model, "mla_down_heads_f32", grid, 256, &args) }
     }
 
     /// `out[r, j] = silu(gu[r, j]) * gu[r, i + j]` as bf16 for `rows` f32
@@ -530,27 +504,18 @@ impl CudaOps {
         if tokens == 0 || heads == 0 {
             return Ok(());
         }
-        let f = self.function(&self.model, "rope_concat_f32")?;
         let (h, wa32, rd32) = (heads as i32, wa as i32, rd as i32);
-        let stream = self.device.stream();
-        let mut bl = stream.launch_builder(&f);
-        bl.arg(&a)
-            .arg(&b)
-            .arg(&out)
-            .arg(&cos)
-            .arg(&sin)
-            .arg(&positions)
-            .arg(&h)
-            .arg(&wa32)
-            .arg(&rd32);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let args: [&dyn Arg; 9] = [&a, &b, &out, &cos, &sin, &positions, &h, &wa32, &rd32];
         // SAFETY: the caller's buffers hold the sizes above.
-        unsafe { bl.launch(cfg) }?;
-        Ok(())
+        unsafe {
+            self.launch_on(
+                &self.model,
+                "rope_concat_f32",
+                (tokens as u32, heads as u32, 1),
+                128,
+                &args,
+            )
+        }
     }
 
     /// `out[r] = [a[r], b[r]]` for `rows` f32 rows of `wa` and `wb`.
