@@ -260,6 +260,21 @@ impl AttentionBackend for RankBackends {
     fn sequences_mut(&mut self) -> &mut dyn asynctls_attn::Sequences {
         self.ranks[0].sequences_mut()
     }
+    /// The whole model's cache: each rank holds its KV heads' share of every
+    /// block, so the per-token sizes and the storage add up across ranks;
+    /// the block counts are every rank's (their tables agree).
+    fn memory_report(&self) -> asynctls_kvcache::MemoryReport {
+        let mut total = self.ranks[0].memory_report();
+        for rank in &self.ranks[1..] {
+            let r = rank.memory_report();
+            total.key_bytes_per_token += r.key_bytes_per_token;
+            total.value_bytes_per_token += r.value_bytes_per_token;
+            total.metadata_bytes_per_token += r.metadata_bytes_per_token;
+            total.label_bytes_per_token += r.label_bytes_per_token;
+            total.storage_bytes += r.storage_bytes;
+        }
+        total
+    }
     fn add_sequence(&mut self) -> SeqId {
         let ids: Vec<SeqId> = self.ranks.iter_mut().map(|b| b.add_sequence()).collect();
         debug_assert!(ids.windows(2).all(|w| w[0] == w[1]), "ranks' sequence ids diverged");

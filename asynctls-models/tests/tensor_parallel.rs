@@ -3,7 +3,8 @@
 //! (max abs error <= 1e-4: the partial sums round in another order) and the
 //! same greedy tokens, dense and with sparse selections below the context
 //! (each rank selects over its own KV heads, as the unsharded model does per
-//! head); shard counts that do not divide the heads are refused.
+//! head); shard counts that do not divide the heads are refused; the
+//! engine's backend over the ranks reports the whole model's cache.
 
 use std::path::{Path, PathBuf};
 
@@ -103,4 +104,26 @@ fn shard_counts_that_do_not_divide_the_heads_are_refused() {
             .to_string();
         assert!(err.contains("divide"), "{err}");
     }
+}
+
+/// The engine's one backend over the ranks reports the whole model's cache
+/// (each rank holds its KV heads' share), as the unsharded model's does:
+/// what `serve` sizes its pool by and shows in `/metrics`.
+#[test]
+fn the_ranks_backend_reports_the_whole_models_cache() {
+    let dir = fixture("qwen3-tiny");
+    let config = GqaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&dir).unwrap();
+    let full = GqaModel::load(config.clone(), &weights).unwrap();
+    let tp = TensorParallelGqa::load(config, &weights, 2).unwrap();
+    let one = full.new_backend(16, KvDType::F32, None).unwrap().memory_report();
+    let many = CausalLm::new_backend(&tp, 16, KvDType::F32, None)
+        .unwrap()
+        .memory_report();
+    assert_eq!(many.key_bytes_per_token, one.key_bytes_per_token);
+    assert_eq!(many.value_bytes_per_token, one.value_bytes_per_token);
+    assert_eq!(many.label_bytes_per_token, one.label_bytes_per_token);
+    assert_eq!(many.metadata_bytes_per_token, one.metadata_bytes_per_token);
+    assert_eq!(many.storage_bytes, one.storage_bytes);
+    assert_eq!((many.blocks_used, many.blocks_total), (0, 16));
 }
