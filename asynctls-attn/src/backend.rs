@@ -129,6 +129,18 @@ impl Step {
     pub fn tokens(&self) -> usize {
         self.positions.len()
     }
+
+    /// A decode step of `seqs` at `positions`, whose device copy is
+    /// `positions_tensor` (a persistent buffer under CUDA graphs).
+    pub(crate) fn decode_at(seqs: &[SeqId], positions: Vec<usize>, positions_tensor: Tensor) -> Step {
+        Step {
+            kind: StepKind::Decode,
+            seqs: seqs.to_vec(),
+            positions,
+            positions_tensor,
+            parts: None,
+        }
+    }
 }
 
 /// A KV cache and the attention over it, on one device.

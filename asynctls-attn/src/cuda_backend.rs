@@ -741,13 +741,7 @@ impl AttentionBackend for CudaAttention {
             Some(width) => {
                 let positions_tensor = self.persistent_meta(seqs, &positions, width)?;
                 self.active_persistent = Some(seqs.len());
-                Ok(Step {
-                    kind: StepKind::Decode,
-                    seqs: seqs.to_vec(),
-                    positions,
-                    positions_tensor,
-                    parts: None,
-                })
+                Ok(Step::decode_at(seqs, positions, positions_tensor))
             }
         }
     }

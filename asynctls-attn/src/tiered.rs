@@ -396,13 +396,7 @@ impl AttentionBackend for TieredAttention {
                 self.device_tensor(FixedKey::Positions { batch: seqs.len() }, &p)?
             }
         };
-        Ok(Step {
-            kind: StepKind::Decode,
-            seqs: seqs.to_vec(),
-            positions,
-            positions_tensor,
-            parts: None,
-        })
+        Ok(Step::decode_at(seqs, positions, positions_tensor))
     }
 
     fn write_kv(&mut self, step: &Step, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
