@@ -241,11 +241,13 @@ fn fused_projection_ops_match_cpu() {
         let widths = (q_rank, kv_rank, rd);
         let q_norm = (q_rank > 0).then_some(&qn);
         let want = ops::mla_down_heads(&a, widths, q_norm, &kvn, 1e-6, &cpu_rope, &pos).unwrap();
-        let (gqn, gkvn) = (qn.to_device(&dev).unwrap(), kvn.to_device(&dev).unwrap());
+        // No zero-size buffer on the device: the q norm goes there only with q LoRA.
+        let gqn = (q_rank > 0).then(|| qn.to_device(&dev).unwrap());
+        let gkvn = kvn.to_device(&dev).unwrap();
         let got = ops::mla_down_heads(
             &a.to_device(&dev).unwrap(),
             widths,
-            (q_rank > 0).then_some(&gqn),
+            gqn.as_ref(),
             &gkvn,
             1e-6,
             &gpu_rope,

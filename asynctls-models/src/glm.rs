@@ -608,11 +608,17 @@ impl GlmModel {
             // prompt: the shapes the GPU kernels are built for.
             check_gpu_shapes(&config)?;
         }
-        // Plus the transient of stacking the dense layer's gate and up
-        // weights (parts and stacked copy at once; the largest of a layer).
+        // Plus the transient of stacking a layer's gate and up weights (parts
+        // and stacked copy at once): the widest stacked MLP, the dense
+        // layers' or the shared experts'.
+        let dense_width = match config.moe_layers.iter().all(|&moe| moe) {
+            true => 0,
+            false => config.intermediate_size,
+        };
+        let shared_width = config.moe_intermediate_size.saturating_mul(config.n_shared_experts);
         let stacking = config
             .hidden_size
-            .saturating_mul(config.intermediate_size)
+            .saturating_mul(dense_width.max(shared_width))
             .saturating_mul(2 * 2);
         crate::model::check_weights_fit(device, config.weight_bytes(2).saturating_add(stacking))?;
         let config = Arc::new(config);
