@@ -62,7 +62,8 @@ for t in tests/*; do
     skipped=$((skipped + s)); passed=$((passed + ok - s)); failed=$((failed + bad))
     if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then failed=$((failed + 1)); fi
 done
-# The benchmarks: BENCH lists which (default "attn offload prefill"; "none" skips).
+# The benchmarks: BENCH lists which (default "attn offload prefill e2e";
+# also e2e-offload, e2e-glm, gemv-ab; "none" skips).
 # attn: decode attention, GQA (Qwen3-8B) and MLA (GLM-4.7-Flash), with the
 # torch SDPA peer in the same run; offload: GPU-resident vs offloaded decode.
 out_dir="${OUT:-/tmp}"
@@ -141,6 +142,27 @@ if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-offload "* ]]; then
         --policies tls --budget "${E2E_BUDGET:-1024,2048}" --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 \
         --offload --offload-resident-batch "${E2E_RESIDENT_BATCH:-6}" ${E2E_OFFLOAD_ARGS:-} --json > "$out_dir/e2e_tiered.json" \
         && show_e2e tiered "$out_dir/e2e_tiered.json"
+fi
+# e2e-glm: GLM-4.7-Flash at real size with random weights, dense and tls
+# (k_b 256), 32k and 96k, batch 1, 8 and the largest that fits (no peer:
+# HF's GLM rows are in docs/bench/e2e/, from an earlier call).
+if [ -x ./asynctls ] && [[ " $BENCH " == *" e2e-glm "* ]]; then
+    ./asynctls bench e2e --device cuda --model-shape glm-4.7-flash --ctx "${GLM_CTX:-32768,98304}" \
+        --batch "${GLM_BATCH:-1,8}" --policies dense,tls --budget "${GLM_BUDGET:-1024}" --block-topk 256 \
+        --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 ${E2E_LARGEST---largest-batch} --json \
+        > "$out_dir/e2e_glm.json" && show_e2e glm "$out_dir/e2e_glm.json"
+fi
+# gemv-ab: our tensor-core GEMV against cuBLAS for the decode projections
+# (ASYNCTLS_GEMV_ROWS=0 sends every product to cuBLAS), whole decode steps
+# of both model shapes at 32k, batch 1, 4 and 8, in one call.
+if [ -x ./asynctls ] && [[ " $BENCH " == *" gemv-ab "* ]]; then
+    for shape in qwen3-8b glm-4.7-flash; do
+        for rows in 8 0; do
+            ASYNCTLS_GEMV_ROWS=$rows ./asynctls bench e2e --device cuda --model-shape $shape --ctx 32768 \
+                --batch 1,4,8 --policies dense --decode-tokens "${E2E_STEPS:-8}" --prefill-tokens 0 --json \
+                > "$out_dir/gemv_${shape}_rows$rows.json" && show_e2e "$shape gemv-rows=$rows" "$out_dir/gemv_${shape}_rows$rows.json"
+        done
+    done
 fi
 if [ "${TESTS:-1}" = 0 ]; then
     echo "gpu tests: not run (TESTS=0)"
