@@ -413,6 +413,9 @@ struct MlaAttention {
     /// and their rope rows (in NeoX order), views of one reordered weight.
     q_nope: Linear,
     q_rope: Linear,
+    /// Both, as one layer over the whole reordered weight (no copy): a
+    /// one-token step reads them in one GEMV, its row's columns split by view.
+    q_up: Linear,
     kv_a_norm: Tensor,
     /// `kv_b_proj` as the per-head key absorption `[heads, nope, rank]` and
     /// value up-projection `[heads, v, rank]`.
@@ -479,6 +482,7 @@ impl MlaAttention {
             },
             q_nope: Linear::new(q_w.narrow_rows(0, heads * nope)?, None),
             q_rope: Linear::new(q_w.narrow_rows(heads * nope, heads * rd)?, None),
+            q_up: Linear::new(q_w, None),
             kv_a_norm: w.vector(&format!("{p}.kv_a_layernorm.weight"), &[rank], device)?,
             w_uk: kv_b.narrow_rows(0, heads * nope)?.reshaped(&[heads, nope, rank])?,
             w_uv: kv_b.narrow_rows(heads * nope, heads * v)?.reshaped(&[heads, v, rank])?,
@@ -514,8 +518,19 @@ impl MlaAttention {
             positions,
         )?;
         let q_in = q_in.unwrap_or(xb);
-        let q_nope = self.q_nope.forward(&q_in)?.reshaped(&[n, heads, nope])?;
-        let q_rope = self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?;
+        let (q_nope, q_rope) = if n == 1 {
+            // One row: its no-rope and rope columns are contiguous windows.
+            let both = self.q_up.forward(&q_in)?.reshaped(&[heads * (nope + rd), 1])?;
+            (
+                both.narrow_rows(0, heads * nope)?.reshaped(&[1, heads, nope])?,
+                both.narrow_rows(heads * nope, heads * rd)?.reshaped(&[1, heads, rd])?,
+            )
+        } else {
+            (
+                self.q_nope.forward(&q_in)?.reshaped(&[n, heads, nope])?,
+                self.q_rope.forward(&q_in)?.reshaped(&[n, heads, rd])?,
+            )
+        };
         let q_latent = ops::head_matmul(&q_nope, &self.w_uk, false)?.reshaped(&[n * heads, rank])?;
         // Rotated and appended in one launch on a GPU.
         let q = ops::rope_concat(&q_latent, &q_rope, &self.rope, positions)?.reshaped(&[n, heads * (rank + rd)])?;
