@@ -149,6 +149,13 @@ struct Offload {
     staging: Option<PrefillStaging>,
 }
 
+impl Offload {
+    /// `layer`'s index in the residency (`None` for a resident layer).
+    fn tier_layer(&self, layer: usize) -> Option<usize> {
+        layer.checked_sub(self.first_layer)
+    }
+}
+
 /// One layer's K/V of the sequence being prefilled, on the GPU: its blocks
 /// in logical order, so the view's block table is the identity.
 ///
@@ -668,10 +675,16 @@ fn current_meta<'a>(
     .ok_or_else(|| AttnError::Config(format!("{op} outside a step (call begin_prefill or begin_decode)")))
 }
 
+/// The offload state and `layer`'s index among the offloaded layers, when
+/// `layer` is one of them.
+fn offloaded_layer(offload: &mut Option<Offload>, layer: usize) -> Option<(usize, &mut Offload)> {
+    offload.as_mut().and_then(|o| Some((o.tier_layer(layer)?, o)))
+}
+
 /// `view` (the resident pool's) for a pass over every block: offloaded,
 /// the slots where units have one and the host tier for the others.
 fn full_view<'a>(offload: Option<&'a Offload>, layer: usize, view: PagedKvView<'a>) -> PagedKvView<'a> {
-    match offload.and_then(|o| Some((o, layer.checked_sub(o.first_layer)?))) {
+    match offload.and_then(|o| Some((o, o.tier_layer(layer)?))) {
         Some((o, tier_layer)) => tier_view(view, o.residency.dense_view(tier_layer)),
         None => view,
     }
@@ -809,10 +822,7 @@ impl AttentionBackend for CudaAttention {
             StepKind::Mixed => return Err(crate::backend::mixed_step_err()),
             StepKind::Prefill { seq, start } => {
                 let o = out.cuda_slice_mut::<f32>()?;
-                let tiered = self
-                    .offload
-                    .as_mut()
-                    .and_then(|o| Some((layer.checked_sub(o.first_layer)?, o)));
+                let tiered = offloaded_layer(&mut self.offload, layer);
                 match tiered {
                     None => self
                         .ops
@@ -900,10 +910,7 @@ impl AttentionBackend for CudaAttention {
                 let splits = decode_splits(ctas, attended, kernel, self.sms);
                 let o = out.cuda_slice_mut::<f32>()?;
                 // The residency's layer, for an offloaded one.
-                let tiered = self
-                    .offload
-                    .as_mut()
-                    .and_then(|o| Some((layer.checked_sub(o.first_layer)?, o)));
+                let tiered = offloaded_layer(&mut self.offload, layer);
                 match (params, tiered) {
                     (None, off) => self.ops.decode_attention(
                         qs,

@@ -40,6 +40,8 @@ extern "C" __global__ void embedding_bf16_f32(const __nv_bfloat16* table, const 
     for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
 }
 
+// The sum of v over a block of up to 256 threads (8 warps); every thread
+// gets it. All threads must call it, once per block.
 __device__ float block_sum_256(float v) {
     __shared__ float partial[8];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -235,6 +237,19 @@ extern "C" __global__ void concat_cols_f32(const float* a, const float* b, float
     }
 }
 
+// dst = src rotated NeoX-style at position pos (the math of rope_f32) for
+// one row of 2 half channels, tables [max_pos, half]; the block's threads
+// share the pairs.
+__device__ __forceinline__ void rope_neox_row(const float* src, float* dst, const float* cos_t, const float* sin_t,
+                                              int pos, int half) {
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
+        const float x0 = src[i], x1 = src[i + half];
+        dst[i] = x0 * c - x1 * s;
+        dst[i + half] = x0 * s + x1 * c;
+    }
+}
+
 // out[r] = [a[r], rope(b[r])] for rows r = token * heads + head: a NeoX
 // rotation of b's rd channels (the math of rope_f32) written after a's wa
 // channels, one launch for MLA's rope and concat. Grid: tokens x heads.
@@ -246,13 +261,7 @@ extern "C" __global__ void rope_concat_f32(const float* a, const float* b, float
     const float* br = b + r * rd;
     float* o = out + r * (wa + rd);
     for (int i = threadIdx.x; i < wa; i += blockDim.x) o[i] = ar[i];
-    const int pos = positions[token];
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
-        const float x0 = br[i], x1 = br[i + half];
-        o[wa + i] = x0 * c - x1 * s;
-        o[wa + i + half] = x0 * s + x1 * c;
-    }
+    rope_neox_row(br, o + wa, cos_t, sin_t, positions[token], half);
 }
 
 // The fused q/k/v projection's rows [q heads | k heads | v heads] (each d
@@ -268,7 +277,6 @@ extern "C" __global__ void __launch_bounds__(128)
                   const float* __restrict__ sin_t, const int* __restrict__ positions, int qh, int kvh, int d, int rd,
                   float eps) {
     __shared__ float head_row[512];
-    __shared__ float partial[4];
     const int token = blockIdx.x, head = blockIdx.y, heads = qh + 2 * kvh;
     const float* src = qkv + ((size_t)token * heads + head) * d;
     if (head >= qh + kvh) {
@@ -286,12 +294,7 @@ extern "C" __global__ void __launch_bounds__(128)
         sq += x * x;
     }
     if (norm != nullptr) {
-        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
-        if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sq;
-        __syncthreads();
-        float total = 0.0f;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += partial[i];
-        const float inv = rsqrtf(total / d + eps);
+        const float inv = rsqrtf(block_sum_256(sq) / d + eps);
         for (int i = threadIdx.x; i < d; i += blockDim.x) head_row[i] = head_row[i] * inv * norm[i];
     }
     __syncthreads();
@@ -340,12 +343,5 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     float* dst = keys + (size_t)token * (rank + rd);
     rms_norm_span(row + qr, kv_norm, dst, rank, eps);
-    const float* b = row + qr + rank;
-    const int pos = positions[token], half = rd / 2;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
-        const float x0 = b[i], x1 = b[i + half];
-        dst[rank + i] = x0 * c - x1 * s;
-        dst[rank + i + half] = x0 * s + x1 * c;
-    }
+    rope_neox_row(row + qr + rank, dst + rank, cos_t, sin_t, positions[token], rd / 2);
 }

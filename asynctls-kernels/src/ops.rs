@@ -404,6 +404,17 @@ impl Rope {
     pub fn table(&self) -> &RopeTable {
         &self.table
     }
+
+    /// The cos/sin tables for `op` on `x`'s GPU: an error when the table was
+    /// built for the CPU or for another device.
+    fn device_tables_for(&self, op: &'static str, x: &Tensor) -> Result<(&Tensor, &Tensor)> {
+        let (cos, sin) = self
+            .device_tables
+            .as_ref()
+            .ok_or_else(|| invalid(op, "the RoPE table was built for the CPU"))?;
+        same_device(op, x, &[cos])?;
+        Ok((cos, sin))
+    }
 }
 
 /// RoPE in place on f32 `x` (`[tokens, heads, head_dim]`) at `positions`
@@ -432,11 +443,7 @@ pub fn rope_(x: &mut Tensor, rope: &Rope, positions: &Tensor, style: RopeStyle) 
             rope.table.apply(x.as_slice_mut::<f32>()?, head_dim, &pos, style)
         }
         Some(ops) => {
-            let (cos, sin) = rope
-                .device_tables
-                .as_ref()
-                .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
-            same_device(OP, x, &[cos])?;
+            let (cos, sin) = rope.device_tables_for(OP, x)?;
             if head_dim < rope.table.rotary_dim() {
                 return Err(invalid(OP, format!("head dim {head_dim} below the rotary dim")));
             }
@@ -481,10 +488,7 @@ pub fn rope_concat(a: &Tensor, b: &Tensor, rope: &Rope, positions: &Tensor) -> R
     require_dtype(OP, "b", b, DType::F32)?;
     require_dtype(OP, "positions", positions, DType::I32)?;
     same_device(OP, a, &[b, positions])?;
-    let (cos, sin) = rope
-        .device_tables
-        .as_ref()
-        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
+    let (cos, sin) = rope.device_tables_for(OP, a)?;
     if rd != rope.table.rotary_dim() {
         return Err(invalid(
             OP,
@@ -573,11 +577,7 @@ pub fn qkv_heads(
             v.reshaped(&[tokens, kw])?,
         ));
     };
-    let (cos, sin) = rope
-        .device_tables
-        .as_ref()
-        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
-    same_device(OP, qkv, &[cos])?;
+    let (cos, sin) = rope.device_tables_for(OP, qkv)?;
     let rd = rope.table.rotary_dim();
     if d > 512 || rd > d || rd % 2 != 0 {
         return Err(invalid(
@@ -669,11 +669,7 @@ pub fn mla_down_heads(
         let k_rope = Tensor::from_vec(part(q_rank + kv_rank, rope_dim), &[tokens, 1, rope_dim])?;
         return Ok((q_in, rope_concat(&latent, &k_rope, rope, positions)?));
     };
-    let (cos, sin) = rope
-        .device_tables
-        .as_ref()
-        .ok_or_else(|| invalid(OP, "the RoPE table was built for the CPU"))?;
-    same_device(OP, a, &[cos])?;
+    let (cos, sin) = rope.device_tables_for(OP, a)?;
     if rope_dim != rope.table.rotary_dim() || rope_dim % 2 != 0 {
         return Err(invalid(
             OP,

@@ -66,16 +66,9 @@ impl Linear {
             .collect::<Result<Vec<_>>>()?;
         let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
         let weight = ops::stack_rows(&weights)?;
-        // Biases are columns of one row each: stacked as `[out_i, 1]` parts.
         let bias = if bias {
-            let columns = layers
-                .iter()
-                .filter_map(|l| l.bias.as_ref())
-                .map(|b| b.reshape(&[b.elem_count(), 1]))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let parts: Vec<&Tensor> = columns.iter().collect();
-            let total = parts.iter().map(|b| b.elem_count()).sum::<usize>();
-            Some(ops::stack_rows(&parts)?.reshaped(&[total])?)
+            let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(stack_vectors(&biases)?)
         } else {
             None
         };
@@ -91,6 +84,17 @@ impl Linear {
     pub(crate) fn forward_add(&self, x: &Tensor, residual: &mut Tensor) -> Result<()> {
         Ok(ops::linear_add_(residual, x, &self.weight, self.bias.as_ref())?)
     }
+}
+
+/// Vectors end to end (`[sum n_i]`): stacked layers' biases, each a column
+/// of one row per output.
+pub(crate) fn stack_vectors(parts: &[&Tensor]) -> Result<Tensor> {
+    let columns = parts
+        .iter()
+        .map(|v| v.reshape(&[v.elem_count(), 1]))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let total = columns.iter().map(|c| c.elem_count()).sum::<usize>();
+    Ok(ops::stack_rows(&columns.iter().collect::<Vec<_>>())?.reshaped(&[total])?)
 }
 
 /// The SwiGLU MLP, its gate and up projections stacked into one layer.

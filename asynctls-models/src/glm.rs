@@ -21,7 +21,7 @@ use asynctls_kvcache::{CacheConfig, HostKvStorage, KvDType, LabelChannels, Paged
 use serde::Deserialize;
 
 use crate::config::{rope_inv_freq, rope_scaling, rope_theta, RopeScaling};
-use crate::decoder::{attn_err, Decoder, Layer, Linear, Mlp, TokenIo};
+use crate::decoder::{attn_err, stack_vectors, Decoder, Layer, Linear, Mlp, TokenIo};
 use crate::error::io_err;
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
@@ -450,8 +450,7 @@ impl MlaAttention {
         if q_rank > 0 {
             down_w.push(w.matrix(&format!("{p}.q_a_proj.weight"), &[q_rank, h], device)?);
             if c.attention_bias {
-                let b = w.vector(&format!("{p}.q_a_proj.bias"), &[q_rank], device)?;
-                down_b.push(b.reshaped(&[q_rank, 1])?);
+                down_b.push(w.vector(&format!("{p}.q_a_proj.bias"), &[q_rank], device)?);
             }
         }
         down_w.push(kv_w);
@@ -459,11 +458,11 @@ impl MlaAttention {
             let b = w
                 .vector(&format!("{kv_name}.bias"), &[rank + rd], device)?
                 .reshaped(&[rank + rd, 1])?;
-            down_b.push(reorder_rows(&b, kv_order)?);
+            down_b.push(reorder_rows(&b, kv_order)?.reshaped(&[rank + rd])?);
         }
         let down_w = ops::stack_rows(&down_w.iter().collect::<Vec<_>>())?;
         let down_b = match c.attention_bias {
-            true => Some(ops::stack_rows(&down_b.iter().collect::<Vec<_>>())?.reshaped(&[q_rank + rank + rd])?),
+            true => Some(stack_vectors(&down_b.iter().collect::<Vec<_>>())?),
             false => None,
         };
         // Per head: `nope` key rows then `v` value rows of the latent.
