@@ -367,8 +367,8 @@ impl Loop {
         // The pool is the server's working memory for its whole life: held
         // resident from the start. Each host pool was checked against the
         // available memory when it was sized; here a tiered cache's pools
-        // together, before any page is touched. (Tensor-parallel ranks
-        // report their first rank's pool, so their sum is not checked.)
+        // together (and a tensor-parallel model's ranks', whose backend
+        // reports their sum), before any page is touched.
         if !model.device().is_cuda() {
             let need = backend.memory_report().storage_bytes;
             if let Some(available) = asynctls_offload::host_available_bytes() {
